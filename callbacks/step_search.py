@@ -1,0 +1,216 @@
+"""``StepSearch``: the step-size search of SLUG (METHOD §4–§7) as a Lightning callback.
+
+After a ``GradientCollector`` predict run has produced the gradients, this callback ranks the candidate
+layers, takes the Pareto front of each tower, and for every front layer searches λ along the forget
+gradient with zero-shot probes; then it picks the result (METHOD §7) and applies it to the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+from slug_lightning.gradients import GradientStore
+from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics
+from slug_lightning.search import BinarySearch, Probe, choose, initial_step_size, is_forgotten
+
+
+class StepSearch(Callback):
+    """Search a step size for every Pareto-front layer, probing zero-shot forget and test accuracy.
+
+    Every probe edits one layer, θ_l = θ⁰_l + λ·G_f,l, evaluates every set, and restores θ⁰_l. The search
+    decision uses accuracies reduced over all devices, so every rank takes the same path. Each probe is
+    logged to the trainer's logger and kept in :attr:`probes`.
+
+    Args:
+        sets: Labelled evaluation sets. The forget accuracy of a concept is measured on the images of its
+            class in ``forget_set``; the test accuracy of each set on all its other images.
+        forget_set: Name of the set that holds the concepts' images (default: the set whose class names
+            contain the concept).
+        metric: Forget accuracy that decides "forgotten": ``"top5"`` (the paper) or ``"top1"`` (use it with
+            fewer than about 20 classes, where top-5 is nearly always right).
+        threshold: A probe has forgotten when its forget accuracy is at most this.
+        max_steps: Probes per layer at most.
+        tolerance: Stop a layer's search once (λ_high − λ_low)/λ_high is below this.
+        towers: Which towers' front layers to search: ``"vision"``, ``"language"``.
+        signed_alignment: Rank by signed cos(G_f, G_r) instead of its absolute value.
+        batch_size: Evaluation batch size.
+        num_workers: Evaluation data loader workers.
+        apply: Leave the chosen edits applied to the model (otherwise restore θ⁰).
+
+    Example::
+
+        search = StepSearch(sets=[LabelledSet("identities", root="eval/identities")], metric="top1")
+        trainer = L.Trainer(inference_mode=False, callbacks=[search])
+        trainer.predict(GradientCollector("ViT-B-32", "laion400m_e32"), datamodule=laion)
+        print(search.chosen)
+    """
+
+    def __init__(
+        self,
+        sets: list[LabelledSet],
+        forget_set: str | None = None,
+        metric: Literal["top1", "top5"] = "top5",
+        threshold: float = 0.0,
+        max_steps: int = 10,
+        tolerance: float = 0.05,
+        towers: Sequence[Literal["vision", "language"]] = (VISION, LANGUAGE),
+        signed_alignment: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        apply: bool = True,
+    ) -> None:
+        if not sets:
+            raise ValueError("StepSearch needs at least one evaluation set.")
+        if metric not in ("top1", "top5"):
+            raise ValueError(f"metric must be 'top1' or 'top5', got {metric!r}.")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}.")
+        unknown = [t for t in towers if t not in (VISION, LANGUAGE)]
+        if unknown or not towers:
+            raise ValueError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.")
+        names = [s.name for s in sets]
+        if forget_set is not None and forget_set not in names:
+            raise ValueError(f"forget_set {forget_set!r} is not one of the sets {names}.")
+        BinarySearch(1.0, max_steps, tolerance)  # validates max_steps and tolerance now, not after hours
+        self.sets = list(sets)
+        self.forget_set = forget_set
+        self.metric, self.threshold = metric, threshold
+        self.max_steps, self.tolerance = max_steps, tolerance
+        self.towers = tuple(towers)
+        self.signed_alignment = signed_alignment
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.apply = apply
+        self.layers: dict[str, list[LayerStats]] = {}
+        self.probes: list[Probe] = []
+        self.chosen: dict[str, Probe] = {}
+        self.before: dict = {}
+        self.after: dict = {}
+        self.seconds = 0.0
+
+    @override
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "gradients", None) is None:
+            raise RuntimeError("StepSearch runs after a GradientCollector; this module has no `gradients`.")
+        self.run(pl_module.model, pl_module.tokenizer, pl_module.preprocess, pl_module.gradients,
+                 device=pl_module.device, trainer=trainer)
+
+    def forget_sets(self, concepts: Sequence[str], evaluator: ZeroShotEvaluator) -> dict[str, str]:
+        """Which set measures each concept's forget accuracy; a clear error for a concept no set knows."""
+        result = {}
+        for concept in concepts:
+            candidates = [self.forget_set] if self.forget_set else list(evaluator.datasets)
+            holders = [name for name in candidates if concept in evaluator.class_names(name)]
+            if not holders:
+                import difflib
+
+                known = [c for name in candidates for c in evaluator.class_names(name)]
+                close = difflib.get_close_matches(concept, known, n=3)
+                raise ValueError(
+                    f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
+                    + (f"; close matches: {close}." if close else ".")
+                )
+            result[concept] = holders[0]
+        return result
+
+    @torch.no_grad()
+    def run(self, model, tokenizer, preprocess, store: GradientStore, device: torch.device | str = "cpu",
+            trainer: L.Trainer | None = None) -> dict[str, Probe]:
+        """The whole search for every concept of ``store``, in order (METHOD §9); returns the chosen probes.
+
+        Concept k is searched on the model that already carries the edits chosen for concepts 1..k−1.
+        """
+        start = time.perf_counter()
+        datamodule = ZeroShotDataModule(self.sets, batch_size=self.batch_size, num_workers=self.num_workers)
+        datamodule.transform = preprocess
+        evaluator = ZeroShotEvaluator(model, tokenizer, datamodule, keep_classes=store.concepts, device=device)
+        forget_sets = self.forget_sets(store.concepts, evaluator)
+        class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
+        parameters = dict(model.named_parameters())
+        base = {name: parameters[name].detach().clone() for name in store.layers}
+        self.before = summarize(evaluator.run(), class_names, forget_sets)
+        rank_zero = trainer is None or trainer.is_global_zero
+        for concept in store.concepts:
+            stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
+            self.layers[concept] = stats
+            front = [s for s in stats if s.pareto and s.tower in self.towers]
+            progress = tqdm(total=len(front) * self.max_steps, desc=f"search {concept}", disable=not rank_zero,
+                            leave=False)
+            for layer in front:
+                gradient = store.forget[concept][layer.name].to(device)
+                search = BinarySearch(initial_step_size(layer.weight_norm, layer.grad_norm),
+                                      self.max_steps, self.tolerance)
+                while not search.done:
+                    probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
+                                        search.step_size, class_names, forget_sets, trainer)
+                    search.update(is_forgotten(probe.forget_accuracy(self.metric), self.threshold))
+                    progress.update(1)
+                    progress.set_postfix(layer=layer.name.removesuffix(".weight")[-28:], lam=f"{probe.step_size:.3g}")
+            progress.close()
+            self.chosen[concept] = choose([p for p in self.probes if p.concept == concept], self.metric)
+            chosen = self.chosen[concept]
+            # Later concepts are searched on the model that carries this edit (METHOD §9).
+            parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+            # The edited model is the reference for the next concept; after the last one, the final result.
+            counts = evaluator.run()
+            rank_zero_info(f"[slug] {concept}: layer {chosen.layer}, λ={chosen.step_size:.4g}, "
+                           f"forget {self.metric} {chosen.forget_accuracy(self.metric):.3f}, "
+                           f"utility {chosen.utility:.3f}")
+        self.after = summarize(counts, class_names, forget_sets)
+        if not self.apply:
+            for name, weight in base.items():
+                parameters[name].copy_(weight)
+        self.seconds = time.perf_counter() - start
+        return self.chosen
+
+    def _probe(self, evaluator, parameter, gradient, layer: LayerStats, concept, step_size, class_names,
+               forget_sets, trainer) -> Probe:
+        start = time.perf_counter()
+        original = parameter.detach().clone()
+        parameter.add_(step_size * gradient)
+        try:
+            counts = evaluator.run(edited_tower=layer.tower)
+        finally:
+            parameter.copy_(original)
+        # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
+        summary = summarize(counts, class_names, forget_sets)
+        forget = summary["forget"][concept]
+        probe = Probe(
+            concept=concept,
+            layer=layer.name,
+            step=sum(1 for p in self.probes if p.concept == concept and p.layer == layer.name),
+            step_size=float(step_size),
+            relative_change=float(step_size * layer.grad_norm / layer.weight_norm),
+            forget_top1=forget["top1"],
+            forget_top5=forget["top5"],
+            test_top1={name: value["top1"] for name, value in summary["test"].items()},
+            test_top5={name: value["top5"] for name, value in summary["test"].items()},
+            seconds=time.perf_counter() - start,
+        )
+        self.probes.append(probe)
+        if trainer is not None and trainer.logger is not None:
+            metrics = {"search/step_size": probe.step_size, "search/forget_top1": probe.forget_top1,
+                       "search/forget_top5": probe.forget_top5}
+            metrics.update({f"search/test_top1/{name}": value for name, value in probe.test_top1.items()})
+            trainer.logger.log_metrics(metrics, step=len(self.probes) - 1)
+        return probe
+
+    @override
+    def state_dict(self) -> dict:
+        return {"probes": [asdict(p) for p in self.probes], "chosen": {c: asdict(p) for c, p in self.chosen.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.probes = [Probe(**p) for p in state_dict["probes"]]
+        self.chosen = {c: Probe(**p) for c, p in state_dict["chosen"].items()}

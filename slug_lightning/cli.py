@@ -1,0 +1,107 @@
+"""The command line: ``python -m slug_lightning fit|validate|test|predict|unlearn|evaluate|demo|make-world``.
+
+The Trainer subcommands are LightningCLI's (``--help``, ``--print_config``, several ``--config`` files,
+dotted overrides); ``unlearn`` and ``evaluate`` are methods of :class:`~slug_lightning.trainer.SlugTrainer`.
+``demo`` and ``make-world`` are plain commands: they are not Trainer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from slug_lightning.errors import UserError
+from slug_lightning.trainer import SlugTrainer, check_output_dir
+
+DESCRIPTION = """\
+SLUG (Single Layer Unlearning Gradient) for OpenCLIP models.
+
+Trainer subcommands (configure with --config FILE.yaml, several allowed, and dotted overrides):
+  fit        train or fine-tune a CLIP on image-caption shards (CLIPContrastive)
+  unlearn    make a CLIP forget concepts: gradients, Pareto layers, step-size search, artifacts
+  evaluate   zero-shot top-1/top-5 of a CLIP on labelled image sets
+Other commands:
+  demo       make the demo world, fit the tiny CLIP, unlearn one person, print the result
+  make-world write the demo world (LAION-style shards + labelled sets)
+
+Set SLUG_DEBUG=1 to see a traceback for input errors.
+"""
+
+# Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class SlugCLI(LightningCLI):
+    """LightningCLI with the ``unlearn`` and ``evaluate`` subcommands of :class:`SlugTrainer`."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            trainer_class=SlugTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION, "formatter_class": _RawHelp},
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "unlearn": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
+        }
+
+    def before_unlearn(self) -> None:
+        """Refuse a finished output directory before any work, then record the resolved config in it."""
+        config = self.config["unlearn"]
+        output = Path(config["output_dir"])
+        check_output_dir(output, config["overwrite"])
+        if self.trainer.is_global_zero:
+            from slug_lightning.artifacts import write_text
+
+            text = self._subcommand_parsers["unlearn"].dump(config, skip_none=False)
+            write_text(output / "config.yaml", text)
+
+
+def _raw_help():
+    from jsonargparse import DefaultHelpFormatter
+
+    class RawHelp(DefaultHelpFormatter):
+        """Keeps the line breaks of the description."""
+
+        def _fill_text(self, text, width, indent):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return RawHelp
+
+
+_RawHelp = _raw_help()
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code. ``args`` defaults to ``sys.argv[1:]``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv[:1] == ["demo"]:
+            from slug_lightning.demo import main as demo_main
+
+            return demo_main(argv[1:])
+        if argv[:1] == ["make-world"]:
+            from slug_lightning.datamodules.demo_world import main as world_main
+
+            return world_main(argv[1:])
+        # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
+        SlugCLI(args=None if args is None else argv)
+    except USER_ERRORS as error:
+        if os.environ.get("SLUG_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,171 @@
+"""Loading OpenCLIP models: by name and pretrained tag, from a local checkpoint, or from a hub id.
+
+Everything here returns the same triple the rest of the package works with: the model, its evaluation
+preprocessing (PIL image → tensor) and its tokenizer. Checkpoints are never unpickled: safetensors, or
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from slug_lightning.errors import UserError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+HUB_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+class ModelLoadError(UserError):
+    """A model name, pretrained tag or checkpoint that cannot be used; the message says why."""
+
+
+@dataclass
+class LoadedCLIP:
+    """A CLIP model with the preprocessing and tokenizer that belong to it."""
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    name: str
+    pretrained: str | None
+
+
+def _suggest(value: str, valid: list[str], what: str) -> str:
+    close = difflib.get_close_matches(value, valid, n=5, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    listing = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
+    return f"{hint} Valid {what}: {listing}."
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise :class:`ModelLoadError` unless ``model_name`` is a known OpenCLIP config or a hub/local-dir id."""
+    if model_name.startswith(HUB_SCHEMAS):
+        return
+    if model_name.replace("/", "-") not in open_clip.list_models():
+        raise ModelLoadError(
+            f"Unknown OpenCLIP model {model_name!r}." + _suggest(model_name, open_clip.list_models(), "names")
+        )
+
+
+def check_pretrained(model_name: str, pretrained: str | None) -> None:
+    """Raise :class:`ModelLoadError` unless ``pretrained`` is None, a tag of ``model_name``, or an existing file."""
+    if pretrained is None or model_name.startswith(HUB_SCHEMAS):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained in tags:
+        return
+    path = Path(pretrained).expanduser()
+    looks_like_path = path.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained
+    if looks_like_path and not path.is_file():
+        raise ModelLoadError(f"Checkpoint file {pretrained!r} does not exist.")
+    if not path.is_file():
+        message = f"{pretrained!r} is neither a pretrained tag of {model_name!r} nor a checkpoint file."
+        if tags:
+            message += _suggest(pretrained, tags, "tags")
+        else:
+            message += f" {model_name!r} has no published weights: give a checkpoint file, or none."
+        raise ModelLoadError(message)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a weights-only torch file (Lightning checkpoints included).
+
+    Raises:
+        ModelLoadError: if the file is missing, holds pickled code (refused, never executed), or holds no
+            tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"Refusing to load {str(path)!r}: it is not a weights-only checkpoint (loading it would run pickled "
+            f"code). Convert it to safetensors with a tool you trust. Detail: {str(error).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ModelLoadError(f"Cannot read checkpoint {str(path)!r}: {error}") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ModelLoadError(f"Checkpoint {str(path)!r} does not hold a state dict of tensors.")
+    return strip_prefixes(checkpoint)
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (``module.`` from DDP, ``model.`` from this package's LightningModules)."""
+    for prefix in ("module.", "model."):
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` strictly, turning key and shape mismatches into one readable error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in own
+        if key in state_dict and own[key].shape != state_dict[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    if problems:
+        raise ModelLoadError(
+            f"Checkpoint {source!r} does not fit this architecture: " + "; ".join(problems)
+            + ". Check that the model name matches the checkpoint."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_clip(model_name: str = "slug-tiny", pretrained: str | None = None) -> LoadedCLIP:
+    """Create an OpenCLIP model with its evaluation preprocessing and tokenizer.
+
+    Args:
+        model_name: An OpenCLIP config name (``"ViT-B-32"``, the packaged ``"slug-tiny"``), or an
+            ``hf-hub:org/repo`` / ``local-dir:/path`` id.
+        pretrained: A pretrained tag of that model (``"laion400m_e32"``, downloaded by open_clip into its
+            cache), a local checkpoint file (``.safetensors`` or a weights-only torch file, including
+            Lightning ``.ckpt`` files of this package), or None for random initialisation.
+
+    Raises:
+        ModelLoadError: for an unknown name or tag, a missing file, an unsafe or mismatched checkpoint.
+    """
+    check_model_name(model_name)
+    check_pretrained(model_name, pretrained)
+    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
+    tag = None if is_file else pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag)
+    except RuntimeError as error:
+        raise ModelLoadError(f"Cannot create {model_name!r} with pretrained={pretrained!r}: {error}") from None
+    if is_file:
+        load_into(model, read_state_dict(pretrained), pretrained)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model.eval()
+    return LoadedCLIP(model, preprocess, tokenizer, model_name, pretrained)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,108 @@
+"""Zero-shot classification (METHOD §8): class-prompt classifiers, per-class hit counts, accuracies.
+
+All accuracies of the package derive from one table per evaluation set: for every class, how many of its
+images were seen and how many were right at top-1 and top-k. Forget accuracy reads the rows of the forget
+concepts, test accuracy the other rows (micro-averaged, the CLIP convention). The table is a torchmetrics
+state with ``dist_reduce_fx="sum"``, so counts reduce exactly across devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+TOP_K = 5
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str = "cpu",
+    classes_per_batch: int = 64,
+) -> Tensor:
+    """Class embeddings ``[embed_dim, num_classes]``, the OpenCLIP way.
+
+    For each class every template is filled with the class name and embedded; the normalised embeddings
+    are averaged and the mean normalised again.
+
+    Args:
+        model: Anything with ``encode_text(tokens)``.
+        tokenizer: Maps a list of strings to a token tensor.
+        class_names: The classes, in label order.
+        templates: Format strings with one ``{}``, e.g. ``"a photo of {}."``.
+        device: Where to run the text tower.
+        classes_per_batch: Classes embedded per forward pass (memory vs. speed).
+    """
+    columns = []
+    for start in range(0, len(class_names), classes_per_batch):
+        names = class_names[start:start + classes_per_batch]
+        prompts = [template.format(name) for name in names for template in templates]
+        embeddings = F.normalize(model.encode_text(tokenizer(prompts).to(device)).float(), dim=-1)
+        embeddings = embeddings.reshape(len(names), len(templates), -1).mean(dim=1)
+        columns.append(F.normalize(embeddings, dim=-1).T)
+    return torch.cat(columns, dim=1)
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, images: Tensor) -> Tensor:
+    """L2-normalised image embeddings in fp32."""
+    return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
+def hits(logits: Tensor, labels: Tensor, k: int = TOP_K) -> tuple[Tensor, Tensor]:
+    """Per-sample top-1 and top-k correctness (booleans), with k capped at the number of classes."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return top[:, 0] == labels, (top == labels[:, None]).any(dim=1)
+
+
+class ZeroShotCounts(Metric):
+    """Per-class counts of images, top-1 hits and top-5 hits for one evaluation set.
+
+    Args:
+        num_classes: Size of the set's class list.
+
+    Example::
+
+        >>> metric = ZeroShotCounts(num_classes=3)
+        >>> metric.update(torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]]), torch.tensor([0, 2]))
+        >>> metric.compute().tolist()
+        [[1, 1, 1], [0, 0, 0], [1, 0, 1]]
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+        self.num_classes = num_classes
+        self.add_state("counts", torch.zeros(num_classes, 3, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        top1, topk = hits(logits, labels)
+        stacked = torch.stack([torch.ones_like(top1), top1, topk], dim=1).long()
+        self.counts.index_add_(0, labels, stacked)
+
+    def compute(self) -> Tensor:
+        """``[num_classes, 3]``: images, top-1 hits, top-5 hits."""
+        return self.counts
+
+
+def accuracy(counts: Tensor, classes: Iterable[int] | None = None) -> dict[str, float]:
+    """Micro-averaged top-1/top-5 over the rows ``classes`` (all rows when None) of a count table.
+
+    A selection with no images gives NaN accuracies.
+    """
+    rows = counts if classes is None else counts[list(classes)]
+    total, top1, top5 = rows.sum(dim=0).tolist()
+    if total == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "count": 0}
+    return {"top1": top1 / total, "top5": top5 / total, "count": int(total)}
