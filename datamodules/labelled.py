@@ -25,6 +25,7 @@ import os
 import random
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,8 @@ class LabelledSet:
         split: The split of a ``hf_dataset`` (ignored for a ``save_to_disk`` directory holding one split).
         class_names: Class names in label order. Default: the sorted folder names (``_`` read as a space),
             the ``ClassLabel`` names of a Hugging Face dataset, or OpenCLIP's ImageNet class names for
-            synset folders. For an image folder every folder must match one of them.
+            synset folders. For an image folder every folder must match one of them; for synset folders
+            they replace OpenCLIP's names, pairing with the synset list by position.
         templates: Prompt format strings, each with exactly one ``{}`` for the class name.
         fraction: Share of each class's images kept, in (0, 1]; seeded by ``seed``.
         seed: Seed of the ``fraction`` subset.
@@ -99,7 +101,7 @@ class LabelledSet:
             validate_template(template, self.name)
         if self.class_names is not None:
             self.class_names = list(self.class_names)
-            duplicates = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+            duplicates = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
             if duplicates:
                 raise ValueError(f"Labelled set {self.name!r}: duplicate class names {duplicates}.")
 
@@ -196,7 +198,8 @@ def scan_image_folder(spec: LabelledSet) -> tuple[list[str], list[Path], list[in
 
 def _named_labels(spec: LabelledSet, folders: list[str]) -> tuple[list[str], dict[str, int]]:
     names = {f: folder_class_name(f) for f in folders}
-    clashes = sorted(f for f in folders if list(names.values()).count(names[f]) > 1)
+    uses = Counter(names.values())
+    clashes = [f for f in folders if uses[names[f]] > 1]
     if clashes:
         raise ValueError(f"Labelled set {spec.name!r}: folders {clashes} map to the same class name "
                          "(underscores are read as spaces).")

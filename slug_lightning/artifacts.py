@@ -25,6 +25,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; artifacts are ordinary ones
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -45,7 +45,7 @@ class SlugCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION, "formatter_class": _RawHelp},
+            parser_kwargs={"prog": _prog(), "description": DESCRIPTION, "formatter_class": _RawHelp},
             args=args,
             run=run,
         )
@@ -68,6 +68,11 @@ class SlugCLI(LightningCLI):
 
             text = self._subcommand_parsers["unlearn"].dump(config, skip_none=False)
             write_text(output / "config.yaml", text)
+
+
+def _prog() -> str:
+    name = Path(sys.argv[0]).name
+    return "python -m slug_lightning" if name in ("__main__.py", "-c", "") else name
 
 
 def _raw_help():

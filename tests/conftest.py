@@ -1,0 +1,37 @@
+"""Shared fixtures: the packaged tiny CLIP, and a test session that can never reach the Hugging Face hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # huggingface_hub and datasets read these when first imported, which happens while test modules are
+    # collected, before any fixture runs; so they are set here too.
+    os.environ.update(OFFLINE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_hub():
+    """Nothing in the tests may download weights or datasets."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in OFFLINE.items():
+            patch.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The packaged ``slug-tiny`` CLIP, randomly initialised with a fixed seed, in eval mode.
+
+    Session-scoped: tests must not modify its weights (or must restore them before returning).
+    """
+    import slug_lightning
+
+    torch.manual_seed(0)
+    return slug_lightning.load_clip("slug-tiny")
