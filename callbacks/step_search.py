@@ -121,6 +121,10 @@ class StepSearch(Callback):
                     f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
                     + (f"; close matches: {close}." if close else ".")
                 )
+            dataset = evaluator.datasets[holders[0]]
+            if dataset.class_index(concept) not in set(dataset.targets):
+                raise ValueError(f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so "
+                                 "its forget accuracy cannot be measured.")
             result[concept] = holders[0]
         return result
 
@@ -144,7 +148,10 @@ class StepSearch(Callback):
         for concept in store.concepts:
             stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
             self.layers[concept] = stats
-            front = [s for s in stats if s.pareto and s.tower in self.towers]
+            # A layer without forget gradient (or without weight) has no direction to step along.
+            front = [s for s in stats if s.pareto and s.tower in self.towers and s.grad_norm > 0 and s.weight_norm > 0]
+            if not front:
+                raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             progress = tqdm(total=len(front) * self.max_steps, desc=f"search {concept}", disable=not rank_zero,
                             leave=False)
             for layer in front:
@@ -194,8 +201,9 @@ class StepSearch(Callback):
             relative_change=float(step_size * layer.grad_norm / layer.weight_norm),
             forget_top1=forget["top1"],
             forget_top5=forget["top5"],
-            test_top1={name: value["top1"] for name, value in summary["test"].items()},
-            test_top5={name: value["top5"] for name, value in summary["test"].items()},
+            # A set whose only images are forget concepts has no test accuracy.
+            test_top1={name: value["top1"] for name, value in summary["test"].items() if value["count"]},
+            test_top5={name: value["top5"] for name, value in summary["test"].items() if value["count"]},
             seconds=time.perf_counter() - start,
         )
         self.probes.append(probe)

@@ -46,7 +46,7 @@ class CLIPContrastive(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         loaded = load_clip(model_name, pretrained)
-        self.model = loaded.model
+        self.model = loaded.model.train()
         self.preprocess = loaded.preprocess
         self.tokenizer = loaded.tokenizer
 

@@ -181,3 +181,8 @@ class ZeroShotModule(L.LightningModule):
             metric.reset()
             for key in ("top1", "top5"):
                 self.log(f"{name}/{key}", self.results[name][key], add_dataloader_idx=False)
+
+    # `test` is the same evaluation on the datamodule's test loaders.
+    on_test_start = on_validation_start
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end

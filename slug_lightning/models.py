@@ -8,7 +8,9 @@ preprocessing (PIL image → tensor) and its tokenizer. Checkpoints are never un
 from __future__ import annotations
 
 import difflib
+import logging
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -156,7 +158,8 @@ def load_clip(model_name: str = "slug-tiny", pretrained: str | None = None) -> L
     is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
     tag = None if is_file else pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag)
+        with _quiet_root_logger(tag is None):
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag)
     except RuntimeError as error:
         raise ModelLoadError(f"Cannot create {model_name!r} with pretrained={pretrained!r}: {error}") from None
     if is_file:
@@ -164,6 +167,20 @@ def load_clip(model_name: str = "slug-tiny", pretrained: str | None = None) -> L
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     return LoadedCLIP(model, preprocess, tokenizer, model_name, pretrained)
+
+
+@contextmanager
+def _quiet_root_logger(quiet: bool):
+    # open_clip warns "No pretrained weights loaded" on the root logger even when we load a checkpoint
+    # ourselves right after, or when random initialisation is what was asked for.
+    logger = logging.getLogger()
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def count_parameters(model: nn.Module) -> int:

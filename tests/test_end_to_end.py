@@ -1,0 +1,159 @@
+"""End to end on the demo world: the README's demo, then what users check of its result.
+
+The demo (world + fit + unlearn) runs once per session as a subprocess, exactly as the README says; the
+other tests reuse its world and fitted tiny CLIP.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slug_lightning import GradientCollector, SlugTrainer
+from slug_lightning.callbacks import StepSearch
+from slug_lightning.concepts import Concept
+from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
+from slug_lightning.datamodules.demo_world import load_demo_world
+from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True,
+                            text=True, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    log = _run("demo", "--output_dir", output)
+    return output, json.loads((output / "report.json").read_text()), log
+
+
+def _sets(world):
+    return [LabelledSet("identities", root=str(world.identities_dir)),
+            LabelledSet("objects", root=str(world.objects_dir))]
+
+
+def test_fit_reaches_90_percent_zero_shot(demo):
+    output, report, _ = demo
+    for name in ("identities", "objects"):
+        assert report["before"]["test"][name]["top1"] >= 0.90, (name, report["before"]["test"][name])
+
+
+def test_demo_forgets_the_person_and_keeps_the_rest(demo):
+    output, report, log = demo
+    (concept,) = report["concepts"]
+    name = concept["name"]
+    assert report["before"]["forget"][name]["top1"] >= 0.5
+    assert report["after"]["forget"][name]["top1"] == 0.0
+    before, after = report["before"]["test"], report["after"]["test"]
+    assert before["identities"]["top1"] - after["identities"]["top1"] <= 0.05
+    assert before["objects"]["top1"] - after["objects"]["top1"] <= 0.02
+    assert "SLUG demo result" in log
+    for artifact in ("report.json", "report.md", "layers.csv", "search.csv", "gradients.safetensors",
+                     "delta.safetensors", "model.safetensors", "config.yaml", *report["plots"]):
+        assert (output / artifact).is_file(), artifact
+    # the edit is one layer: the delta holds exactly one tensor, the chosen one
+    delta = load_file(str(output / "delta.safetensors"))
+    assert list(delta) == [f"{name}/{concept['layer']}"]
+
+
+def test_unlearned_checkpoint_reproduces_reported_accuracy(demo):
+    """model.safetensors loads with open_clip itself and gives the reported `after` accuracies."""
+    output, report, _ = demo
+    world = load_demo_world(output / "world")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        report["model"]["name"], pretrained=str(output / "model.safetensors"))
+    datamodule = ZeroShotDataModule(_sets(world))
+    datamodule.transform = preprocess
+    concepts = [c["name"] for c in report["concepts"]]
+    evaluator = ZeroShotEvaluator(model, open_clip.get_tokenizer(report["model"]["name"]), datamodule,
+                                  keep_classes=concepts)
+    names = {s: evaluator.class_names(s) for s in evaluator.datasets}
+    result = summarize(evaluator.run(), names, {c: "identities" for c in concepts})
+    for side in ("forget", "test"):
+        for key, accuracy in report["after"][side].items():
+            assert result[side][key]["top1"] == pytest.approx(accuracy["top1"], abs=1e-9)
+            assert result[side][key]["top5"] == pytest.approx(accuracy["top5"], abs=1e-9)
+    # and the base model is untouched: only the chosen layer differs from it
+    base = load_file(str(output / "fit" / "slug-tiny.safetensors"))
+    edited = load_file(str(output / "model.safetensors"))
+    changed = [k for k in base if not torch.equal(base[k], edited[k])]
+    assert changed == [report["concepts"][0]["layer"]]
+
+
+def test_second_demo_reuses_the_fit_and_the_config_reproduces_the_run(demo):
+    output, report, _ = demo
+    fit = output / "fit" / "slug-tiny.safetensors"
+    stamp = fit.stat().st_mtime_ns
+    _run("unlearn", "--config", output / "config.yaml")
+    again = json.loads((output / "report.json").read_text())
+    assert fit.stat().st_mtime_ns == stamp
+    assert again["timing"]["reused_gradients"] is True
+    assert [(c["layer"], c["step_size"]) for c in again["concepts"]] == \
+        [(c["layer"], c["step_size"]) for c in report["concepts"]]
+    assert again["after"] == report["after"]
+
+
+def test_object_concept_is_forgotten_and_identities_kept(demo, tmp_path):
+    output, _, _ = demo
+    shutil.copytree(output / "world", tmp_path / "world")
+    shutil.copytree(output / "fit", tmp_path / "fit")
+    world = load_demo_world(tmp_path / "world")
+    target = world.objects[0]
+    _run("demo", "--output_dir", tmp_path, "--concept", target)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["concepts"][0]["name"] == target
+    assert report["after"]["forget"][target]["top1"] == 0.0
+    before, after = report["before"]["test"], report["after"]["test"]
+    assert before["identities"]["top1"] - after["identities"]["top1"] <= 0.05
+    assert before["objects"]["top1"] - after["objects"]["top1"] <= 0.10
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_gives_the_same_gradients_and_choice(demo, tmp_path):
+    output, report, _ = demo
+    _run("unlearn", "--config", output / "config.yaml", "--output_dir", tmp_path, "--trainer.accelerator", "cpu",
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger", "false")
+    ddp = json.loads((tmp_path / "report.json").read_text())
+    assert ddp["devices"] == 2 and ddp["timing"]["reused_gradients"] is False
+    one, two = load_file(str(output / "gradients.safetensors")), load_file(str(tmp_path / "gradients.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        assert (one[key] - two[key]).norm() <= 1e-4 * one[key].norm() + 1e-12, key
+    assert ddp["concepts"][0]["layer"] == report["concepts"][0]["layer"]
+    assert ddp["concepts"][0]["step_size"] == pytest.approx(report["concepts"][0]["step_size"], rel=1e-6)
+    assert ddp["retain_samples"] == report["retain_samples"]
+    assert ddp["concepts"][0]["forget_samples"] == report["concepts"][0]["forget_samples"]
+
+
+def test_collector_and_search_in_a_user_lightning_setup(demo, tmp_path):
+    """The pieces without the CLI: the user's own Trainer, callbacks list and logger."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    output, report, _ = demo
+    world = load_demo_world(output / "world")
+    target = world.people[1] if world.people[0] == world.default_target else world.people[0]
+    collector = GradientCollector("slug-tiny", str(output / "fit" / "slug-tiny.safetensors"))
+    laion = LaionDataModule(world.shards, concepts=[Concept(target)], batch_size=128)
+    search = StepSearch(sets=_sets(world), metric="top1", max_steps=6)
+    logger = CSVLogger(tmp_path, name="user")
+    trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=logger,
+                        callbacks=[search], enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(collector, datamodule=laion, return_predictions=False)
+    assert search.chosen[target].forget_top1 == 0.0
+    assert search.after["forget"][target]["top1"] == 0.0
+    assert search.before["forget"][target]["top1"] > 0.0
+    logger.finalize("success")
+    rows = (tmp_path / "user" / "version_0" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) - 1 == len(search.probes) > 0
