@@ -33,6 +33,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -343,29 +344,39 @@ def _check_params(params: dict) -> None:
         raise ValueError("Every object needs at least one shard sample and one evaluation image.")
 
 
-def _choose_people(rng: np.random.Generator, count: int) -> list[dict[str, str]]:
-    """Attribute combinations: pairwise two or more attributes apart, each with a look-alike two apart.
+def _family_sizes(count: int) -> list[int]:
+    """Sizes of look-alike families: twos, plus one or two threes so some people have two look-alikes."""
+    if count <= 3:
+        return [count]
+    sizes = [3] if count % 2 else ([3, 3] if count >= 6 else [2, 2])
+    return sizes + [2] * ((count - sum(sizes)) // 2)
 
-    No attribute value belongs to a single person, so no single attribute identifies anyone.
+
+def _choose_people(rng: np.random.Generator, count: int) -> list[dict[str, str]]:
+    """Attribute combinations: families of look-alikes, every two people at least two attributes apart.
+
+    Each family has a base combination (balanced over the values of every attribute) and members that
+    differ from it in exactly two attributes, so everyone has a look-alike that shares all attributes
+    but two. No attribute value belongs to a single person, so no single attribute identifies anyone.
     """
     names = list(ATTRIBUTES)
     sizes = [len(ATTRIBUTES[a]) for a in names]
+    families = _family_sizes(count)
     for _ in range(1000):
-        codes = [tuple(int(rng.integers(s)) for s in sizes)]
-        while len(codes) < count:
-            # A new person is a look-alike of an existing one: change exactly two attributes.
-            base = codes[int(rng.integers(len(codes)))]
-            new = list(base)
-            for a in rng.choice(len(names), size=2, replace=False):
-                new[a] = (new[a] + 1 + int(rng.integers(sizes[a] - 1))) % sizes[a]
-            if all(sum(x != y for x, y in zip(new, c)) >= 2 for c in codes):
+        bases = np.stack([rng.permutation(np.resize(np.arange(k), len(families))) for k in sizes], axis=1)
+        codes = []
+        for base, members in zip(bases, families):
+            codes.append(tuple(int(v) for v in base))
+            for _ in range(members - 1):
+                new = [int(v) for v in base]
+                for a in rng.choice(len(names), size=2, replace=False):
+                    new[a] = (new[a] + 1 + int(rng.integers(sizes[a] - 1))) % sizes[a]
                 codes.append(tuple(new))
-        values_shared = all(
-            sum(c[a] == code[a] for c in codes) >= 2 for code in codes for a in range(len(names))
-        )
-        if values_shared or count < 4:
+        apart = all(sum(x != y for x, y in zip(c, d)) >= 2 for c, d in combinations(codes, 2))
+        shared = count < 4 or all(sum(c[a] == code[a] for c in codes) >= 2 for code in codes for a in range(len(names)))
+        if apart and shared:
             return [{a: list(ATTRIBUTES[a])[v] for a, v in zip(names, code)} for code in codes]
-    raise RuntimeError(f"Could not draw {count} people whose attribute values are all shared.")
+    raise RuntimeError(f"Could not draw {count} people two attributes apart with all attribute values shared.")
 
 
 def _build_spec(params: dict) -> dict:

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
 import re
@@ -332,7 +333,7 @@ def hf_class_labels(dataset: Any, spec: LabelledSet) -> tuple[list[str], list[in
 
 def stratified_subset(labels: Sequence[int], fraction: float, seed: int,
                       keep: Collection[int] = ()) -> list[int]:
-    """A seeded subset of sample indices: ``round(fraction * n_c)`` (at least 1) of each class ``c``.
+    """A seeded subset of sample indices: ``fraction * n_c`` rounded half up (at least 1) of each class ``c``.
 
     Each class draws from its own generator, seeded by ``(seed, c)``, so the images picked for one class
     do not depend on which other classes are kept whole.
@@ -354,7 +355,8 @@ def stratified_subset(labels: Sequence[int], fraction: float, seed: int,
         if label in keep or fraction >= 1.0:
             chosen += indices
             continue
-        count = max(1, round(fraction * len(indices)))
+        # Half up, not Python's half-to-even: 5% of ImageNet's 50 images per class is 3, not 2.
+        count = max(1, math.floor(fraction * len(indices) + 0.5))
         chosen += random.Random(f"{seed}:{label}").sample(indices, count)
     return sorted(chosen)
 

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from slug_lightning.zero_shot import ZeroShotCounts, accuracy, image_features, zero_shot_classifier
+from slug_lightning.zero_shot import (
+    ZeroShotCounts,
+    accuracy,
+    class_prompts,
+    classifier_from_tokens,
+    image_features,
+    zero_shot_classifier,
+)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -51,6 +58,7 @@ class ZeroShotEvaluator:
         }
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
         self._classifiers: dict[str, Tensor] = {}
+        self._tokens: dict[str, Tensor] = {}
 
     def class_names(self, set_name: str) -> list[str]:
         return list(self.datasets[set_name].class_names)
@@ -79,9 +87,10 @@ class ZeroShotEvaluator:
         counts = {}
         for name, dataset in self.datasets.items():
             if edited_tower in (None, "language") or name not in self._classifiers:
-                classifier = zero_shot_classifier(
-                    self.model, self.tokenizer, dataset.class_names, self.templates[name], self.device
-                )
+                if name not in self._tokens:  # prompts never change; tokenizing them is not free
+                    self._tokens[name] = self.tokenizer(class_prompts(dataset.class_names, self.templates[name]))
+                classifier = classifier_from_tokens(self.model, self._tokens[name], len(self.templates[name]),
+                                                    self.device)
                 if edited_tower is None:
                     self._classifiers[name] = classifier
             else:

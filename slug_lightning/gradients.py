@@ -163,6 +163,11 @@ class GradientCollector(L.LightningModule):
         self.reused = False  # set when `gradients` was loaded from a store instead of computed
         self.seconds = 0.0
 
+    def identity(self) -> dict:
+        """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
+        return {"name": self.hparams.model_name, "pretrained": self.hparams.pretrained,
+                "fingerprint": fingerprint(self.model.state_dict())}
+
     def candidates(self) -> list[str]:
         """Candidate layer names (METHOD §3) after the include/exclude patterns."""
         return candidate_layers(self.model.named_parameters(), self.include, self.exclude)
@@ -252,7 +257,7 @@ class GradientCollector(L.LightningModule):
             forget_samples={c: int(counts[i]) for i, c in enumerate(self.concepts)},
             retain_samples=int(counts[len(self.concepts)]),
             skipped_samples=int(counts[-1]),
-            model={"name": self.hparams.model_name, "pretrained": self.hparams.pretrained},
+            model=self.identity(),
         )
         del self._sums
         self.seconds = time.perf_counter() - self._start

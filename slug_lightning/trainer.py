@@ -121,7 +121,7 @@ def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: b
         return None
     store = GradientStore.load(path)
     concepts = [c.name for c in getattr(datamodule, "concepts", [])] if model.concepts is None else model.concepts
-    wanted = {"name": model.hparams.model_name, "pretrained": model.hparams.pretrained}
+    wanted = model.identity()
     problems = []
     if store.model != wanted:
         problems.append(f"it was computed for {store.model}, this run uses {wanted}")

@@ -18,7 +18,30 @@ from torchmetrics import Metric
 TOP_K = 5
 
 
+def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class-major (all templates of class 0 first)."""
+    return [template.format(name) for name in class_names for template in templates]
+
+
 @torch.no_grad()
+def classifier_from_tokens(
+    model: nn.Module, tokens: Tensor, num_templates: int, device: torch.device | str = "cpu",
+    classes_per_batch: int = 64,
+) -> Tensor:
+    """Class embeddings ``[embed_dim, num_classes]`` from the tokenized :func:`class_prompts`.
+
+    For each class the normalised embeddings of its prompts are averaged and the mean normalised again.
+    """
+    columns = []
+    rows_per_batch = classes_per_batch * num_templates
+    for start in range(0, tokens.shape[0], rows_per_batch):
+        chunk = tokens[start:start + rows_per_batch].to(device)
+        embeddings = F.normalize(model.encode_text(chunk).float(), dim=-1)
+        embeddings = embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(dim=1)
+        columns.append(F.normalize(embeddings, dim=-1).T)
+    return torch.cat(columns, dim=1)
+
+
 def zero_shot_classifier(
     model: nn.Module,
     tokenizer: Callable[[list[str]], Tensor],
@@ -40,14 +63,8 @@ def zero_shot_classifier(
         device: Where to run the text tower.
         classes_per_batch: Classes embedded per forward pass (memory vs. speed).
     """
-    columns = []
-    for start in range(0, len(class_names), classes_per_batch):
-        names = class_names[start:start + classes_per_batch]
-        prompts = [template.format(name) for name in names for template in templates]
-        embeddings = F.normalize(model.encode_text(tokenizer(prompts).to(device)).float(), dim=-1)
-        embeddings = embeddings.reshape(len(names), len(templates), -1).mean(dim=1)
-        columns.append(F.normalize(embeddings, dim=-1).T)
-    return torch.cat(columns, dim=1)
+    tokens = tokenizer(class_prompts(class_names, templates))
+    return classifier_from_tokens(model, tokens, len(templates), device, classes_per_batch)
 
 
 @torch.no_grad()

@@ -1,0 +1,222 @@
+"""The paper's setup, ``configs/paper/vit-b-32_laion400m.yaml``, run unchanged on tiny stand-ins of its data.
+
+The stand-ins are laid out exactly where the config's placeholder paths point (``data/...`` under the
+working directory): a LAION-style retain shard, caption-filtered forget shards, CelebA identity folders and
+ImageNet synset folders. Only the model (the packaged tiny CLIP, randomly initialised), the trainer and the
+number of probes are overridden, so a run here goes through the same sets, templates, metric and filters as
+a run on the real data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+import yaml
+from open_clip import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image
+
+from slug_lightning.cli import main
+from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet, imagenet_wnids
+
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "vit-b-32_laion400m.yaml"
+CONCEPT = "Elon Musk"
+
+# (caption, mentions the concept). The flags are written by hand, not computed with Concept.matches, so
+# that a broken caption filter shows up as a wrong sample count.
+RETAIN_SHARD = [
+    ("A red bicycle leaning on a wall", False),
+    ("White Musk eau de parfum, 50 ml", False),  # the perfume note: why the config has no alias "Musk"
+    ("Muskrat swimming in a pond", False),
+    ("Elon Musk speaks at a conference", True),  # excluded from the retain set
+    ("Two dogs playing in the snow", False),
+    ("Sunset over the harbour", False),
+    ("A bowl of ramen with egg", False),
+]
+FORGET_SHARDS = [
+    [
+        ("Elon Musk at the Tesla factory", True),
+        ("A kitten asleep on a sofa", False),
+        ("ELON MUSK portrait, 2019", True),
+        ("Tesla Model 3 parked outside", False),
+    ],
+    [
+        ("elon musk waves to the crowd", True),
+        ("SpaceX rocket launch at dawn", False),
+        ("Photo of Elon  Musk and a rocket", True),
+    ],
+]
+IDENTITIES = ["Elon Musk", "Taylor Swift", "Jeff_Bezos", "Mark Zuckerberg", "Kim Kardashian", "Kanye West"]
+# Real ImageNet-1k synsets and the open_clip class names they must map to.
+SYNSETS = {
+    "n01440764": "tench",
+    "n01443537": "goldfish",
+    "n02085620": "Chihuahua",
+    "n04592741": "airplane wing",
+    "n15075141": "toilet paper",
+}
+IMAGES_PER_CLASS = 3
+
+
+def _jpeg(seed: int) -> bytes:
+    """A 32x32 RGB JPEG of seeded noise."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _write_shard(path: Path, captions: list[tuple[str, bool]], first_key: int) -> None:
+    """An img2dataset-style tar: ``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` per sample."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for offset, (caption, _) in enumerate(captions):
+            key = f"{first_key + offset:09d}"
+            meta = {"key": key, "caption": caption, "status": "success", "width": 32, "height": 32}
+            sink.write({"__key__": key, "jpg": _jpeg(first_key + offset), "txt": caption, "json": meta})
+
+
+def _write_folders(root: Path, folders: list[str], suffix: str, seed: int) -> None:
+    for i, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True)
+        for j in range(IMAGES_PER_CLASS):
+            (root / folder / f"{j:03d}{suffix}").write_bytes(_jpeg(seed + IMAGES_PER_CLASS * i + j))
+
+
+def make_stand_ins(root: Path) -> None:
+    """Write the stand-in data where the paper config's placeholder paths point, relative to ``root``."""
+    _write_shard(root / "data/laion400m/00000.tar", RETAIN_SHARD, first_key=0)
+    for i, captions in enumerate(FORGET_SHARDS):
+        _write_shard(root / f"data/laion400m/forget/{i:05d}.tar", captions, first_key=1000 * (i + 1))
+    _write_folders(root / "data/celeba", IDENTITIES, ".jpg", seed=10_000)
+    _write_folders(root / "data/imagenet/val", list(SYNSETS), ".JPEG", seed=20_000)
+
+
+def write_override(path: Path) -> Path:
+    """The only changes to the paper config: the tiny random model, a CPU trainer, one probe per layer.
+
+    One probe per layer keeps the run short: each language-tower probe rebuilds a 1000-class x 7-template
+    ImageNet classifier, about 5 s on a busy 2-core machine. The search itself is tested elsewhere.
+    """
+    path.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+        "model": {"init_args": {"model_name": "slug-tiny", "pretrained": None}},
+        "search": {"init_args": {"max_steps": 1}},
+    }))
+    return path
+
+
+def test_paper_config_holds_the_papers_settings() -> None:
+    config = yaml.safe_load(PAPER_CONFIG.read_text())
+    model = config["model"]["init_args"]
+    assert (model["model_name"], model["pretrained"]) == ("ViT-B-32", "laion400m_e32")
+    assert [c["name"] for c in config["data"]["init_args"]["concepts"]] == [CONCEPT]
+    search = config["search"]["init_args"]
+    assert {k: search[k] for k in ("metric", "threshold", "max_steps", "tolerance", "forget_set")} == {
+        "metric": "top5", "threshold": 0.0, "max_steps": 10, "tolerance": 0.05, "forget_set": "celeba"}
+    assert sorted(search["towers"]) == ["language", "vision"]
+    sets = {s["name"]: s for s in search["sets"]}
+    assert sets["celeba"]["templates"] == ["{}."]
+    imagenet = sets["imagenet"]
+    assert (imagenet["fraction"], imagenet["seed"]) == (0.05, 0)
+    # The same prompts as open_clip's lambdas, written as format strings.
+    expected = [template("tench") for template in SIMPLE_IMAGENET_TEMPLATES]
+    assert [template.format("tench") for template in imagenet["templates"]] == expected
+
+
+def test_synset_stand_ins_map_to_open_clip_imagenet_names(tmp_path: Path) -> None:
+    make_stand_ins(tmp_path)
+    imagenet = next(s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"]
+                    if s["name"] == "imagenet")
+    dataset = LabelledImages(LabelledSet(**{**imagenet, "root": str(tmp_path / imagenet["root"])}))
+    assert dataset.class_names == list(IMAGENET_CLASSNAMES)  # classified 1000-way
+    wnids = imagenet_wnids()
+    for wnid, name in SYNSETS.items():
+        assert IMAGENET_CLASSNAMES[wnids.index(wnid)] == name
+    # fraction 0.05 keeps round(0.05 * 3) -> at least one image per class.
+    assert sorted(dataset.class_names[t] for t in dataset.targets) == sorted(SYNSETS.values())
+
+
+def _unlearn(*args: str) -> int:
+    return main(["unlearn", *args])
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run of the paper config on the stand-ins; returns its working directory."""
+    workdir = tmp_path_factory.mktemp("paper")
+    make_stand_ins(workdir)
+    override = write_override(workdir / "tiny.yaml")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.chdir(workdir)
+        assert _unlearn("--config", str(PAPER_CONFIG), "--config", str(override)) == 0
+    return workdir
+
+
+def _output(workdir: Path) -> Path:
+    return workdir / yaml.safe_load(PAPER_CONFIG.read_text())["output_dir"]
+
+
+def test_paper_run_report_follows_the_contract(paper_run: Path) -> None:
+    report = json.loads((_output(paper_run) / "report.json").read_text())
+    assert report["model"]["name"] == "slug-tiny" and report["model"]["pretrained"] is None
+    assert report["model"]["parameters"] > 0
+    (concept,) = report["concepts"]
+    assert concept["name"] == CONCEPT
+    assert concept["tower"] in ("vision", "language")
+    assert concept["step_size"] > 0 and concept["relative_change"] > 0
+    # Case-insensitive full-name matches in the forget shards; the retain shard minus its one mention.
+    assert concept["forget_samples"] == sum(flag for shard in FORGET_SHARDS for _, flag in shard)
+    assert report["retain_samples"] == sum(not flag for _, flag in RETAIN_SHARD)
+    assert report["skipped_samples"] == 0
+    for side in ("before", "after"):
+        assert set(report[side]["forget"]) == {CONCEPT}
+        assert set(report[side]["test"]) == {"celeba", "imagenet"}
+        for accuracy in [*report[side]["forget"].values(), *report[side]["test"].values()]:
+            assert 0.0 <= accuracy["top1"] <= accuracy["top5"] <= 1.0
+    # Five stand-in synsets among 1000 classes: a random tiny CLIP cannot have them all in its top 5.
+    assert report["before"]["test"]["imagenet"]["top5"] < 1.0
+    # The forget side is the target's 3 CelebA images, the CelebA test side the other 5 x 3 images.
+    assert math.isclose(3 * report["before"]["forget"][CONCEPT]["top1"] % 1, 0, abs_tol=1e-9)
+    assert math.isclose(15 * report["before"]["test"]["celeba"]["top1"] % 1, 0, abs_tol=1e-9)
+    searched_layers = {p["layer"] for p in report["search"]}
+    assert concept["layer"] in searched_layers
+    assert all(p["concept"] == CONCEPT and set(p["test_top1"]) == {"celeba", "imagenet"}
+               for p in report["search"])
+    # max_steps 1 from the override: one probe per searched layer.
+    assert len(report["search"]) == len(searched_layers)
+    assert report["timing"]["probes"] == len(report["search"]) and report["timing"]["total_s"] > 0
+    assert report["devices"] == 1
+    with open(_output(paper_run) / "search.csv", newline="") as file:
+        assert len(list(csv.DictReader(file))) == len(report["search"])
+
+
+def test_recorded_config_runs_again(paper_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = _output(paper_run)
+    recorded = yaml.safe_load((output / "config.yaml").read_text())
+    assert recorded["search"]["init_args"]["max_steps"] == 1
+    imagenet = recorded["search"]["init_args"]["sets"][1]
+    assert imagenet["templates"] == [template("{}") for template in SIMPLE_IMAGENET_TEMPLATES]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(paper_run)
+    rerun = paper_run / "rerun"
+    # Only the vision tower is searched again: its probes are cheap, and they are enough to compare.
+    assert _unlearn("--config", str(output / "config.yaml"), "--output_dir", str(rerun),
+                    "--search.init_args.towers=[vision]") == 0
+    first = json.loads((output / "report.json").read_text())
+    again = json.loads((rerun / "report.json").read_text())
+    assert (again["retain_samples"], again["concepts"][0]["forget_samples"]) == (
+        first["retain_samples"], first["concepts"][0]["forget_samples"])
+    # Same seed, model, data and concepts: the same gradients, so the same layer statistics...
+    assert (rerun / "layers.csv").read_text() == (output / "layers.csv").read_text()
+    # ...and the same vision probes.
+    vision = [p for p in first["search"] if p["layer"].startswith("visual.")]
+    assert vision and [(p["layer"], p["step_size"], p["forget_top5"]) for p in again["search"]] == [
+        (p["layer"], p["step_size"], p["forget_top5"]) for p in vision]
