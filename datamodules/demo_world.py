@@ -25,6 +25,7 @@ Command line: ``python -m slug_lightning.datamodules.demo_world ROOT [--seed N] 
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -46,6 +47,8 @@ WORLD_FILE = "world.json"
 SHARDS_DIR = "shards"
 IDENTITIES_DIR = "eval/identities"
 OBJECTS_DIR = "eval/objects"
+# Present while a world is being written; lets a rerun replace a half-written world safely.
+INCOMPLETE_MARKER = ".incomplete"
 
 # ----------------------------------------------------------------------------------------------------
 # The vocabulary of the world
@@ -166,7 +169,7 @@ class DemoWorld:
 
         Args:
             person: A person name of this world.
-            min_shared: Fewest shared attributes; by default all attributes but two, i.e. "most".
+            min_shared: Fewest shared attributes; by default all attributes but two ("most").
 
         Returns:
             Names in world order within equal similarity, excluding ``person``.
@@ -193,23 +196,26 @@ def make_demo_world(
     *,
     people: int = 30,
     objects: int = 10,
-    portraits_per_person: int = 40,
-    person_object_per_person: int = 8,
-    samples_per_object: int = 40,
-    scenery_samples: int = 120,
+    portraits_per_person: int = 120,
+    person_object_per_person: int = 20,
+    samples_per_object: int = 120,
+    scenery_samples: int = 300,
     eval_per_person: int = 12,
     eval_per_object: int = 24,
-    shards: int = 8,
+    shards: int = 12,
     image_size: int = 32,
     overwrite: bool = False,
 ) -> DemoWorld:
     """Write a demo world to ``root`` (or return the one already there with the same parameters).
 
+    Call it from one process only (under DDP: in ``LightningDataModule.prepare_data``). A run that was
+    interrupted leaves no ``world.json``, and the next call writes the world again from scratch.
+
     Args:
         root: Output directory; created if missing.
         seed: Seed of every random choice; the same seed and parameters give byte-identical files.
         people: Number of invented people (at most ``len(FIRST_NAMES)``).
-        objects: Number of object kinds (at most the number of drawable kinds, 12).
+        objects: Number of object kinds (at most ``len(OBJECT_PAINTERS)``, 13).
         portraits_per_person: Shard samples showing only that person.
         person_object_per_person: Shard samples showing that person holding an object.
         samples_per_object: Shard samples showing only that object kind.
@@ -224,8 +230,8 @@ def make_demo_world(
         The written world.
 
     Raises:
-        ValueError: If a parameter is out of range, or ``root`` holds a world with other parameters
-            and ``overwrite`` is False.
+        ValueError: If a parameter is out of range, ``root`` holds a world with other parameters and
+            ``overwrite`` is False, or ``root`` has ``shards/`` or ``eval/`` folders of something else.
     """
     params = {
         "generator_version": GENERATOR_VERSION, "seed": seed, "people": people, "objects": objects,
@@ -248,9 +254,11 @@ def make_demo_world(
                 "Pass overwrite=True (--overwrite) to replace it, or choose another directory."
             )
         world_file.unlink()
-    for sub in (SHARDS_DIR, "eval"):
-        shutil.rmtree(root / sub, ignore_errors=True)
+        (root / INCOMPLETE_MARKER).touch()
+    _clear_outputs(root)
 
+    root.mkdir(parents=True, exist_ok=True)
+    (root / INCOMPLETE_MARKER).touch()
     spec = _build_spec(params)
     samples = _shard_samples(spec, params)
     pattern = _write_shards(root / SHARDS_DIR, samples, spec, params)
@@ -271,6 +279,7 @@ def make_demo_world(
     tmp = world_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     tmp.replace(world_file)
+    (root / INCOMPLETE_MARKER).unlink()
     return load_demo_world(root)
 
 
@@ -303,16 +312,25 @@ def load_demo_world(root: str | os.PathLike) -> DemoWorld:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: write a demo world and print a summary."""
-    parser = argparse.ArgumentParser(prog="python -m slug_lightning.datamodules.demo_world", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None,
+         prog: str = "python -m slug_lightning.datamodules.demo_world") -> int:
+    """Command line: write a demo world and print a summary.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+        prog: The command shown in usage and help (``python -m slug_lightning make-world`` from the CLI).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--people", type=int, default=30)
-    parser.add_argument("--objects", type=int, default=10)
+    # One integer flag per parameter of make_demo_world, with its default, so the two never disagree.
+    counts = [p for p in inspect.signature(make_demo_world).parameters.values() if isinstance(p.default, int)
+              and not isinstance(p.default, bool)]
+    for param in counts:
+        parser.add_argument(f"--{param.name.replace('_', '-')}", type=int, default=param.default,
+                            help=f"(default {param.default})")
     parser.add_argument("--overwrite", action="store_true", help="replace a world written with other parameters")
-    args = parser.parse_args(argv)
-    world = make_demo_world(args.root, args.seed, people=args.people, objects=args.objects, overwrite=args.overwrite)
+    args = vars(parser.parse_args(argv))
+    world = make_demo_world(args.pop("root"), **args)
     print(f"demo world at {world.root}")
     print(f"  shards:     {world.shards} ({world.num_samples} samples)")
     print(f"  identities: {world.identities_dir} ({len(world.people)} people)")
@@ -324,6 +342,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------
 # Who is in the world
 # ----------------------------------------------------------------------------------------------------
+
+
+def _clear_outputs(root: Path) -> None:
+    """Remove the shards and evaluation sets of an unfinished or replaced world, and nothing else.
+
+    Raises:
+        ValueError: If ``root`` has ``shards/`` or ``eval/`` content that no demo world run wrote.
+    """
+    ours = (root / INCOMPLETE_MARKER).exists()
+    for sub in (SHARDS_DIR, "eval"):
+        path = root / sub
+        if path.exists() and any(path.iterdir()):
+            if not ours:
+                raise ValueError(
+                    f"{path} exists and is not part of a demo world (no {WORLD_FILE} or {INCOMPLETE_MARKER} in "
+                    f"{root}); refusing to overwrite it. Choose an empty or new directory."
+                )
+            shutil.rmtree(path)
 
 
 def _check_params(params: dict) -> None:
@@ -338,6 +374,10 @@ def _check_params(params: dict) -> None:
                  "eval_per_person", "eval_per_object"):
         if params[name] < 0:
             raise ValueError(f"{name}={params[name]} must be >= 0.")
+    samples = (params["people"] * (params["portraits_per_person"] + params["person_object_per_person"])
+               + params["objects"] * params["samples_per_object"] + params["scenery_samples"])
+    if params["shards"] > samples:
+        raise ValueError(f"shards={params['shards']} is more than the {samples} samples; every shard needs one.")
     if params["portraits_per_person"] + params["person_object_per_person"] < 1 or params["eval_per_person"] < 1:
         raise ValueError("Every person needs at least one shard sample and one evaluation image.")
     if params["samples_per_object"] + params["person_object_per_person"] < 1 or params["eval_per_object"] < 1:

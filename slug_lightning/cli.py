@@ -101,12 +101,26 @@ def main(args: Sequence[str] | None = None) -> int:
         if argv[:1] == ["make-world"]:
             from slug_lightning.datamodules.demo_world import main as world_main
 
-            return world_main(argv[1:])
+            return world_main(argv[1:], prog="python -m slug_lightning make-world")
         # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
         SlugCLI(args=None if args is None else argv)
-    except USER_ERRORS as error:
-        if os.environ.get("SLUG_DEBUG"):
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None or os.environ.get("SLUG_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _user_error(error: BaseException | None) -> BaseException | None:
+    """``error`` or the first of its explicit causes that is a user error, else None.
+
+    jsonargparse re-raises an exception of a class it instantiates (a ModelLoadError of ``--model``) as a
+    plain ValueError ``from`` the original, so the cause chain is where the user's problem is.
+    """
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__
+    return None

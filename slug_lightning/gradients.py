@@ -63,6 +63,7 @@ class GradientStore:
             "format": "slug_lightning.gradients/1",
             "model": json.dumps(self.model),
             "concepts": json.dumps(self.concepts),
+            "layers": json.dumps(self.layers),
             "forget_samples": json.dumps(self.forget_samples),
             "retain_samples": str(self.retain_samples),
             "skipped_samples": str(self.skipped_samples),
@@ -87,9 +88,15 @@ class GradientStore:
                 if key.startswith("retain/"):
                     retain[key[len("retain/"):]] = tensor
                     continue
-                # Concept names may contain "/", parameter names never start with one: match known concepts.
-                concept = next(c for c in concepts if key.startswith(f"forget/{c}/"))
+                # Concept names may contain "/" and one may begin another ("AC", "AC/DC"): the longest known
+                # concept that prefixes the key is the one it belongs to.
+                concept = max((c for c in concepts if key.startswith(f"forget/{c}/")), key=len)
                 forget[concept][key[len(f"forget/{concept}/"):]] = tensor
+            if "layers" in metadata:  # safetensors sorts its keys; restore the order the store was made in
+                layers = json.loads(metadata["layers"])
+                retain = {name: retain[name] for name in layers}
+                forget = {concept: {name: grads[name] for name in layers if name in grads}
+                          for concept, grads in forget.items()}
         return cls(
             forget=forget,
             retain=retain,

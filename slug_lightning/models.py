@@ -88,9 +88,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return strip_prefixes(load_file(str(path)))
+        except SafetensorError as error:
+            raise ModelLoadError(f"Cannot read safetensors checkpoint {str(path)!r}: {error}") from None
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

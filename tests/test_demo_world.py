@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import re
@@ -205,19 +206,45 @@ def test_overwrite_replaces_a_world_with_other_parameters(tmp_path):
     assert load_demo_world(tmp_path) == replaced
 
 
+def test_an_interrupted_world_is_written_again(tmp_path):
+    world = make_demo_world(tmp_path, seed=0, **SMALL)
+    (tmp_path / "world.json").unlink()
+    (tmp_path / dw.INCOMPLETE_MARKER).touch()
+    (tmp_path / "shards" / "00003.tar").write_bytes(b"truncated")
+    again = make_demo_world(tmp_path, seed=0, **SMALL)
+    assert again == world and not (tmp_path / dw.INCOMPLETE_MARKER).exists()
+    assert len(list(wds.WebDataset(again.shards, shardshuffle=False))) == again.num_samples
+
+
+def test_foreign_shards_are_never_deleted(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "mine.tar").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="not part of a demo world"):
+        make_demo_world(tmp_path, seed=0, **SMALL)
+    assert (tmp_path / "shards" / "mine.tar").read_bytes() == b"precious"
+
+
 def test_load_without_a_world_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="world.json"):
         load_demo_world(tmp_path)
 
 
-@pytest.mark.parametrize("bad", [dict(people=1), dict(objects=0), dict(shards=0), dict(samples_per_object=-1)])
+@pytest.mark.parametrize(
+    "bad", [dict(people=1), dict(objects=0), dict(shards=0), dict(shards=10_000), dict(samples_per_object=-1)]
+)
 def test_bad_parameters_are_rejected(tmp_path, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         make_demo_world(tmp_path, **{**SMALL, **bad})
 
 
-def test_command_line_writes_the_default_world(tmp_path, capsys):
-    assert main([str(tmp_path / "cli"), "--seed", "2"]) == 0
+def test_command_line_writes_a_world_and_prints_its_target(tmp_path, capsys):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    assert main([str(tmp_path / "cli"), "--seed", "2", *flags]) == 0
     world = load_demo_world(tmp_path / "cli")
-    assert len(world.people) == 30 and len(world.objects) == 10 and world.num_shards >= 4
+    assert world == make_demo_world(tmp_path / "cli", seed=2, **SMALL)
     assert world.default_target in capsys.readouterr().out
+
+
+def test_defaults_make_a_world_of_30_people_10_objects_and_at_least_4_shards():
+    defaults = {k: p.default for k, p in inspect.signature(make_demo_world).parameters.items()}
+    assert defaults["people"] == 30 and defaults["objects"] == 10 and defaults["shards"] >= 4

@@ -1,0 +1,1 @@
+"""The YAML configs shipped with the package (``slug_lightning.config_path``)."""
