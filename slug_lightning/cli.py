@@ -7,6 +7,7 @@ dotted overrides); ``unlearn`` and ``evaluate`` are methods of :class:`~slug_lig
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,13 @@ Other commands:
 
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
+
+# Commands that are not Trainer runs: name -> "module:function", the function taking (argv, prog) and
+# returning an exit code. Imported only when used, so `--help` of the Trainer subcommands stays fast.
+PLAIN_COMMANDS = {
+    "demo": "slug_lightning.demo:main",
+    "make-world": "slug_lightning.datamodules.demo_world:main",
+}
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -94,14 +102,10 @@ def main(args: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code. ``args`` defaults to ``sys.argv[1:]``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv[:1] == ["demo"]:
-            from slug_lightning.demo import main as demo_main
-
-            return demo_main(argv[1:])
-        if argv[:1] == ["make-world"]:
-            from slug_lightning.datamodules.demo_world import main as world_main
-
-            return world_main(argv[1:], prog="python -m slug_lightning make-world")
+        if argv[:1] and argv[0] in PLAIN_COMMANDS:
+            module, function = PLAIN_COMMANDS[argv[0]].split(":")
+            command = getattr(importlib.import_module(module), function)
+            return command(argv[1:], prog=f"{_prog()} {argv[0]}")
         # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
         SlugCLI(args=None if args is None else argv)
     except Exception as error:

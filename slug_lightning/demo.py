@@ -22,9 +22,9 @@ FIT_CONFIG = "demo/fit.yaml"
 UNLEARN_CONFIG = "demo/unlearn.yaml"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m slug_lightning demo",
+        prog=prog,
         description="Make the demo world, fit the tiny CLIP (cached), unlearn one person, print the result.",
     )
     parser.add_argument("--output_dir", default="runs/demo", help="where everything goes (default: runs/demo)")
@@ -112,7 +112,7 @@ def summary(report: dict, output: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning demo") -> int:
+    args = _parser(prog).parse_args(argv)
     run_demo(args.output_dir, seed=args.seed, concept=args.concept, refit=args.refit, devices=args.devices)
     return 0
