@@ -23,7 +23,11 @@ from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics
+from slug_lightning.memory import PeakMemory
 from slug_lightning.search import BinarySearch, Probe, choose, initial_step_size, is_forgotten
+from slug_lightning.towers import TowerStages, tower_stages
+
+CACHE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the dtype the model computes in
 
 
 class StepSearch(Callback):
@@ -48,6 +52,12 @@ class StepSearch(Callback):
         batch_size: Evaluation batch size.
         num_workers: Evaluation data loader workers.
         apply: Leave the chosen edits applied to the model (otherwise restore θ⁰).
+        reuse: Probes recompute only what the edit changes: the other tower's reference outputs are reused
+            and the edited tower runs from the edited block on, over cached inputs of that block (see
+            :class:`~slug_lightning.evaluation.ZeroShotEvaluator` for the cache sizes). False makes every
+            probe a full evaluation; the results are the same up to float rounding.
+        cache_dtype: Dtype of the probe caches: ``"float32"``, or ``"bfloat16"`` to halve their memory.
+        cache_on_cpu: Keep the probe caches in CPU memory instead of on the accelerator.
 
     Example::
 
@@ -70,6 +80,9 @@ class StepSearch(Callback):
         batch_size: int = 256,
         num_workers: int = 0,
         apply: bool = True,
+        reuse: bool = True,
+        cache_dtype: Literal["float32", "bfloat16"] = "float32",
+        cache_on_cpu: bool = False,
     ) -> None:
         if not sets:
             raise ValueError("StepSearch needs at least one evaluation set.")
@@ -84,6 +97,8 @@ class StepSearch(Callback):
         if forget_set is not None and forget_set not in names:
             raise ValueError(f"forget_set {forget_set!r} is not one of the sets {names}.")
         BinarySearch(1.0, max_steps, tolerance)  # validates max_steps and tolerance now, not after hours
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.")
         self.sets = list(sets)
         self.forget_set = forget_set
         self.metric, self.threshold = metric, threshold
@@ -92,12 +107,14 @@ class StepSearch(Callback):
         self.signed_alignment = signed_alignment
         self.batch_size, self.num_workers = batch_size, num_workers
         self.apply = apply
+        self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
         self.layers: dict[str, list[LayerStats]] = {}
         self.probes: list[Probe] = []
         self.chosen: dict[str, Probe] = {}
         self.before: dict = {}
         self.after: dict = {}
         self.seconds = 0.0
+        self.memory = PeakMemory()
 
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -136,13 +153,17 @@ class StepSearch(Callback):
         Concept k is searched on the model that already carries the edits chosen for concepts 1..k−1.
         """
         start = time.perf_counter()
+        self.memory.start()
         datamodule = ZeroShotDataModule(self.sets, batch_size=self.batch_size, num_workers=self.num_workers)
         datamodule.transform = preprocess
-        evaluator = ZeroShotEvaluator(model, tokenizer, datamodule, keep_classes=store.concepts, device=device)
+        evaluator = ZeroShotEvaluator(model, tokenizer, datamodule, keep_classes=store.concepts, device=device,
+                                      reuse=self.reuse, cache_device="cpu" if self.cache_on_cpu else None,
+                                      cache_dtype=CACHE_DTYPES[self.cache_dtype])
         forget_sets = self.forget_sets(store.concepts, evaluator)
         class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
         parameters = dict(model.named_parameters())
         base = {name: parameters[name].detach().clone() for name in store.layers}
+        stages = tower_stages(model)
         self.before = summarize(evaluator.run(), class_names, forget_sets)
         rank_zero = trainer is None or trainer.is_global_zero
         for concept in store.concepts:
@@ -150,6 +171,7 @@ class StepSearch(Callback):
             self.layers[concept] = stats
             # A layer without forget gradient (or without weight) has no direction to step along.
             front = [s for s in stats if s.pareto and s.tower in self.towers and s.grad_norm > 0 and s.weight_norm > 0]
+            front = in_forward_order(front, stages)
             if not front:
                 raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             progress = tqdm(total=len(front) * self.max_steps, desc=f"search {concept}", disable=not rank_zero,
@@ -179,6 +201,7 @@ class StepSearch(Callback):
             for name, weight in base.items():
                 parameters[name].copy_(weight)
         self.seconds = time.perf_counter() - start
+        self.memory.stop()
         return self.chosen
 
     def _probe(self, evaluator, parameter, gradient, layer: LayerStats, concept, step_size, class_names,
@@ -187,7 +210,7 @@ class StepSearch(Callback):
         original = parameter.detach().clone()
         parameter.add_(step_size * gradient)
         try:
-            counts = evaluator.run(edited_tower=layer.tower)
+            counts = evaluator.run(edited=layer.name)
         finally:
             parameter.copy_(original)
         # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
@@ -222,3 +245,15 @@ class StepSearch(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.probes = [Probe(**p) for p in state_dict["probes"]]
         self.chosen = {c: Probe(**p) for c, p in state_dict["chosen"].items()}
+
+
+def in_forward_order(layers: list[LayerStats], stages: dict[str, TowerStages]) -> list[LayerStats]:
+    """The vision tower's layers, then the language tower's, each in the order the forward pass meets them.
+
+    Probes then move each tower's cache forward only (parameter order puts ``visual.proj`` before
+    ``visual.conv1``). Layers of a tower that is not staged keep their parameter order.
+    """
+    def depth(layer: LayerStats) -> tuple[bool, int]:
+        tower = stages.get(layer.tower)
+        return layer.tower != VISION, tower.stage_of(layer.name) if tower is not None else 0
+    return sorted(layers, key=depth)

@@ -7,21 +7,30 @@ every set; the counts are summed across ranks, so accuracies are exact on any nu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from slug_lightning.layers import LANGUAGE, VISION, tower_of
+from slug_lightning.towers import TowerStages, check_stages, tower_stages
 from slug_lightning.zero_shot import (
     ZeroShotCounts,
     accuracy,
+    class_embeddings,
     class_prompts,
     classifier_from_tokens,
     image_features,
     zero_shot_classifier,
 )
+
+# Classes per batch when class prompts go through the text tower stage by stage (as in the reference).
+TEXT_BATCH_CLASSES = 64
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -30,25 +39,55 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ZeroShotEvaluator:
-    """Evaluates a model on every set of a ``ZeroShotDataModule``, reusing what an edit leaves unchanged.
+@dataclass
+class _StageCache:
+    """One tower's inputs to ``stage`` at θ⁰ for every item of one set on this rank, in batches."""
 
-    A full run keeps the image features and class classifiers as a reference; a probe that edits one
-    tower recomputes only that tower's side and reuses the other's reference.
+    stage: int
+    chunks: list[Tensor]
+    tokens: list[Tensor | None]
+
+
+class ZeroShotEvaluator:
+    """Evaluates a model on every set of a ``ZeroShotDataModule``; a probe recomputes only what its edit changes.
+
+    :meth:`run` without an edit evaluates everything and keeps the image features and class classifiers as
+    the reference. A probe, ``run(edited=<parameter name>)`` while that parameter carries an edit, reuses
+    the reference of the other tower and, for the edited tower, runs only the stages from the edited one on
+    (:mod:`slug_lightning.towers`), starting from that stage's inputs at θ⁰, which it caches per set: for a
+    vision edit of block l, the input of block l for every evaluation image; for a language edit, the input
+    of block l for every class prompt; for an edit of a final projection, the pooled features (the probe is
+    one matrix product). The cache is filled on the first probe of a stage and moved forward to a later
+    stage in place, so searching a tower's layers in depth order (the parameter order) costs one partial
+    pass per layer.
+
+    Cache size per tower: the items of this rank (images, or classes × templates prompts) × tokens × width
+    (for the pooled stages just × embedding width) × bytes per element; e.g. ViT-B-32 at 224 px holds
+    50 × 768 values per image, 154 KB in fp32. ``cache_dtype=torch.bfloat16`` halves it (results agree
+    with fp32 up to bf16 rounding of the cached inputs) and ``cache_device="cpu"`` keeps it off the GPU.
 
     Args:
-        model: Anything with ``encode_image``/``encode_text``.
+        model: Anything with ``encode_image``/``encode_text``. Stage reuse needs a standard OpenCLIP tower;
+            other towers are recomputed whole (the other tower is still reused).
         tokenizer: The model's tokenizer.
         datamodule: A set-up ``ZeroShotDataModule`` (its ``transform`` set).
         keep_classes: Class names whose images are always fully kept by subsetting (forget concepts).
         device: Where to compute.
+        reuse: Reuse the reference and the stage caches in probes. False makes every probe a full
+            evaluation of both towers (the naive probe, for checks and benchmarks).
+        cache_device: Where stage caches live (default: ``device``).
+        cache_dtype: The dtype of stage caches (default: as computed, fp32 for fp32 models).
     """
 
     def __init__(self, model: nn.Module, tokenizer, datamodule, keep_classes: Sequence[str] = (),
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", reuse: bool = True,
+                 cache_device: torch.device | str | None = None, cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.reuse = reuse
+        self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
+        self.cache_dtype = cache_dtype
         self.rank, self.world_size = _rank_and_world()
         self.datasets = datamodule.datasets(keep_classes=tuple(keep_classes))
         self.templates = {spec.name: list(spec.templates) for spec in datamodule.sets}
@@ -56,6 +95,9 @@ class ZeroShotEvaluator:
             name: datamodule.loader(name, self.rank, self.world_size, keep_classes=tuple(keep_classes))
             for name in self.datasets
         }
+        self.stages = tower_stages(model) if reuse else {}
+        self._checked: set[str] = set()
+        self._caches: dict[tuple[str, str], _StageCache] = {}
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
         self._classifiers: dict[str, Tensor] = {}
         self._tokens: dict[str, Tensor] = {}
@@ -63,50 +105,151 @@ class ZeroShotEvaluator:
     def class_names(self, set_name: str) -> list[str]:
         return list(self.datasets[set_name].class_names)
 
-    def _image_features(self, name: str) -> tuple[Tensor, Tensor]:
-        features, labels = [], []
-        for images, targets in self.loaders[name]:
-            features.append(image_features(self.model, images.to(self.device)))
-            labels.append(targets.to(self.device))
-        if not features:  # this rank's shard is empty
-            return torch.zeros(0, 1, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.cat(features), torch.cat(labels)
-
     @torch.no_grad()
-    def run(self, edited_tower: str | None = None) -> dict[str, Tensor]:
+    def run(self, edited: str | None = None) -> dict[str, Tensor]:
         """Per-set count tables ``[num_classes, 3]`` (images, top-1 hits, top-5 hits), summed over ranks.
 
         Args:
-            edited_tower: None evaluates everything and keeps the image features and classifiers as the
-                reference for later probes. ``"vision"`` recomputes only the image features (the reference
-                classifiers still hold, a vision edit cannot change them); ``"language"`` only the
-                classifiers. Probe results never replace the reference.
+            edited: None evaluates everything; the result becomes the reference for later probes (and
+                stage caches from an earlier reference are dropped: the weights they came from may have
+                changed). A parameter name makes this a probe of an edit of that parameter alone: only the
+                edited tower is recomputed, from the edited stage on. Probes never replace the reference.
         """
         was_training = self.model.training
         self.model.eval()
+        if edited is None or not self.reuse:
+            outputs = {name: (self._classifier(name), *self._image_features(name)) for name in self.datasets}
+            if edited is None and self.reuse:
+                self._caches.clear()
+                self._classifiers = {name: out[0] for name, out in outputs.items()}
+                self._features = {name: out[1:] for name, out in outputs.items()}
+        elif tower_of(edited) == VISION:
+            outputs = {name: (self._classifiers[name], self._probe_image_features(name, edited),
+                              self._features[name][1]) for name in self.datasets}
+        else:
+            outputs = {name: (self._probe_classifier(name, edited), *self._features[name]) for name in self.datasets}
         counts = {}
-        for name, dataset in self.datasets.items():
-            if edited_tower in (None, "language") or name not in self._classifiers:
-                if name not in self._tokens:  # prompts never change; tokenizing them is not free
-                    self._tokens[name] = self.tokenizer(class_prompts(dataset.class_names, self.templates[name]))
-                classifier = classifier_from_tokens(self.model, self._tokens[name], len(self.templates[name]),
-                                                    self.device)
-                if edited_tower is None:
-                    self._classifiers[name] = classifier
-            else:
-                classifier = self._classifiers[name]
-            if edited_tower in (None, "vision") or name not in self._features:
-                features, labels = self._image_features(name)
-                if edited_tower is None:
-                    self._features[name] = features, labels
-            else:
-                features, labels = self._features[name]
-            metric = ZeroShotCounts(len(dataset.class_names), sync_on_compute=self.world_size > 1).to(self.device)
+        for name, (classifier, features, labels) in outputs.items():
+            metric = ZeroShotCounts(len(self.datasets[name].class_names),
+                                    sync_on_compute=self.world_size > 1).to(self.device)
             if labels.numel():
                 metric.update(features @ classifier, labels)
             counts[name] = metric.compute().cpu()
         self.model.train(was_training)
         return counts
+
+    # The reference path: the model's own encoders.
+
+    def _prompt_tokens(self, name: str) -> Tensor:
+        if name not in self._tokens:  # prompts never change; tokenizing them is not free
+            self._tokens[name] = self.tokenizer(class_prompts(self.datasets[name].class_names, self.templates[name]))
+        return self._tokens[name]
+
+    def _classifier(self, name: str) -> Tensor:
+        return classifier_from_tokens(self.model, self._prompt_tokens(name), len(self.templates[name]), self.device)
+
+    def _batches(self, name: str):
+        for images, targets in self.loaders[name]:
+            yield images.to(self.device), targets.to(self.device)
+
+    def _image_features(self, name: str) -> tuple[Tensor, Tensor]:
+        features, labels = [], []
+        for images, targets in self._batches(name):
+            features.append(image_features(self.model, images))
+            labels.append(targets)
+        if not features:  # this rank's shard is empty
+            return torch.zeros(0, 1, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
+        return torch.cat(features), torch.cat(labels)
+
+    # The probe path: from the edited stage on.
+
+    def _staged(self, tower: str, edited: str) -> tuple[TowerStages, int] | None:
+        stages = self.stages.get(tower)
+        return None if stages is None else (stages, stages.stage_of(edited))
+
+    def _probe_image_features(self, name: str, edited: str) -> Tensor:
+        staged = self._staged(VISION, edited)
+        if staged is None:
+            return self._image_features(name)[0]
+        stages, stage = staged
+        cache = self._cache(VISION, name, stage)
+        if cache is None:  # the stages did not reproduce the encoder: recompute the tower
+            return self._image_features(name)[0]
+        features = [F.normalize(stages.run(self._input(chunk), stage).float(), dim=-1) for chunk in cache.chunks]
+        return torch.cat(features) if features else torch.zeros(0, 1, device=self.device)
+
+    def _probe_classifier(self, name: str, edited: str) -> Tensor:
+        staged = self._staged(LANGUAGE, edited)
+        cache = None if staged is None else self._cache(LANGUAGE, name, staged[1])
+        if cache is None:
+            return self._classifier(name)
+        stages, stage = staged
+        prompt_features = [stages.run(self._input(chunk), stage, tokens=tokens)
+                           for chunk, tokens in zip(cache.chunks, cache.tokens)]
+        return class_embeddings(torch.cat(prompt_features), len(self.templates[name]))
+
+    def _input(self, chunk: Tensor) -> Tensor:
+        if chunk.is_floating_point():
+            return chunk.to(self.device, dtype=self._compute_dtype())
+        return chunk.to(self.device)
+
+    def _compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _raw_inputs(self, tower: str, name: str):
+        """(inputs, tokens) batches of a tower's stage 0: images, or tokenized class prompts."""
+        if tower == VISION:
+            for images, _ in self._batches(name):
+                yield images, None
+            return
+        tokens = self._prompt_tokens(name)
+        rows = TEXT_BATCH_CLASSES * len(self.templates[name])
+        for start in range(0, tokens.shape[0], rows):
+            chunk = tokens[start:start + rows].to(self.device)
+            yield chunk, chunk
+
+    def _cache(self, tower: str, name: str, stage: int) -> _StageCache | None:
+        """The inputs of ``stage`` at θ⁰ for set ``name``; None if this tower's stages cannot be trusted.
+
+        Reached from the cached stage when it is not later than ``stage``, else from the raw inputs; the
+        stages in between hold no edited weight (the edit is at ``stage``), so they still compute θ⁰.
+        """
+        stages = self.stages[tower]
+        cache = self._caches.get((tower, name))
+        if cache is None or cache.stage > stage:
+            if not self._trusted(tower, name):
+                return None
+            self._caches.pop((tower, name), None)  # free the old cache before building the new one
+            chunks, tokens = [], []
+            for inputs, batch_tokens in self._raw_inputs(tower, name):
+                chunks.append(self._store(stages.run(inputs, 0, stage, tokens=batch_tokens)))
+                tokens.append(batch_tokens)
+            cache = _StageCache(stage, chunks, tokens)
+        elif cache.stage < stage:
+            cache.chunks = [self._store(stages.run(self._input(chunk), cache.stage, stage, tokens=tokens))
+                            for chunk, tokens in zip(cache.chunks, cache.tokens)]
+            cache.stage = stage
+        self._caches[(tower, name)] = cache
+        return cache
+
+    def _store(self, hidden: Tensor) -> Tensor:
+        dtype = self.cache_dtype if self.cache_dtype is not None and hidden.is_floating_point() else hidden.dtype
+        return hidden.to(self.cache_device, dtype=dtype)
+
+    def _trusted(self, tower: str, name: str) -> bool:
+        """Check once per tower, on a few real inputs, that the stages reproduce the model's encoder."""
+        if tower in self._checked:
+            return tower in self.stages
+        sample = next(iter(self._raw_inputs(tower, name)), None)
+        if sample is None:  # nothing on this rank to check with; try again with another set
+            return True
+        self._checked.add(tower)
+        if not check_stages(self.model, self.stages[tower], sample[0][:8]):
+            warnings.warn(f"The {tower} tower of {type(self.model).__name__} does not run as OpenCLIP stages; its "
+                          "probes recompute the whole tower.", stacklevel=2)
+            del self.stages[tower]
+            return False
+        return True
 
 
 def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[str]],

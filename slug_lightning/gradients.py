@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slug_lightning.artifacts import atomic_path, fingerprint
+from slug_lightning.errors import UserError
 from slug_lightning.layers import candidate_layers
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
+from slug_lightning.memory import PeakMemory
 
 RETAIN = "retain"
 BUCKET_BYTES = 64 * 2**20
@@ -140,6 +142,13 @@ class GradientCollector(L.LightningModule):
         preprocess: The image transform for ``model`` (programmatic use with ``model``).
         tokenizer: The tokenizer for ``model`` (programmatic use with ``model``).
         concepts: Names of the forget streams in loader order; default: the datamodule's ``concepts``.
+        activation_checkpointing: Recompute block activations in the backward pass instead of keeping
+            them (OpenCLIP's gradient checkpointing): less memory for large models and batches, about one
+            more forward pass of time. The gradients are the same.
+
+    The pass runs at the Trainer's precision: ``32-true`` (default) or ``bf16-mixed`` (bf16 autocast of
+    the forward and backward; the per-tensor sums stay fp32). fp16 precisions are refused: their loss
+    scaling and narrow range are meant for optimiser steps, not for a gradient that is kept.
     """
 
     def __init__(
@@ -152,6 +161,7 @@ class GradientCollector(L.LightningModule):
         preprocess=None,
         tokenizer=None,
         concepts: Sequence[str] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "preprocess", "tokenizer"])
@@ -166,9 +176,14 @@ class GradientCollector(L.LightningModule):
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
         self.include, self.exclude = tuple(include), tuple(exclude)
         self.concepts = list(concepts) if concepts is not None else None
+        self.activation_checkpointing = activation_checkpointing
+        if activation_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
+                             f"models have it); {type(model).__name__} has not.")
         self.gradients: GradientStore | None = None
         self.reused = False  # set when `gradients` was loaded from a store instead of computed
         self.seconds = 0.0
+        self.memory = PeakMemory()
 
     def identity(self) -> dict:
         """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
@@ -185,6 +200,13 @@ class GradientCollector(L.LightningModule):
         self.base_fingerprint = fingerprint(self.model.state_dict())
         if self.reused:
             return
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if precision.startswith("16") or precision == "transformer-engine":
+            raise UserError(f"GradientCollector cannot run at precision {precision!r}; use '32-true' or "
+                            f"'bf16-mixed' (bf16 autocast with fp32 gradient sums).")
+        self.memory.start()
+        if self.activation_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if self.concepts is None:
             datamodule = self.trainer.datamodule
             self.concepts = [c.name for c in getattr(datamodule, "concepts", None) or []]
@@ -258,6 +280,8 @@ class GradientCollector(L.LightningModule):
                 grad /= counts[index]
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._requires_grad[name])
+        if self.activation_checkpointing:
+            self.model.set_grad_checkpointing(False)
         self.gradients = GradientStore(
             forget={c: {n: g.cpu() for n, g in self._sums[c].items()} for c in self.concepts},
             retain={n: g.cpu() for n, g in self._sums[RETAIN].items()},
@@ -268,3 +292,4 @@ class GradientCollector(L.LightningModule):
         )
         del self._sums
         self.seconds = time.perf_counter() - self._start
+        self.memory.stop()

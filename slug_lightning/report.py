@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import json
 import math
-import resource
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
+from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
 
 LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto"]
 
 
-def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when there is a GPU), in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    memory = {"peak_rss_mib": rss / 1024 if sys.platform != "darwin" else rss / 2**20}
-    if torch.cuda.is_available():
-        memory["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return memory
+def peak_memory(collector, search) -> dict:
+    """Peak memory per phase (MiB), and the process's lifetime peak RSS.
+
+    A reused gradient store has no gradient phase to measure.
+    """
+    phases = {"gradients": collector.memory.result, "search": search.memory.result}
+    phases = {phase: result for phase, result in phases.items() if result}
+    # Sampled and lifetime RSS come from different counters; the lifetime peak is at least every phase's.
+    lifetime = max([lifetime_peak_rss_mib(), *(result["peak_rss_mib"] for result in phases.values())])
+    return {**phases, "peak_rss_mib": round(lifetime, 1)}
 
 
 def _accuracies(summary: dict) -> dict:
@@ -66,7 +66,7 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
                      "signed_alignment": search.signed_alignment},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
-        "memory": peak_memory(),
+        "memory": peak_memory(collector, search),
         "devices": devices,
     }
 
@@ -138,6 +138,17 @@ def summary_lines(report: dict) -> list[str]:
     return rows
 
 
+def memory_summary(memory: dict) -> str:
+    """``gradients 812 RSS / 301 CUDA, search ...`` from ``report["memory"]``."""
+    parts = []
+    for phase in ("gradients", "search"):
+        if memory.get(phase):
+            values = " / ".join(f"{v:.0f} {k.split('_')[1].upper()}" for k, v in memory[phase].items())
+            parts.append(f"{phase} {values}")
+    parts.append(f"process peak {memory['peak_rss_mib']:.0f} RSS")
+    return ", ".join(parts)
+
+
 def render_markdown(report: dict) -> str:
     """``report.md``: the run for a person to read."""
     model = report["model"]
@@ -159,7 +170,7 @@ def render_markdown(report: dict) -> str:
     lines += ["## Cost", "",
               f"Gradients {timing['gradients_s']:.1f} s, search {timing['search_s']:.1f} s "
               f"({timing['probes']} probes), total {timing['total_s']:.1f} s. "
-              f"Peak memory: {', '.join(f'{k} {v:.0f}' for k, v in report['memory'].items())}.", ""]
+              f"Peak memory (MiB): {memory_summary(report['memory'])}.", ""]
     if report.get("plots"):
         lines += ["## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in report["plots"]]

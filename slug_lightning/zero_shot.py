@@ -32,14 +32,26 @@ def classifier_from_tokens(
 
     For each class the normalised embeddings of its prompts are averaged and the mean normalised again.
     """
-    columns = []
     rows_per_batch = classes_per_batch * num_templates
-    for start in range(0, tokens.shape[0], rows_per_batch):
-        chunk = tokens[start:start + rows_per_batch].to(device)
-        embeddings = F.normalize(model.encode_text(chunk).float(), dim=-1)
-        embeddings = embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(dim=1)
-        columns.append(F.normalize(embeddings, dim=-1).T)
-    return torch.cat(columns, dim=1)
+    prompt_features = [model.encode_text(tokens[start:start + rows_per_batch].to(device))
+                       for start in range(0, tokens.shape[0], rows_per_batch)]
+    return class_embeddings(torch.cat(prompt_features), num_templates)
+
+
+def class_embeddings(prompt_features: Tensor, num_templates: int) -> Tensor:
+    """The classifier ``[embed_dim, num_classes]`` from the text features of the class-major prompts.
+
+    Each prompt embedding is normalised, the templates of a class averaged, and the mean normalised again.
+
+    Example::
+
+        >>> class_embeddings(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [3.0, 0.0]]), 2).T
+        tensor([[0.7071, 0.7071],
+                [1.0000, 0.0000]])
+    """
+    embeddings = F.normalize(prompt_features.float(), dim=-1)
+    embeddings = embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(dim=1)
+    return F.normalize(embeddings, dim=-1).T
 
 
 def zero_shot_classifier(

@@ -124,3 +124,45 @@ def test_small_step_along_forget_gradient_lowers_forget_cosine(collected):
         with torch.no_grad():
             parameters[name].sub_(step * gradient)
         assert moved < base, f"{name}: cosine {base:.6f} -> {moved:.6f}"
+
+
+def _collect_with(world, batch_size=64, precision="32-true", **collector_kwargs):
+    torch.manual_seed(0)
+    collector = GradientCollector("slug-tiny", **collector_kwargs)
+    laion = LaionDataModule(world.shards, concepts=[Concept(world.default_target)], batch_size=batch_size)
+    trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, precision=precision)
+    trainer.predict(collector, datamodule=laion, return_predictions=False)
+    return collector.gradients
+
+
+def test_activation_checkpointing_gives_the_same_gradients(collected, world):
+    reference = collected[0].gradients
+    store = _collect_with(world, activation_checkpointing=True)
+    for stream, grads in [("retain", store.retain), *[(c, g) for c, g in store.forget.items()]]:
+        expected = reference.retain if stream == "retain" else reference.forget[stream]
+        for name, grad in grads.items():
+            assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-7), (stream, name)
+
+
+def test_bf16_autocast_keeps_fp32_sums_close_to_fp32(collected, world):
+    reference = collected[0].gradients
+    store = _collect_with(world, precision="bf16-mixed")
+    concept = world.default_target
+    for name, grad in store.forget[concept].items():
+        assert grad.dtype == torch.float32
+        cosine = F.cosine_similarity(grad.flatten(), reference.forget[concept][name].flatten(), dim=0)
+        assert cosine > 0.98, (name, cosine.item())
+    assert store.retain_samples == reference.retain_samples
+
+
+def test_fp16_precision_is_refused(world):
+    from slug_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="bf16-mixed"):
+        _collect_with(world, precision="16-true")  # (16-mixed becomes bf16 on CPU)
+
+
+def test_the_gradient_pass_measures_its_peak_memory(collected):
+    collector, _ = collected
+    assert collector.memory.result["peak_rss_mib"] > 0

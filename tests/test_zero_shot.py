@@ -175,7 +175,7 @@ def test_evaluator_probes_reuse_the_untouched_tower(tiny_clip, evaluation_sets):
         with torch.no_grad():
             generator = torch.Generator().manual_seed(7)
             model.visual.proj.copy_(torch.randn(original.shape, generator=generator))
-        probe = evaluator.run("vision")
+        probe = evaluator.run("visual.proj")
         full = _evaluator(tiny_clip, evaluation_sets).run()
         assert not _equal(full, first), "the edit must change the predictions for this test to mean anything"
         assert _equal(probe, full)
@@ -184,8 +184,8 @@ def test_evaluator_probes_reuse_the_untouched_tower(tiny_clip, evaluation_sets):
             model.visual.proj.copy_(original)
     # The probe did not replace the reference image features: with the weight restored, a language probe
     # (which reuses them) gives the first result again.
-    assert _equal(evaluator.run("language"), first)
-    assert _equal(evaluator.run("vision"), first)
+    assert _equal(evaluator.run("text_projection"), first)
+    assert _equal(evaluator.run("visual.proj"), first)
 
 
 def test_language_probe_recomputes_classifiers_and_vision_probe_reuses_them(tiny_clip, evaluation_sets):
@@ -199,9 +199,9 @@ def test_language_probe_recomputes_classifiers_and_vision_probe_reuses_them(tiny
             model.text_projection.copy_(torch.randn(original.shape, generator=generator))
         full = _evaluator(tiny_clip, evaluation_sets).run()
         assert not _equal(full, first)
-        assert _equal(evaluator.run("language"), full)
+        assert _equal(evaluator.run("text_projection"), full)
         # A vision probe trusts the reference classifiers, so this language edit goes unseen.
-        assert _equal(evaluator.run("vision"), first)
+        assert _equal(evaluator.run("visual.proj"), first)
     finally:
         with torch.no_grad():
             model.text_projection.copy_(original)
