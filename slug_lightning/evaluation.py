@@ -40,7 +40,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 @dataclass
-class _StageCache:
+class StageCache:
     """One tower's inputs to ``stage`` at θ⁰ for every item of one set on this rank, in batches."""
 
     stage: int
@@ -95,9 +95,11 @@ class ZeroShotEvaluator:
             name: datamodule.loader(name, self.rank, self.world_size, keep_classes=tuple(keep_classes))
             for name in self.datasets
         }
+        self._metrics = {name: ZeroShotCounts(len(dataset.class_names), sync_on_compute=self.world_size > 1)
+                         .to(self.device) for name, dataset in self.datasets.items()}
         self.stages = tower_stages(model) if reuse else {}
         self._checked: set[str] = set()
-        self._caches: dict[tuple[str, str], _StageCache] = {}
+        self._caches: dict[tuple[str, str], StageCache] = {}
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
         self._classifiers: dict[str, Tensor] = {}
         self._tokens: dict[str, Tensor] = {}
@@ -116,7 +118,8 @@ class ZeroShotEvaluator:
                 edited tower is recomputed, from the edited stage on. Probes never replace the reference.
         """
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # (switching modes walks every module: not free at the scale of a probe)
+            self.model.eval()
         if edited is None or not self.reuse:
             outputs = {name: (self._classifier(name), *self._image_features(name)) for name in self.datasets}
             if edited is None and self.reuse:
@@ -130,12 +133,13 @@ class ZeroShotEvaluator:
             outputs = {name: (self._probe_classifier(name, edited), *self._features[name]) for name in self.datasets}
         counts = {}
         for name, (classifier, features, labels) in outputs.items():
-            metric = ZeroShotCounts(len(self.datasets[name].class_names),
-                                    sync_on_compute=self.world_size > 1).to(self.device)
+            metric = self._metrics[name]
+            metric.reset()
             if labels.numel():
                 metric.update(features @ classifier, labels)
             counts[name] = metric.compute().cpu()
-        self.model.train(was_training)
+        if was_training:
+            self.model.train()
         return counts
 
     # The reference path: the model's own encoders.
@@ -172,7 +176,7 @@ class ZeroShotEvaluator:
         if staged is None:
             return self._image_features(name)[0]
         stages, stage = staged
-        cache = self._cache(VISION, name, stage)
+        cache = self.stage_cache(VISION, name, stage)
         if cache is None:  # the stages did not reproduce the encoder: recompute the tower
             return self._image_features(name)[0]
         features = [F.normalize(stages.run(self._input(chunk), stage).float(), dim=-1) for chunk in cache.chunks]
@@ -180,7 +184,7 @@ class ZeroShotEvaluator:
 
     def _probe_classifier(self, name: str, edited: str) -> Tensor:
         staged = self._staged(LANGUAGE, edited)
-        cache = None if staged is None else self._cache(LANGUAGE, name, staged[1])
+        cache = None if staged is None else self.stage_cache(LANGUAGE, name, staged[1])
         if cache is None:
             return self._classifier(name)
         stages, stage = staged
@@ -208,7 +212,7 @@ class ZeroShotEvaluator:
             chunk = tokens[start:start + rows].to(self.device)
             yield chunk, chunk
 
-    def _cache(self, tower: str, name: str, stage: int) -> _StageCache | None:
+    def stage_cache(self, tower: str, name: str, stage: int) -> StageCache | None:
         """The inputs of ``stage`` at θ⁰ for set ``name``; None if this tower's stages cannot be trusted.
 
         Reached from the cached stage when it is not later than ``stage``, else from the raw inputs; the
@@ -224,7 +228,7 @@ class ZeroShotEvaluator:
             for inputs, batch_tokens in self._raw_inputs(tower, name):
                 chunks.append(self._store(stages.run(inputs, 0, stage, tokens=batch_tokens)))
                 tokens.append(batch_tokens)
-            cache = _StageCache(stage, chunks, tokens)
+            cache = StageCache(stage, chunks, tokens)
         elif cache.stage < stage:
             cache.chunks = [self._store(stages.run(self._input(chunk), cache.stage, stage, tokens=tokens))
                             for chunk, tokens in zip(cache.chunks, cache.tokens)]

@@ -110,7 +110,9 @@ class GradientStore:
 
 
 def _flat_all_reduce(tensors: list[Tensor]) -> None:
-    """Sum ``tensors`` in place across ranks, in flat buckets of about ``BUCKET_BYTES``."""
+    """Sum ``tensors`` (all of one dtype) in place across ranks, in flat buckets of about ``BUCKET_BYTES``."""
+    if len({t.dtype for t in tensors}) > 1:
+        raise ValueError("_flat_all_reduce needs tensors of one dtype; concatenating would promote them.")
     bucket: list[Tensor] = []
     size = 0
     for tensor in [*tensors, None]:
@@ -270,7 +272,8 @@ class GradientCollector(L.LightningModule):
             return
         sums = [s for stream in self.streams for s in self._sums[stream].values()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            _flat_all_reduce([*sums, self._counts])
+            _flat_all_reduce(sums)
+            dist.all_reduce(self._counts)  # fp64, apart: in one bucket it would promote the fp32 sums to fp64
         counts = self._counts.tolist()
         for index, stream in enumerate(self.streams):
             if counts[index] == 0:
