@@ -22,7 +22,7 @@ from typing_extensions import override
 from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.gradients import GradientStore
-from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics
+from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics, short_name
 from slug_lightning.memory import PeakMemory
 from slug_lightning.search import BinarySearch, Probe, choose, initial_step_size, is_forgotten
 from slug_lightning.towers import TowerStages, tower_stages
@@ -174,18 +174,22 @@ class StepSearch(Callback):
             front = in_forward_order(front, stages)
             if not front:
                 raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
-            progress = tqdm(total=len(front) * self.max_steps, desc=f"search {concept}", disable=not rank_zero,
-                            leave=False)
-            for layer in front:
+            # The total is an upper bound: a layer's search may stop early once its bracket is tight.
+            progress = tqdm(total=len(front) * self.max_steps, disable=not rank_zero, leave=False, unit="probe",
+                            dynamic_ncols=True)
+            for index, layer in enumerate(front, start=1):
                 gradient = store.forget[concept][layer.name].to(device)
                 search = BinarySearch(initial_step_size(layer.weight_norm, layer.grad_norm),
                                       self.max_steps, self.tolerance)
                 while not search.done:
+                    progress.set_description(f"search {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
+                                             f" · probe {search.steps + 1}/{self.max_steps}")
                     probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
                                         search.step_size, class_names, forget_sets, trainer)
                     search.update(is_forgotten(probe.forget_accuracy(self.metric), self.threshold))
                     progress.update(1)
-                    progress.set_postfix(layer=layer.name.removesuffix(".weight")[-28:], lam=f"{probe.step_size:.3g}")
+                    progress.set_postfix({"λ": f"{probe.step_size:.3g}",
+                                          f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"})
             progress.close()
             self.chosen[concept] = choose([p for p in self.probes if p.concept == concept], self.metric)
             chosen = self.chosen[concept]
