@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,9 +32,26 @@ def gather_rows(features: Tensor) -> tuple[Tensor, int]:
     dist.all_reduce(sizes)
     sizes = sizes.tolist()
     padded = F.pad(features, (0, 0, 0, max(sizes) - features.shape[0]))
-    gathered = dist_fn.all_gather(padded)
+    gathered = _AllGather.apply(padded)
     rows = torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
     return rows, sum(sizes[:rank])
+
+
+class _AllGather(torch.autograd.Function):
+    """``[world, rows, d]`` of every rank's equally shaped tensor; backward hands each rank the gradient
+    of its own rows summed over all ranks' losses (one all-reduce of the features' size)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor.contiguous())
+        return torch.stack(chunks)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def retain_loss_sum(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
