@@ -31,3 +31,17 @@ def require(package: str, extra: str):
             f"This needs the optional package {package!r} ({error}). Install it with "
             f"pip install \"slug-lightning[{extra}]\"."
         ) from None
+
+
+def __getattr__(name: str):
+    # `class_path: slug_lightning.hf.PipelineGradientCollector` in configs, without importing every submodule
+    # (or transformers) when only the mappings are wanted.
+    if name == "PipelineGradientCollector":
+        from slug_lightning.hf.loading import PipelineGradientCollector
+
+        return PipelineGradientCollector
+    if name == "apply_edit":
+        from slug_lightning.hf.export import apply_edit
+
+        return apply_edit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,7 +121,9 @@ def llava_reach(model_dir: Path, vision_feature_layer: int | list[int] | None = 
     config = _read_json(model_dir / "config.json")
     if vision_feature_layer is None:
         vision_feature_layer = config.get("vision_feature_layer", config.get("mm_vision_select_layer", -2))
-    blocks = (config.get("vision_config") or {}).get("num_hidden_layers", 24)
+    # A LLaVA config nests the CLIP's; a CLIPModel nests it too; a CLIPVisionModel's config is the CLIP's.
+    vision = config.get("vision_config") or config
+    blocks = vision.get("num_hidden_layers", 12)  # transformers' CLIPVisionConfig default
     indices = vision_feature_layer if isinstance(vision_feature_layer, list) else [vision_feature_layer]
     # hidden_states has blocks + 1 entries (the embeddings first): entry k is the output of k blocks.
     used = max(i if i >= 0 else blocks + 1 + i for i in indices)
