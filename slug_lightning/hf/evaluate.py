@@ -206,9 +206,10 @@ def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") 
     parser.add_argument("--save-images", help="write the images under this directory (before/, after/)")
     _common(parser)
     args = parser.parse_args(argv)
-    from diffusers import DiffusionPipeline
-
+    from slug_lightning.hf import require
     from slug_lightning.models import load_clip
+
+    DiffusionPipeline = require("diffusers", "diffusion").DiffusionPipeline
 
     prompts = _names(args.prompt, args.prompts, "--prompt or --prompts")
     classes = _names(args.classes, args.classes_file, "--class or --classes")
@@ -246,9 +247,10 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     _common(parser)
     args = parser.parse_args(argv)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet
+    from slug_lightning.hf import require
+
+    transformers = require("transformers", "vlm")
 
     target = Concept(args.target, tuple(args.alias))
     dataset = LabelledImages(LabelledSet("identities", root=args.identities, fraction=args.fraction),
@@ -260,8 +262,8 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     for side, path in (("before", args.model), ("after", args.edited)):
         if path is None:
             continue
-        model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=_dtype(args.dtype)).to(args.device)
-        processor = AutoProcessor.from_pretrained(path)
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=_dtype(args.dtype)).to(args.device)
+        processor = transformers.AutoProcessor.from_pretrained(path)
         result[side] = identity_answers(llava_answerer(model.eval(), processor, args.question, args.max_new_tokens),
                                         images, target)
         r = result[side]

@@ -71,12 +71,12 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
         UserError: for an unknown kind, a missing tower, or a pipeline tower that does not fit the
             architecture (width, heads, activation ...).
     """
-    from transformers import CLIPTextConfig, CLIPVisionConfig
-
+    from slug_lightning.hf import require
     from slug_lightning.hf.convert import check_config_fits, load_into_open_clip
 
     if kind not in KINDS:
         raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    transformers = require("transformers", "diffusion" if kind == "diffusers" else "vlm")
     pipeline = Path(pipeline)
     tower = TEXT if kind == "diffusers" else VISION
     component = ("text_encoder" if kind == "diffusers" else "") if component is None else component
@@ -84,10 +84,10 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
     _, tensors, config = read_tower(pipeline / component, tower)
     if kind == "diffusers":
         reach = diffusers_reach(pipeline, component)
-        hf_config = CLIPTextConfig.from_dict(config)
+        hf_config = transformers.CLIPTextConfig.from_dict(config)
     else:
         reach = llava_reach(pipeline / component)
-        hf_config = CLIPVisionConfig.from_dict(config.get("vision_config", config))
+        hf_config = transformers.CLIPVisionConfig.from_dict(config.get("vision_config", config))
     check_config_fits(loaded.model, hf_config, tower)
     names = set(load_into_open_clip(loaded.model, tensors, tower))
     own = [n for n, _ in loaded.model.named_parameters() if n != "logit_scale" and (n.startswith("visual.") == (tower == VISION))]
@@ -97,9 +97,7 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
         log.info("The pipeline holds no %s; they keep the weights of %s (%s).", shown, model_name, pretrained)
     tokenizer_dir = pipeline / "tokenizer"
     if kind == "diffusers" and tokenizer_dir.is_dir():
-        from transformers import CLIPTokenizer
-
-        loaded.tokenizer = HFTokenizer(CLIPTokenizer.from_pretrained(str(tokenizer_dir)), loaded.model.context_length)
+        loaded.tokenizer = HFTokenizer(transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)), loaded.model.context_length)
     return loaded, reach
 
 
