@@ -81,7 +81,7 @@ def read_tower(directory: Path, tower: str) -> tuple[Layout, dict[str, Tensor], 
     layout, keys = find_tower(directory, tower)
     wanted = set(layout.canonical(dict.fromkeys(k for names in keys.values() for k in names)))
     tensors = {}
-    for path in _preferred_first(keys):
+    for path in preferred_first(keys):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 if key in wanted and key not in tensors:
@@ -91,7 +91,7 @@ def read_tower(directory: Path, tower: str) -> tuple[Layout, dict[str, Tensor], 
     return layout, tensors, config
 
 
-def _preferred_first(keys: Mapping[Path, list[str]]) -> list[Path]:
+def preferred_first(keys: Mapping[Path, list[str]]) -> list[Path]:
     # Full-precision files first: when variants hold the same tensor, read the most precise one.
     return sorted(keys, key=lambda p: (any(v in p.name for v in (".fp16.", ".bf16.", ".half.")), p.name))
 

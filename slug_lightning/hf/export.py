@@ -25,7 +25,7 @@ from torch import Tensor
 
 from slug_lightning.errors import UserError
 from slug_lightning.hf.checkpoints import (LINK_MODES, PICKLED_WEIGHTS, equal_under_dtype, find_tower,
-                                           write_edited_tree)
+                                           preferred_first, write_edited_tree)
 from slug_lightning.hf.mapping import TEXT, VISION, Layout, Reach, to_hf, tower_of
 
 EDIT_FILE, SUMMARY_FILE = "slug_edit.safetensors", "slug_edit.json"
@@ -191,30 +191,35 @@ def deliver(run_dir: str | Path, source: str | Path, output: str | Path, tower: 
     if missing:
         raise UserError(f"{str(component_dir)!r} holds no tensor for {', '.join(missing)}.")
 
+    # The new value of each tensor is computed once, from the most precise file that holds it (variants
+    # such as model.fp16.safetensors then get the fp32 result rounded once), and cast to each file's dtype.
     edits: dict[Path, dict[str, Tensor]] = {}
     new_values: dict[str, Tensor] = {}
     worst_base, worst_result = 0.0, 0.0
-    for path, names in keys.items():
+    for path in preferred_first(keys):
         with safe_open(str(path), framework="pt") as handle:
             for name, change in changes.items():
                 key = layout.key(name)
-                if key not in names:
+                if key not in keys[path]:
                     continue
                 stored = handle.get_tensor(key)
                 if tuple(stored.shape) != tuple(change.shape):
                     raise UserError(f"{key!r} has shape {tuple(stored.shape)} in {str(path)!r} but "
                                     f"{tuple(change.shape)} in the run: not the same architecture.")
-                if edit.deltas is not None:
-                    value = stored.double() + change.double()
-                    if expected is not None:
-                        worst_base = max(worst_base, equal_under_dtype(stored, expected[name].double() - change))
-                        worst_result = max(worst_result, equal_under_dtype(value.to(stored.dtype), expected[name]))
-                elif equal_under_dtype(stored, change) == 0.0:
-                    continue  # the unlearned model holds this tensor as the pipeline does
-                else:
-                    value = change
-                edits.setdefault(path, {})[key] = value.to(stored.dtype)
-                new_values.setdefault(name, value.float())
+                if name not in new_values:
+                    if edit.deltas is not None:
+                        new_values[name] = stored.double() + change.double()
+                        if expected is not None:
+                            worst_base = max(worst_base, equal_under_dtype(stored, expected[name].double() - change))
+                    elif equal_under_dtype(stored, change) > 0.0:
+                        new_values[name] = change.double()
+                    else:
+                        continue  # the unlearned model holds this tensor as the pipeline does
+                value = new_values[name].to(stored.dtype)
+                if expected is not None:
+                    worst_result = max(worst_result, equal_under_dtype(value, expected[name]))
+                edits.setdefault(path, {})[key] = value
+    new_values = {name: value.float() for name, value in new_values.items()}
     if check_base and expected is not None and edit.deltas is not None:
         worst_base = max(worst_base, _unchanged_difference(keys, layout, expected, changes))
         if worst_base > BASE_TOLERANCE:
