@@ -72,7 +72,8 @@ def tiny_sd_pipeline(clip: torch.nn.Module, directory: Path, text_layers: int | 
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)), unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
     pipeline.save_pretrained(str(directory))
     return Path(directory)
 

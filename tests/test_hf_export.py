@@ -62,7 +62,8 @@ def _expected(run: Path, tower: str, keys) -> dict[str, torch.Tensor]:
 def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    run = fake_run(clip, {"transformer.resblocks.0.attn.in_proj_weight": 0.1, "ln_final.weight": 0.05}, tmp_path / "run")
+    layers = {"transformer.resblocks.0.attn.in_proj_weight": 0.1, "ln_final.weight": 0.05}
+    run = fake_run(clip, layers, tmp_path / "run")
     before = _digest(sd2_like)
     output = tmp_path / "edited"
     assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", output) == 0

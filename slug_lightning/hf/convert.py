@@ -185,8 +185,10 @@ def check_config_fits(model: nn.Module, hf_config, tower: str) -> None:
     """
     own = (text_config if tower == TEXT else vision_config)(model)
     fields = ["hidden_size", "intermediate_size", "num_attention_heads", "hidden_act", "layer_norm_eps"]
-    fields += ["vocab_size", "max_position_embeddings"] if tower == TEXT else ["image_size", "patch_size",
-                                                                             "num_channels"]
+    if tower == TEXT:
+        fields += ["vocab_size", "max_position_embeddings"]
+    else:
+        fields += ["image_size", "patch_size", "num_channels"]
     problems = [f"{f}: pipeline {getattr(hf_config, f)!r} vs OpenCLIP {getattr(own, f)!r}"
                 for f in fields if getattr(hf_config, f) != getattr(own, f)]
     if hf_config.num_hidden_layers > own.num_hidden_layers:

@@ -14,7 +14,6 @@ The counting is pure (:func:`target_rate`, :func:`identity_answers`); the pipeli
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def generate_images(pipeline, prompts: Sequence[str], seed: int = 0, images_per_
 @torch.no_grad()
 def classify_images(images: Sequence, scorer, class_names: Sequence[str], templates: Sequence[str],
                     device: str = "cpu") -> list[int]:
-    """Zero-shot class index of each PIL image under the CLIP ``scorer`` (a :class:`~slug_lightning.models.LoadedCLIP`)."""
+    """Zero-shot class index of each PIL image under the CLIP ``scorer`` (a ``LoadedCLIP``)."""
     from slug_lightning.zero_shot import image_features, zero_shot_classifier
 
     model = scorer.model.to(device).eval()
@@ -262,7 +261,8 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     for side, path in (("before", args.model), ("after", args.edited)):
         if path is None:
             continue
-        model = transformers.LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=_dtype(args.dtype)).to(args.device)
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=_dtype(args.dtype))
+        model = model.to(args.device)
         processor = transformers.AutoProcessor.from_pretrained(path)
         result[side] = identity_answers(llava_answerer(model.eval(), processor, args.question, args.max_new_tokens),
                                         images, target)

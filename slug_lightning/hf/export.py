@@ -319,8 +319,9 @@ def _report(summary: dict, output: str) -> None:
           f"({'linked' if summary.get('link') != 'copy' else 'copied'})"
           + (f"; left out pickled weights {', '.join(summary['dropped'])}" if summary["dropped"] else ""))
     if summary["base_relative_difference"] is not None:
-        print(f"checked against the run's model.safetensors: base differs by {summary['base_relative_difference']:.2g}, "
-              f"result by {summary['result_relative_difference']:.2g} (relative, at the stored precision)")
+        print(f"checked against the run's model.safetensors: base differs by "
+              f"{summary['base_relative_difference']:.2g}, result by {summary['result_relative_difference']:.2g} "
+              "(relative, at the stored precision)")
 
 
 def export_diffusers_main(argv: list[str] | None = None, prog: str = "export-diffusers") -> int:

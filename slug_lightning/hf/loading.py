@@ -90,14 +90,16 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
         hf_config = transformers.CLIPVisionConfig.from_dict(config.get("vision_config", config))
     check_config_fits(loaded.model, hf_config, tower)
     names = set(load_into_open_clip(loaded.model, tensors, tower))
-    own = [n for n, _ in loaded.model.named_parameters() if n != "logit_scale" and (n.startswith("visual.") == (tower == VISION))]
+    own = [n for n, _ in loaded.model.named_parameters()
+           if n != "logit_scale" and n.startswith("visual.") == (tower == VISION)]
     kept = [n for n in own if n not in names]
     if kept:
         shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
         log.info("The pipeline holds no %s; they keep the weights of %s (%s).", shown, model_name, pretrained)
     tokenizer_dir = pipeline / "tokenizer"
     if kind == "diffusers" and tokenizer_dir.is_dir():
-        loaded.tokenizer = HFTokenizer(transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)), loaded.model.context_length)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        loaded.tokenizer = HFTokenizer(tokenizer, loaded.model.context_length)
     return loaded, reach
 
 

@@ -21,8 +21,8 @@ Everything here is a pure function over names and tensors (no ``transformers`` i
 
 Example::
 
-    >>> [name for name, _ in hf_names("visual.transformer.resblocks.3.attn.in_proj_weight")]
-    ['vision_model.encoder.layers.3.self_attn.q_proj.weight', 'vision_model.encoder.layers.3.self_attn.k_proj.weight', 'vision_model.encoder.layers.3.self_attn.v_proj.weight']
+    >>> hf_names("visual.transformer.resblocks.3.attn.in_proj_weight")[1]
+    ('vision_model.encoder.layers.3.self_attn.k_proj.weight', 'k')
     >>> hf_names("text_projection")
     [('text_projection.weight', 'T')]
 """
@@ -294,7 +294,8 @@ class Layout:
         """
         keys = list(keys)
         marker = _MARKER[tower]
-        prefixes = [k[:-len(marker)] for k in keys if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")]
+        prefixes = [k[:-len(marker)] for k in keys
+                    if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")]
         if len(prefixes) != 1:
             what = "no" if not prefixes else f"{len(prefixes)} ({', '.join(map(repr, prefixes))})"
             raise UserError(f"Found {what} CLIP {tower} tower in these weights (looked for a tensor named "
