@@ -253,3 +253,12 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", absent)
     with pytest.raises(UserError, match=r'pip install "slug-lightning\[diffusion\]"'):
         require("diffusers", "diffusion")
+
+
+def test_docstring_examples():
+    import doctest
+
+    from slug_lightning.hf import evaluate, mapping
+
+    for module in (mapping, evaluate):
+        assert doctest.testmod(module).failed == 0, module.__name__
