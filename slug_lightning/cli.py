@@ -28,6 +28,8 @@ Trainer subcommands (configure with --config FILE.yaml, several allowed, and dot
 Other commands:
   demo       make the demo world, fit the tiny CLIP, unlearn one person, print the result
   make-world write the demo world (LAION-style shards + labelled sets)
+  export-diffusers / export-llava   put a run's edit into a diffusers text encoder / a LLaVA vision tower
+  eval-diffusion / eval-vlm         measure forgetting in a diffusion pipeline / a LLaVA-style VLM
 
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
@@ -37,6 +39,10 @@ Set SLUG_DEBUG=1 to see a traceback for input errors.
 PLAIN_COMMANDS = {
     "demo": "slug_lightning.demo:main",
     "make-world": "slug_lightning.datamodules.demo_world:main",
+    "export-diffusers": "slug_lightning.hf.export:export_diffusers_main",
+    "export-llava": "slug_lightning.hf.export:export_llava_main",
+    "eval-diffusion": "slug_lightning.hf.evaluate:diffusion_main",
+    "eval-vlm": "slug_lightning.hf.evaluate:vlm_main",
 }
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.

@@ -1,0 +1,47 @@
+"""Carrying SLUG edits into Hugging Face pipelines: Stable Diffusion text encoders, LLaVA vision towers.
+
+- :mod:`~slug_lightning.hf.mapping`: exact name/tensor mappings between OpenCLIP and the Hugging Face CLIP
+  layout (pure, needs neither ``transformers`` nor ``diffusers``), and which layers a pipeline uses.
+- :mod:`~slug_lightning.hf.convert`: HF CLIP models built from OpenCLIP ones and back (needs
+  ``transformers``).
+- :mod:`~slug_lightning.hf.checkpoints`: reading and writing HF weight directories (safetensors, shards).
+- :mod:`~slug_lightning.hf.export`: the ``export-diffusers`` and ``export-llava`` commands.
+- :mod:`~slug_lightning.hf.loading`: unlearn a pipeline's own CLIP (``PipelineGradientCollector``).
+- :mod:`~slug_lightning.hf.evaluate`: forgetting measured in the pipelines (``eval-diffusion``, ``eval-vlm``).
+
+Nothing here is imported by ``import slug_lightning``; ``transformers`` and ``diffusers`` are optional
+extras (``pip install "slug-lightning[diffusion]"`` / ``"[vlm]"``) imported only when used.
+"""
+
+from slug_lightning.errors import UserError
+
+
+def require(package: str, extra: str):
+    """Import an optional dependency, or explain which extra installs it.
+
+    Raises:
+        UserError: if ``package`` is not installed.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise UserError(
+            f"This needs the optional package {package!r} ({error}). Install it with "
+            f"pip install \"slug-lightning[{extra}]\"."
+        ) from None
+
+
+def __getattr__(name: str):
+    # `class_path: slug_lightning.hf.PipelineGradientCollector` in configs, without importing every submodule
+    # (or transformers) when only the mappings are wanted.
+    if name == "PipelineGradientCollector":
+        from slug_lightning.hf.loading import PipelineGradientCollector
+
+        return PipelineGradientCollector
+    if name == "apply_edit":
+        from slug_lightning.hf.export import apply_edit
+
+        return apply_edit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
