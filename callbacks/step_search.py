@@ -58,6 +58,8 @@ class StepSearch(Callback):
             probe a full evaluation; the results are the same up to float rounding.
         cache_dtype: Dtype of the probe caches: ``"float32"``, or ``"bfloat16"`` to halve their memory.
         cache_on_cpu: Keep the probe caches in CPU memory instead of on the accelerator.
+        similarity_classes: How many look-alike classes (those whose names the model embeds closest to the
+            forget concepts) join the concepts in the before/after image–text similarity matrix; 0 skips it.
 
     Example::
 
@@ -83,6 +85,7 @@ class StepSearch(Callback):
         reuse: bool = True,
         cache_dtype: Literal["float32", "bfloat16"] = "float32",
         cache_on_cpu: bool = False,
+        similarity_classes: int = 5,
     ) -> None:
         if not sets:
             raise ValueError("StepSearch needs at least one evaluation set.")
@@ -108,6 +111,12 @@ class StepSearch(Callback):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.apply = apply
         self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
+        if similarity_classes < 0:
+            raise ValueError(f"similarity_classes must be >= 0, got {similarity_classes}.")
+        self.similarity_classes = similarity_classes
+        self.forget_set_of: dict[str, str] = {}
+        self.similarity: dict[str, tuple] = {}
+        self.set_sizes: dict[str, dict[str, int]] = {}
         self.layers: dict[str, list[LayerStats]] = {}
         self.probes: list[Probe] = []
         self.chosen: dict[str, Probe] = {}
@@ -161,10 +170,20 @@ class StepSearch(Callback):
                                       cache_dtype=CACHE_DTYPES[self.cache_dtype])
         forget_sets = self.forget_sets(store.concepts, evaluator)
         class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
+        self.set_sizes = {name: {"classes": len(dataset.class_names), "images": len(dataset)}
+                          for name, dataset in evaluator.datasets.items()}
         parameters = dict(model.named_parameters())
         base = {name: parameters[name].detach().clone() for name in store.layers}
         stages = tower_stages(model)
         self.before = summarize(evaluator.run(), class_names, forget_sets)
+        self.forget_set_of = forget_sets
+        # Rows and columns of the similarity matrices: per set, its forget concepts and their look-alikes.
+        panels = {}
+        for set_name in dict.fromkeys(forget_sets.values()) if self.similarity_classes else ():
+            concepts = [c for c, s in forget_sets.items() if s == set_name]
+            panels[set_name] = (concepts + evaluator.nearest_classes(set_name, concepts, self.similarity_classes),
+                                concepts)
+        before = {set_name: evaluator.similarity(set_name, names) for set_name, (names, _) in panels.items()}
         rank_zero = trainer is None or trainer.is_global_zero
         for concept in store.concepts:
             stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
@@ -201,6 +220,8 @@ class StepSearch(Callback):
                            f"forget {self.metric} {chosen.forget_accuracy(self.metric):.3f}, "
                            f"utility {chosen.utility:.3f}")
         self.after = summarize(counts, class_names, forget_sets)
+        self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))
+                           for set_name, (names, concepts) in panels.items()}
         if not self.apply:
             for name, weight in base.items():
                 parameters[name].copy_(weight)

@@ -79,7 +79,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str |
     _run(main, ["unlearn", "--config", config_path(UNLEARN_CONFIG), "--config", str(paths_file)])
 
     report = json.loads((output / "report.json").read_text())
-    print(summary(report, output, time.perf_counter() - started))
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; read {output / 'report.md'}")
     return report
 
 
@@ -90,26 +90,6 @@ def _run(main, args: list[str]) -> None:
         code = main(args)
     if code:
         raise SystemExit(code)
-
-
-def summary(report: dict, output: Path, seconds: float) -> str:
-    """The closing lines of the demo: what was forgotten, what was kept, where the files are."""
-    lines = ["", "=" * 72, "SLUG demo result"]
-    for concept in report["concepts"]:
-        lines.append(f"  forgot {concept['name']!r} by editing {concept['layer']} ({concept['tower']}) "
-                     f"with λ={concept['step_size']:.4g} ({100 * concept['relative_change']:.2f}% of its norm)")
-    lines.append(f"  {'':<30}{'top-1 before':>14}{'top-1 after':>14}")
-    for side in ("forget", "test"):
-        for name, before in report["before"][side].items():
-            after = report["after"][side][name]
-            label = f"{side}: {name}"
-            lines.append(f"  {label:<30}{100 * before['top1']:>13.1f}%{100 * after['top1']:>13.1f}%")
-    timing = report["timing"]
-    lines.append(f"  gradients {timing['gradients_s']:.1f} s, search {timing['search_s']:.1f} s "
-                 f"({timing['probes']} probes); demo total {seconds:.0f} s")
-    lines.append(f"  artifacts: {output} (report.md, report.json, model.safetensors, delta.safetensors, plots)")
-    lines.append("=" * 72)
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning demo") -> int:

@@ -122,7 +122,7 @@ class ZeroShotEvaluator:
             self.model.eval()
         if edited is None or not self.reuse:
             outputs = {name: (self._classifier(name), *self._image_features(name)) for name in self.datasets}
-            if edited is None and self.reuse:
+            if edited is None:
                 self._caches.clear()
                 self._classifiers = {name: out[0] for name, out in outputs.items()}
                 self._features = {name: out[1:] for name, out in outputs.items()}
@@ -141,6 +141,39 @@ class ZeroShotEvaluator:
         if was_training:
             self.model.train()
         return counts
+
+    # The image–text similarity matrix of the paper's Fig. 3, 7, 8, from the reference outputs.
+
+    def nearest_classes(self, set_name: str, concepts: Sequence[str], count: int = 5) -> list[str]:
+        """The ``count`` classes with images whose reference text embeddings are closest to any of
+        ``concepts``: the look-alikes an edit is most likely to hurt."""
+        dataset = self.datasets[set_name]
+        classifier = self._classifiers[set_name]
+        targets = [dataset.class_index(c) for c in concepts]
+        closeness = (classifier.T @ classifier[:, targets]).max(dim=1).values
+        with_images = set(dataset.targets)
+        ranked = [i for i in closeness.argsort(descending=True).tolist() if i not in targets and i in with_images]
+        return [dataset.class_names[i] for i in ranked[:count]]
+
+    def similarity(self, set_name: str, names: Sequence[str]) -> Tensor:
+        """``[n, n]`` cosines of the reference outputs: row i is name i's text embedding (its classifier
+        column), column j the normalised mean embedding of the images of class j (over all ranks)."""
+        dataset = self.datasets[set_name]
+        labels = torch.tensor([dataset.class_index(n) for n in names], device=self.device)
+        classifier = self._classifiers[set_name]
+        features, targets = self._features[set_name]
+        members = (targets[None, :] == labels[:, None]).float()  # [n, images on this rank]
+        sums = members @ features if features.shape[0] else torch.zeros(len(names), classifier.shape[0],
+                                                                          device=self.device)
+        counts = members.sum(dim=1)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        if (counts == 0).any():
+            missing = [n for n, c in zip(names, counts.tolist()) if c == 0]
+            raise ValueError(f"No images of {missing} in evaluation set {set_name!r}.")
+        images = F.normalize(sums / counts[:, None], dim=-1)
+        return (classifier[:, labels].T @ images.T).cpu()
 
     # The reference path: the model's own encoders.
 

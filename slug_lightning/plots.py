@@ -1,4 +1,5 @@
-"""Figures of an unlearning run (the paper's Fig. 2): Pareto scatter per tower, accuracy against λ."""
+"""Figures of an unlearning run: Pareto scatter per tower and accuracy against λ (the paper's Fig. 2), and the
+image–text similarity matrix before and after (Fig. 3, 7, 8)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from slug_lightning.artifacts import atomic_path  # noqa: E402
 from slug_lightning.layers import short_name  # noqa: E402
@@ -50,28 +52,105 @@ def pareto_plot(path: Path, concept: str, tower: str, stats, chosen_layer: str |
     _save(figure, path)
 
 
-def search_plot(path: Path, concept: str, layer: str, probes, chosen) -> None:
-    """Forget top-1/top-5 and each test set's top-1 against the step size, for one searched layer."""
-    probes = sorted(probes, key=lambda p: p.step_size)
-    steps = [p.step_size for p in probes]
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    axis.plot(steps, [p.forget_top1 for p in probes], "o-", color="tab:red", label=f"forget top-1 ({concept})")
-    axis.plot(steps, [p.forget_top5 for p in probes], "s--", color="tab:red", alpha=0.5, label="forget top-5")
-    for name in probes[0].test_top1:
-        axis.plot(steps, [p.test_top1[name] for p in probes], "o-", label=f"test top-1 ({name})")
-    if chosen is not None and chosen.layer == layer:
-        axis.axvline(chosen.step_size, color="black", linestyle=":", label=f"chosen λ={chosen.step_size:.3g}")
-    axis.set_xscale("log")
-    axis.set_ylim(-0.03, 1.03)
-    axis.set_xlabel("step size λ")
-    axis.set_ylabel("zero-shot accuracy")
-    axis.set_title(f"{short_name(layer)}: moving along G_f for {concept!r}")
-    axis.legend(fontsize=7, loc="best")
+def _plain_log_ticks(axis) -> None:
+    # Log axes label ticks as 2×10^1 by default; step sizes read better as plain numbers (minor ticks:
+    # only the 2s and 5s, or the labels collide).
+    def some(value, _):
+        text = f"{value:g}"
+        return text if text.lstrip("0.")[:1] in ("2", "5") else ""
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(FuncFormatter(some))
+
+
+def search_plot(path: Path, concept: str, probes, chosen, metric: str = "top1") -> None:
+    """One panel per searched layer: forget top-1/top-5 and each test set's top-1 against λ (Fig. 2c/d).
+
+    The chosen probe is circled; its layer's title is red.
+    """
+    layers = list(dict.fromkeys(p.layer for p in probes))
+    columns = min(3, len(layers))
+    rows = math.ceil(len(layers) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows + 1.0), squeeze=False,
+                                sharey=True, layout="constrained")
+    test_sets = list(probes[0].test_top1)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = [c for c in colours if c not in ("#d62728",)]  # red is the forget curves' colour
+    for axis, layer in zip(axes.flat, layers):
+        points = sorted((p for p in probes if p.layer == layer), key=lambda p: p.step_size)
+        steps = [p.step_size for p in points]
+        axis.plot(steps, [p.forget_top1 for p in points], "o-", color="tab:red", label="forget top-1")
+        axis.plot(steps, [p.forget_top5 for p in points], "s--", color="tab:red", alpha=0.45, label="forget top-5")
+        for colour, name in zip(colours, test_sets):
+            axis.plot(steps, [p.test_top1.get(name, math.nan) for p in points], "o-", color=colour, markersize=4,
+                      label=f"test top-1: {name}")
+        is_chosen = chosen is not None and chosen.layer == layer
+        if is_chosen:
+            axis.scatter([chosen.step_size], [chosen.forget_accuracy(metric)], s=180, facecolors="none",
+                         edgecolors="black", linewidths=1.8, zorder=5, label=f"chosen λ = {chosen.step_size:.3g}")
+        axis.set_xscale("log")
+        _plain_log_ticks(axis)
+        axis.set_ylim(-0.04, 1.04)
+        axis.grid(alpha=0.3)
+        axis.set_xlabel("step size λ")
+        axis.set_title(short_name(layer) + ("  (chosen)" if is_chosen else ""), color="tab:red" if is_chosen
+                       else "black", fontsize=11)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("zero-shot accuracy")
+    for axis in list(axes.flat)[len(layers):]:
+        axis.set_visible(False)
+    handles = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.suptitle(f"Step-size search for forgetting {concept!r}: every probe of every Pareto layer")
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 5 if columns > 1 else 2),
+                  fontsize=9, frameon=False)
     _save(figure, path)
 
 
-def unlearn_plots(output: Path, search) -> list[str]:
-    """Write every plot of a run into ``output``; returns their file names."""
+def similarity_plot(path: Path, set_name: str, names: list[str], panels: list[tuple[str, object]],
+                    highlight: list[str] = ()) -> None:
+    """Image–text cosine similarity matrices side by side (Fig. 3, 7, 8): rows are names (text), columns
+    the mean image embedding of each class; ``highlight`` names (the forgotten ones) in red.
+
+    Args:
+        path: The PNG to write.
+        set_name: The evaluation set the classes come from.
+        names: Row and column classes, in order.
+        panels: ``(title, matrix)`` pairs, e.g. ``[("before unlearning", m0), ("after unlearning", m1)]``.
+        highlight: Names to mark.
+    """
+    size = 0.62 * len(names) + 2.2
+    figure, axes = plt.subplots(1, len(panels), figsize=(len(panels) * size + 1.2, size), squeeze=False,
+                                layout="constrained")
+    low = min(float(matrix.min()) for _, matrix in panels)
+    high = max(float(matrix.max()) for _, matrix in panels)
+    for axis, (title, matrix) in zip(axes[0], panels):
+        image = axis.imshow(matrix.numpy(), cmap="viridis", vmin=low, vmax=high)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                value = float(matrix[i, j])
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if value < (low + high) / 2 else "black")
+        axis.set_xticks(range(len(names)), [f"images of {n}" for n in names], rotation=40, ha="right",
+                        fontsize=8)
+        axis.set_yticks(range(len(names)), names, fontsize=8)
+        for label in [*axis.get_xticklabels(), *axis.get_yticklabels()]:
+            if any(label.get_text() in (h, f"images of {h}") for h in highlight):
+                label.set_color("tab:red")
+                label.set_fontweight("bold")
+        axis.set_title(title, fontsize=11)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="cosine(text of row, mean image of column)")
+    forgotten = f"; forgotten: {', '.join(highlight)}" if highlight else ""
+    figure.suptitle(f"Image–text similarity on {set_name!r}{forgotten}", fontsize=12)
+    _save(figure, path)
+
+
+def unlearn_plots(output: Path, search, similarities: dict | None = None) -> list[str]:
+    """Write every plot of a run into ``output``; returns their file names.
+
+    Args:
+        output: The run's directory.
+        search: The finished :class:`~slug_lightning.callbacks.StepSearch`.
+        similarities: Per evaluation set, ``(names, concepts, before, after)`` for :func:`similarity_plot`.
+    """
     names = []
     for concept, stats in search.layers.items():
         chosen = search.chosen.get(concept)
@@ -80,11 +159,14 @@ def unlearn_plots(output: Path, search) -> list[str]:
             pareto_plot(output / name, concept, tower, [s for s in stats if s.tower == tower],
                         chosen.layer if chosen else None)
             names.append(name)
-        for layer in dict.fromkeys(p.layer for p in search.probes if p.concept == concept):
-            probes = [p for p in search.probes if p.concept == concept and p.layer == layer]
-            if not all(math.isfinite(p.step_size) for p in probes):
-                continue
-            name = f"search_{_slug(concept)}_{_slug(short_name(layer))}.png"
-            search_plot(output / name, concept, layer, probes, chosen)
+        probes = [p for p in search.probes if p.concept == concept and math.isfinite(p.step_size)]
+        if probes:
+            name = f"search_{_slug(concept)}.png"
+            search_plot(output / name, concept, probes, chosen, search.metric)
             names.append(name)
+    for set_name, (rows, concepts, before, after) in (similarities or {}).items():
+        name = f"similarity_{_slug(set_name)}.png"
+        similarity_plot(output / name, set_name, rows, [("before unlearning", before), ("after unlearning", after)],
+                        highlight=concepts)
+        names.append(name)
     return names

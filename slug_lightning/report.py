@@ -71,14 +71,32 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
     }
 
 
+def describe_data(datamodule, search) -> dict:
+    """What the run read: shards, concepts, and each evaluation set's size (for report.md and the record)."""
+    data = {}
+    if datamodule is not None and hasattr(datamodule, "shards"):
+        data = {"shards": datamodule.shards, "forget_shards": datamodule.forget_shards,
+                "batch_size": datamodule.batch_size,
+                "concepts": [{"name": c.name, "aliases": list(c.aliases)} for c in datamodule.concepts]}
+    data["evaluation_sets"] = [
+        {"name": spec.name, "source": spec.root if spec.root is not None else f"hf:{spec.hf_dataset}",
+         "fraction": spec.fraction, "templates": len(spec.templates), **search.set_sizes.get(spec.name, {})}
+        for spec in search.sets
+    ]
+    return data
+
+
 def write_unlearn_artifacts(output: Path, collector, search, total_seconds: float, devices: int,
-                            reused_gradients: bool) -> dict:
+                            reused_gradients: bool, datamodule=None) -> dict:
     """Write every artifact of a run into ``output`` (rank 0 only) and return the report."""
     from slug_lightning import plots
 
     output.mkdir(parents=True, exist_ok=True)
     store = collector.gradients
     report = build_report(collector, search, total_seconds, devices)
+    report["data"] = describe_data(datamodule, search)
+    if (output / "config.yaml").is_file():  # written by the command line before the run
+        report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     if not reused_gradients or not (output / "gradients.safetensors").exists():
         store.save(output / "gradients.safetensors")
     layer_rows = [{"concept": concept, **asdict(stats)} for concept, rows in search.layers.items() for stats in rows]
@@ -97,7 +115,7 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
     save_state_dict(output / "model.safetensors", collector.model.state_dict(), metadata={
         "format": "pt", "model": json.dumps(store.model), "unlearned": json.dumps(list(search.chosen)),
     })
-    report["plots"] = plots.unlearn_plots(output, search)
+    report["plots"] = plots.unlearn_plots(output, search, search.similarity)
     write_json(output / "report.json", report)
     write_text(output / "report.md", render_markdown(report))
     return report
@@ -155,8 +173,8 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# SLUG unlearning report", "",
         f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
-        f"Devices: {report['devices']}. Retain pairs: {report['retain_samples']}; skipped samples: "
-        f"{report['skipped_samples']}.", "",
+        f"Devices: {report['devices']}.", "",
+        *_data_lines(report),
         "## Chosen edits", "",
         "| concept | layer | tower | step size λ | relative change | forget pairs |", "|---|---|---|---|---|---|",
     ]
@@ -164,15 +182,74 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {c['name']} | `{c['layer']}` | {c['tower']} | {c['step_size']:.4g} | "
                      f"{c['relative_change']:.4f} | {c['forget_samples']} |")
     lines += ["", "## Accuracy before and after (%)", "",
+              "Forget: the concept's images classified among all classes of its set. Test: every other image "
+              f"of each set. The search's forget test: {report['settings']['metric']} ≤ "
+              f"{report['settings']['threshold']}.", "",
               "| kind | set / concept | top-1 before | top-1 after | top-5 before | top-5 after |",
               "|---|---|---|---|---|---|", *summary_lines(report), ""]
     timing = report["timing"]
     lines += ["## Cost", "",
-              f"Gradients {timing['gradients_s']:.1f} s, search {timing['search_s']:.1f} s "
-              f"({timing['probes']} probes), total {timing['total_s']:.1f} s. "
+              f"Gradients {timing['gradients_s']:.1f} s{' (reused)' if timing.get('reused_gradients') else ''}, "
+              f"search {timing['search_s']:.1f} s ({timing['probes']} probes), total {timing['total_s']:.1f} s. "
               f"Peak memory (MiB): {memory_summary(report['memory'])}.", ""]
-    if report.get("plots"):
-        lines += ["## Plots", ""]
-        lines += [f"![{Path(p).stem}]({p})" for p in report["plots"]]
-        lines.append("")
+    plots = report.get("plots", [])
+    for title, prefix, note in _PLOT_SECTIONS:
+        chosen = [p for p in plots if Path(p).name.startswith(prefix)]
+        if chosen:
+            lines += [f"## {title}", "", note, "", *[f"![{Path(p).stem}]({p})" for p in chosen], ""]
+    if report.get("command"):
+        lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
+    return "\n".join(lines)
+
+
+_PLOT_SECTIONS = (
+    ("Layers: importance against alignment", "pareto_",
+     "Every candidate layer of each tower; the Pareto front (most important for the forget set, least aligned "
+     "with the retain gradient) is labelled and searched, the chosen layer circled."),
+    ("Step-size search", "search_",
+     "Forget and test accuracy of every probe of every searched layer against the step size λ."),
+    ("Image–text similarity", "similarity_",
+     "Cosine of each name's text embedding (rows) with the mean embedding of each class's images (columns), "
+     "before and after: the forgotten concept's row and column should fade, the others' diagonal stay."),
+)
+
+
+def _data_lines(report: dict) -> list[str]:
+    data = report.get("data") or {}
+    lines = ["## Data", ""]
+    if "shards" in data:
+        concepts = "; ".join(c["name"] + (f" (aliases: {', '.join(c['aliases'])})" if c["aliases"] else "")
+                             for c in data["concepts"])
+        forget_pairs = ", ".join(f"{c['name']} {c['forget_samples']}" for c in report["concepts"])
+        lines += [f"- Concepts: {concepts}",
+                  f"- Retain shards: `{data['shards']}`; forget shards: `{data['forget_shards']}`; global batch "
+                  f"{data['batch_size']}",
+                  f"- Pairs: {forget_pairs} (forget), {report['retain_samples']} (retain); skipped samples: "
+                  f"{report['skipped_samples']}"]
+    for spec in data.get("evaluation_sets", []):
+        size = f"{spec['classes']} classes, {spec['images']} images" if "images" in spec else "size unknown"
+        subset = f" ({spec['fraction']:.0%} subset)" if spec["fraction"] < 1 else ""
+        lines.append(f"- Evaluation set `{spec['name']}`: `{spec['source']}`, {size}{subset}, "
+                     f"{spec['templates']} template(s)")
+    return lines + [""] if len(lines) > 2 else []
+
+
+def terminal_summary(report: dict, output: Path) -> str:
+    """The compact table printed at the end of a run: the edits, before/after per set, the artifacts."""
+    rule = "=" * 76
+    lines = ["", rule, "SLUG result"]
+    for concept in report["concepts"]:
+        lines.append(f"  forgot {concept['name']!r}: {concept['layer']} ({concept['tower']}), "
+                     f"λ={concept['step_size']:.4g} ({100 * concept['relative_change']:.2f}% of its norm)")
+    lines.append(f"  {'':<34}{'top-1 before':>14}{'top-1 after':>14}")
+    for side in ("forget", "test"):
+        for name, before in report["before"][side].items():
+            after = report["after"][side][name]
+            label = f"{side}: {name}"
+            lines.append(f"  {label:<34}{_pct(before['top1']):>13}%{_pct(after['top1']):>13}%")
+    timing = report["timing"]
+    lines.append(f"  gradients {timing['gradients_s']:.1f} s, search {timing['search_s']:.1f} s "
+                 f"({timing['probes']} probes), total {timing['total_s']:.1f} s")
+    lines.append(f"  artifacts: {output}/ (report.md, report.json, model.safetensors, delta.safetensors, plots)")
+    lines.append(rule)
     return "\n".join(lines)

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import UserError
-from slug_lightning.evaluation import ZeroShotModule
+from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
 from slug_lightning.gradients import GradientCollector, GradientStore
-from slug_lightning.report import write_unlearn_artifacts, format_accuracy_table
+from slug_lightning.report import format_accuracy_table, terminal_summary, write_unlearn_artifacts
 from slug_lightning.artifacts import write_json
 
 
@@ -76,10 +76,14 @@ class SlugTrainer(L.Trainer):
         self.callbacks.remove(search)
         if not self.is_global_zero:
             return None
-        return write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
-                                       reused_gradients=store is not None)
+        report = write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
+                                         reused_gradients=store is not None, datamodule=datamodule)
+        print(terminal_summary(report, output))
+        return report
 
-    def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, output: str | None = None) -> dict:
+    def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, output: str | None = None,
+                 similarity: str | None = None, similarity_set: str | None = None,
+                 similarity_classes: list[str] | None = None) -> dict:
         """Zero-shot top-1/top-5 of a CLIP on labelled sets; prints a table and optionally writes JSON.
 
         Args:
@@ -87,6 +91,10 @@ class SlugTrainer(L.Trainer):
                 ``tokenizer`` attributes such as ``CLIPContrastive``).
             datamodule: A ZeroShotDataModule with the sets.
             output: Write the accuracies to this JSON file.
+            similarity: Also draw the image–text similarity matrix (names × mean class images) into this
+                PNG file.
+            similarity_set: The set whose classes the matrix shows (default: the first set).
+            similarity_classes: The classes to show (default: the first six classes with images).
 
         Returns:
             ``{set: {top1, top5, count}}``.
@@ -97,7 +105,36 @@ class SlugTrainer(L.Trainer):
             print(format_accuracy_table(module.results))
             if output:
                 write_json(output, module.results)
+        if similarity:
+            draw_similarity(module, datamodule, Path(similarity), similarity_set, similarity_classes,
+                            rank_zero=self.is_global_zero)
         return module.results
+
+
+def draw_similarity(module, datamodule, path: Path, set_name: str | None, classes: list[str] | None,
+                    rank_zero: bool = True, count: int = 6) -> None:
+    """The image–text similarity matrix of a model on one labelled set, as a PNG (every rank computes)."""
+    from slug_lightning.plots import similarity_plot
+
+    evaluator = ZeroShotEvaluator(module.model, module.tokenizer, datamodule, device=module.device)
+    if set_name is not None and set_name not in evaluator.datasets:
+        raise UserError(f"similarity_set {set_name!r} is not one of the sets {list(evaluator.datasets)}.")
+    set_name = set_name or next(iter(evaluator.datasets))
+    dataset = evaluator.datasets[set_name]
+    with_images = sorted(set(dataset.targets))
+    classes = list(classes) if classes else [dataset.class_names[i] for i in with_images[:count]]
+    try:
+        missing = [c for c in classes if dataset.class_index(c) not in with_images]
+    except KeyError as error:
+        raise UserError(f"similarity_classes: {error.args[0]}") from None
+    if missing:
+        raise UserError(f"similarity_classes {missing} have no images in set {set_name!r}.")
+    evaluator.run()
+    matrix = evaluator.similarity(set_name, classes)
+    if rank_zero:
+        model_name = getattr(module, "hparams", {}).get("model_name", type(module.model).__name__)
+        similarity_plot(path, set_name, classes, [(model_name, matrix)])
+        print(f"similarity matrix: {path}")
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:

@@ -58,13 +58,28 @@ def test_demo_forgets_the_person_and_keeps_the_rest(demo):
     before, after = report["before"]["test"], report["after"]["test"]
     assert before["identities"]["top1"] - after["identities"]["top1"] <= 0.05
     assert before["objects"]["top1"] - after["objects"]["top1"] <= 0.02
-    assert "SLUG demo result" in log
+    assert "SLUG result" in log and "top-1 before" in log
     for artifact in ("report.json", "report.md", "layers.csv", "search.csv", "gradients.safetensors",
                      "delta.safetensors", "model.safetensors", "config.yaml", *report["plots"]):
         assert (output / artifact).is_file(), artifact
     # the edit is one layer: the delta holds exactly one tensor, the chosen one
     delta = load_file(str(output / "delta.safetensors"))
     assert list(delta) == [f"{name}/{concept['layer']}"]
+
+
+def test_the_demo_report_shows_every_figure(demo):
+    """Fig. 2 (Pareto per tower, search), Fig. 3 (similarity before/after) for the demo's own run."""
+    from test_report import assert_readable_png, report_links
+
+    output, report, _ = demo
+    slug = report["concepts"][0]["name"].lower().replace(" ", "_")
+    assert set(report["plots"]) == {f"pareto_{slug}_vision.png", f"pareto_{slug}_language.png",
+                                    f"search_{slug}.png", "similarity_identities.png"}
+    for name in report["plots"]:
+        assert_readable_png(output / name)
+    links = report_links((output / "report.md").read_text())
+    assert sorted(links) == sorted(report["plots"])
+    assert all((output / link).is_file() for link in links)
 
 
 def test_unlearned_checkpoint_reproduces_reported_accuracy(demo):

@@ -1,0 +1,130 @@
+"""Reports a person can read: every plot renders with content, report.md links only what exists, the
+terminal summary and the similarity matrix of `evaluate`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slug_lightning.layers import LayerStats
+from slug_lightning.plots import unlearn_plots
+from slug_lightning.report import render_markdown, terminal_summary
+from slug_lightning.search import Probe
+
+
+def assert_readable_png(path: Path, min_width: int = 500, min_height: int = 350) -> None:
+    """The file decodes as a PNG of a sensible size and is not blank (real marks on a white page)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        image.load()
+        width, height = image.size
+        gray = np.asarray(image.convert("L"), dtype=np.float32)
+    assert width >= min_width and height >= min_height, (path.name, image.size)
+    inked = (gray < 200).mean()
+    assert 0.01 < inked < 0.9, (path.name, inked)  # some ink, not a solid block
+    assert gray.std() > 20, path.name
+
+
+def report_links(markdown: str) -> list[str]:
+    return re.findall(r"!?\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+class _Search:
+    """What the plots read of a finished StepSearch, for a two-tower, one-concept run."""
+
+    def __init__(self):
+        names = ["visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj",
+                 "transformer.resblocks.0.mlp.c_fc.weight", "ln_final.weight", "text_projection"]
+        generator = torch.Generator().manual_seed(0)
+        importance = torch.rand(len(names), generator=generator).tolist()
+        alignment = torch.rand(len(names), generator=generator).tolist()
+        self.layers = {"Ann Lee": [
+            LayerStats(n, "vision" if n.startswith("visual.") else "language", 10 ** (-3 * i), 10 ** (-2 * a),
+                       1.0, 1.0, pareto=k % 2 == 0)
+            for k, (n, i, a) in enumerate(zip(names, importance, alignment))]}
+        self.probes = []
+        for layer in ("visual.proj", "text_projection"):
+            for step, lam in enumerate([1.0, 2.0, 4.0, 3.0, 3.5]):
+                forget = max(0.0, 1 - lam / 3.2)
+                self.probes.append(Probe("Ann Lee", layer, step, lam, 0.1 * lam, forget, min(1.0, forget * 2),
+                                         {"people": 0.9 - 0.02 * lam, "things": 0.8}, {"people": 1.0, "things": 1.0}))
+        self.chosen = {"Ann Lee": self.probes[3]}
+        self.metric = "top1"
+        matrix = torch.rand(4, 4, generator=generator) * 0.5 + torch.eye(4) * 0.4
+        self.similarity = {"people": (["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"], ["Ann Lee"], matrix,
+                                      matrix * torch.tensor([0.2, 1, 1, 1])[:, None])}
+
+
+def test_every_plot_of_a_run_renders_with_content(tmp_path):
+    search = _Search()
+    names = unlearn_plots(tmp_path, search, search.similarity)
+    assert set(names) == {"pareto_ann_lee_vision.png", "pareto_ann_lee_language.png", "search_ann_lee.png",
+                          "similarity_people.png"}
+    for name in names:
+        assert_readable_png(tmp_path / name)
+
+
+def _report(plots: list[str]) -> dict:
+    accuracies = {"forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}},
+                  "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.7, "top5": 0.9}}}
+    after = {"forget": {"Ann Lee": {"top1": 0.0, "top5": 0.2}}, "test": accuracies["test"]}
+    return {
+        "model": {"name": "slug-tiny", "pretrained": "fit.safetensors", "parameters": 123},
+        "concepts": [{"name": "Ann Lee", "layer": "visual.proj", "tower": "vision", "step_size": 3.0,
+                      "relative_change": 0.3, "forget_samples": 12}],
+        "retain_samples": 100, "skipped_samples": 1, "before": accuracies, "after": after,
+        "settings": {"metric": "top1", "threshold": 0.0},
+        "timing": {"gradients_s": 2.0, "search_s": 1.0, "total_s": 3.5, "probes": 10, "reused_gradients": False},
+        "memory": {"gradients": {"peak_rss_mib": 900.0}, "search": {"peak_rss_mib": 950.0}, "peak_rss_mib": 990.0},
+        "devices": 1, "plots": plots,
+        "data": {"shards": "s/{0..3}.tar", "forget_shards": "s/{0..3}.tar", "batch_size": 8,
+                 "concepts": [{"name": "Ann Lee", "aliases": ["Ann"]}],
+                 "evaluation_sets": [{"name": "people", "source": "eval/people", "fraction": 0.5, "templates": 1,
+                                      "classes": 4, "images": 40}]},
+        "command": "python -m slug_lightning unlearn --config out/config.yaml",
+    }
+
+
+def test_report_md_has_every_section_and_links_only_its_plots(tmp_path):
+    plots = unlearn_plots(tmp_path, _Search(), _Search().similarity)
+    markdown = render_markdown(_report(plots))
+    for heading in ("## Data", "## Chosen edits", "## Accuracy before and after", "## Cost",
+                    "## Layers: importance against alignment", "## Step-size search", "## Image–text similarity",
+                    "## Reproduce"):
+        assert heading in markdown, heading
+    assert "Ann Lee (aliases: Ann)" in markdown and "(50% subset)" in markdown
+    assert "| forget | Ann Lee | 90.0 | 0.0 |" in markdown
+    assert sorted(report_links(markdown)) == sorted(plots)
+    assert all((tmp_path / link).is_file() for link in report_links(markdown))
+
+
+def test_terminal_summary_shows_the_edit_and_before_after():
+    text = terminal_summary(_report([]), Path("runs/x"))
+    assert "forgot 'Ann Lee': visual.proj (vision), λ=3" in text
+    assert re.search(r"forget: Ann Lee\s+90\.0%\s+0\.0%", text)
+    assert re.search(r"test: people\s+80\.0%\s+80\.0%", text)
+    assert "runs/x/" in text
+
+
+def test_evaluate_draws_the_similarity_matrix_of_any_model(tmp_path, single_thread):
+    from slug_lightning.cli import main
+
+    root = tmp_path / "people"
+    generator = torch.Generator().manual_seed(0)
+    for name in ("Ann Lee", "Bob Roy", "Cy Dunn"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    args = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data", "slug_lightning.datamodules.ZeroShotDataModule",
+            "--data.init_args.sets", f"[{{name: people, root: {root}}}]", "--trainer.accelerator", "cpu",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    assert main([*args, "--similarity", str(tmp_path / "sim.png")]) == 0
+    assert_readable_png(tmp_path / "sim.png", min_width=300, min_height=250)
+    assert main([*args, "--similarity", str(tmp_path / "bad.png"), "--similarity_classes", "[Ann Le]"]) == 2
+    assert not (tmp_path / "bad.png").exists()
