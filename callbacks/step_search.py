@@ -185,6 +185,7 @@ class StepSearch(Callback):
                                 concepts)
         before = {set_name: evaluator.similarity(set_name, names) for set_name, (names, _) in panels.items()}
         rank_zero = trainer is None or trainer.is_global_zero
+        show_progress = rank_zero and (trainer is None or trainer.progress_bar_callback is not None)
         for concept in store.concepts:
             stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
             self.layers[concept] = stats
@@ -194,7 +195,7 @@ class StepSearch(Callback):
             if not front:
                 raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
-            progress = tqdm(total=len(front) * self.max_steps, disable=not rank_zero, leave=False, unit="probe",
+            progress = tqdm(total=len(front) * self.max_steps, disable=not show_progress, leave=False, unit="probe",
                             dynamic_ncols=True)
             for index, layer in enumerate(front, start=1):
                 gradient = store.forget[concept][layer.name].to(device)

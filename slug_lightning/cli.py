@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
 from slug_lightning.errors import UserError
 from slug_lightning.trainer import SlugTrainer, check_output_dir
@@ -49,12 +50,24 @@ PLAIN_COMMANDS = {
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+class _SaveFitConfig(SaveConfigCallback):
+    """Lightning's config record, for ``fit`` only: ``unlearn`` writes its resolved config into its own
+    output directory, and without a logger the log directory is the working directory, which a run must
+    not litter."""
+
+    @override
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class SlugCLI(LightningCLI):
     """LightningCLI with the ``unlearn`` and ``evaluate`` subcommands of :class:`SlugTrainer`."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(
             trainer_class=SlugTrainer,
+            save_config_callback=_SaveFitConfig,
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,

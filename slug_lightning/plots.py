@@ -48,6 +48,9 @@ def pareto_plot(path: Path, concept: str, tower: str, stats, chosen_layer: str |
     axis.set_xlabel("gradient alignment |cos(G_f, G_r)|  (lower is safer)")
     axis.set_ylabel("importance ‖G_f‖ / ‖θ‖")
     axis.set_title(f"{tower} layers for forgetting {concept!r}")
+    if chosen_layer is not None and all(s.name != chosen_layer for s in stats):
+        axis.text(0.99, 0.01, f"chosen layer is in the other tower: {short_name(chosen_layer)}", fontsize=8,
+                  ha="right", va="bottom", transform=axis.transAxes, color="0.3")
     axis.legend(fontsize=8)
     _save(figure, path)
 

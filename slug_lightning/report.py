@@ -95,6 +95,9 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
     store = collector.gradients
     report = build_report(collector, search, total_seconds, devices)
     report["data"] = describe_data(datamodule, search)
+    report["loggers"] = [{"name": type(logger).__name__, "dir": logger.log_dir}
+                         for logger in (collector.loggers if collector._trainer is not None else [])
+                         if getattr(logger, "log_dir", None)]
     if (output / "config.yaml").is_file():  # written by the command line before the run
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     if not reused_gradients or not (output / "gradients.safetensors").exists():
@@ -137,6 +140,13 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
+def _change(before: float | None, after: float | None) -> str:
+    """The change in percentage points, signed; n/a where either side was not measured."""
+    if "n/a" in (_pct(before), _pct(after)):
+        return "n/a"
+    return f"{100 * (after - before):+.1f}"
+
+
 def format_accuracy_table(results: dict[str, dict], title: str = "zero-shot accuracy (%)") -> str:
     """A plain-text table of ``{set: {top1, top5, count}}``."""
     lines = [title, f"{'set':<24}{'top-1':>8}{'top-5':>8}{'images':>8}"]
@@ -151,7 +161,8 @@ def summary_lines(report: dict) -> list[str]:
     for side in ("forget", "test"):
         for name, before in report["before"][side].items():
             after = report["after"][side][name]
-            rows.append(f"| {side} | {name} | {_pct(before['top1'])} | {_pct(after['top1'])} | "
+            change = _change(before["top1"], after["top1"])
+            rows.append(f"| {side} | {name} | {_pct(before['top1'])} | {_pct(after['top1'])} | {change} | "
                         f"{_pct(before['top5'])} | {_pct(after['top5'])} |")
     return rows
 
@@ -172,6 +183,7 @@ def render_markdown(report: dict) -> str:
     model = report["model"]
     lines = [
         "# SLUG unlearning report", "",
+        *_verdict(report), "",
         f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
         f"Devices: {report['devices']}.", "",
         *_data_lines(report),
@@ -185,8 +197,8 @@ def render_markdown(report: dict) -> str:
               "Forget: the concept's images classified among all classes of its set. Test: every other image "
               f"of each set. The search's forget test: {report['settings']['metric']} ≤ "
               f"{report['settings']['threshold']}.", "",
-              "| kind | set / concept | top-1 before | top-1 after | top-5 before | top-5 after |",
-              "|---|---|---|---|---|---|", *summary_lines(report), ""]
+              "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
+              "|---|---|---|---|---|---|---|", *summary_lines(report), ""]
     timing = report["timing"]
     lines += ["## Cost", "",
               f"Gradients {timing['gradients_s']:.1f} s{' (reused)' if timing.get('reused_gradients') else ''}, "
@@ -197,9 +209,26 @@ def render_markdown(report: dict) -> str:
         chosen = [p for p in plots if Path(p).name.startswith(prefix)]
         if chosen:
             lines += [f"## {title}", "", note, "", *[f"![{Path(p).stem}]({p})" for p in chosen], ""]
+    if report.get("loggers"):
+        lines += ["## Probes", "", f"Every probe is in `search.csv` and `report.json`, and was logged by "
+                  + "; ".join(f"{logger['name']} in `{logger['dir']}`" for logger in report["loggers"]) + ".", ""]
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _verdict(report: dict) -> list[str]:
+    """The run in two sentences: what was forgotten, by which edit, and what the test sets kept."""
+    lines = []
+    for concept in report["concepts"]:
+        before, after = report["before"]["forget"][concept["name"]], report["after"]["forget"][concept["name"]]
+        lines.append(f"**{concept['name']}** was unlearned by editing one layer, `{concept['layer']}` "
+                     f"({concept['tower']} tower), with λ = {concept['step_size']:.4g} "
+                     f"({100 * concept['relative_change']:.2f}% of its norm): forget top-1 {_pct(before['top1'])}% "
+                     f"→ {_pct(after['top1'])}%.")
+    kept = "; ".join(f"{name} {_pct(before['top1'])}% → {_pct(report['after']['test'][name]['top1'])}%"
+                     for name, before in report["before"]["test"].items())
+    return [" ".join(lines), f"Test top-1 (all other images): {kept}."]
 
 
 _PLOT_SECTIONS = (
@@ -248,7 +277,8 @@ def terminal_summary(report: dict, output: Path) -> str:
             label = f"{side}: {name}"
             lines.append(f"  {label:<34}{_pct(before['top1']):>13}%{_pct(after['top1']):>13}%")
     timing = report["timing"]
-    lines.append(f"  gradients {timing['gradients_s']:.1f} s, search {timing['search_s']:.1f} s "
+    gradients = "reused" if timing.get("reused_gradients") else f"{timing['gradients_s']:.1f} s"
+    lines.append(f"  gradients {gradients}, search {timing['search_s']:.1f} s "
                  f"({timing['probes']} probes), total {timing['total_s']:.1f} s")
     lines.append(f"  artifacts: {output}/ (report.md, report.json, model.safetensors, delta.safetensors, plots)")
     lines.append(rule)
