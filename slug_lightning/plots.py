@@ -173,3 +173,26 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
                         highlight=concepts)
         names.append(name)
     return names
+
+
+def comparison_plot(path: Path, rows: list[dict]) -> None:
+    """Utility (mean test top-1) against forget top-1 of every run of ``compare``; kept settings ringed."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.8))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    colours = plt.get_cmap("tab10")
+    for index, method in enumerate(methods):
+        runs = [row for row in rows if row["method"] == method]
+        axis.scatter([100 * r["forget_top1"] for r in runs], [100 * r["utility"] for r in runs], s=28,
+                     color=colours(index), label=method.upper(), marker="*" if method == "slug" else "o")
+        for run in runs:
+            if run.get("selected"):
+                axis.scatter([100 * run["forget_top1"]], [100 * run["utility"]], s=150, facecolors="none",
+                             edgecolors=colours(index), linewidths=1.5)
+            if run["setting"] != "-":
+                axis.annotate(run["setting"], (100 * run["forget_top1"], 100 * run["utility"]), fontsize=6,
+                              xytext=(3, 3), textcoords="offset points", color="0.35")
+    axis.set_xlabel("forget top-1 (%)  (lower: forgotten)")
+    axis.set_ylabel("utility: mean test top-1 (%)")
+    axis.set_title("Unlearning methods: utility against forgetting (ringed: kept setting)")
+    axis.legend(fontsize=8)
+    _save(figure, path)

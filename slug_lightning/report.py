@@ -27,7 +27,7 @@ def peak_memory(collector, search) -> dict:
     return {**phases, "peak_rss_mib": round(lifetime, 1)}
 
 
-def _accuracies(summary: dict) -> dict:
+def accuracies(summary: dict) -> dict:
     return {
         side: {name: {"top1": acc["top1"], "top5": acc["top5"]} for name, acc in summary[side].items()}
         for side in ("forget", "test")
@@ -48,13 +48,16 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
             "relative_change": probe.relative_change,
             "forget_samples": store.forget_samples[name],
         })
+    edited = {(name, probe.layer) for name, probe in search.chosen.items()}
+    sizes = [store.forget[name][layer] for name, layer in edited]
     return {
+        "method": "slug",
         "model": {**store.model, "parameters": count_parameters(collector.model)},
         "concepts": concepts,
         "retain_samples": store.retain_samples,
         "skipped_samples": store.skipped_samples,
-        "before": _accuracies(search.before),
-        "after": _accuracies(search.after),
+        "before": accuracies(search.before),
+        "after": accuracies(search.after),
         "search": [
             {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
              "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
@@ -67,6 +70,10 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
         "memory": peak_memory(collector, search),
+        # What shipping the edit costs: one delta per concept (delta.safetensors, fp32).
+        "edit": {"tensors": len(sizes), "entries": sum(g.numel() for g in sizes),
+                 "parameters": sum(g.numel() for g in sizes),
+                 "bytes": sum(g.numel() * g.element_size() for g in sizes)},
         "devices": devices,
     }
 
@@ -212,6 +219,36 @@ def render_markdown(report: dict) -> str:
     if report.get("loggers"):
         lines += ["## Probes", "", f"Every probe is in `search.csv` and `report.json`, and was logged by "
                   + "; ".join(f"{logger['name']} in `{logger['dir']}`" for logger in report["loggers"]) + ".", ""]
+    if report.get("command"):
+        lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def render_baseline_markdown(report: dict) -> str:
+    """``report.md`` of a baseline run (``unlearn --method ft|ga|gaft|salun|ssd``)."""
+    model, settings, timing, edit = report["model"], report["settings"], report["timing"], report["edit"]
+    tuned = ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("method", "metric"))
+    lines = [
+        f"# Unlearning report: baseline {report['method'].upper()}", "",
+        f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
+        f"Settings: {tuned}.", "",
+        *_data_lines(report),
+        "## Accuracy before and after (%)", "",
+        "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
+        "|---|---|---|---|---|---|---|", *summary_lines(report), "",
+        "## Iterations", "", "| iteration | seconds | " + " | ".join(
+            [f"forget top-1 {c['name']}" for c in report["concepts"]] + [f"test top-1 {s}" for s in report["after"]["test"]])
+        + " |", "|---" * (2 + len(report["concepts"]) + len(report["after"]["test"])) + "|",
+    ]
+    for row in report["search"]:
+        cells = [_pct(row["forget_top1"].get(c["name"])) for c in report["concepts"]]
+        cells += [_pct(row["test_top1"].get(s)) for s in report["after"]["test"]]
+        lines.append(f"| {row['iteration']} | {row['seconds']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Cost", "",
+              f"Method {timing['method_s']:.1f} s, evaluations {timing['evaluation_s']:.1f} s, total "
+              f"{timing['total_s']:.1f} s. Peak memory: {report['memory']['peak_rss_mib']:.0f} MiB RSS. The edit "
+              f"changes {edit['tensors']} tensors ({edit['entries']:,} entries); shipping it takes "
+              f"{edit['bytes'] / 2**20:.1f} MiB.", ""]
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from slug_lightning.baselines import BaselineSettings
 from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
@@ -42,8 +44,10 @@ class SlugTrainer(L.Trainer):
         output_dir: str = "runs/unlearn",
         gradients: str | None = None,
         overwrite: bool = False,
+        method: Literal["slug", "ft", "ga", "gaft", "salun", "ssd"] = "slug",
+        baseline: BaselineSettings | None = None,
     ) -> dict | None:
-        """Unlearn concepts with SLUG: gradients, layer statistics, step-size search, artifacts.
+        """Unlearn concepts with SLUG (gradients, layer statistics, step-size search, artifacts) or a baseline.
 
         Args:
             model: The GradientCollector holding the CLIP to unlearn.
@@ -54,12 +58,20 @@ class SlugTrainer(L.Trainer):
             gradients: A gradient store to reuse instead of computing one. By default a
                 gradients.safetensors already in output_dir is reused when its model and concepts match.
             overwrite: Replace a finished run in output_dir; without it such a directory is refused.
+            method: ``slug``, or a baseline to compare with (``ft``, ``ga``, ``gaft``, ``salun``, ``ssd``; see
+                :mod:`slug_lightning.baselines`): same data, evaluation sets and report shape, one device.
+            baseline: The baseline's hyperparameters (``--baseline.lr``, ``--baseline.iterations``, ...).
 
         Returns:
             The report (on global rank 0; None on other ranks).
         """
         output = Path(output_dir)
         check_output_dir(output, overwrite)
+        if method != "slug":
+            from slug_lightning.baseline_unlearn import unlearn_with_baseline
+
+            return unlearn_with_baseline(self, model, datamodule, search, output, method,
+                                         baseline or BaselineSettings())
         store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
                                explicit=gradients is not None)
         self.callbacks.append(search)

@@ -1,0 +1,150 @@
+"""``unlearn --method ft|ga|gaft|salun|ssd``: a baseline run with the same data, evaluation and artifacts as SLUG.
+
+The baseline reads the forget and retain pairs of the run's ``LaionDataModule`` (at the baseline's own batch
+size), evaluates on the run's ``StepSearch`` sets before it starts and after every iteration, and writes
+``report.json`` in SLUG's shape: ``concepts`` carry no layer or step size, ``search`` is the iteration log,
+``edit`` is what shipping the result costs (every tensor the method changed, in full).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
+from slug_lightning.baselines import BaselineSettings, run_baseline
+from slug_lightning.datamodules.labelled import ZeroShotDataModule
+from slug_lightning.errors import UserError
+from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+from slug_lightning.memory import PeakMemory, lifetime_peak_rss_mib
+from slug_lightning.models import count_parameters
+from slug_lightning.report import accuracies, describe_data, render_baseline_markdown
+
+
+def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
+    """What must be stored to ship an edit: the tensors that differ from ``base``, whole.
+
+    Returns:
+        ``{"tensors": n, "entries": changed entries, "parameters": entries of the changed tensors,
+        "bytes": their size in the edited dtype}``.
+
+    Example::
+
+        >>> base = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
+        >>> edit_size(base, {"a": torch.tensor([0.0, 1.0, 0.0, 0.0]), "b": torch.zeros(2, 3)})
+        {'tensors': 1, 'entries': 1, 'parameters': 4, 'bytes': 16}
+    """
+    tensors = entries = parameters = size = 0
+    for name, tensor in edited.items():
+        changed = int((tensor != base[name]).sum())
+        if changed:
+            tensors += 1
+            entries += changed
+            parameters += tensor.numel()
+            size += tensor.numel() * tensor.element_size()
+    return {"tensors": tensors, "entries": entries, "parameters": parameters, "bytes": size}
+
+
+def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, method: str,
+                          settings: BaselineSettings) -> dict | None:
+    """Run baseline ``method`` on the collector's CLIP, in place, and write the run's artifacts.
+
+    Args:
+        trainer: The SlugTrainer (its root device is used; one device only).
+        collector: The GradientCollector holding the CLIP; only its model, tokenizer and preprocess are used.
+        datamodule: The LaionDataModule of forget and retain pairs.
+        search: The StepSearch whose evaluation sets, metric and forget-set rule are used.
+        output: The run's output directory.
+        method: ``ft``, ``ga``, ``gaft``, ``salun`` or ``ssd``.
+        settings: The baseline's hyperparameters.
+
+    Raises:
+        UserError: on more than one device, or a datamodule without concepts.
+    """
+    if trainer.world_size > 1:
+        raise UserError(f"--method {method} runs on one device; this run has {trainer.world_size}. Set "
+                        "--trainer.devices 1 (only SLUG spreads its gradient pass over devices).")
+    concepts = list(getattr(datamodule, "concepts", None) or [])
+    if not concepts:
+        raise UserError("unlearn needs concepts to forget: set --data.init_args.concepts.")
+    start = time.perf_counter()
+    identity = collector.identity()  # of θ⁰, before the method changes it
+    device = trainer.strategy.root_device
+    clip = collector.model.to(device)
+    datamodule.transform, datamodule.tokenizer = collector.preprocess, collector.tokenizer
+    datamodule.batch_size = settings.batch_size  # the baselines' optimizer batch, not SLUG's gradient batch
+    datamodule.setup("predict")
+
+    sets = ZeroShotDataModule(search.sets, batch_size=search.batch_size, num_workers=search.num_workers)
+    sets.transform = collector.preprocess
+    names = [c.name for c in concepts]
+    evaluator = ZeroShotEvaluator(clip, collector.tokenizer, sets, keep_classes=names, device=device, reuse=False)
+    forget_sets = search.forget_sets(names, evaluator)
+    class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
+    search.set_sizes = {name: {"classes": len(d.class_names), "images": len(d)} for name, d in evaluator.datasets.items()}
+    evaluation_seconds = 0.0
+    latest = {}
+
+    def evaluate() -> dict:
+        nonlocal evaluation_seconds
+        began = time.perf_counter()
+        latest["summary"] = summarize(evaluator.run(), class_names, forget_sets)
+        evaluation_seconds += time.perf_counter() - began
+        measured = accuracies(latest["summary"])
+        return {"forget_top1": {c: a["top1"] for c, a in measured["forget"].items()},
+                "forget_top5": {c: a["top5"] for c, a in measured["forget"].items()},
+                "test_top1": {s: a["top1"] for s, a in measured["test"].items()}}
+
+    evaluate()
+    before = latest["summary"]
+    base = {name: tensor.detach().clone() for name, tensor in clip.state_dict().items()}
+    memory = PeakMemory().start()
+    result = run_baseline(method, clip, lambda: {c.name: datamodule.forget_dataloader(c) for c in concepts},
+                          datamodule.retain_dataloader, settings, device, evaluate=evaluate)
+    memory.stop()
+    total = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return None
+    state = clip.state_dict()
+    report = {
+        "method": method,
+        "model": {**identity, "parameters": count_parameters(clip)},
+        "concepts": [{"name": c, "layer": None, "tower": None, "step_size": None, "relative_change": None,
+                      "forget_samples": result.forget_samples.get(c, 0)} for c in names],
+        "retain_samples": result.retain_samples,
+        "skipped_samples": 0,
+        "before": accuracies(before),
+        "after": accuracies(latest["summary"]),
+        "search": result.iterations,
+        "settings": {"method": method, **asdict(settings), "metric": search.metric},
+        "timing": {"method_s": result.method_seconds, "evaluation_s": evaluation_seconds, "total_s": total,
+                   "iterations": len(result.iterations)},
+        "memory": {"method": memory.result, "peak_rss_mib": round(max(lifetime_peak_rss_mib(),
+                                                                       memory.result["peak_rss_mib"]), 1)},
+        "edit": edit_size(base, state),
+        "devices": 1,
+    }
+    report["data"] = describe_data(datamodule, search)
+    if (output / "config.yaml").is_file():
+        report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
+    output.mkdir(parents=True, exist_ok=True)
+    write_csv(output / "iterations.csv", [_flat(row) for row in result.iterations])
+    save_state_dict(output / "model.safetensors", state, metadata={"format": "pt", "method": method,
+                                                                   "unlearned": ",".join(names)})
+    write_text(output / "report.md", render_baseline_markdown(report))
+    write_json(output / "report.json", report)  # last: its presence marks a finished run
+    return report
+
+
+def _flat(row: dict) -> dict:
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}[{name}]": v for name, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,188 @@
+"""``python -m slug_lightning compare``: SLUG and the baselines on one unlearn configuration, side by side.
+
+Every method runs as ``unlearn --method M`` on the same config (same model, pairs, evaluation sets); each tuned
+method gets the same number of settings (a learning-rate grid for FT, GA, GAFT and SalUn, an ``alpha`` grid
+for SSD), and the setting kept is chosen by SLUG's own rule (METHOD §7): lowest forget accuracy, then highest
+utility. The table (``comparison.md``, ``comparison.csv``) gives forget top-1/top-5, each test set's top-1,
+wall time, peak memory and the size of the shipped edit; ``comparison.png`` plots utility against forget
+accuracy for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+
+from slug_lightning.artifacts import write_csv, write_text
+from slug_lightning.baselines import METHODS
+from slug_lightning.errors import UserError
+
+DEFAULT_LRS = (1e-6, 1e-5, 1e-4)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one unlearn config and tabulate "
+                    "forget and test accuracy, wall time, peak memory and edit size.",
+        epilog="Example: python -m slug_lightning compare --config configs/demo/unlearn.yaml --config paths.yaml "
+               "--lrs 1e-5 1e-4 1e-3 --output_dir runs/compare",
+    )
+    parser.add_argument("--config", action="append", required=True, metavar="FILE",
+                        help="an unlearn config (several allowed, later ones override), as for `unlearn`")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="M",
+                        help=f"methods to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS), metavar="LR",
+                        help="learning rates tried for ft, ga, gaft, salun (default: 1e-6 1e-5 1e-4, the paper's "
+                             "1e-6 and two larger ones)")
+    parser.add_argument("--ssd_alphas", nargs="+", type=float, default=None, metavar="A",
+                        help="SSD selection thresholds tried (default: as many as --lrs, from 10 down in half-decade "
+                             "steps: 10 3.16 1 ...; the paper's alpha is 10)")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations of the iterative baselines (10)")
+    parser.add_argument("--output_dir", default="runs/compare", help="where the runs and the table go")
+    parser.add_argument("--overwrite", action="store_true", help="rerun methods whose run directory is finished")
+    return parser
+
+
+def grid(method: str, lrs: list[float], ssd_alphas: list[float]) -> list[dict[str, float]]:
+    """The settings tried for ``method``: none for SLUG (its search is the method), a grid for the others.
+
+    Example::
+
+        >>> grid("ga", [1e-5, 1e-4], [10.0, 3.0])
+        [{'lr': 1e-05}, {'lr': 0.0001}]
+        >>> grid("ssd", [1e-5, 1e-4], [10.0, 3.0]), grid("slug", [1e-5], [10.0])
+        ([{'alpha': 10.0}, {'alpha': 3.0}], [{}])
+    """
+    if method == "slug":
+        return [{}]
+    if method == "ssd":
+        return [{"alpha": a} for a in ssd_alphas]
+    return [{"lr": lr} for lr in lrs]
+
+
+def _label(setting: dict[str, float]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in setting.items()) or "-"
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize_run(method: str, setting: dict, report: dict) -> dict:
+    """One row of the comparison from a run's ``report.json``."""
+    after, timing = report["after"], report["timing"]
+    row = {"method": method, "setting": _label(setting),
+           "forget_top1": mean(a["top1"] for a in after["forget"].values()),
+           "forget_top5": mean(a["top5"] for a in after["forget"].values())}
+    row.update({f"test_top1[{name}]": a["top1"] for name, a in after["test"].items()})
+    row["utility"] = mean(a["top1"] for a in after["test"].values())
+    row["total_s"] = timing["total_s"]
+    row["method_s"] = timing.get("method_s", timing.get("gradients_s", 0.0) + timing.get("search_s", 0.0))
+    row["peak_memory_mib"] = report["memory"]["peak_rss_mib"]
+    row["edit_tensors"] = report["edit"]["tensors"]
+    row["edit_mib"] = report["edit"]["bytes"] / 2**20
+    return row
+
+
+def select(rows: list[dict]) -> dict:
+    """SLUG's rule (METHOD §7) among one method's runs: lowest forget top-1, then highest utility.
+
+    Example::
+
+        >>> select([{"forget_top1": 0.0, "utility": 0.5}, {"forget_top1": 0.0, "utility": 0.7},
+        ...         {"forget_top1": 0.2, "utility": 0.9}])
+        {'forget_top1': 0.0, 'utility': 0.7}
+    """
+    return min(rows, key=lambda r: (r["forget_top1"], -r["utility"] if not math.isnan(r["utility"]) else math.inf))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(column: str, value) -> str:
+        if isinstance(value, float):
+            if column.startswith(("forget", "test", "utility")):
+                return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+            return f"{value:.1f}" if column.endswith(("_s", "_mib")) else f"{value:g}"
+        return str(value)
+
+    header = "| " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas: list[float], iterations: int,
+            output: Path, overwrite: bool = False) -> list[dict]:
+    """Run every method and setting, write the table and the plot, return every row (``selected`` marked)."""
+    from slug_lightning.cli import main as cli_main
+    from slug_lightning.plots import comparison_plot
+
+    rows = []
+    for method in methods:
+        for setting in grid(method, lrs, ssd_alphas):
+            run_dir = output / method / (_label(setting).replace("=", "") if setting else "run")
+            if overwrite or not (run_dir / "report.json").exists():
+                args = ["unlearn", *[a for c in configs for a in ("--config", c)], f"--method={method}",
+                        f"--output_dir={run_dir}", "--overwrite=true"]
+                if method != "slug":
+                    args.append(f"--baseline.iterations={iterations}")
+                    args += [f"--baseline.{k}={v}" for k, v in setting.items()]
+                print(f"[compare] {method} {_label(setting)} -> {run_dir}", flush=True)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+                    code = cli_main(args)
+                if code:
+                    raise UserError(f"The {method} run ({_label(setting)}) failed with exit code {code}; its "
+                                    f"command was: python -m slug_lightning {' '.join(args)}")
+            else:
+                print(f"[compare] {method} {_label(setting)}: reusing the finished run in {run_dir}")
+            report = json.loads((run_dir / "report.json").read_text())
+            rows.append({**summarize_run(method, setting, report), "run": str(run_dir)})
+    for method in methods:
+        chosen = select([r for r in rows if r["method"] == method])
+        for row in rows:
+            if row["method"] == method:
+                row["selected"] = row is chosen
+    test_columns = sorted({k for r in rows for k in r if k.startswith("test_top1[")})
+    columns = ["method", "setting", "forget_top1", "forget_top5", *test_columns, "utility", "total_s", "method_s",
+               "peak_memory_mib", "edit_tensors", "edit_mib"]
+    write_csv(output / "comparison.csv", rows, columns + ["selected", "run"])
+    comparison_plot(output / "comparison.png", rows)
+    budget = (f"Tuning budget: FT, GA, GAFT and SalUn ran lr in {', '.join(f'{v:g}' for v in lrs)} "
+              f"({iterations} iterations each); SSD ran alpha in {', '.join(f'{v:g}' for v in ssd_alphas)}; "
+              "SLUG ran once (its step-size search is part of the method).")
+    text = ["# SLUG against the baselines", "", budget,
+            "Per method the kept setting is the one with the lowest forget top-1, then the highest utility "
+            "(mean test top-1). Accuracies in %, times in seconds, memory and edit size in MiB.", "",
+            markdown_table([r for r in rows if r["selected"]], columns), "",
+            "![utility against forget accuracy](comparison.png)", "", "## Every setting tried", "",
+            markdown_table(rows, columns), "",
+            "Command: `python -m slug_lightning compare " + " ".join(f"--config {c}" for c in configs)
+            + f" --methods {' '.join(methods)} --lrs {' '.join(f'{v:g}' for v in lrs)} --ssd_alphas "
+            + " ".join(f"{v:g}" for v in ssd_alphas) + f" --iterations {iterations} --output_dir {output}`", ""]
+    write_text(output / "comparison.md", "\n".join(text))
+    print("\n".join(text[4:5]))
+    print(f"[compare] table: {output / 'comparison.md'} (and .csv); plot: {output / 'comparison.png'}")
+    return rows
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning compare") -> int:
+    args = _parser(prog).parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods {unknown} unknown; choose from {list(METHODS)}.")
+    if args.iterations < 1:
+        raise UserError(f"--iterations must be >= 1, got {args.iterations}.")
+    bad = [v for v in args.lrs + (args.ssd_alphas or []) if not v > 0]
+    if bad:
+        raise UserError(f"--lrs and --ssd_alphas must be > 0, got {bad}.")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise UserError(f"--config {config!r} does not exist.")
+    alphas = args.ssd_alphas or [round(10.0 / 10 ** (i / 2), 3) for i in range(len(args.lrs))]
+    compare(args.config, args.methods, args.lrs, alphas, args.iterations, Path(args.output_dir), args.overwrite)
+    return 0
