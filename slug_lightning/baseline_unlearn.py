@@ -9,14 +9,13 @@ size), evaluates on the run's ``StepSearch`` sets before it starts and after eve
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
-from slug_lightning.baselines import BaselineSettings, run_baseline
+from slug_lightning.baselines import BaselineSettings, run_baseline, settings_used
 from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
@@ -85,7 +84,8 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     evaluator = ZeroShotEvaluator(clip, collector.tokenizer, sets, keep_classes=names, device=device, reuse=False)
     forget_sets = search.forget_sets(names, evaluator)
     class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
-    search.set_sizes = {name: {"classes": len(d.class_names), "images": len(d)} for name, d in evaluator.datasets.items()}
+    search.set_sizes = {name: {"classes": len(d.class_names), "images": len(d)}
+                        for name, d in evaluator.datasets.items()}
     evaluation_seconds = 0.0
     latest = {}
 
@@ -120,7 +120,7 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
         "before": accuracies(before),
         "after": accuracies(latest["summary"]),
         "search": result.iterations,
-        "settings": {"method": method, **asdict(settings), "metric": search.metric},
+        "settings": {"method": method, **settings_used(method, settings), "metric": search.metric},
         "timing": {"method_s": result.method_seconds, "evaluation_s": evaluation_seconds, "total_s": total,
                    "iterations": len(result.iterations)},
         "memory": {"method": memory.result, "peak_rss_mib": round(max(lifetime_peak_rss_mib(),

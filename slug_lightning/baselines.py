@@ -36,7 +36,7 @@ METHODS = ("slug", "ft", "ga", "gaft", "salun", "ssd")
 ITERATIVE = ("ft", "ga", "gaft", "salun")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaselineSettings:
     """Hyperparameters of the baselines (paper defaults; the tiny demo CLIP needs larger learning rates).
 
@@ -69,9 +69,27 @@ class BaselineSettings:
                              "weight_decay >= 0, mask_fraction in (0, 1].")
 
 
+_TRAINING = ("lr", "iterations", "batch_size", "weight_decay")
+SETTINGS_USED = {"ft": _TRAINING, "ga": _TRAINING, "gaft": _TRAINING, "salun": (*_TRAINING, "mask_fraction"),
+                 "ssd": ("batch_size", "alpha", "dampening")}
+
+
+def settings_used(method: str, settings: BaselineSettings) -> dict:
+    """The hyperparameters ``method`` reads, by name (what its report records).
+
+    Example::
+
+        >>> settings_used("ssd", BaselineSettings())
+        {'batch_size': 32, 'alpha': 10.0, 'dampening': 1.0}
+    """
+    return {name: getattr(settings, name) for name in SETTINGS_USED[method]}
+
+
 def saliency_mask(forget_gradients: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
     """SalUn's weight saliency: True for the ``fraction`` of entries with the largest ``|G_f|``, ranked over
-    all tensors together (ties at the threshold are kept).
+    all tensors together (ties at the threshold are kept). An entry whose forget gradient is exactly zero is
+    never salient: in a CLIP most token-embedding rows have none, and counting them as ties would make the
+    mask keep everything whenever more than ``1 − fraction`` of the entries are zero.
 
     Example::
 
@@ -82,6 +100,7 @@ def saliency_mask(forget_gradients: Mapping[str, Tensor], fraction: float) -> di
     magnitudes = torch.cat([g.detach().abs().flatten().float() for g in forget_gradients.values()])
     keep = max(1, math.ceil(fraction * magnitudes.numel()))
     threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+    threshold = threshold.clamp_min(torch.finfo(torch.float32).tiny)
     return {name: g.detach().abs().float() >= threshold for name, g in forget_gradients.items()}
 
 

@@ -39,8 +39,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="learning rates tried for ft, ga, gaft, salun (default: 1e-6 1e-5 1e-4, the paper's "
                              "1e-6 and two larger ones)")
     parser.add_argument("--ssd_alphas", nargs="+", type=float, default=None, metavar="A",
-                        help="SSD selection thresholds tried (default: as many as --lrs, from 10 down in half-decade "
-                             "steps: 10 3.16 1 ...; the paper's alpha is 10)")
+                        help="SSD selection thresholds tried (default: as many as --lrs, from the paper's 10 up in "
+                             "half-decade steps: 10 31.6 100 ...; a larger alpha dampens fewer weights)")
     parser.add_argument("--iterations", type=int, default=10, help="iterations of the iterative baselines (10)")
     parser.add_argument("--output_dir", default="runs/compare", help="where the runs and the table go")
     parser.add_argument("--overwrite", action="store_true", help="rerun methods whose run directory is finished")
@@ -183,6 +183,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning co
     for config in args.config:
         if not Path(config).is_file():
             raise UserError(f"--config {config!r} does not exist.")
-    alphas = args.ssd_alphas or [round(10.0 / 10 ** (i / 2), 3) for i in range(len(args.lrs))]
+    alphas = args.ssd_alphas or [round(10.0 * 10 ** (i / 2), 1) for i in range(len(args.lrs))]
     compare(args.config, args.methods, args.lrs, alphas, args.iterations, Path(args.output_dir), args.overwrite)
     return 0

@@ -103,7 +103,8 @@ def search_plot(path: Path, concept: str, probes, chosen, metric: str = "top1") 
         axis.set_visible(False)
     handles = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
     figure.suptitle(f"Step-size search for forgetting {concept!r}: every probe of every Pareto layer")
-    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 5 if columns > 1 else 2),
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center",
+                  ncol=min(len(handles), 5 if columns > 1 else 2),
                   fontsize=9, frameon=False)
     _save(figure, path)
 

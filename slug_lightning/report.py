@@ -236,10 +236,11 @@ def render_baseline_markdown(report: dict) -> str:
         "## Accuracy before and after (%)", "",
         "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
         "|---|---|---|---|---|---|---|", *summary_lines(report), "",
-        "## Iterations", "", "| iteration | seconds | " + " | ".join(
-            [f"forget top-1 {c['name']}" for c in report["concepts"]] + [f"test top-1 {s}" for s in report["after"]["test"]])
-        + " |", "|---" * (2 + len(report["concepts"]) + len(report["after"]["test"])) + "|",
     ]
+    headers = ([f"forget top-1 {c['name']}" for c in report["concepts"]]
+               + [f"test top-1 {name}" for name in report["after"]["test"]])
+    lines += ["## Iterations", "", "| iteration | seconds | " + " | ".join(headers) + " |",
+              "|---" * (2 + len(headers)) + "|"]
     for row in report["search"]:
         cells = [_pct(row["forget_top1"].get(c["name"])) for c in report["concepts"]]
         cells += [_pct(row["test_top1"].get(s)) for s in report["after"]["test"]]

@@ -45,7 +45,7 @@ class SlugTrainer(L.Trainer):
         gradients: str | None = None,
         overwrite: bool = False,
         method: Literal["slug", "ft", "ga", "gaft", "salun", "ssd"] = "slug",
-        baseline: BaselineSettings | None = None,
+        baseline: BaselineSettings = BaselineSettings(),  # noqa: B008 (a frozen value, never mutated)
     ) -> dict | None:
         """Unlearn concepts with SLUG (gradients, layer statistics, step-size search, artifacts) or a baseline.
 
@@ -71,7 +71,7 @@ class SlugTrainer(L.Trainer):
             from slug_lightning.baseline_unlearn import unlearn_with_baseline
 
             return unlearn_with_baseline(self, model, datamodule, search, output, method,
-                                         baseline or BaselineSettings())
+                                         baseline)
         store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
                                explicit=gradients is not None)
         self.callbacks.append(search)

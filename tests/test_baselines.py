@@ -110,6 +110,12 @@ def test_saliency_mask_keeps_the_requested_share_across_tensors():
     assert kept.min() >= dropped.max()
 
 
+def test_zero_gradient_entries_are_never_salient():
+    grads = {"embedding": torch.zeros(90), "weight": torch.arange(1.0, 11.0)}
+    mask = saliency_mask(grads, 0.5)  # half of 100 entries is 50, but only 10 have a gradient
+    assert not mask["embedding"].any() and mask["weight"].all()
+
+
 def test_dampen_leaves_unselected_weights_and_caps_the_factor_at_one():
     weight = torch.tensor([2.0, 2.0, 2.0])
     out = dampen(weight, torch.tensor([50.0, 5.0, 20.0]), torch.tensor([1.0, 1.0, 1.0]), alpha=10.0, dampening=30.0)

@@ -172,3 +172,41 @@ def test_collector_and_search_in_a_user_lightning_setup(demo, tmp_path):
     logger.finalize("success")
     rows = (tmp_path / "user" / "version_0" / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) - 1 == len(search.probes) > 0
+
+
+# The baselines on the fitted demo CLIP, one iteration each over a one-shard retain set (all forget pairs).
+BASELINE_SETTINGS = {"ft": ["--baseline.lr=1e-5"], "ga": ["--baseline.lr=1e-3"], "gaft": ["--baseline.lr=1e-3"],
+                     "salun": ["--baseline.lr=1e-3"], "ssd": ["--baseline.alpha=10"]}
+
+
+@pytest.mark.parametrize("method", list(BASELINE_SETTINGS))
+def test_each_baseline_runs_from_the_cli_and_moves_the_intended_way(demo, tmp_path, method):
+    output, report, _ = demo
+    world = load_demo_world(output / "world")
+    shards = sorted((output / "world" / "shards").glob("*.tar"))
+    _run("unlearn", "--config", output / "config.yaml", "--method", method, *BASELINE_SETTINGS[method],
+               "--baseline.iterations=1", f"--data.init_args.shards={shards[0]}",
+               f"--data.init_args.forget_shards={world.shards}", "--output_dir", tmp_path,
+               "--trainer.logger=false", "--trainer.enable_progress_bar=false")
+    run = json.loads((tmp_path / "report.json").read_text())
+    name = report["concepts"][0]["name"]
+    before, after = run["before"]["forget"][name]["top1"], run["after"]["forget"][name]["top1"]
+    assert before == report["before"]["forget"][name]["top1"]  # same model, same evaluation as SLUG's run
+    if method == "ft":
+        assert abs(after - before) <= 0.1, (before, after)
+    else:
+        assert after <= before - 0.5, (before, after)
+    assert run["method"] == method and run["concepts"][0]["layer"] is None
+    assert [row["iteration"] for row in run["search"]] == [1]
+    assert (run["retain_samples"] > 0) == (method in ("ft", "gaft", "salun", "ssd"))  # GA reads no retain pair
+    forget_pairs = 0 if method == "ft" else report["concepts"][0]["forget_samples"]  # FT reads no forget pair
+    assert run["concepts"][0]["forget_samples"] == forget_pairs
+    # what shipping it costs: whole changed tensors, far more than SLUG's one layer
+    assert run["edit"]["tensors"] > report["edit"]["tensors"] == 1
+    for artifact in ("report.md", "iterations.csv", "model.safetensors", "config.yaml"):
+        assert (tmp_path / artifact).is_file(), artifact
+    assert f"baseline {method.upper()}" in (tmp_path / "report.md").read_text()
+    edited = load_file(str(tmp_path / "model.safetensors"))
+    base = load_file(str(output / "fit" / "slug-tiny.safetensors"))
+    changed = sum(not torch.equal(base[k], edited[k]) for k in base)
+    assert changed == run["edit"]["tensors"]
