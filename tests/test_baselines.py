@@ -4,6 +4,9 @@ Runs on a small demo world with a random tiny CLIP; the end-to-end direction tes
 (forget accuracy falls, FT keeps it) are in test_end_to_end.py.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,3 +151,82 @@ def test_compare_tunes_every_baseline_with_the_same_budget_and_keeps_slugs_rule(
     rows = [{"forget_top1": 0.1, "utility": 0.9}, {"forget_top1": 0.0, "utility": 0.2},
             {"forget_top1": 0.0, "utility": 0.6}]
     assert select(rows) is rows[2]
+
+
+def test_doctests():
+    import doctest
+
+    from slug_lightning import baseline_unlearn, baselines, compare
+
+    for module in (baselines, baseline_unlearn, compare):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def _unlearn_config(world, path):
+    import yaml
+
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False},
+        "model": {"class_path": "slug_lightning.GradientCollector", "init_args": {"model_name": "slug-tiny"}},
+        "data": {"class_path": "slug_lightning.datamodules.LaionDataModule",
+                 "init_args": {"shards": world.shards, "concepts": [{"name": world.default_target}],
+                               "batch_size": 32}},
+        "search": {"class_path": "slug_lightning.callbacks.StepSearch",
+                   "init_args": {"sets": [{"name": "identities", "root": str(world.identities_dir)}],
+                                 "metric": "top1", "max_steps": 2, "towers": ["vision"]}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path, capsys):
+    import csv
+
+    from slug_lightning.cli import main
+
+    config = _unlearn_config(world, tmp_path / "unlearn.yaml")
+    output = tmp_path / "compare"
+    code = main(["compare", "--config", str(config), "--methods", "slug", "ga", "ssd", "--lrs", "1e-4", "1e-3",
+                 "--iterations", "1", "--output_dir", str(output)])
+    assert code == 0
+    rows = list(csv.DictReader((output / "comparison.csv").open()))
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("slug", "-"), ("ga", "lr=0.0001"), ("ga", "lr=0.001"), ("ssd", "alpha=10"), ("ssd", "alpha=31.6")]
+    assert sorted(r["method"] for r in rows if r["selected"] == "True") == ["ga", "slug", "ssd"]
+    for row in rows:  # each row is its run's report, not made up
+        report = json.loads((Path(row["run"]) / "report.json").read_text())
+        assert float(row["forget_top1"]) == pytest.approx(report["after"]["forget"][world.default_target]["top1"])
+        assert report["method"] == row["method"]
+    table = (output / "comparison.md").read_text()
+    assert "Tuning budget: FT, GA, GAFT and SalUn ran lr in 0.0001, 0.001" in table and "comparison.png" in table
+    assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # a second compare reuses the finished runs instead of repeating them
+    capsys.readouterr()
+    assert main(["compare", "--config", str(config), "--methods", "ga", "--lrs", "1e-4", "--iterations", "1",
+                 "--output_dir", str(output)]) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--methods", "slug", "sgd"], "--methods ['sgd'] unknown"),
+    (["--lrs", "0"], "--lrs and --ssd_alphas must be > 0"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+])
+def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, words):
+    from slug_lightning.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}")
+    assert main(["compare", "--config", str(config), *args, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_names_a_missing_config(tmp_path, capsys):
+    from slug_lightning.cli import main
+
+    assert main(["compare", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml' does not exist" in capsys.readouterr().err
