@@ -86,11 +86,18 @@ def run_cli(args: list[str], kill_after: int | None = None) -> subprocess.Comple
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("kill_after", [1, 3])
-def test_killed_gradient_pass_resumes_to_the_same_gradients(world, weights, tmp_path, kill_after):
-    reference = tmp_path / "uninterrupted"
-    done = run_cli(cli_args(world, weights, reference))
+@pytest.fixture(scope="module")
+def uninterrupted(world, weights, tmp_path_factory) -> Path:
+    """The output directory of one uninterrupted run of the command the tests below kill and repeat."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    done = run_cli(cli_args(world, weights, output))
     assert done.returncode == 0, done.stderr[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])  # in the forget stream's only batch; in the retain stream
+def test_killed_gradient_pass_resumes_to_the_same_gradients(world, weights, tmp_path, kill_after, uninterrupted):
+    reference = uninterrupted
 
     output = tmp_path / "killed"
     killed = run_cli(cli_args(world, weights, output), kill_after=kill_after)
@@ -232,13 +239,10 @@ def test_undecodable_images_over_the_limit_fail_after_the_pass(world, tmp_path, 
 # Determinism
 
 
-def test_same_config_gives_the_same_report(world, weights, tmp_path):
-    reports = []
-    for name in ("a", "b"):
-        result = run_cli(cli_args(world, weights, tmp_path / name, "--model.init_args.checkpoint_every", "0"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
-    a, b = reports
+def test_same_config_gives_the_same_report(world, weights, tmp_path, uninterrupted):
+    result = run_cli(cli_args(world, weights, tmp_path / "again"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (json.loads((path / "report.json").read_text()) for path in (uninterrupted, tmp_path / "again"))
     assert a["concepts"] == b["concepts"]
     assert a["before"] == b["before"] and a["after"] == b["after"]
     assert a["concepts"][0]["step_size"] > 0
