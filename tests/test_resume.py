@@ -248,3 +248,28 @@ def test_same_config_gives_the_same_report(world, weights, tmp_path, uninterrupt
     assert a["concepts"][0]["step_size"] > 0
     strip = [{k: v for k, v in probe.items() if k != "seconds"} for probe in a["search"]]
     assert strip and strip == [{k: v for k, v in probe.items() if k != "seconds"} for probe in b["search"]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic partial checkpoints
+
+
+def test_a_checkpoint_that_fails_midway_leaves_the_previous_one_intact(world, tmp_path, monkeypatch, single_thread):
+    import safetensors.torch
+
+    partial = tmp_path / PARTIAL
+    collector = _collector(0, partial)
+    with pytest.raises(_Crash):
+        _trainer().predict(_crash_after_first_checkpoint(collector), datamodule=_laion(world),
+                           return_predictions=False)
+    before = partial.read_bytes()
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        collector._save_partial()
+    assert partial.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [PARTIAL]  # no temporary file left behind

@@ -94,3 +94,9 @@ def test_ddp_configs_set_a_collective_timeout(tmp_path, config, minutes):
     strategy = _strategy_of(["--config", str(CONFIGS / "trainer" / config), *overrides], tmp_path)
     assert isinstance(strategy, DDPStrategy)
     assert strategy._timeout == datetime.timedelta(minutes=minutes)
+
+
+def test_ddp_timeout_is_overridable_on_the_command_line(tmp_path):
+    strategy = _strategy_of(["--config", str(CONFIGS / "trainer" / "ddp_cpu.yaml"),
+                             "--trainer.strategy.init_args.timeout", "0:05:00"], tmp_path)
+    assert strategy._timeout == datetime.timedelta(minutes=5)
