@@ -109,7 +109,8 @@ def test_killed_gradient_pass_resumes_to_the_same_gradients(world, weights, tmp_
     assert "Resuming the gradient pass" in resumed.stdout + resumed.stderr
     assert not (output / PARTIAL).exists()
 
-    expected, got = load_file(str(reference / "gradients.safetensors")), load_file(str(output / "gradients.safetensors"))
+    expected = load_file(str(reference / "gradients.safetensors"))
+    got = load_file(str(output / "gradients.safetensors"))
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
