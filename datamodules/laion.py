@@ -31,6 +31,7 @@ import glob
 import io
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -192,7 +193,8 @@ def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _Br
 
     Args:
         url: Path of the tar file.
-        with_images: Read image bytes; False skips them (for caption-only scans).
+        with_images: Read image bytes; False skips them (for caption-only scans): a sample that has an
+            image member then carries ``b""`` as its image, one without carries None.
     """
     key, fields = None, {}
     wanted = {CAPTION_EXTENSION, *(IMAGE_EXTENSIONS if with_images else ())}
@@ -208,6 +210,8 @@ def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _Br
                     key, fields = member_key, {}
                 if extension in wanted and extension not in fields:
                     fields[extension] = tar.extractfile(member).read()
+                elif extension in IMAGE_EXTENSIONS and extension not in fields:
+                    fields[extension] = b""  # present, not read
             end_offset = tar.offset
         if not _is_compressed(url) and not _ends_cleanly(url, end_offset):
             yield _BrokenShard(url, "truncated: no end-of-archive block after the last member")
@@ -472,6 +476,76 @@ def count_kept(urls: Sequence[str], keep: Callable[[str], bool] | None = None) -
     return count
 
 
+@dataclass
+class ShardScan:
+    """What a caption-only read of shards found (see :func:`scan_shards`).
+
+    Attributes:
+        shards: Number of shard files read.
+        captions: Samples with a readable caption (the ones a stream would index).
+        matches: Per concept name, how many of those captions mention it.
+        without_caption: Samples without a readable caption.
+        without_image: Samples with a caption but no image member.
+        broken: ``(url, reason, samples read before the damage)`` of every truncated or corrupt shard.
+        words: Distinct caption words and capitalised word pairs (names), for near-match suggestions.
+    """
+
+    shards: int = 0
+    captions: int = 0
+    matches: dict[str, int] = field(default_factory=dict)
+    without_caption: int = 0
+    without_image: int = 0
+    broken: list[tuple[str, str, int]] = field(default_factory=list)
+    words: set[str] = field(default_factory=set)
+
+    @property
+    def samples(self) -> int:
+        """Every sample read, broken or not."""
+        return self.captions + self.without_caption
+
+
+_WORD = re.compile(r"[^\W\d_][\w'-]*")
+
+
+def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000) -> ShardScan:
+    """Read the captions of shards (never their images, nothing written to disk) and count concept mentions.
+
+    Args:
+        urls: Shard files.
+        concepts: Concepts whose caption matches are counted.
+        max_words: Stop collecting vocabulary words beyond this many (bounds memory on large sets).
+
+    Returns:
+        The counts, broken shards and caption vocabulary.
+
+    Example::
+
+        >>> scan = scan_shards(expand_shards("shards/*.tar"), [Concept("Elon Musk")])  # doctest: +SKIP
+        >>> scan.captions, scan.matches  # doctest: +SKIP
+        (12000, {'Elon Musk': 412})
+    """
+    scan = ShardScan(shards=len(urls), matches={c.name: 0 for c in concepts})
+    for url in urls:
+        read = 0
+        for record in _read_shard(url, with_images=False):
+            if isinstance(record, _BrokenShard):
+                scan.broken.append((url, record.reason, read))
+                continue
+            read += 1
+            if record.caption is None:
+                scan.without_caption += 1
+                continue
+            scan.captions += 1
+            scan.without_image += record.image is None
+            for concept in concepts:
+                scan.matches[concept.name] += concept.matches(record.caption)
+            if len(scan.words) < max_words:
+                words = _WORD.findall(record.caption)
+                scan.words.update(words)
+                scan.words.update(f"{a} {b}" for a, b in zip(words, words[1:]) if a[:1].isupper() and b[:1].isupper())
+    return scan
+
+
 # --------------------------------------------------------------------------------------------------
 # The Lightning datamodule
 
@@ -512,9 +586,12 @@ class LaionDataModule(lightning.LightningDataModule):
         shuffle: Shuffle the training pairs, differently each epoch (forget and retain streams are never
             shuffled).
         seed: Seed of the training shuffle.
+        min_forget_pairs: Fewest forget pairs a concept may have (counted on captions before the gradient
+            pass, by ``unlearn``'s pre-flight check): a gradient averaged over a handful of pairs is mostly
+            noise. Default 8; 1 accepts any non-empty forget set.
 
     Raises:
-        ValueError: A non-positive ``batch_size`` or a negative ``num_workers``.
+        ValueError: A non-positive ``batch_size`` or ``min_forget_pairs``, or a negative ``num_workers``.
 
     Example::
 
@@ -533,10 +610,13 @@ class LaionDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        min_forget_pairs: int = 8,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}.")
+        if min_forget_pairs < 1:
+            raise ValueError(f"min_forget_pairs must be >= 1, got {min_forget_pairs}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         self.shards = shards
@@ -546,6 +626,7 @@ class LaionDataModule(lightning.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.seed = seed
+        self.min_forget_pairs = min_forget_pairs
         self.transform: Callable[[PIL.Image.Image], Tensor] | None = None
         self.tokenizer: Callable[[list[str]], Tensor] | None = None
 

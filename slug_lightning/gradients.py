@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,16 @@ class GradientCollector(L.LightningModule):
         activation_checkpointing: Recompute block activations in the backward pass instead of keeping
             them (OpenCLIP's gradient checkpointing): less memory for large models and batches, about one
             more forward pass of time. The gradients are the same.
+        max_skipped_fraction: Fail the pass (a UserError naming the counts) when broken samples, i.e.
+            ``skipped / (pairs + skipped)`` over all streams, exceed this fraction. Default 0.05; 1.0 never
+            fails.
+        checkpoint_every: Save the partial sums and the position (batches done per stream) every this many
+            batches to :attr:`partial_path` (``unlearn`` sets it to ``output_dir/gradients.partial.safetensors``,
+            one file per rank under DDP), so that a killed run resumes where it stopped, with the same
+            gradients as an uninterrupted one. 0 turns it off.
+
+    A loss or gradient that is NaN or infinite stops the pass with a ``FloatingPointError`` naming the stream,
+    the batch and its first sample keys.
 
     The pass runs at the Trainer's precision: ``32-true`` (default) or ``bf16-mixed`` (bf16 autocast of
     the forward and backward; the per-tensor sums stay fp32). fp16 precisions are refused: their loss
@@ -164,8 +175,14 @@ class GradientCollector(L.LightningModule):
         tokenizer=None,
         concepts: Sequence[str] | None = None,
         activation_checkpointing: bool = False,
+        max_skipped_fraction: float = 0.05,
+        checkpoint_every: int = 200,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: no partial checkpoints), got {checkpoint_every}.")
         self.save_hyperparameters(ignore=["model", "preprocess", "tokenizer"])
         if model is None:
             from slug_lightning.models import load_clip
@@ -182,6 +199,10 @@ class GradientCollector(L.LightningModule):
         if activation_checkpointing and not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
                              f"models have it); {type(model).__name__} has not.")
+        self.max_skipped_fraction = max_skipped_fraction
+        self.checkpoint_every = checkpoint_every
+        self.partial_path: Path | None = None  # where partial sums go; None: no checkpoints (set by unlearn)
+        self.resumed_from: dict[str, int] | None = None  # batches per stream taken from a partial checkpoint
         self.gradients: GradientStore | None = None
         self.reused = False  # set when `gradients` was loaded from a store instead of computed
         self.seconds = 0.0
@@ -223,7 +244,12 @@ class GradientCollector(L.LightningModule):
             for stream in self.streams
         }
         self._counts = torch.zeros(len(self.streams) + 1, dtype=torch.float64, device=self.device)  # + skipped
+        self._done = [0] * len(self.streams)  # batches summed per stream (the position of the pass)
+        self._seen = [0] * len(self.streams)  # batches met per stream in this process
+        self._since_checkpoint = 0
+        self._key = None
         self.model.eval()  # dropout off: the gradient is taken at θ⁰ as the model is used
+        self._resume()
 
     def _encode(self, batch: dict) -> tuple[Tensor, Tensor]:
         if batch["image"].shape[0] == 0:
@@ -245,25 +271,36 @@ class GradientCollector(L.LightningModule):
         if self.reused:
             return
         stream = self.streams[dataloader_idx]
+        self._seen[dataloader_idx] += 1
+        if self._seen[dataloader_idx] <= self._done[dataloader_idx]:
+            return  # summed before the run was interrupted: the partial checkpoint holds it
         pairs = batch["image"].shape[0]
+        if pairs or stream == RETAIN:
+            with torch.enable_grad():
+                image_features, text_features = self._encode(batch)
+                if stream == RETAIN:
+                    loss = retain_loss_sum(image_features, text_features, self.model.logit_scale)
+                else:
+                    loss = forget_loss_sum(image_features, text_features)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"The {stream!r} loss is {loss.item()} at {_where(batch, batch_idx)}; "
+                                             "gradients would be meaningless. Check these samples and the model.")
+                grads = torch.autograd.grad(loss, list(self._parameters.values()), allow_unused=True)
+            bad = [name for name, grad in zip(self._parameters, grads) if grad is not None
+                   and not torch.isfinite(grad).all()]
+            if bad:
+                raise FloatingPointError(f"The {stream!r} gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is "
+                                         f"NaN or infinite at {_where(batch, batch_idx)} (loss {loss.item():.6g}). "
+                                         "Check these samples and the model.")
+            for name, grad in zip(self._parameters, grads):
+                if grad is not None:
+                    self._sums[stream][name] += grad.float()
         self._counts[dataloader_idx] += pairs
         self._counts[-1] += int(batch.get("skipped", 0))
-        if pairs == 0 and stream != RETAIN:
-            return
-        with torch.enable_grad():
-            image_features, text_features = self._encode(batch)
-            if stream == RETAIN:
-                loss = retain_loss_sum(image_features, text_features, self.model.logit_scale)
-            else:
-                loss = forget_loss_sum(image_features, text_features)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"The {stream!r} loss is {loss.item()} at batch {batch_idx}; gradients would be meaningless."
-                )
-            grads = torch.autograd.grad(loss, list(self._parameters.values()), allow_unused=True)
-        for (name, _), grad in zip(self._parameters.items(), grads):
-            if grad is not None:
-                self._sums[stream][name] += grad.float()
+        self._done[dataloader_idx] += 1
+        self._since_checkpoint += 1
+        if self.checkpoint_every and self.partial_path is not None and self._since_checkpoint >= self.checkpoint_every:
+            self._save_partial()
 
     @override
     def on_predict_epoch_end(self) -> None:
@@ -275,6 +312,7 @@ class GradientCollector(L.LightningModule):
             _flat_all_reduce(sums)
             dist.all_reduce(self._counts)  # fp64, apart: in one bucket it would promote the fp32 sums to fp64
         counts = self._counts.tolist()
+        _check_skipped(counts[:-1], counts[-1], self.max_skipped_fraction)
         for index, stream in enumerate(self.streams):
             if counts[index] == 0:
                 what = "retain set" if stream == RETAIN else f"forget set of {stream!r}"
@@ -294,5 +332,133 @@ class GradientCollector(L.LightningModule):
             model=self.identity(),
         )
         del self._sums
+        if self.partial_path is not None:
+            # The finished store replaces the partial sums: saved now (it is the expensive part of a run),
+            # so that a run that dies in the search reuses it.
+            if self.trainer.is_global_zero:
+                self.gradients.save(Path(self.partial_path).parent / "gradients.safetensors")
+            self._partial_file().unlink(missing_ok=True)
         self.seconds = time.perf_counter() - self._start
         self.memory.stop()
+
+    # ----------------------------------------------------------------------------------------------
+    # Partial checkpoints
+
+    def _partial_file(self) -> Path:
+        """This rank's partial checkpoint: ``partial_path``, or ``<stem>.rank<r>-of-<w>.safetensors`` under DDP."""
+        path = Path(self.partial_path)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            return path
+        rank = self.trainer.global_rank
+        return path.with_name(f"{path.name.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors")
+
+    def _resume_key(self) -> str:
+        """What partial sums must match to be resumed: model, streams, candidates, data and device count."""
+        if getattr(self, "_key", None) is None:
+            self._key = self._make_resume_key()
+        return self._key
+
+    def _make_resume_key(self) -> str:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        data = {name: repr(getattr(datamodule, name, None))
+                for name in ("shards", "forget_shards", "concepts", "batch_size", "seed")}
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        return json.dumps({"model": self.identity(), "streams": self.streams, "layers": list(self._parameters),
+                           "data": data, "world_size": world_size, "precision": str(getattr(self._trainer, "precision",
+                                                                                               ""))}, sort_keys=True)
+
+    def _save_partial(self) -> None:
+        """Write this rank's sums, counts and position atomically; the previous checkpoint stays until then."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{i}/{name}": g.detach().cpu().contiguous() for i, stream in enumerate(self.streams)
+                   for name, g in self._sums[stream].items()}
+        tensors["__counts__"] = self._counts.detach().cpu()
+        metadata = {"format": "slug_lightning.partial/1", "key": self._resume_key(), "done": json.dumps(self._done)}
+        with atomic_path(self._partial_file()) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        self._since_checkpoint = 0
+
+    def _resume(self) -> None:
+        """Load this rank's matching partial checkpoint, if any; under DDP only when every rank has one at the
+        same position (otherwise all start over, so that the ranks stay in step)."""
+        self.resumed_from = None
+        if self.partial_path is None:
+            return
+        loaded = _load_partial(self._partial_file(), self._resume_key(), len(self.streams))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            done = torch.tensor(loaded[2] if loaded else [-1] * len(self.streams), dtype=torch.float64,
+                                device=self.device)
+            low, high = done.clone(), done.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            if not torch.equal(low, high) or low.min() < 0:
+                loaded = None
+        if loaded is None:
+            return
+        sums, counts, done = loaded
+        for i, stream in enumerate(self.streams):
+            for name in self._sums[stream]:
+                self._sums[stream][name].copy_(sums[f"{i}/{name}"])
+        self._counts.copy_(counts)
+        self._done = list(done)
+        self.resumed_from = dict(zip(self.streams, done))
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"Resuming the gradient pass from {self._partial_file()}: batches already done per stream "
+                       f"{self.resumed_from}.")
+
+
+def _load_partial(path: Path, key: str, streams: int) -> tuple[dict[str, Tensor], Tensor, list[int]] | None:
+    """The sums, counts and position of a partial checkpoint, or None when absent, unreadable or not this run's."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != "slug_lightning.partial/1" or metadata.get("key") != key:
+                warnings.warn(f"Ignoring {str(path)!r}: its partial gradient sums belong to another run "
+                              "(model, concepts, data or devices differ); starting the pass from the beginning.",
+                              stacklevel=2)
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        done = json.loads(metadata["done"])
+    except Exception as error:  # noqa: BLE001 - a damaged checkpoint only costs the work it held
+        warnings.warn(f"Ignoring unreadable partial checkpoint {str(path)!r} ({error}); starting over.", stacklevel=2)
+        return None
+    if len(done) != streams:
+        return None
+    return tensors, tensors.pop("__counts__"), done
+
+
+def _where(batch: dict, batch_idx: int) -> str:
+    """``batch 3 (keys ['a1', 'a2', ...])``: where in the stream a problem happened."""
+    keys = list(batch.get("key", []))
+    shown = f", keys {keys[:8]}{' ...' if len(keys) > 8 else ''}" if keys else ""
+    return f"batch {batch_idx}{shown}"
+
+
+def _check_skipped(pairs: Sequence[float], skipped: float, max_fraction: float) -> None:
+    """Raise when broken samples make up more than ``max_fraction`` of everything read.
+
+    Raises:
+        UserError: ``skipped / (sum(pairs) + skipped) > max_fraction``.
+
+    Example::
+
+        >>> _check_skipped([95, 3], 2, 0.05)
+        >>> _check_skipped([90], 10, 0.05)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        slug_lightning.errors.UserError: 10 of 100 samples (10.0%) were broken and skipped ...
+    """
+    total = sum(pairs) + skipped
+    if total and skipped / total > max_fraction:
+        raise UserError(
+            f"{int(skipped)} of {int(total)} samples ({skipped / total:.1%}) were broken and skipped (missing or "
+            f"undecodable image or caption, damaged shards), more than max_skipped_fraction={max_fraction} "
+            "(--model.init_args.max_skipped_fraction). Repair or drop the damaged shards, or raise the limit."
+        )

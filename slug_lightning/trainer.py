@@ -22,6 +22,9 @@ from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
 from slug_lightning.gradients import GradientCollector, GradientStore
 from slug_lightning.report import format_accuracy_table, terminal_summary, write_unlearn_artifacts
 from slug_lightning.artifacts import write_json
+from slug_lightning.validation import preflight
+
+PARTIAL_GRADIENTS = "gradients.partial.safetensors"  # the gradient pass's checkpoint (one file per rank under DDP)
 
 
 class SlugTrainer(L.Trainer):
@@ -74,6 +77,8 @@ class SlugTrainer(L.Trainer):
                                          baseline)
         store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
                                explicit=gradients is not None)
+        preflight(model, datamodule, search, scan_captions=store is None)
+        model.partial_path = output / PARTIAL_GRADIENTS
         self.callbacks.append(search)
         start = time.perf_counter()
         if store is not None:

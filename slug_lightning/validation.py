@@ -1,0 +1,172 @@
+"""Pre-flight checks of an ``unlearn`` run: every input problem found before the first forward pass.
+
+:func:`preflight` runs at the start of :meth:`SlugTrainer.unlearn <slug_lightning.trainer.SlugTrainer.unlearn>`.
+It is cheap next to the gradient pass: the evaluation sets' file lists are built (no image is decoded) and
+the captions of the forget shards are read once (images are skipped, nothing is written to disk). Each
+problem is a :class:`~slug_lightning.errors.UserError` that says what was given, what is valid and which
+option it came from; the CLI prints it as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+from slug_lightning.errors import UserError
+
+DATA = "data.init_args"
+SEARCH = "search.init_args"
+
+
+def preflight(model, datamodule, search, scan_captions: bool = True) -> None:
+    """Check evaluation sets, forget concepts and shards of an unlearn run before any compute.
+
+    Checks, in order: every evaluation set loads (folder exists, class folders hold images, classes agree
+    with ``class_names``); every forget concept is a class with images in its forget set; the shards
+    resolve; and, when ``scan_captions``, that no shard is unreadable, every concept has at least
+    ``datamodule.min_forget_pairs`` captions mentioning it, and broken samples stay under
+    ``model.max_skipped_fraction``. Datamodules other than ``LaionDataModule`` get the evaluation checks.
+
+    Args:
+        model: The GradientCollector (``max_skipped_fraction`` is read from it when present).
+        datamodule: The datamodule of the run (``LaionDataModule`` for the shard checks).
+        search: The StepSearch with the evaluation sets.
+        scan_captions: Read the forget shards' captions (skip it when the gradients are reused).
+
+    Raises:
+        UserError: The first problem found.
+    """
+    concepts = list(getattr(datamodule, "concepts", None) or [])
+    chosen = getattr(model, "concepts", None)
+    names = [c.name for c in concepts] if chosen is None else list(chosen)
+    check_eval_sets(search, names)
+    if not hasattr(datamodule, "forget_shards"):
+        return
+    from slug_lightning.datamodules.laion import expand_shards, scan_shards
+
+    if not concepts:
+        raise UserError(f"No concept to forget: set {DATA}.concepts, e.g. [{{name: 'Elon Musk'}}].")
+    urls = {}
+    for option in ("shards", "forget_shards"):
+        try:
+            urls[option] = expand_shards(getattr(datamodule, option))
+        except (FileNotFoundError, ValueError) as error:
+            raise UserError(f"{DATA}.{option}: {error}") from None
+    if not scan_captions:
+        return
+    scan = scan_shards(urls["forget_shards"], concepts)
+    check_shards_readable(scan)
+    check_concept_pairs(scan, concepts, getattr(datamodule, "min_forget_pairs", 1))
+    check_skipped(scan, getattr(model, "max_skipped_fraction", 1.0))
+
+
+def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
+    """Load the search's evaluation sets (file lists only) and find each concept's forget set.
+
+    Args:
+        search: A StepSearch (``sets``, ``forget_set`` and ``forget_sets``).
+        concepts: The forget concepts' names.
+
+    Returns:
+        The forget set of each concept.
+
+    Raises:
+        UserError: A set that does not load (missing or empty folder, classes disagreeing with
+            ``class_names``), or a concept that is not a class with images of its forget set.
+    """
+    from slug_lightning.datamodules.labelled import LabelledImages
+
+    datasets = {}
+    for index, spec in enumerate(search.sets):
+        try:
+            datasets[spec.name] = LabelledImages(spec, keep_classes=tuple(concepts))
+        except (OSError, ValueError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise UserError(f"{SEARCH}.sets[{index}] ({spec.name!r}): {message}") from None
+    sets = SimpleNamespace(datasets=datasets, class_names=lambda name: list(datasets[name].class_names))
+    try:
+        return search.forget_sets(list(concepts), sets)
+    except ValueError as error:
+        where = f"{SEARCH}.forget_set" if search.forget_set else f"{SEARCH}.sets"
+        raise UserError(f"{error} Each concept of {DATA}.concepts must be a class with images in the forget "
+                        f"set ({where}).") from None
+
+
+def check_shards_readable(scan) -> None:
+    """Refuse shards that yield no sample at all (not a tar, empty, or damaged at the start); warn about
+    shards damaged further in (their readable part is used, the rest counted as skipped).
+
+    Raises:
+        UserError: Naming every unreadable shard and why.
+    """
+    dead = [(url, reason) for url, reason, read in scan.broken if read == 0]
+    if dead:
+        shown = "; ".join(f"{url!r} ({reason})" for url, reason in dead[:5])
+        more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
+        raise UserError(f"{len(dead)} shard(s) of {DATA}.forget_shards/shards cannot be read as tar archives: "
+                        f"{shown}{more}. Remove them from the pattern or repair them.")
+    for url, reason, read in scan.broken:
+        warnings.warn(f"Shard {url!r} is damaged after {read} samples ({reason}); the rest of it is skipped.",
+                      stacklevel=2)
+
+
+def near_matches(name: str, words: set[str], count: int = 5) -> list[str]:
+    """Caption words and capitalised names closest to ``name`` (case-insensitive), best first.
+
+    Example:
+        >>> near_matches("Vesna Fairbanks", {"Vesna Fairbank", "Ines Yardley", "portrait", "Vesna"})
+        ['Vesna Fairbank', 'Vesna']
+    """
+    by_lower: dict[str, str] = {}
+    for word in sorted(words):
+        by_lower.setdefault(word.lower(), word)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=count, cutoff=0.6)
+    if len(close) < count and " " in name:  # a person's surname or first name alone
+        for part in name.lower().split():
+            close += [w for w in difflib.get_close_matches(part, list(by_lower), n=2, cutoff=0.8) if w not in close]
+    return [by_lower[w] for w in close[:count]]
+
+
+def check_concept_pairs(scan, concepts: Sequence, min_pairs: int) -> None:
+    """Every concept needs ``min_pairs`` captions that mention it.
+
+    Raises:
+        UserError: For a concept no caption mentions (with the number of captions scanned and near matches)
+            or one with fewer than ``min_pairs`` pairs.
+    """
+    for concept in concepts:
+        found = scan.matches.get(concept.name, 0)
+        spellings = " or ".join(repr(s) for s in concept.spellings)
+        if found == 0:
+            close = near_matches(concept.name, scan.words)
+            hint = f" Near matches in the captions: {close}." if close else ""
+            raise UserError(
+                f"Concept {concept.name!r} ({DATA}.concepts): no caption mentions {spellings}; scanned "
+                f"{scan.captions} captions in {scan.shards} shard(s) of {DATA}.forget_shards.{hint} Fix the "
+                "name or add aliases."
+            )
+        if found < min_pairs:
+            raise UserError(
+                f"Concept {concept.name!r} ({DATA}.concepts) has {found} forget pair(s) in {scan.captions} "
+                f"captions, fewer than {DATA}.min_forget_pairs={min_pairs}: its gradient would be mostly noise. "
+                "Add shards that mention it, add aliases, or lower min_forget_pairs."
+            )
+
+
+def check_skipped(scan, max_fraction: float) -> None:
+    """Broken samples seen by the caption scan (no caption, no image, damaged shards) within the limit.
+
+    Raises:
+        UserError: ``broken / samples > max_fraction``.
+    """
+    broken = scan.without_caption + scan.without_image + len(scan.broken)
+    total = scan.samples + len(scan.broken)
+    if total and broken / total > max_fraction:
+        raise UserError(
+            f"{broken} of {total} samples of {DATA}.forget_shards are broken ({scan.without_caption} without "
+            f"caption, {scan.without_image} without image, {len(scan.broken)} damaged shard(s)): "
+            f"{broken / total:.1%}, more than max_skipped_fraction={max_fraction} "
+            "(--model.init_args.max_skipped_fraction)."
+        )

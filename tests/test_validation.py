@@ -1,0 +1,296 @@
+"""Bad input to ``unlearn``: every case is refused before the gradient pass, as one line and exit status 2.
+
+Each case runs the real command line in this process (``slug_lightning.cli.main``) on a tiny demo world
+with a randomly initialised tiny CLIP, and checks the exit code, the words of the one-line message, and
+that no gradient was computed (``gradients.safetensors`` absent).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from safetensors.torch import save_file
+
+import slug_lightning
+from slug_lightning.cli import main
+from slug_lightning.concepts import Concept
+from slug_lightning.datamodules.demo_world import make_demo_world
+from slug_lightning.datamodules.laion import expand_shards, scan_shards
+from slug_lightning.errors import UserError
+from slug_lightning.validation import check_concept_pairs, near_matches
+
+DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=4, objects=2, portraits_per_person=8,
+                           person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
+                           eval_per_object=2, shards=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_no_debug(monkeypatch, single_thread):
+    monkeypatch.delenv("SLUG_DEBUG", raising=False)
+
+
+def sets_of(world) -> list[dict]:
+    return [{"name": "identities", "root": str(world.identities_dir)},
+            {"name": "objects", "root": str(world.objects_dir)}]
+
+
+def unlearn_args(world, output: Path, *extra: str, shards: str | None = None, concepts: list | None = None,
+                 sets: list | None = None, pretrained: str = "null") -> list[str]:
+    return ["unlearn", "--config", str(DEMO_UNLEARN), "--model.init_args.pretrained", pretrained,
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--data.init_args.shards", shards or world.shards,
+            "--data.init_args.concepts", json.dumps(concepts or [{"name": world.default_target}]),
+            "--data.init_args.batch_size", "16", "--search.init_args.sets", json.dumps(sets or sets_of(world)),
+            "--search.init_args.max_steps", "2", "--output_dir", str(output), *extra]
+
+
+def refused(capsys, args: list[str], *words: str) -> str:
+    """Run the CLI; assert exit 2, exactly one ``error:`` line holding ``words``, no traceback; return it."""
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    output = Path(args[args.index("--output_dir") + 1])
+    assert not (output / "gradients.safetensors").exists(), "the gradient pass ran"
+    return lines[0]
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shards
+
+
+def test_shard_pattern_matching_no_file(capsys, world, tmp_path):
+    refused(capsys, unlearn_args(world, tmp_path / "out", shards=str(tmp_path / "nowhere" / "*.tar")),
+            "data.init_args.shards", "matches no file", "nowhere")
+
+
+def test_brace_pattern_naming_missing_shards(capsys, world, tmp_path):
+    pattern = str(Path(world.shards).parent / "{00000..00009}.tar")
+    refused(capsys, unlearn_args(world, tmp_path / "out", shards=pattern), "names 7 missing file(s)", "00003.tar")
+
+
+def test_unreadable_shard(capsys, world, tmp_path):
+    shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
+    (shards / "00001.tar").write_bytes(b"not a tar archive at all " * 40)
+    refused(capsys, unlearn_args(world, tmp_path / "out", shards=str(shards / "*.tar")),
+            "cannot be read as tar archives", "00001.tar", "Remove them")
+
+
+def write_captionless_shard(path: Path, count: int, image: bytes) -> None:
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(count):
+            writer.write({"__key__": f"broken{i:04d}", "png": image})  # an image, no caption
+        writer.write({"__key__": "noimage", "txt": "a caption without an image"})
+
+
+def test_samples_without_caption_or_image_over_the_limit(capsys, world, tmp_path):
+    shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
+    image = next(iter(wds.WebDataset(str(shards / "00000.tar"), shardshuffle=False)))
+    image = next(v for k, v in image.items() if k in ("png", "jpg"))
+    write_captionless_shard(shards / "00003.tar", 20, image)
+    args = unlearn_args(world, tmp_path / "out", shards=str(shards / "*.tar"))
+    refused(capsys, args, "are broken", "20 without caption", "1 without image", "max_skipped_fraction=0.05",
+            "--model.init_args.max_skipped_fraction")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Concepts
+
+
+def test_concept_no_caption_mentions_suggests_near_matches(capsys, world, tmp_path):
+    typo = world.default_target[:-2] + world.default_target[-1] + world.default_target[-2]  # swap the last two
+    # The evaluation set knows the misspelt class (its check comes first); only the captions do not.
+    root = copy_tree(Path(world.identities_dir), tmp_path / "identities")
+    source = next(p for p in root.iterdir() if p.is_dir())
+    shutil.copytree(source, root / typo)
+    sets = sets_of(world)
+    sets[0]["root"] = str(root)
+    line = refused(capsys, unlearn_args(world, tmp_path / "out", concepts=[{"name": typo}], sets=sets),
+                   f"Concept {typo!r}", "data.init_args.concepts", "no caption mentions", "captions in 3 shard(s)",
+                   "Near matches", world.default_target)
+    scanned = int(line.split("scanned ")[1].split(" ")[0])
+    assert scanned == scan_shards(expand_shards(world.shards)).captions > 0
+
+
+def test_concept_with_too_few_forget_pairs(capsys, world, tmp_path):
+    pairs = scan_shards(expand_shards(world.shards), [Concept(world.default_target)]).matches[world.default_target]
+    args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", str(pairs + 1))
+    refused(capsys, args, f"has {pairs} forget pair(s)", f"min_forget_pairs={pairs + 1}")
+
+
+def test_forget_concept_missing_from_the_forget_set(capsys, world, tmp_path):
+    # Captions mention it (through the alias), but no evaluation set has a class of that name.
+    concepts = [{"name": "Somebody Else", "aliases": [world.default_target]}]
+    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts),
+            "'Somebody Else' is not a class name", "identities", "search.init_args.sets")
+
+
+def test_forget_concept_with_no_images_in_the_forget_set(capsys, world, tmp_path):
+    sets = sets_of(world)
+    names = sorted(p.name for p in Path(world.identities_dir).iterdir())
+    sets[0]["class_names"] = [n.replace("_", " ") for n in names]
+    sets[0]["allow_missing_classes"] = True
+    root = copy_tree(Path(world.identities_dir), tmp_path / "identities")
+    shutil.rmtree(root / world.default_target.replace(" ", "_"), ignore_errors=True)
+    shutil.rmtree(root / world.default_target, ignore_errors=True)
+    sets[0]["root"] = str(root)
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "has no images in evaluation set 'identities'")
+
+
+def test_no_concept_at_all(capsys, world, tmp_path):
+    args = unlearn_args(world, tmp_path / "out")
+    args[args.index("--data.init_args.concepts") + 1] = "[]"
+    refused(capsys, args, "No concept to forget", "data.init_args.concepts")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation sets
+
+
+def test_evaluation_folder_missing(capsys, world, tmp_path):
+    sets = sets_of(world)
+    sets[1]["root"] = str(tmp_path / "no_such_folder")
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1] ('objects')",
+            "does not exist", "no_such_folder")
+
+
+def test_evaluation_folder_empty(capsys, world, tmp_path):
+    sets = sets_of(world)
+    (tmp_path / "empty").mkdir()
+    sets[1]["root"] = str(tmp_path / "empty")
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]",
+            "holds no class folders")
+
+
+def test_evaluation_class_folder_without_images(capsys, world, tmp_path):
+    root = copy_tree(Path(world.objects_dir), tmp_path / "objects")
+    (root / "an empty class").mkdir()
+    sets = sets_of(world)
+    sets[1]["root"] = str(root)
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]", "holds no images",
+            "an empty class")
+
+
+def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
+    sets = sets_of(world)
+    sets[1]["class_names"] = ["teapot", "unicorn"]
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]",
+            "class_names differ", "unicorn")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and checkpoints
+
+
+def test_unknown_model_name(capsys, world, tmp_path):
+    refused(capsys, unlearn_args(world, tmp_path / "out", "--model.init_args.model_name", "ViT-B-33"),
+            "Unknown OpenCLIP model 'ViT-B-33'", "Did you mean")
+
+
+def test_unknown_pretrained_tag(capsys, world, tmp_path):
+    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained="openai"),
+            "'openai' is neither a pretrained tag of 'slug-tiny'", "no published weights")
+
+
+def test_missing_checkpoint(capsys, world, tmp_path):
+    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "missing.safetensors")),
+            "missing.safetensors", "does not exist")
+
+
+def test_mismatched_checkpoint(capsys, world, tmp_path, tiny_clip):
+    state = {k: v.clone() for k, v in tiny_clip.model.state_dict().items() if k != "visual.proj"}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "partial.safetensors")),
+            "missing keys", "visual.proj")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_malicious_pickle_checkpoint_is_refused_without_running_it(capsys, world, tmp_path, tiny_clip):
+    marker = tmp_path / "pwned"
+    state = dict(tiny_clip.model.state_dict())
+    state["logit_scale"] = _Payload(marker)
+    torch.save(state, tmp_path / "evil.pt")
+    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "evil.pt")), "Refusing to load",
+            "evil.pt")
+    assert not marker.exists(), "unpickling ran the payload"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output directory and configs
+
+
+def test_output_directory_with_a_finished_run(capsys, world, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")
+    refused(capsys, unlearn_args(world, tmp_path / "out"), "already holds a finished run", "--overwrite true")
+
+
+@pytest.mark.parametrize("section, class_path", [("model", "os.system"), ("model", "subprocess.Popen"),
+                                                 ("data", "subprocess.run"), ("search", "subprocess.Popen")])
+def test_config_cannot_instantiate_arbitrary_callables(capsys, world, tmp_path, section, class_path):
+    """jsonargparse instantiates only subclasses of the declared type: nothing of the payload runs."""
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(json.dumps({section: {"class_path": class_path,
+                                            "init_args": {"args": ["touch", str(marker)]}}}))
+    args = unlearn_args(world, tmp_path / "out")
+    args[3:3] = ["--config", str(config)]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{class_path} does not correspond to a subclass" in err
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pieces
+
+
+def test_near_matches_finds_names_and_single_words():
+    words = {"Vesna Fairbank", "Ines Yardley", "portrait", "Vesna", "Fairbank"}
+    assert near_matches("Vesna Fairbanks", words)[0] == "Vesna Fairbank"
+    assert "Fairbank" in near_matches("Jon Fairbank", words)
+    assert near_matches("zzzz", words) == []
+
+
+def test_min_forget_pairs_boundary(world):
+    concept = Concept(world.default_target)
+    scan = scan_shards(expand_shards(world.shards), [concept])
+    found = scan.matches[concept.name]
+    check_concept_pairs(scan, [concept], found)  # exactly the minimum passes
+    with pytest.raises(UserError, match=f"has {found} forget pair"):
+        check_concept_pairs(scan, [concept], found + 1)
+
+
+def test_a_valid_run_passes_preflight_and_computes(capsys, world, tmp_path):
+    """The same arguments without the fault run to the end (so the refusals above are the faults')."""
+    assert main(unlearn_args(world, tmp_path / "out")) == 0
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert not (tmp_path / "out" / "gradients.partial.safetensors").exists()
