@@ -94,7 +94,7 @@ def describe_data(datamodule, search) -> dict:
 
 
 def write_unlearn_artifacts(output: Path, collector, search, total_seconds: float, devices: int,
-                            reused_gradients: bool, datamodule=None) -> dict:
+                            datamodule=None) -> dict:
     """Write every artifact of a run into ``output`` (rank 0 only) and return the report."""
     from slug_lightning import plots
 
@@ -107,7 +107,7 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
                          if getattr(logger, "log_dir", None)]
     if (output / "config.yaml").is_file():  # written by the command line before the run
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
-    if not reused_gradients or not (output / "gradients.safetensors").exists():
+    if not (output / "gradients.safetensors").exists():  # the collector writes it when its pass ends
         store.save(output / "gradients.safetensors")
     layer_rows = [{"concept": concept, **asdict(stats)} for concept, rows in search.layers.items() for stats in rows]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)

@@ -73,8 +73,8 @@ class SlugTrainer(L.Trainer):
         if method != "slug":
             from slug_lightning.baseline_unlearn import unlearn_with_baseline
 
-            return unlearn_with_baseline(self, model, datamodule, search, output, method,
-                                         baseline)
+            preflight(model, datamodule, search)
+            return unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
         store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
                                explicit=gradients is not None)
         preflight(model, datamodule, search, scan_captions=store is None)
@@ -94,7 +94,7 @@ class SlugTrainer(L.Trainer):
         if not self.is_global_zero:
             return None
         report = write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
-                                         reused_gradients=store is not None, datamodule=datamodule)
+                                         datamodule=datamodule)
         print(terminal_summary(report, output))
         return report
 
