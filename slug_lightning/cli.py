@@ -31,6 +31,7 @@ Other commands:
   make-world write the demo world (LAION-style shards + labelled sets)
   export-diffusers / export-llava   put a run's edit into a diffusers text encoder / a LLaVA vision tower
   eval-diffusion / eval-vlm         measure forgetting in a diffusion pipeline / a LLaVA-style VLM
+  delta      show, apply, remove or combine the per-concept edits of runs (delta.safetensors)
 
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
@@ -44,6 +45,7 @@ PLAIN_COMMANDS = {
     "export-llava": "slug_lightning.hf.export:export_llava_main",
     "eval-diffusion": "slug_lightning.hf.evaluate:diffusion_main",
     "eval-vlm": "slug_lightning.hf.evaluate:vlm_main",
+    "delta": "slug_lightning.delta_cli:main",
 }
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.
