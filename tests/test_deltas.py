@@ -269,3 +269,145 @@ def test_cli_combine_and_bad_arguments(files, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit status 2
         main(["delta", "frobnicate"])
     assert exit_info.value.code == 2
+
+
+# --- end to end on the demo world -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """A finished demo directory (world/ and fit/): ``$SLUG_DEMO_DIR`` if it holds one, else made here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    given = os.environ.get("SLUG_DEMO_DIR")
+    if given and (Path(given) / "fit" / "slug-tiny.safetensors").is_file():
+        return Path(given)
+    output = tmp_path_factory.mktemp("demo")
+    result = subprocess.run([sys.executable, "-m", "slug_lightning", "demo", "--output_dir", str(output)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def _unlearn(demo_dir, output, people, similarity_classes=0):
+    from slug_lightning import GradientCollector, SlugTrainer
+    from slug_lightning.callbacks import StepSearch
+    from slug_lightning.concepts import Concept
+    from slug_lightning.datamodules import LaionDataModule
+    from slug_lightning.datamodules.demo_world import load_demo_world
+
+    world = load_demo_world(demo_dir / "world")
+    trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    search = StepSearch(sets=_sets(world), metric="top1", max_steps=8, similarity_classes=similarity_classes)
+    report = trainer.unlearn(GradientCollector("slug-tiny", str(demo_dir / "fit" / "slug-tiny.safetensors")),
+                             LaionDataModule(world.shards, concepts=[Concept(p) for p in people], batch_size=128),
+                             search, output_dir=str(output))
+    return report, search
+
+
+def _sets(world):
+    from slug_lightning.datamodules import LabelledSet
+
+    return [LabelledSet("identities", root=str(world.identities_dir)),
+            LabelledSet("objects", root=str(world.objects_dir))]
+
+
+def _forget_top1(demo_dir, checkpoint, people) -> dict[str, float]:
+    """Forget top-1 of each person (among all identities) for a checkpoint file."""
+    from slug_lightning import load_clip
+    from slug_lightning.datamodules import ZeroShotDataModule
+    from slug_lightning.datamodules.demo_world import load_demo_world
+    from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+
+    loaded = load_clip("slug-tiny", str(checkpoint))
+    datamodule = ZeroShotDataModule(_sets(load_demo_world(demo_dir / "world"))[:1])
+    datamodule.transform = loaded.preprocess
+    evaluator = ZeroShotEvaluator(loaded.model, loaded.tokenizer, datamodule, keep_classes=people)
+    names = {s: evaluator.class_names(s) for s in evaluator.datasets}
+    summary = summarize(evaluator.run(), names, {p: "identities" for p in people})
+    return {p: summary["forget"][p]["top1"] for p in people}
+
+
+def _two_people(demo_dir):
+    from slug_lightning.datamodules.demo_world import load_demo_world
+
+    world = load_demo_world(demo_dir / "world")
+    other = world.people[1] if world.people[0] == world.default_target else world.people[0]
+    return world.default_target, other
+
+
+@pytest.mark.slow
+def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(demo_dir, tmp_path, single_thread):
+    from slug_lightning.models import read_state_dict
+
+    base_path = demo_dir / "fit" / "slug-tiny.safetensors"
+    base = read_state_dict(base_path)
+    a, b = _two_people(demo_dir)
+    reports = {p: _unlearn(demo_dir, tmp_path / f"run_{i}", [p])[0] for i, p in enumerate((a, b))}
+    run_a, run_b = tmp_path / "run_0", tmp_path / "run_1"
+    for person, run in ((a, run_a), (b, run_b)):
+        delta = read_delta(run / "delta.safetensors")
+        (concept,) = reports[person]["concepts"]
+        # the delta is complete and made for θ⁰, though the model in memory carried the edit when it was written
+        assert delta.base_fingerprint == fingerprint(base)
+        assert delta.entries == [{"key": f"{person}/{concept['layer']}", "concept": person, "layer": concept["layer"],
+                                  "step_size": concept["step_size"], "tower": concept["tower"],
+                                  "relative_change": concept["relative_change"]}]
+        assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0
+        meta = _metadata(run / "model.safetensors")
+        assert meta["base_fingerprint"] == fingerprint(base) and json.loads(meta["unlearned"]) == [person]
+
+    def delta_cli(*args):
+        assert main(["delta", *map(str, args)]) == 0
+
+    delta_cli("apply", "--model", base_path, "--delta", run_a / "delta.safetensors", run_b / "delta.safetensors",
+              "--output", tmp_path / "both.safetensors")
+    assert _forget_top1(demo_dir, tmp_path / "both.safetensors", [a, b]) == {a: 0.0, b: 0.0}
+    delta_cli("remove", "--model", tmp_path / "both.safetensors", "--delta", run_a / "delta.safetensors",
+              "--output", tmp_path / "only_b.safetensors")
+    back = _forget_top1(demo_dir, tmp_path / "only_b.safetensors", [a, b])
+    assert back[b] == 0.0
+    assert back[a] == pytest.approx(reports[a]["concepts"][0]["forget_top1_before"], abs=1e-9)
+    # the same weights as run b's own unlearned model, which never carried a's edit, up to float rounding
+    only_b, model_b = load_file(str(tmp_path / "only_b.safetensors")), load_file(str(run_b / "model.safetensors"))
+    assert only_b.keys() == model_b.keys()
+    for name in model_b:
+        torch.testing.assert_close(only_b[name], model_b[name], rtol=0, atol=1e-6)
+    # and a run's own model.safetensors knows its base: removing its delta gives the fitted model back
+    delta_cli("remove", "--model", run_a / "model.safetensors", "--delta", run_a / "delta.safetensors",
+              "--output", tmp_path / "base_again.safetensors")
+    again = load_file(str(tmp_path / "base_again.safetensors"))
+    for name in base:
+        torch.testing.assert_close(again[name], base[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_multi_concept_run_reports_every_concept_draws_them_and_keeps_updates_apart(demo_dir, tmp_path,
+                                                                                     single_thread):
+    from slug_lightning.models import read_state_dict
+
+    people = list(_two_people(demo_dir))
+    report, search = _unlearn(demo_dir, tmp_path / "run", people, similarity_classes=3)
+    assert [c["name"] for c in report["concepts"]] == people
+    for concept in report["concepts"]:
+        name = concept["name"]
+        assert concept["forget_top1_before"] == report["before"]["forget"][name]["top1"] >= 0.5
+        assert concept["forget_top1_after"] == report["after"]["forget"][name]["top1"] == 0.0
+        assert concept["forget_top5_after"] == report["after"]["forget"][name]["top5"]
+    assert "similarity_identities.png" in report["plots"]
+    assert (tmp_path / "run" / "similarity_identities.png").is_file()
+    # one matrix for the set both people are in (paper Fig. 8): both people, then 3 look-alikes, before and after
+    names, concepts, before, after = search.similarity["identities"]
+    assert concepts == people and names[:2] == people and len(names) == 5 and before.shape == after.shape == (5, 5)
+    delta = read_delta(tmp_path / "run" / "delta.safetensors")
+    assert delta.concepts == people
+    assert delta.base_fingerprint == fingerprint(read_state_dict(demo_dir / "fit" / "slug-tiny.safetensors"))
+    assert main(["delta", "remove", "--model", str(tmp_path / "run" / "model.safetensors"), "--delta",
+                 str(tmp_path / "run" / "delta.safetensors"), "--concept", people[0], "--output",
+                 str(tmp_path / "second_only.safetensors")]) == 0
+    back = _forget_top1(demo_dir, tmp_path / "second_only.safetensors", people)
+    assert back[people[1]] == 0.0 and back[people[0]] >= 0.5
