@@ -84,7 +84,8 @@ def tables(results: list[tuple[list[str], dict]]) -> str:
         objs = 100 * (after["objects"]["top1"] - before["objects"]["top1"])
         forgotten = all(c["forget_top1_after"] == 0.0 for c in report["concepts"])
         lines.append(f"| {len(people)} | {_pct(before['identities']['top1'])} | {_pct(after['identities']['top1'])} | "
-                     f"{ids:+.1f} | {_pct(before['objects']['top1'])} | {_pct(after['objects']['top1'])} | {objs:+.1f} | "
+                     f"{ids:+.1f} | {_pct(before['objects']['top1'])} | {_pct(after['objects']['top1'])} | "
+                     f"{objs:+.1f} | "
                      f"{'yes' if forgotten else 'no'} | {report['timing']['probes']} | "
                      f"{report['timing']['total_s']:.1f} |")
     return "\n".join(lines)
