@@ -272,11 +272,19 @@ def provenance_of(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] 
     """
     metadata = metadata or {}
     if "base_fingerprint" in metadata:
-        return Provenance(metadata["base_fingerprint"], json.loads(metadata.get("deltas", "[]")))
-    if "unlearned" in metadata and "fingerprint" in json.loads(metadata.get("model", "{}") or "{}"):
-        applied = [{"concept": concept} for concept in json.loads(metadata["unlearned"])]
-        return Provenance(json.loads(metadata["model"])["fingerprint"], applied)
+        return Provenance(metadata["base_fingerprint"], _json(metadata.get("deltas"), []))
+    model = _json(metadata.get("model"), {})
+    if "unlearned" in metadata and isinstance(model, dict) and "fingerprint" in model:
+        return Provenance(model["fingerprint"], [{"concept": c} for c in _json(metadata["unlearned"], [])])
     return Provenance(fingerprint(dict(state_dict)))
+
+
+def _json(text: str | None, default):
+    # Metadata written by other tools may hold plain strings (fit's export: "model": "slug-tiny").
+    try:
+        return json.loads(text) if text else default
+    except json.JSONDecodeError:
+        return default
 
 
 def check_base(delta: Delta, provenance: Provenance, checkpoint: str = "the checkpoint") -> None:

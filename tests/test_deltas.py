@@ -164,6 +164,31 @@ def test_provenance_of_a_recorded_checkpoint_and_of_an_older_unlearned_model():
     older = {"format": "pt", "model": json.dumps({"name": "slug-tiny", "fingerprint": "f00"}),
              "unlearned": json.dumps(["Ann Lee"])}
     assert provenance_of(_base(), older) == Provenance("f00", [{"concept": "Ann Lee"}])
+    exported = {"format": "pt", "model": "slug-tiny"}  # fit's export: a plain name, no record
+    assert provenance_of(_base(), exported) == Provenance(fingerprint(_base()), [])
+
+
+def test_run_delta_names_the_base_the_gradients_were_taken_at():
+    """The model carries the edit when the artifacts are written; the delta still names θ⁰."""
+    from types import SimpleNamespace
+
+    from slug_lightning.gradients import GradientStore
+    from slug_lightning.layers import LayerStats
+    from slug_lightning.report import run_delta
+    from slug_lightning.search import Probe
+
+    gradient = torch.ones(8, 4)
+    store = GradientStore(forget={"Ann Lee": {"visual.proj": gradient}}, retain={"visual.proj": gradient},
+                          forget_samples={"Ann Lee": 3}, retain_samples=9, model={"name": "slug-tiny", "fingerprint": "f0"})
+    probe = Probe("Ann Lee", "visual.proj", 2, 0.25, 0.05, 0.0, 0.5, {"people": 0.9}, {"people": 1.0})
+    search = SimpleNamespace(chosen={"Ann Lee": probe},
+                             layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)]})
+    collector = SimpleNamespace(gradients=store, base_fingerprint="f0")
+    delta = run_delta(collector, search)
+    assert delta.base_fingerprint == "f0" and delta.model == store.model
+    assert delta.entries == [{"key": "Ann Lee/visual.proj", "concept": "Ann Lee", "layer": "visual.proj",
+                              "step_size": 0.25, "tower": "vision", "relative_change": 0.05}]
+    torch.testing.assert_close(delta.tensors["Ann Lee/visual.proj"], 0.25 * gradient)
 
 
 # --- the `delta` command --------------------------------------------------------------------------------------
