@@ -179,7 +179,8 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
 
     gradient = torch.ones(8, 4)
     store = GradientStore(forget={"Ann Lee": {"visual.proj": gradient}}, retain={"visual.proj": gradient},
-                          forget_samples={"Ann Lee": 3}, retain_samples=9, model={"name": "slug-tiny", "fingerprint": "f0"})
+                          forget_samples={"Ann Lee": 3}, retain_samples=9,
+                          model={"name": "slug-tiny", "fingerprint": "f0"})
     probe = Probe("Ann Lee", "visual.proj", 2, 0.25, 0.05, 0.0, 0.5, {"people": 0.9}, {"people": 1.0})
     search = SimpleNamespace(chosen={"Ann Lee": probe},
                              layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)]})
