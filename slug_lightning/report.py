@@ -128,8 +128,10 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
 
     delta = run_delta(collector, search)
     write_delta(output / "delta.safetensors", delta)
+    # What model.safetensors carries: the edits, unless the search was told to restore θ⁰ (apply=False).
+    carried = delta.entries if getattr(search, "apply", True) else []
     provenance = Provenance(delta.base_fingerprint, [{k: e[k] for k in ("concept", "layer", "step_size")}
-                                                      for e in delta.entries])
+                                                      for e in carried])
     write_checkpoint(output / "model.safetensors", collector.model.state_dict(), provenance,
                      metadata={"model": json.dumps(store.model)})
     report["plots"] = plots.unlearn_plots(output, search, search.similarity)
