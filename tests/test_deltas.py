@@ -329,8 +329,11 @@ def _unlearn(demo_dir, output, people, similarity_classes=0):
     trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                           enable_model_summary=False)
     search = StepSearch(sets=_sets(world), metric="top1", max_steps=8, similarity_classes=similarity_classes)
+    # The retain gradient from 2 of the 12 shards (the gradient pass is most of a run's time); forget pairs from all.
+    retain = str(demo_dir / "world" / "shards" / "{00000..00001}.tar")
     report = trainer.unlearn(GradientCollector("slug-tiny", str(demo_dir / "fit" / "slug-tiny.safetensors")),
-                             LaionDataModule(world.shards, concepts=[Concept(p) for p in people], batch_size=128),
+                             LaionDataModule(retain, forget_shards=world.shards, concepts=[Concept(p) for p in people],
+                                             batch_size=128),
                              search, output_dir=str(output))
     return report, search
 
@@ -392,7 +395,13 @@ def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(dem
 
     delta_cli("apply", "--model", base_path, "--delta", run_a / "delta.safetensors", run_b / "delta.safetensors",
               "--output", tmp_path / "both.safetensors")
-    assert _forget_top1(demo_dir, tmp_path / "both.safetensors", [a, b]) == {a: 0.0, b: 0.0}
+    # Each delta was searched alone on θ⁰, at about the smallest step that forgets (binary search, tolerance 5%),
+    # so together they are not guaranteed to forget both: measured, the default target gets 1 of its 12 images
+    # back (0.083), the other stays at 0. A multi-concept run searches each concept on the model carrying the
+    # earlier concepts' edits instead (the next test).
+    both = _forget_top1(demo_dir, tmp_path / "both.safetensors", [a, b])
+    assert max(both.values()) <= 0.1, both
+    assert all(both[p] < reports[p]["concepts"][0]["forget_top1_before"] / 5 for p in (a, b)), both
     delta_cli("remove", "--model", tmp_path / "both.safetensors", "--delta", run_a / "delta.safetensors",
               "--output", tmp_path / "only_b.safetensors")
     back = _forget_top1(demo_dir, tmp_path / "only_b.safetensors", [a, b])
@@ -432,6 +441,13 @@ def test_multi_concept_run_reports_every_concept_draws_them_and_keeps_updates_ap
     delta = read_delta(tmp_path / "run" / "delta.safetensors")
     assert delta.concepts == people
     assert delta.base_fingerprint == fingerprint(read_state_dict(demo_dir / "fit" / "slug-tiny.safetensors"))
+    # the run's delta on the base model is the run's unlearned model
+    assert main(["delta", "apply", "--model", str(demo_dir / "fit" / "slug-tiny.safetensors"), "--delta",
+                 str(tmp_path / "run" / "delta.safetensors"), "--output", str(tmp_path / "applied.safetensors")]) == 0
+    applied = load_file(str(tmp_path / "applied.safetensors"))
+    unlearned = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for name in unlearned:
+        torch.testing.assert_close(applied[name], unlearned[name], rtol=0, atol=1e-6)
     assert main(["delta", "remove", "--model", str(tmp_path / "run" / "model.safetensors"), "--delta",
                  str(tmp_path / "run" / "delta.safetensors"), "--concept", people[0], "--output",
                  str(tmp_path / "second_only.safetensors")]) == 0
