@@ -12,7 +12,14 @@ Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo 
 
     python benchmarks/multi_concept.py --demo /work/assets/demo --output benchmarks/results/multi_concept.md
 
-Each run's artifacts go to ``--runs`` (default: a temporary directory).
+Each run's artifacts go to ``--runs`` (default: a temporary directory); with ``--reuse`` the report of a
+finished run there (same people) is read instead of running it again, so runs made apart (``--counts 5``) can
+be tabulated together. ``--keep-forgotten`` runs the
+search with ``StepSearch(keep_forgotten=True)`` (a probe of person k counts as forgotten only if persons
+1..k−1 stay forgotten too) into ``people_<n>_keep``, reusing the gradients of ``people_<n>`` when present:
+
+    python benchmarks/multi_concept.py --demo /work/assets/demo --runs RUNS --keep-forgotten \
+        --output benchmarks/results/multi_concept_keep_forgotten.md
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ def people_to_forget(world, count: int) -> list[str]:
     return [world.people[(start + i) % len(world.people)] for i in range(count)]
 
 
-def unlearn(demo: Path, output: Path, people: list[str]) -> dict:
+def unlearn(demo: Path, output: Path, people: list[str], *overrides: str) -> dict:
     """One multi-concept ``unlearn`` on the demo world; returns its report."""
     world = demo / "world"
     paths = {
@@ -56,7 +63,7 @@ def unlearn(demo: Path, output: Path, people: list[str]) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     (output / "paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
     command = [sys.executable, "-m", "slug_lightning", "unlearn", "--config", config_path("demo/unlearn.yaml"),
-               "--config", str(output / "paths.yaml")]
+               "--config", str(output / "paths.yaml"), *overrides]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"unlearn of {people} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
@@ -111,6 +118,10 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
     parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
     parser.add_argument("--output", default=None, help="also write the markdown here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the report of a finished run in --runs (same people) instead of running it again")
+    parser.add_argument("--keep-forgotten", action="store_true",
+                        help="search with keep_forgotten (earlier people must stay forgotten)")
     args = parser.parse_args()
     demo = Path(args.demo).resolve()
     if not (demo / "fit" / "slug-tiny.safetensors").is_file() or not (demo / "world" / "world.json").is_file():
@@ -122,11 +133,26 @@ def main() -> None:
         for count in args.counts:
             people = people_to_forget(world, count)
             print(f"[multi_concept] forgetting {count}: {', '.join(people)}", file=sys.stderr)
-            results.append((people, unlearn(demo, runs / f"people_{count}", people)))
+            overrides = []
+            if args.keep_forgotten:
+                overrides = ["--search.init_args.keep_forgotten", "true"]
+                gradients = runs / f"people_{count}" / "gradients.safetensors"
+                if gradients.is_file():
+                    overrides += ["--gradients", str(gradients)]
+            name = f"people_{count}" + ("_keep" if args.keep_forgotten else "")
+            finished = runs / name / "report.json"
+            if args.reuse and finished.is_file() and \
+                    [c["name"] for c in json.loads(finished.read_text())["concepts"]] == people:
+                results.append((people, json.loads(finished.read_text())))
+                continue
+            results.append((people, unlearn(demo, runs / name, people, *overrides)))
     text = "\n".join([
         "# Several people in one run (demo world)", "",
-        f"`python benchmarks/multi_concept.py --demo {args.demo}`: one multi-concept `unlearn` per row group "
-        "(demo config: slug-tiny, metric top-1, threshold 0, max_steps 10); people = the default target and the "
+        f"`python benchmarks/multi_concept.py --demo {args.demo}{' --keep-forgotten' if args.keep_forgotten else ''}`: "
+        "one multi-concept `unlearn` per row group (demo config: slug-tiny, metric top-1, threshold 0, max_steps 10; "
+        + ("search with `keep_forgotten`: a probe of person k must also keep persons 1..k−1 forgotten"
+           if args.keep_forgotten else "search as METHOD §9: the forget test of person k checks k only")
+        + "); people = the default target and the "
         f"next ones in world order. Forget top-1 after = the final evaluation with every edit applied. "
         f"Identity test = the images of the other {len(world.people)} − n people. Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""])
