@@ -60,6 +60,9 @@ class StepSearch(Callback):
         cache_on_cpu: Keep the probe caches in CPU memory instead of on the accelerator.
         similarity_classes: How many look-alike classes (those whose names the model embeds closest to the
             forget concepts) join the concepts in the before/after image–text similarity matrix; 0 skips it.
+        keep_forgotten: Several concepts: a probe of concept k counts as forgotten only if concepts 1..k−1 stay
+            forgotten too (its forget accuracy is the largest of theirs and its own). Off (METHOD §9): the forget
+            test of concept k checks k only, and a later edit may bring an earlier concept back.
 
     Example::
 
@@ -86,6 +89,7 @@ class StepSearch(Callback):
         cache_dtype: Literal["float32", "bfloat16"] = "float32",
         cache_on_cpu: bool = False,
         similarity_classes: int = 5,
+        keep_forgotten: bool = False,
     ) -> None:
         if not sets:
             raise ValueError("StepSearch needs at least one evaluation set.")
@@ -114,6 +118,7 @@ class StepSearch(Callback):
         if similarity_classes < 0:
             raise ValueError(f"similarity_classes must be >= 0, got {similarity_classes}.")
         self.similarity_classes = similarity_classes
+        self.keep_forgotten = keep_forgotten
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
         self.set_sizes: dict[str, dict[str, int]] = {}
@@ -242,6 +247,9 @@ class StepSearch(Callback):
         # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
         summary = summarize(counts, class_names, forget_sets)
         forget = summary["forget"][concept]
+        if self.keep_forgotten:  # the concepts chosen before this one must stay forgotten too
+            kept = [summary["forget"][c] for c in self.chosen if c != concept] + [forget]
+            forget = {k: max(f[k] for f in kept) for k in ("top1", "top5")}
         probe = Probe(
             concept=concept,
             layer=layer.name,

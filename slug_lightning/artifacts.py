@@ -82,7 +82,7 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
     digest = hashlib.sha256()
     for name in sorted(state_dict):
-        tensor = state_dict[name].detach().float().flatten().cpu()
+        flat = state_dict[name].detach().flatten()  # sampled before the copy: a large model stays where it is
         digest.update(f"{name}:{tuple(state_dict[name].shape)}".encode())
-        digest.update(torch.cat([tensor[:256], tensor[-256:]]).numpy().tobytes())
+        digest.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -32,6 +32,7 @@ Other commands:
   export-diffusers / export-llava   put a run's edit into a diffusers text encoder / a LLaVA vision tower
   eval-diffusion / eval-vlm         measure forgetting in a diffusion pipeline / a LLaVA-style VLM
   compare    run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one config; table and plot
+  delta      show, apply, remove or combine the per-concept edits of runs (delta.safetensors)
 
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
@@ -46,6 +47,7 @@ PLAIN_COMMANDS = {
     "eval-diffusion": "slug_lightning.hf.evaluate:diffusion_main",
     "eval-vlm": "slug_lightning.hf.evaluate:vlm_main",
     "compare": "slug_lightning.compare:main",
+    "delta": "slug_lightning.delta_cli:main",
 }
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.

@@ -205,6 +205,9 @@ class GradientCollector(L.LightningModule):
         self.resumed_from: dict[str, int] | None = None  # batches per stream taken from a partial checkpoint
         self.gradients: GradientStore | None = None
         self.reused = False  # set when `gradients` was loaded from a store instead of computed
+        # Fingerprint of θ⁰, taken when the predict run starts: a search that follows (StepSearch) leaves its edits
+        # in the model, and the run's delta must name the model it was computed for.
+        self.base_fingerprint: str | None = None
         self.seconds = 0.0
         self.memory = PeakMemory()
 

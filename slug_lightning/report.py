@@ -8,7 +8,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
+from slug_lightning.artifacts import write_csv, write_json, write_text
+from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoint, write_delta
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
 
@@ -47,6 +48,9 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
             "step_size": probe.step_size,
             "relative_change": probe.relative_change,
             "forget_samples": store.forget_samples[name],
+            # The final evaluation, with every concept's edit applied (METHOD §9).
+            **{f"forget_{k}_{when}": accuracies["forget"][name][k]
+               for when, accuracies in (("before", search.before), ("after", search.after)) for k in ("top1", "top5")},
         })
     edited = {(name, probe.layer) for name, probe in search.chosen.items()}
     sizes = [store.forget[name][layer] for name, layer in edited]
@@ -66,7 +70,8 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         ],
         "settings": {"metric": search.metric, "threshold": search.threshold, "max_steps": search.max_steps,
                      "tolerance": search.tolerance, "towers": list(search.towers),
-                     "signed_alignment": search.signed_alignment},
+                     "signed_alignment": search.signed_alignment,
+                     "keep_forgotten": getattr(search, "keep_forgotten", False)},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
         "memory": peak_memory(collector, search),
@@ -76,6 +81,22 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
                  "bytes": sum(g.numel() * g.element_size() for g in sizes)},
         "devices": devices,
     }
+
+
+def run_delta(collector, search) -> Delta:
+    """The run's chosen updates λ·G_f, one per concept, for the base model θ⁰ the gradients were taken at.
+
+    The model in memory carries the edits by now; its base fingerprint was taken before the search
+    (``GradientCollector.base_fingerprint``), and equals the gradient store's model fingerprint.
+    """
+    store = collector.gradients
+    towers = {s.name: s.tower for stats in search.layers.values() for s in stats}
+    base = getattr(collector, "base_fingerprint", None) or store.model.get("fingerprint")
+    updates = [({"concept": concept, "layer": probe.layer, "step_size": probe.step_size,
+                 "tower": towers.get(probe.layer), "relative_change": probe.relative_change},
+                probe.step_size * store.forget[concept][probe.layer])
+               for concept, probe in search.chosen.items()]
+    return make_delta(updates, base, store.model)
 
 
 def describe_data(datamodule, search) -> dict:
@@ -113,18 +134,14 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
     write_csv(output / "search.csv", _search_rows(search))
 
-    deltas, entries = {}, []
-    for concept, probe in search.chosen.items():
-        key = f"{concept}/{probe.layer}"
-        deltas[key] = probe.step_size * store.forget[concept][probe.layer]
-        entries.append({"key": key, "concept": concept, "layer": probe.layer, "step_size": probe.step_size})
-    save_state_dict(output / "delta.safetensors", deltas, metadata={
-        "format": "slug_lightning.delta/1", "model": json.dumps(store.model), "entries": json.dumps(entries),
-        "base_fingerprint": collector.base_fingerprint,
-    })
-    save_state_dict(output / "model.safetensors", collector.model.state_dict(), metadata={
-        "format": "pt", "model": json.dumps(store.model), "unlearned": json.dumps(list(search.chosen)),
-    })
+    delta = run_delta(collector, search)
+    write_delta(output / "delta.safetensors", delta)
+    # What model.safetensors carries: the edits, unless the search was told to restore θ⁰ (apply=False).
+    carried = delta.entries if getattr(search, "apply", True) else []
+    provenance = Provenance(delta.base_fingerprint, [{k: e[k] for k in ("concept", "layer", "step_size")}
+                                                      for e in carried])
+    write_checkpoint(output / "model.safetensors", collector.model.state_dict(), provenance,
+                     metadata={"model": json.dumps(store.model)})
     report["plots"] = plots.unlearn_plots(output, search, search.similarity)
     write_json(output / "report.json", report)
     write_text(output / "report.md", render_markdown(report))

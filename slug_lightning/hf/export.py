@@ -55,28 +55,15 @@ class RunEdit:
 
 
 def read_delta(path: Path) -> tuple[dict[str, Tensor], list[dict], dict]:
-    """Read ``delta.safetensors``: keys ``<concept>/<param>``, metadata ``entries`` and ``model``.
-
-    The one place that knows the delta file format (swap for ``slug_lightning.deltas`` when it exists).
+    """Read ``delta.safetensors`` (:func:`slug_lightning.deltas.read_delta`), summed per layer.
 
     Returns:
         ``({layer: summed delta (fp32)}, entries, model identity)``.
     """
-    from safetensors import SafetensorError, safe_open
+    from slug_lightning.deltas import layer_updates, read_delta as read
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if "entries" not in metadata:
-                raise UserError(f"{str(path)!r} is not a delta written by slug_lightning (no 'entries' metadata).")
-            entries = json.loads(metadata["entries"])
-            deltas: dict[str, Tensor] = {}
-            for entry in entries:
-                tensor = handle.get_tensor(entry["key"]).float()
-                deltas[entry["layer"]] = deltas[entry["layer"]] + tensor if entry["layer"] in deltas else tensor
-    except SafetensorError as error:
-        raise UserError(f"Cannot read {str(path)!r}: {error}") from None
-    return deltas, entries, json.loads(metadata.get("model", "{}"))
+    delta = read(path)
+    return layer_updates(delta), delta.entries, delta.model
 
 
 def read_run(run_dir: str | Path) -> RunEdit:

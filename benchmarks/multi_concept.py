@@ -1,0 +1,166 @@
+"""Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, one multi-concept
+``unlearn`` each.
+
+The people are the world's default target and the people after it in world order. Each run is the demo's
+``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient per person, searched
+in order, each on the model carrying the earlier edits). Per person: the chosen layer and step size, forget
+top-1 before and after (the final evaluation, all edits applied); per run: identity test top-1 (the other
+people's images) and object test top-1, before and after. The target: forget top-1 0 for every person, and
+an identity test top-1 drop of at most 10 points for 5 people.
+
+Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo --output_dir DIR`` wrote):
+
+    python benchmarks/multi_concept.py --demo /work/assets/demo --output benchmarks/results/multi_concept.md
+
+Each run's artifacts go to ``--runs`` (default: a temporary directory); with ``--reuse`` the report of a
+finished run there (same people) is read instead of running it again, so runs made apart (``--counts 5``) can
+be tabulated together. ``--keep-forgotten`` runs the
+search with ``StepSearch(keep_forgotten=True)`` (a probe of person k counts as forgotten only if persons
+1..k−1 stay forgotten too) into ``people_<n>_keep``, reusing the gradients of ``people_<n>`` when present:
+
+    python benchmarks/multi_concept.py --demo /work/assets/demo --runs RUNS --keep-forgotten \
+        --output benchmarks/results/multi_concept_keep_forgotten.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from _common import machine
+
+from slug_lightning import config_path
+from slug_lightning.datamodules.demo_world import load_demo_world
+
+COUNTS = (2, 3, 5)
+MAX_DROP = 0.10  # identity test top-1, for 5 people
+
+
+def people_to_forget(world, count: int) -> list[str]:
+    """The default target and the ``count - 1`` people after it in world order (wrapping around)."""
+    start = world.people.index(world.default_target)
+    return [world.people[(start + i) % len(world.people)] for i in range(count)]
+
+
+def unlearn(demo: Path, output: Path, people: list[str], *overrides: str) -> dict:
+    """One multi-concept ``unlearn`` on the demo world; returns its report."""
+    world = demo / "world"
+    paths = {
+        "seed_everything": 0,
+        "trainer": {"logger": False, "enable_progress_bar": False},
+        "model": {"init_args": {"pretrained": str(demo / "fit" / "slug-tiny.safetensors")}},
+        "data": {"init_args": {"shards": str(world / "shards" / "*.tar"), "concepts": [{"name": p} for p in people]}},
+        "search": {"init_args": {"sets": [{"name": "identities", "root": str(world / "eval" / "identities")},
+                                          {"name": "objects", "root": str(world / "eval" / "objects")}]}},
+        "output_dir": str(output),
+        "overwrite": True,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
+    command = [sys.executable, "-m", "slug_lightning", "unlearn", "--config", config_path("demo/unlearn.yaml"),
+               "--config", str(output / "paths.yaml"), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"unlearn of {people} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return json.loads((output / "report.json").read_text())
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def tables(results: list[tuple[list[str], dict]]) -> str:
+    """The markdown of the closing note: per-person edits and a per-run summary."""
+    lines = ["| people | # | concept | layer | tower | λ | forget top-1 before | forget top-1 after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for people, report in results:
+        for index, concept in enumerate(report["concepts"], start=1):
+            lines.append(f"| {len(people)} | {index} | {concept['name']} | `{concept['layer']}` | {concept['tower']} | "
+                         f"{concept['step_size']:.4g} | {_pct(concept['forget_top1_before'])} | "
+                         f"{_pct(concept['forget_top1_after'])} |")
+    lines += ["", "| people | identity test top-1 before | after | Δ (points) | object test top-1 before | after | "
+              "Δ (points) | all forgotten | probes | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for people, report in results:
+        before, after = report["before"]["test"], report["after"]["test"]
+        ids = 100 * (after["identities"]["top1"] - before["identities"]["top1"])
+        objs = 100 * (after["objects"]["top1"] - before["objects"]["top1"])
+        forgotten = all(c["forget_top1_after"] == 0.0 for c in report["concepts"])
+        lines.append(f"| {len(people)} | {_pct(before['identities']['top1'])} | {_pct(after['identities']['top1'])} | "
+                     f"{ids:+.1f} | {_pct(before['objects']['top1'])} | {_pct(after['objects']['top1'])} | "
+                     f"{objs:+.1f} | "
+                     f"{'yes' if forgotten else 'no'} | {report['timing']['probes']} | "
+                     f"{report['timing']['total_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def verdict(results: list[tuple[list[str], dict]]) -> str:
+    """Whether the target holds: every person forgotten, identity test drop ≤ 10 points for 5 people."""
+    notes = []
+    for people, report in results:
+        missed = [c["name"] for c in report["concepts"] if c["forget_top1_after"] != 0.0]
+        if missed:
+            notes.append(f"{len(people)} people: not forgotten (top-1 > 0): {', '.join(missed)}")
+        drop = report["before"]["test"]["identities"]["top1"] - report["after"]["test"]["identities"]["top1"]
+        if len(people) == 5 and drop > MAX_DROP:
+            notes.append(f"5 people: identity test top-1 drops {100 * drop:.1f} points (> {100 * MAX_DROP:.0f})")
+    return "Target met: every person forgotten (top-1 0), identity test drop ≤ 10 points for 5 people." \
+        if not notes else "Target NOT met: " + "; ".join(notes) + "."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--demo", default="runs/demo", help="a finished demo directory (world/, fit/)")
+    parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
+    parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
+    parser.add_argument("--output", default=None, help="also write the markdown here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the report of a finished run in --runs (same people) instead of running it again")
+    parser.add_argument("--keep-forgotten", action="store_true",
+                        help="search with keep_forgotten (earlier people must stay forgotten)")
+    args = parser.parse_args()
+    demo = Path(args.demo).resolve()
+    if not (demo / "fit" / "slug-tiny.safetensors").is_file() or not (demo / "world" / "world.json").is_file():
+        sys.exit(f"error: {demo} holds no finished demo; run `python -m slug_lightning demo --output_dir {demo}`.")
+    world = load_demo_world(demo / "world")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(args.runs).resolve() if args.runs else Path(tmp)
+        for count in args.counts:
+            people = people_to_forget(world, count)
+            print(f"[multi_concept] forgetting {count}: {', '.join(people)}", file=sys.stderr)
+            overrides = []
+            if args.keep_forgotten:
+                overrides = ["--search.init_args.keep_forgotten", "true"]
+                gradients = runs / f"people_{count}" / "gradients.safetensors"
+                if gradients.is_file():
+                    overrides += ["--gradients", str(gradients)]
+            name = f"people_{count}" + ("_keep" if args.keep_forgotten else "")
+            finished = runs / name / "report.json"
+            if args.reuse and finished.is_file() and \
+                    [c["name"] for c in json.loads(finished.read_text())["concepts"]] == people:
+                results.append((people, json.loads(finished.read_text())))
+                continue
+            results.append((people, unlearn(demo, runs / name, people, *overrides)))
+    text = "\n".join([
+        "# Several people in one run (demo world)", "",
+        f"`python benchmarks/multi_concept.py --demo {args.demo}{' --keep-forgotten' if args.keep_forgotten else ''}`: "
+        "one multi-concept `unlearn` per row group (demo config: slug-tiny, metric top-1, threshold 0, max_steps 10; "
+        + ("search with `keep_forgotten`: a probe of person k must also keep persons 1..k−1 forgotten"
+           if args.keep_forgotten else "search as METHOD §9: the forget test of person k checks k only")
+        + "); people = the default target and the "
+        f"next ones in world order. Forget top-1 after = the final evaluation with every edit applied. "
+        f"Identity test = the images of the other {len(world.people)} − n people. Machine: {machine()}.", "",
+        tables(results), "", verdict(results), ""])
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
