@@ -141,41 +141,39 @@ def _batch_loss(model: nn.Module, batch: dict, stream: str, device: torch.device
     return retain_loss_sum(image_features, text_features, model.logit_scale) / pairs, pairs
 
 
-def _mean_squared_gradients(model: nn.Module, loaders: Iterable, parameters: Mapping[str, nn.Parameter],
-                            device: torch.device) -> dict[str, Tensor]:
-    """The diagonal Fisher estimate of SSD: mean over batches of the squared gradient of the CLIP loss."""
+def _gradient_sums(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
+                   device: torch.device, loss_of: str, squared: bool) -> tuple[dict[str, Tensor], int, int]:
+    """Σ over ``batches`` of each parameter's gradient of the ``loss_of`` loss (``"retain"``: the CLIP loss,
+    batch mean; ``"forget"``: 1 − cos, summed over pairs), or of its square; also the batch and pair counts."""
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
-    batches = 0
-    for loader in loaders:
-        for batch in loader:
-            if batch["image"].shape[0] < 2:  # a contrastive loss needs negatives
-                continue
-            loss, _ = _batch_loss(model, batch, "retain", device)
-            grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
-            for (name, _), grad in zip(parameters.items(), grads):
-                if grad is not None:
-                    sums[name] += grad.float() ** 2
-            batches += 1
-    if batches == 0:
+    used = pairs = 0
+    for batch in batches:
+        if batch["image"].shape[0] < (2 if loss_of == "retain" else 1):  # a contrastive loss needs negatives
+            continue
+        loss, count = _batch_loss(model, batch, loss_of, device)
+        if loss_of == "forget":
+            loss = -loss * count  # _batch_loss gives GA's objective, the negated mean
+        grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+        for name, grad in zip(parameters, grads):
+            if grad is not None:
+                sums[name] += grad.float() ** 2 if squared else grad.float()
+        used, pairs = used + 1, pairs + count
+    return sums, used, pairs
+
+
+def _fisher_diagonal(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
+                     device: torch.device) -> dict[str, Tensor]:
+    """SSD's importance: the mean over batches of the squared gradient of the CLIP loss."""
+    sums, used, _ = _gradient_sums(model, batches, parameters, device, "retain", squared=True)
+    if used == 0:
         raise ValueError("SSD found no batch of at least two pairs to estimate the Fisher information from.")
-    return {n: s / batches for n, s in sums.items()}
+    return {n: s / used for n, s in sums.items()}
 
 
-def _mean_forget_gradient(model: nn.Module, loaders: Iterable, parameters: Mapping[str, nn.Parameter],
+def _mean_forget_gradient(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
                           device: torch.device) -> dict[str, Tensor]:
     """G_f over all trained tensors (SalUn's saliency), as a mean over all forget pairs."""
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
-    pairs = 0
-    for loader in loaders:
-        for batch in loader:
-            if batch["image"].shape[0] == 0:
-                continue
-            loss, count = _batch_loss(model, batch, "forget", device)
-            grads = torch.autograd.grad(-loss * count, list(parameters.values()), allow_unused=True)
-            for (name, _), grad in zip(parameters.items(), grads):
-                if grad is not None:
-                    sums[name] += grad.float()
-            pairs += count
+    sums, _, pairs = _gradient_sums(model, batches, parameters, device, "forget", squared=False)
     return {n: s / max(pairs, 1) for n, s in sums.items()}
 
 
@@ -228,8 +226,8 @@ def run_baseline(method: str, model: nn.Module, forget_loaders: Callable[[], dic
     start = time.perf_counter()
     if method == "ssd":
         with torch.enable_grad():
-            forget = _mean_squared_gradients(model, [forget_batches()], parameters, device)
-            retain = _mean_squared_gradients(model, [retain_batches()], parameters, device)
+            forget = _fisher_diagonal(model, forget_batches(), parameters, device)
+            retain = _fisher_diagonal(model, retain_batches(), parameters, device)
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(dampen(parameter, forget[name], retain[name], settings.alpha, settings.dampening))
@@ -240,7 +238,7 @@ def run_baseline(method: str, model: nn.Module, forget_loaders: Callable[[], dic
     mask = original = None
     if method == "salun":
         with torch.enable_grad():
-            mask = saliency_mask(_mean_forget_gradient(model, [forget_batches()], parameters, device),
+            mask = saliency_mask(_mean_forget_gradient(model, forget_batches(), parameters, device),
                                  settings.mask_fraction)
         original = {n: p.detach().clone() for n, p in parameters.items()}
     seconds = time.perf_counter() - start

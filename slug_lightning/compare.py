@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
+import subprocess
+import sys
 from pathlib import Path
 
 from slug_lightning.artifacts import write_csv, write_text
@@ -117,8 +118,11 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas: list[float], iterations: int,
             output: Path, overwrite: bool = False) -> list[dict]:
-    """Run every method and setting, write the table and the plot, return every row (``selected`` marked)."""
-    from slug_lightning.cli import main as cli_main
+    """Run every method and setting, write the table and the plot, return every row (``selected`` marked).
+
+    Each run is an ``unlearn`` in a process of its own (its output in ``<run>/log.txt``), so its time and peak
+    memory are measured alone; a finished run (its ``report.json``) is reused unless ``overwrite``.
+    """
     from slug_lightning.plots import comparison_plot
 
     rows = []
@@ -132,12 +136,15 @@ def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas
                     args.append(f"--baseline.iterations={iterations}")
                     args += [f"--baseline.{k}={v}" for k, v in setting.items()]
                 print(f"[compare] {method} {_label(setting)} -> {run_dir}", flush=True)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-                    code = cli_main(args)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                # A process per run: its wall time and peak memory are its own, not the leftovers of the last.
+                with open(run_dir / "log.txt", "w") as log:
+                    code = subprocess.run([sys.executable, "-m", "slug_lightning", *args], stdout=log,
+                                          stderr=subprocess.STDOUT).returncode
                 if code:
-                    raise UserError(f"The {method} run ({_label(setting)}) failed with exit code {code}; its "
-                                    f"command was: python -m slug_lightning {' '.join(args)}")
+                    tail = (run_dir / "log.txt").read_text().strip().splitlines()[-1:]
+                    raise UserError(f"The {method} run ({_label(setting)}) failed with exit code {code} "
+                                    f"({tail[0] if tail else 'no output'}); see {run_dir / 'log.txt'}.")
             else:
                 print(f"[compare] {method} {_label(setting)}: reusing the finished run in {run_dir}")
             report = json.loads((run_dir / "report.json").read_text())

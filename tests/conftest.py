@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,3 +53,20 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_cli(*args, cwd=None) -> str:
+    """``python -m slug_lightning ARGS`` in a subprocess; asserts success and returns its output."""
+    result = subprocess.run([sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True,
+                            text=True, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The README's demo, run once per session as a subprocess: (output dir, report, log); shared by the
+    end-to-end tests of several modules, which read its world and fit and write their own runs elsewhere."""
+    output = tmp_path_factory.mktemp("demo")
+    log = run_cli("demo", "--output_dir", output)
+    return output, json.loads((output / "report.json").read_text()), log

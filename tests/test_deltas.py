@@ -324,21 +324,15 @@ def test_cli_combine_and_bad_arguments(files, capsys):
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    """A finished demo directory (world/ and fit/): ``$SLUG_DEMO_DIR`` if it holds one, else made here."""
+def demo_dir(request):
+    """A finished demo directory (world/ and fit/): ``$SLUG_DEMO_DIR`` if it holds one, else the session's demo."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     given = os.environ.get("SLUG_DEMO_DIR")
     if given and (Path(given) / "fit" / "slug-tiny.safetensors").is_file():
         return Path(given)
-    output = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, "-m", "slug_lightning", "demo", "--output_dir", str(output)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
+    return request.getfixturevalue("demo")[0]
 
 
 def _unlearn(demo_dir, output, people, similarity_classes=0):

@@ -6,8 +6,6 @@ other tests reuse its world and fitted tiny CLIP.
 
 import json
 import shutil
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -24,18 +22,7 @@ from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 pytestmark = pytest.mark.slow
 
 
-def _run(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True,
-                            text=True, cwd=cwd)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    output = tmp_path_factory.mktemp("demo")
-    log = _run("demo", "--output_dir", output)
-    return output, json.loads((output / "report.json").read_text()), log
+from conftest import run_cli as _run  # noqa: E402  (the `demo` fixture is in conftest.py)
 
 
 def _sets(world):
