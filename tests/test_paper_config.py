@@ -99,7 +99,8 @@ def make_stand_ins(root: Path) -> None:
 
 
 def write_override(path: Path) -> Path:
-    """The only changes to the paper config: the tiny random model, a CPU trainer, one probe per layer.
+    """The only changes to the paper config: the tiny random model, a CPU trainer, one probe per layer, and a
+    minimum of forget pairs that the stand-in shards (4 pairs of the concept) meet.
 
     One probe per layer keeps the run short: each language-tower probe rebuilds a 1000-class x 7-template
     ImageNet classifier, about 5 s on a busy 2-core machine. The search itself is tested elsewhere.
@@ -107,6 +108,7 @@ def write_override(path: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
         "model": {"init_args": {"model_name": "slug-tiny", "pretrained": None}},
+        "data": {"init_args": {"min_forget_pairs": 2}},
         "search": {"init_args": {"max_steps": 1}},
     }))
     return path
