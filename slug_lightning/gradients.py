@@ -289,9 +289,11 @@ class GradientCollector(L.LightningModule):
                     raise FloatingPointError(f"The {stream!r} loss is {loss.item()} at {_where(batch, batch_idx)}; "
                                              "gradients would be meaningless. Check these samples and the model.")
                 grads = torch.autograd.grad(loss, list(self._parameters.values()), allow_unused=True)
-            bad = [name for name, grad in zip(self._parameters, grads) if grad is not None
-                   and not torch.isfinite(grad).all()]
-            if bad:
+            # One device sync per batch: a single flag over every tensor, the names only when it trips.
+            flags = [torch.isfinite(g).all() for g in grads if g is not None]
+            if flags and not torch.stack(flags).all():
+                bad = [name for name, grad in zip(self._parameters, grads) if grad is not None
+                       and not torch.isfinite(grad).all()]
                 raise FloatingPointError(f"The {stream!r} gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is "
                                          f"NaN or infinite at {_where(batch, batch_idx)} (loss {loss.item():.6g}). "
                                          "Check these samples and the model.")
