@@ -63,6 +63,13 @@ class StepSearch(Callback):
         keep_forgotten: Several concepts: a probe of concept k counts as forgotten only if concepts 1..k−1 stay
             forgotten too (its forget accuracy is the largest of theirs and its own). Off (METHOD §9): the forget
             test of concept k checks k only, and a later edit may bring an earlier concept back.
+        refine_rounds: Several concepts: after the search of METHOD §9, up to this many rounds that revisit each
+            concept in order and search its step size again on its chosen layer, on the model carrying every
+            other concept's edit, starting from the step it has. A probe there counts as forgotten only if the
+            concept and every other concept forgotten at that moment stay forgotten; the new step is chosen by
+            the rule of METHOD §7 among that layer's probes, the current step included, so a concept a later
+            edit brought back is pushed further and one the other edits already help is given a smaller step.
+            Rounds stop early once one changes no step. 0 (the default) is METHOD §9 as written.
 
     Example::
 
@@ -90,6 +97,7 @@ class StepSearch(Callback):
         cache_on_cpu: bool = False,
         similarity_classes: int = 5,
         keep_forgotten: bool = False,
+        refine_rounds: int = 0,
     ) -> None:
         if not sets:
             raise ValueError("StepSearch needs at least one evaluation set.")
@@ -119,6 +127,9 @@ class StepSearch(Callback):
             raise ValueError(f"similarity_classes must be >= 0, got {similarity_classes}.")
         self.similarity_classes = similarity_classes
         self.keep_forgotten = keep_forgotten
+        if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
+            raise ValueError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
+        self.refine_rounds = refine_rounds
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
         self.set_sizes: dict[str, dict[str, int]] = {}
@@ -210,13 +221,13 @@ class StepSearch(Callback):
                     progress.set_description(f"search {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
                                              f" · probe {search.steps + 1}/{self.max_steps}")
                     probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
-                                        search.step_size, class_names, forget_sets, trainer)
+                                        search.step_size, class_names, forget_sets, trainer, self._kept(concept))
                     search.update(is_forgotten(probe.forget_accuracy(self.metric), self.threshold))
                     progress.update(1)
                     progress.set_postfix({"λ": f"{probe.step_size:.3g}",
                                           f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"})
             progress.close()
-            self.chosen[concept] = choose([p for p in self.probes if p.concept == concept], self.metric)
+            self.chosen[concept] = choose([p for p in self.probes if p.concept == concept and not p.round], self.metric)
             chosen = self.chosen[concept]
             # Later concepts are searched on the model that carries this edit (METHOD §9).
             parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
@@ -225,6 +236,9 @@ class StepSearch(Callback):
             rank_zero_info(f"[slug] {concept}: layer {chosen.layer}, λ={chosen.step_size:.4g}, "
                            f"forget {self.metric} {chosen.forget_accuracy(self.metric):.3f}, "
                            f"utility {chosen.utility:.3f}")
+        if len(store.concepts) > 1:
+            counts = self._refine(evaluator, parameters, store, class_names, forget_sets, counts, trainer,
+                                  show_progress, device)
         self.after = summarize(counts, class_names, forget_sets)
         self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))
                            for set_name, (names, concepts) in panels.items()}
@@ -235,8 +249,53 @@ class StepSearch(Callback):
         self.memory.stop()
         return self.chosen
 
+    def _kept(self, concept: str) -> list[str]:
+        """The concepts a probe of ``concept`` must keep forgotten in the search of METHOD §9: those chosen
+        before it with ``keep_forgotten``, none without."""
+        return [c for c in self.chosen if c != concept] if self.keep_forgotten else []
+
+    def _refine(self, evaluator, parameters, store: GradientStore, class_names, forget_sets, counts, trainer,
+                show_progress: bool, device) -> dict:
+        """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts."""
+        for round_ in range(1, self.refine_rounds + 1):
+            changed = []
+            progress = tqdm(total=len(store.concepts) * self.max_steps, disable=not show_progress, leave=False,
+                            unit="probe", dynamic_ncols=True)
+            for concept in store.concepts:
+                current = self.chosen[concept]
+                forgotten = summarize(counts, class_names, forget_sets)["forget"]
+                kept = [c for c in store.concepts if c != concept
+                        and is_forgotten(forgotten[c][self.metric], self.threshold)]
+                layer = next(s for s in self.layers[concept] if s.name == current.layer)
+                gradient = store.forget[concept][layer.name].to(device)
+                parameter = parameters[layer.name]
+                parameter.sub_(current.step_size * gradient)  # the model with every other concept's edit
+                evaluator.run()  # ... is the reference of this concept's probes
+                search = BinarySearch(current.step_size, self.max_steps, self.tolerance)
+                probes = []
+                while not search.done:
+                    progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · "
+                                             f"{short_name(layer.name)} · probe {search.steps + 1}/{self.max_steps}")
+                    probes.append(self._probe(evaluator, parameter, gradient, layer, concept, search.step_size,
+                                              class_names, forget_sets, trainer, kept, round_))
+                    search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
+                    progress.update(1)
+                chosen = choose(probes, self.metric)
+                parameter.add_(chosen.step_size * gradient)
+                counts = evaluator.run()
+                if chosen.step_size != current.step_size:
+                    changed.append(concept)
+                    self.chosen[concept] = chosen
+                rank_zero_info(f"[slug] refine {round_}: {concept}: λ {current.step_size:.4g} → {chosen.step_size:.4g}"
+                               f" on {chosen.layer}, forget {self.metric} (with the {len(kept)} kept forgotten) "
+                               f"{chosen.forget_accuracy(self.metric):.3f}, utility {chosen.utility:.3f}")
+            progress.close()
+            if not changed:
+                break
+        return counts
+
     def _probe(self, evaluator, parameter, gradient, layer: LayerStats, concept, step_size, class_names,
-               forget_sets, trainer) -> Probe:
+               forget_sets, trainer, kept: Sequence[str] = (), round_: int = 0) -> Probe:
         start = time.perf_counter()
         original = parameter.detach().clone()
         parameter.add_(step_size * gradient)
@@ -247,13 +306,13 @@ class StepSearch(Callback):
         # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
         summary = summarize(counts, class_names, forget_sets)
         forget = summary["forget"][concept]
-        if self.keep_forgotten:  # the concepts chosen before this one must stay forgotten too
-            kept = [summary["forget"][c] for c in self.chosen if c != concept] + [forget]
-            forget = {k: max(f[k] for f in kept) for k in ("top1", "top5")}
+        if kept:  # other concepts that must stay forgotten: the probe is only as forgotten as the worst of them
+            worst = [summary["forget"][c] for c in kept if c != concept] + [forget]
+            forget = {k: max(f[k] for f in worst) for k in ("top1", "top5")}
         probe = Probe(
             concept=concept,
             layer=layer.name,
-            step=sum(1 for p in self.probes if p.concept == concept and p.layer == layer.name),
+            step=sum(1 for p in self.probes if (p.concept, p.layer, p.round) == (concept, layer.name, round_)),
             step_size=float(step_size),
             relative_change=float(step_size * layer.grad_norm / layer.weight_norm),
             forget_top1=forget["top1"],
@@ -262,6 +321,7 @@ class StepSearch(Callback):
             test_top1={name: value["top1"] for name, value in summary["test"].items() if value["count"]},
             test_top5={name: value["top5"] for name, value in summary["test"].items() if value["count"]},
             seconds=time.perf_counter() - start,
+            round=round_,
         )
         self.probes.append(probe)
         if trainer is not None and trainer.logger is not None:

@@ -163,7 +163,8 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
             pareto_plot(output / name, concept, tower, [s for s in stats if s.tower == tower],
                         chosen.layer if chosen else None)
             names.append(name)
-        probes = [p for p in search.probes if p.concept == concept and math.isfinite(p.step_size)]
+        # The curves are the search of METHOD §9; a refined choice (round >= 1) is circled at its own λ.
+        probes = [p for p in search.probes if p.concept == concept and not p.round and math.isfinite(p.step_size)]
         if probes:
             name = f"search_{_slug(concept)}.png"
             search_plot(output / name, concept, probes, chosen, search.metric)

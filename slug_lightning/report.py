@@ -65,13 +65,14 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         "search": [
             {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
              "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
-             "test_top1": p.test_top1, "test_top5": p.test_top5, "seconds": p.seconds}
+             "test_top1": p.test_top1, "test_top5": p.test_top5, "seconds": p.seconds, "round": p.round}
             for p in search.probes
         ],
         "settings": {"metric": search.metric, "threshold": search.threshold, "max_steps": search.max_steps,
                      "tolerance": search.tolerance, "towers": list(search.towers),
                      "signed_alignment": search.signed_alignment,
-                     "keep_forgotten": getattr(search, "keep_forgotten", False)},
+                     "keep_forgotten": getattr(search, "keep_forgotten", False),
+                     "refine_rounds": getattr(search, "refine_rounds", 0)},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
         "memory": peak_memory(collector, search),
@@ -156,6 +157,7 @@ def _search_rows(search) -> list[dict]:
         row.update({f"test_top1[{name}]": value for name, value in p.test_top1.items()})
         row.update({f"test_top5[{name}]": value for name, value in p.test_top5.items()})
         row["seconds"] = p.seconds
+        row["round"] = p.round
         rows.append(row)
     return rows
 

@@ -104,6 +104,9 @@ class Probe:
         test_top1: Top-1 accuracy per test set.
         test_top5: Top-5 accuracy per test set.
         seconds: Wall time of the probe.
+        round: 0 for the search of METHOD §9; r ≥ 1 for the r-th refinement round of several concepts
+            (see :class:`~slug_lightning.callbacks.StepSearch`), where the forget accuracy is the largest over the
+            concept and the concepts it must keep forgotten.
 
     Raises:
         ValueError: on a negative step, step size, relative change or time, or an accuracy outside [0, 1].
@@ -119,10 +122,13 @@ class Probe:
     test_top1: dict[str, float] = field(default_factory=dict)
     test_top5: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    round: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.step, int) and self.step >= 0):
-            raise ValueError(f"step must be an integer >= 0, got {self.step!r}.")
+        for what in ("step", "round"):
+            value = getattr(self, what)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{what} must be an integer >= 0, got {value!r}.")
         for what in ("step_size", "relative_change", "seconds"):
             value = getattr(self, what)
             if not (math.isfinite(value) and value >= 0.0):

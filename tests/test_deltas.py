@@ -192,29 +192,6 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
     torch.testing.assert_close(delta.tensors["Ann Lee/visual.proj"], 0.25 * gradient)
 
 
-def test_keep_forgotten_makes_a_probe_count_the_earlier_concepts():
-    """With keep_forgotten a probe of the second concept is only as forgotten as the worst of the first two."""
-    from types import SimpleNamespace
-
-    from slug_lightning.callbacks import StepSearch
-    from slug_lightning.datamodules import LabelledSet
-    from slug_lightning.layers import LayerStats
-
-    # count table rows: [images, top-1 hits, top-5 hits] per class; Ann came back (3 of 10), Bob is forgotten
-    counts = {"people": torch.tensor([[10.0, 3.0, 6.0], [10.0, 0.0, 2.0], [10.0, 9.0, 10.0]])}
-    evaluator = SimpleNamespace(run=lambda edited=None: counts)
-    names, forget_sets = {"people": ["Ann", "Bob", "Cy"]}, {"Ann": "people", "Bob": "people"}
-    layer = LayerStats("w", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)
-    results = {}
-    for keep in (False, True):
-        search = StepSearch(sets=[LabelledSet("people", root="unused")], metric="top1", keep_forgotten=keep)
-        search.chosen = {"Ann": None}  # Ann was searched first
-        probe = search._probe(evaluator, torch.zeros(2), torch.ones(2), layer, "Bob", 1.0, names, forget_sets, None)
-        results[keep] = (probe.forget_top1, probe.forget_top5)
-    assert results[False] == (0.0, 0.2)
-    assert results[True] == (0.3, 0.6)
-
-
 # --- the `delta` command --------------------------------------------------------------------------------------
 
 

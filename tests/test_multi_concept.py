@@ -1,0 +1,112 @@
+"""Several concepts in one search: the forget test that keeps earlier concepts forgotten, and the refinement
+rounds that revisit each concept's step on the model carrying all the others' edits.
+
+A scripted evaluator stands in for the model: its count tables are a fixed function of two one-entry "layers",
+so each rule of the search can be checked against answers worked out by hand.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from slug_lightning.callbacks import StepSearch
+from slug_lightning.datamodules import LabelledSet
+from slug_lightning.evaluation import summarize
+from slug_lightning.layers import LayerStats
+from slug_lightning.search import Probe
+
+NAMES = {"people": ["Ann", "Bob", "Cy"]}
+FORGET_SETS = {"Ann": "people", "Bob": "people"}
+
+
+def _search(**options) -> StepSearch:
+    return StepSearch(sets=[LabelledSet("people", root="unused")], metric="top1", **options)
+
+
+def test_keep_forgotten_makes_a_probe_count_the_earlier_concepts():
+    """With keep_forgotten a probe of the second concept is only as forgotten as the worst of the first two."""
+    # count table rows: [images, top-1 hits, top-5 hits] per class; Ann came back (3 of 10), Bob is forgotten
+    counts = {"people": torch.tensor([[10.0, 3.0, 6.0], [10.0, 0.0, 2.0], [10.0, 9.0, 10.0]])}
+    evaluator = SimpleNamespace(run=lambda edited=None: counts)
+    layer = LayerStats("w", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)
+    results = {}
+    for keep in (False, True):
+        search = _search(keep_forgotten=keep)
+        search.chosen = {"Ann": None}  # Ann was searched first
+        probe = search._probe(evaluator, torch.zeros(2), torch.ones(2), layer, "Bob", 1.0, NAMES, FORGET_SETS,
+                              None, search._kept("Bob"))
+        results[keep] = (probe.forget_top1, probe.forget_top5)
+    assert results[False] == (0.0, 0.2)
+    assert results[True] == (0.3, 0.6)
+
+
+class World:
+    """Two people, each edited along its own one-entry layer (``a`` for Ann, ``b`` for Bob, gradient 1):
+
+    - Ann is forgotten once ``a >= 1 + b / 2``: Bob's edit brings her back unless hers grows;
+    - Bob is forgotten once ``b + a / 4 >= 1``: Ann's edit helps forget him;
+    - Cy, the test class, keeps ``10 - (a + b)`` of his 10 images: every step costs utility.
+    """
+
+    def __init__(self, a: float, b: float) -> None:
+        self.parameters = {"a": torch.tensor([a]), "b": torch.tensor([b])}
+
+    def run(self, edited=None):
+        a, b = (float(self.parameters[n]) for n in "ab")
+        ann = 0.0 if a >= 1 + b / 2 else 10.0
+        bob = 0.0 if b + a / 4 >= 1 else 10.0
+        cy = 10.0 - (a + b)
+        return {"people": torch.tensor([[10.0, ann, ann], [10.0, bob, bob], [10.0, cy, cy]])}
+
+
+def _refined(rounds: int, a: float = 1.0, b: float = 0.75):
+    """The refinement of a first pass that chose λ_Ann = ``a`` (on θ⁰) and then λ_Bob = ``b``."""
+    world = World(a, b)
+    search = _search(refine_rounds=rounds)
+    search.layers = {c: [LayerStats(n, "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)] for c, n in (("Ann", "a"),
+                                                                                             ("Bob", "b"))}
+    search.chosen = {"Ann": Probe("Ann", "a", 0, a, a, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, b, b, 0.0, 0.0)}
+    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
+    counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
+    return search, world, summarize(counts, NAMES, FORGET_SETS)
+
+
+def test_first_pass_leaves_the_earlier_concept_brought_back():
+    """The premise of the refinement test: METHOD §9 alone ends with Ann back (1 < 1 + 0.75 / 2)."""
+    search, world, summary = _refined(rounds=0)
+    assert summary["forget"]["Ann"]["top1"] == 1.0 and summary["forget"]["Bob"]["top1"] == 0.0
+    assert [float(world.parameters[n]) for n in "ab"] == [1.0, 0.75] and not search.probes
+
+
+def test_refinement_pushes_the_concept_brought_back_and_shrinks_the_one_helped():
+    search, world, summary = _refined(rounds=3)
+    ann, bob = search.chosen["Ann"], search.chosen["Bob"]
+    # Ann needs a >= 1 + b/2; Bob, with a = 1.375, needs only b >= 0.65625 < 0.75 (and Ann then needs b <= 0.75)
+    assert ann.step_size == pytest.approx(1.375) and ann.round == 1
+    assert 0.65625 <= bob.step_size < 0.75 and bob.round == 1
+    # the model carries exactly the chosen steps, both people are forgotten, and Cy kept more than before
+    assert float(world.parameters["a"]) == ann.step_size and float(world.parameters["b"]) == bob.step_size
+    assert summary["forget"]["Ann"]["top1"] == 0.0 and summary["forget"]["Bob"]["top1"] == 0.0
+    assert summary["test"]["people"]["top1"] == pytest.approx(1 - (ann.step_size + bob.step_size) / 10)
+    # every refinement probe is recorded with its round; a round that changed nothing ended the refinement
+    rounds = sorted({p.round for p in search.probes})
+    assert rounds[0] == 1 and len(rounds) < 3
+    assert all(p.concept in ("Ann", "Bob") and p.layer == {"Ann": "a", "Bob": "b"}[p.concept] for p in search.probes)
+
+
+def test_refinement_never_brings_back_a_concept_forgotten_before():
+    """In round 2 Ann alone would be forgotten from a = 1 + b/2 = 1.328 on, but below a = 1.375 Bob (at
+    b = 0.65625) comes back, so those probes do not count as forgotten."""
+    search, _, _ = _refined(rounds=3)
+    probes = [p for p in search.probes if p.concept == "Ann" and p.round == 2]
+    assert any(1.328125 <= p.step_size < 1.375 for p in probes)  # the probes that tell the two rules apart
+    for probe in probes:
+        assert (probe.forget_top1 == 0.0) == (probe.step_size >= 1.375)
+
+
+def test_refine_rounds_is_checked():
+    with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0, got -1"):
+        _search(refine_rounds=-1)
