@@ -64,12 +64,17 @@ class StepSearch(Callback):
             forgotten too (its forget accuracy is the largest of theirs and its own). Off (METHOD §9): the forget
             test of concept k checks k only, and a later edit may bring an earlier concept back.
         refine_rounds: Several concepts: after the search of METHOD §9, up to this many rounds that revisit each
-            concept in order and search its step size again on its chosen layer, on the model carrying every
-            other concept's edit, starting from the step it has. A probe there counts as forgotten only if the
-            concept and every other concept forgotten at that moment stay forgotten; the new step is chosen by
-            the rule of METHOD §7 among that layer's probes, the current step included, so a concept a later
-            edit brought back is pushed further and one the other edits already help is given a smaller step.
-            Rounds stop early once one changes no step. 0 (the default) is METHOD §9 as written.
+            concept in order and search it again over its Pareto front, on the model carrying every other
+            concept's edit (its chosen layer starts from the step it has). A probe there counts as forgotten only
+            if the concept and every other concept forgotten at that moment stay forgotten; the rule of METHOD §7
+            picks among the round's probes, the current edit included, so an edit changes only for a better one:
+            a concept a later edit brought back gets a larger step or another layer, and one the other edits
+            already help a smaller step. Each concept keeps a single layer.
+            Rounds stop early once one changes no layer and no step by more than ``tolerance``. 0 (the
+            default) is METHOD §9 as written.
+        sequential: Several concepts: search each on the model carrying the edits chosen for the ones before it
+            (METHOD §9). False searches every concept on θ⁰, as separate single-concept runs would, and applies
+            all the edits together afterwards (a start for ``refine_rounds`` that no concept's order shapes).
 
     Example::
 
@@ -98,6 +103,7 @@ class StepSearch(Callback):
         similarity_classes: int = 5,
         keep_forgotten: bool = False,
         refine_rounds: int = 0,
+        sequential: bool = True,
     ) -> None:
         if not sets:
             raise ValueError("StepSearch needs at least one evaluation set.")
@@ -130,10 +136,15 @@ class StepSearch(Callback):
         if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
             raise ValueError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
         self.refine_rounds = refine_rounds
+        if keep_forgotten and not sequential:
+            raise ValueError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, where the "
+                             "other concepts are not forgotten to keep.")
+        self.sequential = sequential
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
         self.set_sizes: dict[str, dict[str, int]] = {}
         self.layers: dict[str, list[LayerStats]] = {}
+        self.fronts: dict[str, list[LayerStats]] = {}
         self.probes: list[Probe] = []
         self.chosen: dict[str, Probe] = {}
         self.before: dict = {}
@@ -175,7 +186,8 @@ class StepSearch(Callback):
             trainer: L.Trainer | None = None) -> dict[str, Probe]:
         """The whole search for every concept of ``store``, in order (METHOD §9); returns the chosen probes.
 
-        Concept k is searched on the model that already carries the edits chosen for concepts 1..k−1.
+        Concept k is searched on the model that already carries the edits chosen for concepts 1..k−1 (on θ⁰
+        without ``sequential``); then come the ``refine_rounds``.
         """
         start = time.perf_counter()
         self.memory.start()
@@ -208,6 +220,7 @@ class StepSearch(Callback):
             # A layer without forget gradient (or without weight) has no direction to step along.
             front = [s for s in stats if s.pareto and s.tower in self.towers and s.grad_norm > 0 and s.weight_norm > 0]
             front = in_forward_order(front, stages)
+            self.fronts[concept] = front
             if not front:
                 raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
@@ -229,13 +242,18 @@ class StepSearch(Callback):
             progress.close()
             self.chosen[concept] = choose([p for p in self.probes if p.concept == concept and not p.round], self.metric)
             chosen = self.chosen[concept]
-            # Later concepts are searched on the model that carries this edit (METHOD §9).
-            parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
-            # The edited model is the reference for the next concept; after the last one, the final result.
-            counts = evaluator.run()
+            if self.sequential:
+                # Later concepts are searched on the model that carries this edit (METHOD §9).
+                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+                # The edited model is the reference for the next concept; after the last one, the final result.
+                counts = evaluator.run()
             rank_zero_info(f"[slug] {concept}: layer {chosen.layer}, λ={chosen.step_size:.4g}, "
                            f"forget {self.metric} {chosen.forget_accuracy(self.metric):.3f}, "
                            f"utility {chosen.utility:.3f}")
+        if not self.sequential:  # every concept was searched on θ⁰, as in separate runs; now all edits together
+            for concept, chosen in self.chosen.items():
+                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+            counts = evaluator.run()
         if len(store.concepts) > 1:
             counts = self._refine(evaluator, parameters, store, class_names, forget_sets, counts, trainer,
                                   show_progress, device)
@@ -259,36 +277,42 @@ class StepSearch(Callback):
         """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts."""
         for round_ in range(1, self.refine_rounds + 1):
             changed = []
-            progress = tqdm(total=len(store.concepts) * self.max_steps, disable=not show_progress, leave=False,
-                            unit="probe", dynamic_ncols=True)
+            progress = tqdm(total=sum(len(f) for f in self.fronts.values()) * self.max_steps, leave=False,
+                            disable=not show_progress, unit="probe", dynamic_ncols=True)
             for concept in store.concepts:
                 current = self.chosen[concept]
                 forgotten = summarize(counts, class_names, forget_sets)["forget"]
                 kept = [c for c in store.concepts if c != concept
                         and is_forgotten(forgotten[c][self.metric], self.threshold)]
-                layer = next(s for s in self.layers[concept] if s.name == current.layer)
-                gradient = store.forget[concept][layer.name].to(device)
-                parameter = parameters[layer.name]
-                parameter.sub_(current.step_size * gradient)  # the model with every other concept's edit
-                evaluator.run()  # ... is the reference of this concept's probes
-                search = BinarySearch(current.step_size, self.max_steps, self.tolerance)
+                parameters[current.layer].sub_(current.step_size * store.forget[concept][current.layer].to(device))
+                evaluator.run()  # the model with every other concept's edit is the reference of these probes
                 probes = []
-                while not search.done:
-                    progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · "
-                                             f"{short_name(layer.name)} · probe {search.steps + 1}/{self.max_steps}")
-                    probes.append(self._probe(evaluator, parameter, gradient, layer, concept, search.step_size,
-                                              class_names, forget_sets, trainer, kept, round_))
-                    search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
-                    progress.update(1)
+                for index, layer in enumerate(self.fronts[concept], start=1):
+                    gradient = store.forget[concept][layer.name].to(device)
+                    # The current step is the first probe of its layer, so it stays unless a probe beats it.
+                    initial = current.step_size if layer.name == current.layer else \
+                        initial_step_size(layer.weight_norm, layer.grad_norm)
+                    search = BinarySearch(initial, self.max_steps, self.tolerance)
+                    while not search.done:
+                        progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · layer "
+                                                 f"{index}/{len(self.fronts[concept])} {short_name(layer.name)}")
+                        probes.append(self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
+                                                  search.step_size, class_names, forget_sets, trainer, kept, round_))
+                        search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
+                        progress.update(1)
                 chosen = choose(probes, self.metric)
-                parameter.add_(chosen.step_size * gradient)
+                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
                 counts = evaluator.run()
-                if chosen.step_size != current.step_size:
-                    changed.append(concept)
+                if (chosen.layer, chosen.step_size) != (current.layer, current.step_size):
                     self.chosen[concept] = chosen
-                rank_zero_info(f"[slug] refine {round_}: {concept}: λ {current.step_size:.4g} → {chosen.step_size:.4g}"
-                               f" on {chosen.layer}, forget {self.metric} (with the {len(kept)} kept forgotten) "
-                               f"{chosen.forget_accuracy(self.metric):.3f}, utility {chosen.utility:.3f}")
+                    # A step that moved within the search's tolerance is kept but does not call for another round.
+                    if chosen.layer != current.layer or \
+                            abs(chosen.step_size - current.step_size) > self.tolerance * current.step_size:
+                        changed.append(concept)
+                rank_zero_info(f"[slug] refine {round_}: {concept}: {short_name(current.layer)} λ={current.step_size:.4g}"
+                               f" → {short_name(chosen.layer)} λ={chosen.step_size:.4g}, forget {self.metric} (keeping "
+                               f"{len(kept)} other(s) forgotten) {chosen.forget_accuracy(self.metric):.3f}, "
+                               f"utility {chosen.utility:.3f}")
             progress.close()
             if not changed:
                 break

@@ -47,6 +47,7 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
             "tower": towers[probe.layer],
             "step_size": probe.step_size,
             "relative_change": probe.relative_change,
+            "round": probe.round,  # 0: the search of METHOD §9; r: changed in refinement round r
             "forget_samples": store.forget_samples[name],
             # The final evaluation, with every concept's edit applied (METHOD §9).
             **{f"forget_{k}_{when}": accuracies["forget"][name][k]
@@ -72,7 +73,8 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
                      "tolerance": search.tolerance, "towers": list(search.towers),
                      "signed_alignment": search.signed_alignment,
                      "keep_forgotten": getattr(search, "keep_forgotten", False),
-                     "refine_rounds": getattr(search, "refine_rounds", 0)},
+                     "refine_rounds": getattr(search, "refine_rounds", 0),
+                     "sequential": getattr(search, "sequential", True)},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
         "memory": peak_memory(collector, search),
@@ -219,6 +221,12 @@ def render_markdown(report: dict) -> str:
     for c in report["concepts"]:
         lines.append(f"| {c['name']} | `{c['layer']}` | {c['tower']} | {c['step_size']:.4g} | "
                      f"{c['relative_change']:.4f} | {c['forget_samples']} |")
+    rounds = max((p.get("round", 0) for p in report["search"]), default=0)
+    if rounds:
+        changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]
+        lines += ["", f"After the search of METHOD §9, {rounds} refinement round(s) searched each concept again with "
+                  "every other edit applied (`refine_rounds`); edits changed there: "
+                  + (", ".join(changed) if changed else "none") + "."]
     lines += ["", "## Accuracy before and after (%)", "",
               "Forget: the concept's images classified among all classes of its set. Test: every other image "
               f"of each set. The search's forget test: {report['settings']['metric']} ≤ "

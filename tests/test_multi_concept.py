@@ -7,12 +7,18 @@ so each rule of the search can be checked against answers worked out by hand.
 
 from __future__ import annotations
 
+import csv
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli
+from safetensors.torch import load_file
 
+from slug_lightning import config_path
 from slug_lightning.callbacks import StepSearch
+from slug_lightning.cli import main
 from slug_lightning.datamodules import LabelledSet
 from slug_lightning.evaluation import summarize
 from slug_lightning.layers import LayerStats
@@ -66,7 +72,7 @@ def _refined(rounds: int, a: float = 1.0, b: float = 0.75):
     """The refinement of a first pass that chose λ_Ann = ``a`` (on θ⁰) and then λ_Bob = ``b``."""
     world = World(a, b)
     search = _search(refine_rounds=rounds)
-    search.layers = {c: [LayerStats(n, "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)] for c, n in (("Ann", "a"),
+    search.fronts = {c: [LayerStats(n, "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)] for c, n in (("Ann", "a"),
                                                                                              ("Bob", "b"))}
     search.chosen = {"Ann": Probe("Ann", "a", 0, a, a, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, b, b, 0.0, 0.0)}
     store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
@@ -107,6 +113,78 @@ def test_refinement_never_brings_back_a_concept_forgotten_before():
         assert (probe.forget_top1 == 0.0) == (probe.step_size >= 1.375)
 
 
-def test_refine_rounds_is_checked():
+class Detour(World):
+    """Ann can also be forgotten on a second layer ``c`` (once ``c >= 1``), which on θ⁰ costs Cy more than ``a``
+    (1.2 per unit) but, once Bob's edit is in, less (``1.2 (1 - b/2)``); Bob is forgotten once ``b >= 1``."""
+
+    def __init__(self) -> None:
+        self.parameters = {"a": torch.tensor([1.0]), "b": torch.tensor([1.0]), "c": torch.tensor([0.0])}
+
+    def run(self, edited=None):
+        a, b, c = (float(self.parameters[n]) for n in "abc")
+        ann = 0.0 if a >= 1 + b / 2 or c >= 1 else 10.0
+        bob = 0.0 if b >= 1 else 10.0
+        cy = 10.0 - a - b - 1.2 * c * (1 - b / 2)
+        return {"people": torch.tensor([[10.0, ann, ann], [10.0, bob, bob], [10.0, cy, cy]])}
+
+
+def test_refinement_may_move_a_concept_to_another_front_layer():
+    world = Detour()
+    search = _search(refine_rounds=2)
+    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, pareto=True) for n in "abc"}  # first λ = 10/1/10 = 1
+    search.fronts = {"Ann": [front["a"], front["c"]], "Bob": [front["b"]]}
+    search.chosen = {"Ann": Probe("Ann", "a", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 1.0, 0.1, 0.0, 0.0)}
+    store = SimpleNamespace(concepts=["Ann", "Bob"],
+                            forget={"Ann": {"a": torch.ones(1), "c": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
+    counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
+    ann = search.chosen["Ann"]
+    assert (ann.layer, ann.step_size, ann.round) == ("c", 1.0, 1)
+    # Ann's old edit is gone from ``a``: each concept keeps a single layer
+    assert [float(world.parameters[n]) for n in "abc"] == [0.0, 1.0, 1.0]
+    summary = summarize(counts, NAMES, FORGET_SETS)
+    assert summary["forget"]["Ann"]["top1"] == summary["forget"]["Bob"]["top1"] == 0.0
+    assert summary["test"]["people"]["top1"] == pytest.approx((10 - 1 - 0.6) / 10)
+
+
+def test_refine_rounds_and_keep_forgotten_without_sequential_are_refused():
     with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0, got -1"):
         _search(refine_rounds=-1)
+    with pytest.raises(ValueError, match="keep_forgotten needs sequential"):
+        _search(keep_forgotten=True, sequential=False)
+
+
+# --- end to end on the demo world -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo, tmp_path, single_thread):
+    """The README's several-people command on the demo world: METHOD §9 alone lets a later edit bring an earlier
+    person back on this world (benchmarks/results/multi_concept.md); the refinement rounds of
+    configs/demo/unlearn_people.yaml end with all three forgotten and the other people still recognised."""
+    demo_dir = demo[0]
+    output = tmp_path / "people"
+    run_cli("unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
+            "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--output_dir", output,
+            # the retain gradient from 2 of the 12 shards (the gradient pass is most of the time); forget pairs from all
+            "--data.init_args.shards", demo_dir / "world" / "shards" / "{00000..00001}.tar",
+            "--data.init_args.forget_shards", demo_dir / "world" / "shards" / "*.tar")
+    report = json.loads((output / "report.json").read_text())
+    people = [c["name"] for c in report["concepts"]]
+    assert len(people) == 3 and report["settings"]["refine_rounds"] >= 1
+    for concept in report["concepts"]:
+        assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0, concept
+    before, after = report["before"]["test"], report["after"]["test"]
+    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.15, (before, after)
+    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.05, (before, after)
+    # the refinement probes are in the report and in search.csv with their round
+    rounds = {p["round"] for p in report["search"]}
+    assert 0 in rounds and 1 in rounds
+    with open(output / "search.csv", newline="") as file:
+        assert {int(row["round"]) for row in csv.DictReader(file)} == rounds
+    # the run's delta on the base model is the run's unlearned model: each person keeps one update
+    assert main(["delta", "apply", "--model", str(demo_dir / "fit" / "slug-tiny.safetensors"), "--delta",
+                 str(output / "delta.safetensors"), "--output", str(tmp_path / "applied.safetensors")]) == 0
+    applied, unlearned = load_file(str(tmp_path / "applied.safetensors")), load_file(str(output / "model.safetensors"))
+    for name in unlearned:
+        torch.testing.assert_close(applied[name], unlearned[name], rtol=0, atol=1e-6)
