@@ -137,8 +137,8 @@ class StepSearch(Callback):
             raise ValueError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
         self.refine_rounds = refine_rounds
         if keep_forgotten and not sequential:
-            raise ValueError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, where the "
-                             "other concepts are not forgotten to keep.")
+            raise ValueError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
+                             "where the other concepts are not forgotten to keep.")
         self.sequential = sequential
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
@@ -286,37 +286,44 @@ class StepSearch(Callback):
                         and is_forgotten(forgotten[c][self.metric], self.threshold)]
                 parameters[current.layer].sub_(current.step_size * store.forget[concept][current.layer].to(device))
                 evaluator.run()  # the model with every other concept's edit is the reference of these probes
-                probes = []
-                for index, layer in enumerate(self.fronts[concept], start=1):
-                    gradient = store.forget[concept][layer.name].to(device)
-                    # The current step is the first probe of its layer, so it stays unless a probe beats it.
-                    initial = current.step_size if layer.name == current.layer else \
-                        initial_step_size(layer.weight_norm, layer.grad_norm)
-                    search = BinarySearch(initial, self.max_steps, self.tolerance)
-                    while not search.done:
-                        progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · layer "
-                                                 f"{index}/{len(self.fronts[concept])} {short_name(layer.name)}")
-                        probes.append(self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
-                                                  search.step_size, class_names, forget_sets, trainer, kept, round_))
-                        search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
-                        progress.update(1)
-                chosen = choose(probes, self.metric)
+                chosen = self._research(evaluator, parameters, store, concept, current, kept, round_, class_names,
+                                        forget_sets, trainer, progress, device)
                 parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
                 counts = evaluator.run()
                 if (chosen.layer, chosen.step_size) != (current.layer, current.step_size):
-                    self.chosen[concept] = chosen
-                    # A step that moved within the search's tolerance is kept but does not call for another round.
-                    if chosen.layer != current.layer or \
-                            abs(chosen.step_size - current.step_size) > self.tolerance * current.step_size:
-                        changed.append(concept)
-                rank_zero_info(f"[slug] refine {round_}: {concept}: {short_name(current.layer)} λ={current.step_size:.4g}"
-                               f" → {short_name(chosen.layer)} λ={chosen.step_size:.4g}, forget {self.metric} (keeping "
-                               f"{len(kept)} other(s) forgotten) {chosen.forget_accuracy(self.metric):.3f}, "
-                               f"utility {chosen.utility:.3f}")
+                    self.chosen[concept] = chosen  # (an unchanged edit keeps the probe, and round, it came from)
+                # A step that moved within the search's tolerance is kept but does not call for another round.
+                if chosen.layer != current.layer or \
+                        abs(chosen.step_size - current.step_size) > self.tolerance * current.step_size:
+                    changed.append(concept)
+                rank_zero_info(f"[slug] refine {round_}: {concept}: {short_name(current.layer)} "
+                               f"λ={current.step_size:.4g} → {short_name(chosen.layer)} λ={chosen.step_size:.4g}, "
+                               f"forget {self.metric} (keeping {len(kept)} other(s) forgotten) "
+                               f"{chosen.forget_accuracy(self.metric):.3f}, utility {chosen.utility:.3f}")
             progress.close()
             if not changed:
                 break
         return counts
+
+    def _research(self, evaluator, parameters, store, concept: str, current: Probe, kept: list[str], round_: int,
+                  class_names, forget_sets, trainer, progress, device) -> Probe:
+        """One concept's search in a refinement round, over its front, on the model without its own edit;
+        returns the probe the rule of METHOD §7 chooses (the current edit is among the probes)."""
+        probes = []
+        for index, layer in enumerate(self.fronts[concept], start=1):
+            gradient = store.forget[concept][layer.name].to(device)
+            # The current step is the first probe of its layer, so it stays unless a probe beats it.
+            initial = current.step_size if layer.name == current.layer else \
+                initial_step_size(layer.weight_norm, layer.grad_norm)
+            search = BinarySearch(initial, self.max_steps, self.tolerance)
+            while not search.done:
+                progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · layer "
+                                         f"{index}/{len(self.fronts[concept])} {short_name(layer.name)}")
+                probes.append(self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
+                                          search.step_size, class_names, forget_sets, trainer, kept, round_))
+                search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
+                progress.update(1)
+        return choose(probes, self.metric)
 
     def _probe(self, evaluator, parameter, gradient, layer: LayerStats, concept, step_size, class_names,
                forget_sets, trainer, kept: Sequence[str] = (), round_: int = 0) -> Probe:

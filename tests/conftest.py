@@ -70,3 +70,15 @@ def demo(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo")
     log = run_cli("demo", "--output_dir", output)
     return output, json.loads((output / "report.json").read_text()), log
+
+
+@pytest.fixture(scope="session")
+def demo_dir(request):
+    """A finished demo directory (world/, fit/, demo_paths.yaml): ``$SLUG_DEMO_DIR`` if it holds one (to rerun
+    the end-to-end tests without refitting), else the session's demo."""
+    from pathlib import Path
+
+    given = os.environ.get("SLUG_DEMO_DIR")
+    if given and (Path(given) / "fit" / "slug-tiny.safetensors").is_file():
+        return Path(given)
+    return request.getfixturevalue("demo")[0]

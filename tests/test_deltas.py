@@ -300,18 +300,6 @@ def test_cli_combine_and_bad_arguments(files, capsys):
 # --- end to end on the demo world -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_dir(request):
-    """A finished demo directory (world/ and fit/): ``$SLUG_DEMO_DIR`` if it holds one, else the session's demo."""
-    import os
-    from pathlib import Path
-
-    given = os.environ.get("SLUG_DEMO_DIR")
-    if given and (Path(given) / "fit" / "slug-tiny.safetensors").is_file():
-        return Path(given)
-    return request.getfixturevalue("demo")[0]
-
-
 def _unlearn(demo_dir, output, people, similarity_classes=0):
     from slug_lightning import GradientCollector, SlugTrainer
     from slug_lightning.callbacks import StepSearch

@@ -72,8 +72,8 @@ def _refined(rounds: int, a: float = 1.0, b: float = 0.75):
     """The refinement of a first pass that chose λ_Ann = ``a`` (on θ⁰) and then λ_Bob = ``b``."""
     world = World(a, b)
     search = _search(refine_rounds=rounds)
-    search.fronts = {c: [LayerStats(n, "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)] for c, n in (("Ann", "a"),
-                                                                                             ("Bob", "b"))}
+    search.fronts = {"Ann": [LayerStats("a", "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)],
+                     "Bob": [LayerStats("b", "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)]}
     search.chosen = {"Ann": Probe("Ann", "a", 0, a, a, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, b, b, 0.0, 0.0)}
     store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
     counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
@@ -157,11 +157,10 @@ def test_refine_rounds_and_keep_forgotten_without_sequential_are_refused():
 
 
 @pytest.mark.slow
-def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo, tmp_path, single_thread):
+def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_dir, tmp_path, single_thread):
     """The README's several-people command on the demo world: METHOD §9 alone lets a later edit bring an earlier
     person back on this world (benchmarks/results/multi_concept.md); the refinement rounds of
     configs/demo/unlearn_people.yaml end with all three forgotten and the other people still recognised."""
-    demo_dir = demo[0]
     output = tmp_path / "people"
     run_cli("unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
             "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
