@@ -1,5 +1,5 @@
-"""Figures of an unlearning run: Pareto scatter per tower and accuracy against λ (the paper's Fig. 2), and the
-image–text similarity matrix before and after (Fig. 3, 7, 8)."""
+"""Figures of an unlearning run: Pareto scatter per tower and accuracy against λ (the paper's Fig. 2), the
+image–text similarity matrix before and after (Fig. 3, 7, 8), and the course of the refinement rounds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from slug_lightning.artifacts import atomic_path  # noqa: E402
 from slug_lightning.layers import short_name  # noqa: E402
+from slug_lightning.search import choose  # noqa: E402
 
 
 def _slug(text: str) -> str:
@@ -147,6 +148,34 @@ def similarity_plot(path: Path, set_name: str, names: list[str], panels: list[tu
     _save(figure, path)
 
 
+def refinement_plot(path: Path, probes, metric: str = "top1") -> None:
+    """Each test set's top-1 and the forget accuracy along the refinement rounds: first the model the rounds start
+    from, then after every concept's visit, the edit chosen there (by METHOD §7 among that visit's probes) with
+    every other concept's edit applied."""
+    visits = list(dict.fromkeys((p.round, p.concept) for p in probes if p.round))
+    chosen = [choose([p for p in probes if (p.round, p.concept) == visit], metric) for visit in visits]
+    # The start: the first visit's probe of the edit its concept had, which is the model before refinement.
+    first = visits[0][1]
+    searched = [p for p in probes if p.concept == first and not p.round]
+    before = choose(searched, metric).layer if searched else None
+    start = [p for p in probes if (p.round, p.concept, p.layer, p.step) == (1, first, before, 0)]
+    points = start + chosen
+    labels = ["before refinement"] * len(start) + [f"round {r} · {concept}" for r, concept in visits]
+    steps = range(len(points))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(points) + 3.0), 4.2), layout="constrained")
+    for name in points[0].test_top1:
+        axis.plot(steps, [c.test_top1.get(name, math.nan) for c in points], "o-", label=f"test top-1: {name}")
+    axis.plot(steps, [c.forget_accuracy(metric) for c in points], "s--", color="tab:red",
+              label=f"forget {metric}: worst of the concept and those kept forgotten")
+    axis.set_xticks(list(steps), labels, rotation=40, ha="right", fontsize=8)
+    axis.set_ylim(-0.04, 1.04)
+    axis.set_ylabel("zero-shot accuracy")
+    axis.grid(alpha=0.3)
+    figure.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    axis.set_title("Refinement rounds: the accuracies after each concept's visit")
+    _save(figure, path)
+
+
 def unlearn_plots(output: Path, search, similarities: dict | None = None) -> list[str]:
     """Write every plot of a run into ``output``; returns their file names.
 
@@ -169,6 +198,9 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
             name = f"search_{_slug(concept)}.png"
             search_plot(output / name, concept, probes, chosen, search.metric)
             names.append(name)
+    if any(p.round for p in search.probes):
+        refinement_plot(output / "refinement.png", search.probes, search.metric)
+        names.append("refinement.png")
     for set_name, (rows, concepts, before, after) in (similarities or {}).items():
         name = f"similarity_{_slug(set_name)}.png"
         similarity_plot(output / name, set_name, rows, [("before unlearning", before), ("after unlearning", after)],

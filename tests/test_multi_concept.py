@@ -103,6 +103,15 @@ def test_refinement_pushes_the_concept_brought_back_and_shrinks_the_one_helped()
     assert all(p.concept in ("Ann", "Bob") and p.layer == {"Ann": "a", "Bob": "b"}[p.concept] for p in search.probes)
 
 
+def test_refinement_plot_shows_one_point_per_visit(tmp_path):
+    from slug_lightning.plots import refinement_plot
+
+    search, _, _ = _refined(rounds=3)
+    visits = list(dict.fromkeys((p.round, p.concept) for p in search.probes))
+    refinement_plot(tmp_path / "refinement.png", search.probes, "top1")
+    assert len(visits) == 4 and (tmp_path / "refinement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_refinement_never_brings_back_a_concept_forgotten_before():
     """In round 2 Ann alone would be forgotten from a = 1 + b/2 = 1.328 on, but below a = 1.375 Bob (at
     b = 0.65625) comes back, so those probes do not count as forgotten."""
@@ -179,7 +188,7 @@ def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_d
     assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.15, (before, after)
     # the refinement probes are in the report and in search.csv with their round
     rounds = {p["round"] for p in report["search"]}
-    assert 0 in rounds and 1 in rounds
+    assert 0 in rounds and 1 in rounds and "refinement.png" in report["plots"]
     with open(output / "search.csv", newline="") as file:
         assert {int(row["round"]) for row in csv.DictReader(file)} == rounds
     # the run's delta on the base model is the run's unlearned model: each person keeps one update
