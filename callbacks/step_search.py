@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.errors import UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics, short_name
@@ -106,20 +107,23 @@ class StepSearch(Callback):
         sequential: bool = True,
     ) -> None:
         if not sets:
-            raise ValueError("StepSearch needs at least one evaluation set.")
+            raise UserError("StepSearch needs at least one evaluation set.")
         if metric not in ("top1", "top5"):
-            raise ValueError(f"metric must be 'top1' or 'top5', got {metric!r}.")
+            raise UserError(f"metric must be 'top1' or 'top5', got {metric!r}.")
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}.")
+            raise UserError(f"threshold must be in [0, 1), got {threshold}.")
         unknown = [t for t in towers if t not in (VISION, LANGUAGE)]
         if unknown or not towers:
-            raise ValueError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.")
+            raise UserError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.")
         names = [s.name for s in sets]
         if forget_set is not None and forget_set not in names:
-            raise ValueError(f"forget_set {forget_set!r} is not one of the sets {names}.")
-        BinarySearch(1.0, max_steps, tolerance)  # validates max_steps and tolerance now, not after hours
+            raise UserError(f"forget_set {forget_set!r} is not one of the sets {names}.")
+        try:  # validates max_steps and tolerance now, not after hours
+            BinarySearch(1.0, max_steps, tolerance)
+        except ValueError as error:
+            raise UserError(str(error)) from error
         if cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.")
+            raise UserError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.")
         self.sets = list(sets)
         self.forget_set = forget_set
         self.metric, self.threshold = metric, threshold
@@ -130,15 +134,15 @@ class StepSearch(Callback):
         self.apply = apply
         self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
         if similarity_classes < 0:
-            raise ValueError(f"similarity_classes must be >= 0, got {similarity_classes}.")
+            raise UserError(f"similarity_classes must be >= 0, got {similarity_classes}.")
         self.similarity_classes = similarity_classes
         self.keep_forgotten = keep_forgotten
         if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
-            raise ValueError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
+            raise UserError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
         self.refine_rounds = refine_rounds
         if keep_forgotten and not sequential:
-            raise ValueError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
-                             "where the other concepts are not forgotten to keep.")
+            raise UserError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
+                            "where the other concepts are not forgotten to keep.")
         self.sequential = sequential
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
@@ -170,14 +174,14 @@ class StepSearch(Callback):
 
                 known = [c for name in candidates for c in evaluator.class_names(name)]
                 close = difflib.get_close_matches(concept, known, n=3)
-                raise ValueError(
+                raise UserError(
                     f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
                     + (f"; close matches: {close}." if close else ".")
                 )
             dataset = evaluator.datasets[holders[0]]
             if dataset.class_index(concept) not in set(dataset.targets):
-                raise ValueError(f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so "
-                                 "its forget accuracy cannot be measured.")
+                raise UserError(f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so "
+                                "its forget accuracy cannot be measured.")
             result[concept] = holders[0]
         return result
 
@@ -222,7 +226,7 @@ class StepSearch(Callback):
             front = in_forward_order(front, stages)
             self.fronts[concept] = front
             if not front:
-                raise ValueError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
+                raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
             progress = tqdm(total=len(front) * self.max_steps, disable=not show_progress, leave=False, unit="probe",
                             dynamic_ncols=True)

@@ -201,6 +201,17 @@ def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
 # Models and checkpoints
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--search.init_args.threshold", "2"], ["threshold must be in [0, 1), got 2.0"]),
+    (["--search.init_args.max_steps", "0"], ["max_steps must be an integer >= 1, got 0"]),
+    (["--search.init_args.refine_rounds", "-1"], ["refine_rounds must be an integer >= 0, got -1"]),
+    (["--search.init_args.keep_forgotten", "true", "--search.init_args.sequential", "false"],
+     ["keep_forgotten needs sequential"]),
+])
+def test_bad_search_settings(capsys, world, tmp_path, extra, words):
+    refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
+
+
 def test_unknown_model_name(capsys, world, tmp_path):
     refused(capsys, unlearn_args(world, tmp_path / "out", "--model.init_args.model_name", "ViT-B-33"),
             "Unknown OpenCLIP model 'ViT-B-33'", "Did you mean")
