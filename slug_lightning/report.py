@@ -224,7 +224,9 @@ def render_markdown(report: dict) -> str:
     rounds = max((p.get("round", 0) for p in report["search"]), default=0)
     if rounds:
         changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]
-        lines += ["", f"After the search of METHOD §9, {rounds} refinement round(s) searched each concept again with "
+        start = "the search of METHOD §9" if report["settings"].get("sequential", True) else \
+            "searching every concept on θ⁰ and applying the edits together (`sequential: false`)"
+        lines += ["", f"After {start}, {rounds} refinement round(s) searched each concept again with "
                   "every other edit applied (`refine_rounds`); edits changed there: "
                   + (", ".join(changed) if changed else "none") + "."]
     lines += ["", "## Accuracy before and after (%)", "",
