@@ -221,7 +221,7 @@ def render_markdown(report: dict) -> str:
     for c in report["concepts"]:
         lines.append(f"| {c['name']} | `{c['layer']}` | {c['tower']} | {c['step_size']:.4g} | "
                      f"{c['relative_change']:.4f} | {c['forget_samples']} |")
-    rounds = max((p.get("round", 0) for p in report["search"]), default=0)
+    rounds = max((p.get("round", 0) for p in report.get("search", [])), default=0)
     if rounds:
         changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]
         start = "the search of METHOD §9" if report["settings"].get("sequential", True) else \
