@@ -1,5 +1,5 @@
 """Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, each set searched
-three ways side by side on the same gradients.
+four ways side by side on the same gradients.
 
 The people are the world's default target and the people after it in world order. Each run is the demo's
 ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient per person, all at
