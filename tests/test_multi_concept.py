@@ -1,7 +1,7 @@
 """Several concepts in one search: the forget test that keeps earlier concepts forgotten, and the refinement
 rounds that revisit each concept's step on the model carrying all the others' edits.
 
-A scripted evaluator stands in for the model: its count tables are a fixed function of two one-entry "layers",
+A scripted evaluator stands in for the model: its count tables are a fixed function of a few one-entry "layers",
 so each rule of the search can be checked against answers worked out by hand.
 """
 
