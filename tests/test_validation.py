@@ -198,7 +198,7 @@ def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and checkpoints
+# Search settings
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -210,6 +210,10 @@ def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
 ])
 def test_bad_search_settings(capsys, world, tmp_path, extra, words):
     refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and checkpoints
 
 
 def test_unknown_model_name(capsys, world, tmp_path):
