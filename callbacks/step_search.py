@@ -230,25 +230,13 @@ class StepSearch(Callback):
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
             progress = tqdm(total=len(front) * self.max_steps, disable=not show_progress, leave=False, unit="probe",
                             dynamic_ncols=True)
-            for index, layer in enumerate(front, start=1):
-                gradient = store.forget[concept][layer.name].to(device)
-                search = BinarySearch(initial_step_size(layer.weight_norm, layer.grad_norm),
-                                      self.max_steps, self.tolerance)
-                while not search.done:
-                    progress.set_description(f"search {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
-                                             f" · probe {search.steps + 1}/{self.max_steps}")
-                    probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
-                                        search.step_size, class_names, forget_sets, trainer, self._kept(concept))
-                    search.update(is_forgotten(probe.forget_accuracy(self.metric), self.threshold))
-                    progress.update(1)
-                    progress.set_postfix({"λ": f"{probe.step_size:.3g}",
-                                          f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"})
+            probes = self._search_front(evaluator, parameters, store, concept, class_names, forget_sets, trainer,
+                                        progress, device, self._kept(concept))
             progress.close()
-            self.chosen[concept] = choose([p for p in self.probes if p.concept == concept and not p.round], self.metric)
-            chosen = self.chosen[concept]
+            self.chosen[concept] = chosen = choose(probes, self.metric)
             if self.sequential:
                 # Later concepts are searched on the model that carries this edit (METHOD §9).
-                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+                self._shift(parameters, store, concept, chosen, device)
                 # The edited model is the reference for the next concept; after the last one, the final result.
                 counts = evaluator.run()
             rank_zero_info(f"[slug] {concept}: layer {chosen.layer}, λ={chosen.step_size:.4g}, "
@@ -256,7 +244,7 @@ class StepSearch(Callback):
                            f"utility {chosen.utility:.3f}")
         if not self.sequential:  # every concept was searched on θ⁰, as in separate runs; now all edits together
             for concept, chosen in self.chosen.items():
-                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+                self._shift(parameters, store, concept, chosen, device)
             counts = evaluator.run()
         if len(store.concepts) > 1:
             counts = self._refine(evaluator, parameters, store, class_names, forget_sets, counts, trainer,
@@ -288,11 +276,12 @@ class StepSearch(Callback):
                 forgotten = summarize(counts, class_names, forget_sets)["forget"]
                 kept = [c for c in store.concepts if c != concept
                         and is_forgotten(forgotten[c][self.metric], self.threshold)]
-                parameters[current.layer].sub_(current.step_size * store.forget[concept][current.layer].to(device))
+                self._shift(parameters, store, concept, current, device, sign=-1.0)
                 evaluator.run()  # the model with every other concept's edit is the reference of these probes
-                chosen = self._research(evaluator, parameters, store, concept, current, kept, round_, class_names,
-                                        forget_sets, trainer, progress, device)
-                parameters[chosen.layer].add_(chosen.step_size * store.forget[concept][chosen.layer].to(device))
+                # The current edit is the first probe of its layer, so it stays unless a probe beats it.
+                chosen = choose(self._search_front(evaluator, parameters, store, concept, class_names, forget_sets,
+                                                   trainer, progress, device, kept, round_, current), self.metric)
+                self._shift(parameters, store, concept, chosen, device)
                 counts = evaluator.run()
                 if (chosen.layer, chosen.step_size) != (current.layer, current.step_size):
                     self.chosen[concept] = chosen  # (an unchanged edit keeps the probe, and round, it came from)
@@ -309,25 +298,35 @@ class StepSearch(Callback):
                 break
         return counts
 
-    def _research(self, evaluator, parameters, store, concept: str, current: Probe, kept: list[str], round_: int,
-                  class_names, forget_sets, trainer, progress, device) -> Probe:
-        """One concept's search in a refinement round, over its front, on the model without its own edit;
-        returns the probe the rule of METHOD §7 chooses (the current edit is among the probes)."""
+    def _search_front(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
+                      trainer, progress, device, kept: Sequence[str] = (), round_: int = 0,
+                      start: Probe | None = None) -> list[Probe]:
+        """Search λ on every front layer of ``concept`` (METHOD §6), on the current reference model; returns the
+        probes. Each layer starts at ``initial_step_size``, except the layer of ``start``, which starts at its λ."""
+        front = self.fronts[concept]
+        stage = "search" if not round_ else f"refine {round_}/{self.refine_rounds}"
         probes = []
-        for index, layer in enumerate(self.fronts[concept], start=1):
+        for index, layer in enumerate(front, start=1):
             gradient = store.forget[concept][layer.name].to(device)
-            # The current step is the first probe of its layer, so it stays unless a probe beats it.
-            initial = current.step_size if layer.name == current.layer else \
+            initial = start.step_size if start is not None and start.layer == layer.name else \
                 initial_step_size(layer.weight_norm, layer.grad_norm)
             search = BinarySearch(initial, self.max_steps, self.tolerance)
             while not search.done:
-                progress.set_description(f"refine {round_}/{self.refine_rounds} · {concept} · layer "
-                                         f"{index}/{len(self.fronts[concept])} {short_name(layer.name)}")
-                probes.append(self._probe(evaluator, parameters[layer.name], gradient, layer, concept,
-                                          search.step_size, class_names, forget_sets, trainer, kept, round_))
-                search.update(is_forgotten(probes[-1].forget_accuracy(self.metric), self.threshold))
+                progress.set_description(f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
+                                         f" · probe {search.steps + 1}/{self.max_steps}")
+                probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept, search.step_size,
+                                    class_names, forget_sets, trainer, kept, round_)
+                probes.append(probe)
+                search.update(is_forgotten(probe.forget_accuracy(self.metric), self.threshold))
                 progress.update(1)
-        return choose(probes, self.metric)
+                progress.set_postfix({"λ": f"{probe.step_size:.3g}",
+                                      f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"})
+        return probes
+
+    @staticmethod
+    def _shift(parameters, store: GradientStore, concept: str, edit: Probe, device, sign: float = 1.0) -> None:
+        """Add (``sign`` 1) or take out (-1) the edit of ``concept`` that ``edit`` chose: λ·G_f on its layer."""
+        parameters[edit.layer].add_(sign * edit.step_size * store.forget[concept][edit.layer].to(device))
 
     def _probe(self, evaluator, parameter, gradient, layer: LayerStats, concept, step_size, class_names,
                forget_sets, trainer, kept: Sequence[str] = (), round_: int = 0) -> Probe:
@@ -342,7 +341,7 @@ class StepSearch(Callback):
         summary = summarize(counts, class_names, forget_sets)
         forget = summary["forget"][concept]
         if kept:  # other concepts that must stay forgotten: the probe is only as forgotten as the worst of them
-            worst = [summary["forget"][c] for c in kept if c != concept] + [forget]
+            worst = [summary["forget"][c] for c in kept] + [forget]
             forget = {k: max(f[k] for f in worst) for k in ("top1", "top5")}
         probe = Probe(
             concept=concept,
