@@ -50,6 +50,8 @@ SEARCHES = {  # name -> unlearn overrides
     "keep": ["--search.init_args.keep_forgotten", "true"],
     "refine": ["--search.init_args.refine_rounds", "5"],
     "independent": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5"],
+    "independent_fronts2": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5",
+                            "--search.init_args.fronts", "2"],
 }
 
 

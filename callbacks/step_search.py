@@ -49,6 +49,11 @@ class StepSearch(Callback):
         max_steps: Probes per layer at most.
         tolerance: Stop a layer's search once (λ_high − λ_low)/λ_high is below this.
         towers: Which towers' front layers to search: ``"vision"``, ``"language"``.
+        fronts: How many Pareto fronts of each tower to search: 1 (the default) is the front of METHOD §4; 2 adds
+            the front of the layers left once the first is taken out, and so on (see
+            :func:`~slug_lightning.layers.pareto_ranks`). Each front adds its layers' probes; in return the
+            search sees layers that importance and alignment rank just behind the best, where a step can cost
+            the test sets less.
         signed_alignment: Rank by signed cos(G_f, G_r) instead of its absolute value.
         batch_size: Evaluation batch size.
         num_workers: Evaluation data loader workers.
@@ -94,6 +99,7 @@ class StepSearch(Callback):
         max_steps: int = 10,
         tolerance: float = 0.05,
         towers: Sequence[Literal["vision", "language"]] = (VISION, LANGUAGE),
+        fronts: int = 1,
         signed_alignment: bool = False,
         batch_size: int = 256,
         num_workers: int = 0,
@@ -115,6 +121,8 @@ class StepSearch(Callback):
         unknown = [t for t in towers if t not in (VISION, LANGUAGE)]
         if unknown or not towers:
             raise UserError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.")
+        if not (isinstance(fronts, int) and not isinstance(fronts, bool) and fronts >= 1):
+            raise UserError(f"fronts must be an integer >= 1, got {fronts!r}.")
         names = [s.name for s in sets]
         if forget_set is not None and forget_set not in names:
             raise UserError(f"forget_set {forget_set!r} is not one of the sets {names}.")
@@ -129,6 +137,7 @@ class StepSearch(Callback):
         self.metric, self.threshold = metric, threshold
         self.max_steps, self.tolerance = max_steps, tolerance
         self.towers = tuple(towers)
+        self.fronts = fronts
         self.signed_alignment = signed_alignment
         self.batch_size, self.num_workers = batch_size, num_workers
         self.apply = apply
@@ -148,7 +157,7 @@ class StepSearch(Callback):
         self.similarity: dict[str, tuple] = {}
         self.set_sizes: dict[str, dict[str, int]] = {}
         self.layers: dict[str, list[LayerStats]] = {}
-        self.fronts: dict[str, list[LayerStats]] = {}
+        self.searched: dict[str, list[LayerStats]] = {}  # the layers searched for each concept
         self.probes: list[Probe] = []
         self.chosen: dict[str, Probe] = {}
         self.before: dict = {}
@@ -222,9 +231,10 @@ class StepSearch(Callback):
             stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
             self.layers[concept] = stats
             # A layer without forget gradient (or without weight) has no direction to step along.
-            front = [s for s in stats if s.pareto and s.tower in self.towers and s.grad_norm > 0 and s.weight_norm > 0]
+            front = [s for s in stats if s.front <= self.fronts and s.tower in self.towers
+                     and s.grad_norm > 0 and s.weight_norm > 0]
             front = in_forward_order(front, stages)
-            self.fronts[concept] = front
+            self.searched[concept] = front
             if not front:
                 raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
@@ -269,7 +279,7 @@ class StepSearch(Callback):
         """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts."""
         for round_ in range(1, self.refine_rounds + 1):
             changed = []
-            progress = tqdm(total=sum(len(f) for f in self.fronts.values()) * self.max_steps, leave=False,
+            progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.max_steps, leave=False,
                             disable=not show_progress, unit="probe", dynamic_ncols=True)
             for concept in store.concepts:
                 current = self.chosen[concept]
@@ -303,7 +313,7 @@ class StepSearch(Callback):
                       start: Probe | None = None) -> list[Probe]:
         """Search λ on every front layer of ``concept`` (METHOD §6), on the current reference model; returns the
         probes. Each layer starts at ``initial_step_size``, except the layer of ``start``, which starts at its λ."""
-        front = self.fronts[concept]
+        front = self.searched[concept]
         stage = "search" if not round_ else f"refine {round_}/{self.refine_rounds}"
         probes = []
         for index, layer in enumerate(front, start=1):

@@ -266,7 +266,8 @@ class LayerStats:
         alignment: ``|cos(G_f,l, G_r,l)|`` (or the signed cosine).
         weight_norm: ``‖θ⁰_l‖``.
         grad_norm: ``‖G_f,l‖``.
-        pareto: Whether the layer is on its tower's Pareto front.
+        front: Which of its tower's Pareto fronts the layer is on (see :func:`pareto_ranks`): 1 is the Pareto
+            front of METHOD §4.
     """
 
     name: str
@@ -275,7 +276,12 @@ class LayerStats:
     alignment: float
     weight_norm: float
     grad_norm: float
-    pareto: bool
+    front: int
+
+    @property
+    def pareto(self) -> bool:
+        """Whether the layer is on its tower's Pareto front (METHOD §4)."""
+        return self.front == 1
 
 
 def layer_statistics(
@@ -284,7 +290,7 @@ def layer_statistics(
     retain_grads: Mapping[str, Tensor],
     signed: bool = False,
 ) -> list[LayerStats]:
-    """Importance, alignment and Pareto membership (per tower) of every layer in ``forget_grads``.
+    """Importance, alignment and Pareto front (per tower) of every layer in ``forget_grads``.
 
     Args:
         weights: θ⁰ by parameter name (may hold more than the candidates).
@@ -315,12 +321,12 @@ def layer_statistics(
             weight_norm=_norm(weight, f"weight {name!r}"),
             grad_norm=_norm(grad, f"forget gradient {name!r}"),
         ))
-    on_front: set[int] = set()
+    fronts: dict[int, int] = {}
     for tower in (VISION, LANGUAGE):
         members = [i for i, row in enumerate(rows) if row["tower"] == tower]
-        front = pareto_front([(rows[i]["importance"], rows[i]["alignment"]) for i in members])
-        on_front.update(members[j] for j in front)
-    return [LayerStats(**row, pareto=i in on_front) for i, row in enumerate(rows)]
+        ranks = pareto_ranks([(rows[i]["importance"], rows[i]["alignment"]) for i in members])
+        fronts.update(zip(members, ranks))
+    return [LayerStats(**row, front=fronts[i]) for i, row in enumerate(rows)]
 
 
 def pareto_front(stats: Sequence[tuple[float, float]]) -> list[int]:
@@ -363,6 +369,30 @@ def pareto_front(stats: Sequence[tuple[float, float]]) -> list[int]:
         lowest_before = min(lowest_before, *(points[i][1] for i in group))
         start = end
     return sorted(front)
+
+
+def pareto_ranks(stats: Sequence[tuple[float, float]]) -> list[int]:
+    """The Pareto front each ``(importance, alignment)`` point is on (non-dominated sorting).
+
+    Front 1 is :func:`pareto_front`; front 2 is the Pareto front of the points left once front 1 is taken
+    out; and so on. Searching the first few fronts, not just the first, trades more probes for layers the
+    two proxies rank just behind the best.
+
+    Example: ``(0.5, 0.2)`` is dominated by ``(1.0, 0.1)`` only::
+
+        >>> pareto_ranks([(1.0, 0.1), (2.0, 0.5), (0.5, 0.2), (2.0, 0.1)])
+        [1, 1, 2, 1]
+    """
+    ranks = [0] * len(stats)
+    left = list(range(len(stats)))
+    rank = 0
+    while left:
+        rank += 1
+        front = set(pareto_front([stats[i] for i in left]))
+        for j in front:
+            ranks[left[j]] = rank
+        left = [i for j, i in enumerate(left) if j not in front]
+    return ranks
 
 
 # Rewrites from a full OpenCLIP name (tower prefix already removed) to its short form, applied in order.

@@ -27,17 +27,22 @@ def _save(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def pareto_plot(path: Path, concept: str, tower: str, stats, chosen_layer: str | None) -> None:
-    """Importance against alignment (log–log) of one tower's candidate layers, the front labelled."""
+def pareto_plot(path: Path, concept: str, tower: str, stats, chosen_layer: str | None, fronts: int = 1) -> None:
+    """Importance against alignment (log–log) of one tower's candidate layers, the searched ``fronts`` labelled."""
     figure, axis = plt.subplots(figsize=(6.4, 4.8))
-    rest = [s for s in stats if not s.pareto]
+    rest = [s for s in stats if s.front > fronts]
     front = [s for s in stats if s.pareto]
+    behind = [s for s in stats if 1 < s.front <= fronts]
     tiny = 1e-12  # log axes cannot show 0; an exactly orthogonal gradient is drawn at the floor
-    axis.scatter([max(s.alignment, tiny) for s in rest], [max(s.importance, tiny) for s in rest],
-                 marker="x", color="0.45", s=18, label="other layers")
+    if rest:
+        axis.scatter([max(s.alignment, tiny) for s in rest], [max(s.importance, tiny) for s in rest],
+                     marker="x", color="0.45", s=18, label="other layers")
     axis.scatter([max(s.alignment, tiny) for s in front], [max(s.importance, tiny) for s in front],
                  color="tab:blue", s=30, label="Pareto front")
-    for s in front:
+    if behind:
+        axis.scatter([max(s.alignment, tiny) for s in behind], [max(s.importance, tiny) for s in behind],
+                     color="tab:cyan", s=24, label=("front 2" if fronts == 2 else f"fronts 2–{fronts}") + " (searched too)")
+    for s in front + behind:
         axis.annotate(short_name(s.name), (max(s.alignment, tiny), max(s.importance, tiny)), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")
     for s in stats:
@@ -190,7 +195,7 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
         for tower in sorted({s.tower for s in stats}):
             name = f"pareto_{_slug(concept)}_{tower}.png"
             pareto_plot(output / name, concept, tower, [s for s in stats if s.tower == tower],
-                        chosen.layer if chosen else None)
+                        chosen.layer if chosen else None, getattr(search, "fronts", 1))
             names.append(name)
         # The curves are the search of METHOD §9; a refined choice (round >= 1) is circled at its own λ.
         probes = [p for p in search.probes if p.concept == concept and not p.round and math.isfinite(p.step_size)]

@@ -13,7 +13,8 @@ from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoin
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
 
-LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto"]
+LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto",
+                 "front"]
 
 
 def peak_memory(collector, search) -> dict:
@@ -71,7 +72,7 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         ],
         "settings": {"metric": search.metric, "threshold": search.threshold, "max_steps": search.max_steps,
                      "tolerance": search.tolerance, "towers": list(search.towers),
-                     "signed_alignment": search.signed_alignment,
+                     "fronts": getattr(search, "fronts", 1), "signed_alignment": search.signed_alignment,
                      "keep_forgotten": getattr(search, "keep_forgotten", False),
                      "refine_rounds": getattr(search, "refine_rounds", 0),
                      "sequential": getattr(search, "sequential", True)},
@@ -133,7 +134,8 @@ def write_unlearn_artifacts(output: Path, collector, search, total_seconds: floa
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     if not (output / "gradients.safetensors").exists():  # the collector writes it when its pass ends
         store.save(output / "gradients.safetensors")
-    layer_rows = [{"concept": concept, **asdict(stats)} for concept, rows in search.layers.items() for stats in rows]
+    layer_rows = [{"concept": concept, **asdict(stats), "pareto": stats.pareto}
+                  for concept, rows in search.layers.items() for stats in rows]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
     write_csv(output / "search.csv", _search_rows(search))
 
@@ -246,7 +248,7 @@ def render_markdown(report: dict) -> str:
         if chosen:
             lines += [f"## {title}", "", note, "", *[f"![{Path(p).stem}]({p})" for p in chosen], ""]
     if report.get("loggers"):
-        lines += ["## Probes", "", f"Every probe is in `search.csv` and `report.json`, and was logged by "
+        lines += ["## Probes", "", "Every probe is in `search.csv` and `report.json`, and was logged by "
                   + "; ".join(f"{logger['name']} in `{logger['dir']}`" for logger in report["loggers"]) + ".", ""]
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
@@ -301,7 +303,8 @@ def _verdict(report: dict) -> list[str]:
 _PLOT_SECTIONS = (
     ("Layers: importance against alignment", "pareto_",
      "Every candidate layer of each tower; the Pareto front (most important for the forget set, least aligned "
-     "with the retain gradient) is labelled and searched, the chosen layer circled."),
+     "with the retain gradient), and the further fronts of `fronts`, are labelled and searched, the chosen layer "
+     "circled."),
     ("Step-size search", "search_",
      "Forget and test accuracy of every probe of every searched layer against the step size λ."),
     ("Refinement rounds", "refinement",

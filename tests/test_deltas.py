@@ -183,7 +183,7 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
                           model={"name": "slug-tiny", "fingerprint": "f0"})
     probe = Probe("Ann Lee", "visual.proj", 2, 0.25, 0.05, 0.0, 0.5, {"people": 0.9}, {"people": 1.0})
     search = SimpleNamespace(chosen={"Ann Lee": probe},
-                             layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)]})
+                             layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, front=1)]})
     collector = SimpleNamespace(gradients=store, base_fingerprint="f0")
     delta = run_delta(collector, search)
     assert delta.base_fingerprint == "f0" and delta.model == store.model

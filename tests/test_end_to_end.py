@@ -4,6 +4,7 @@ The demo (world + fit + unlearn) runs once per session as a subprocess, exactly 
 other tests reuse its world and fitted tiny CLIP.
 """
 
+import csv
 import json
 import shutil
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slug_lightning import GradientCollector, SlugTrainer
+from slug_lightning import GradientCollector
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
@@ -119,6 +120,20 @@ def test_object_concept_is_forgotten_and_identities_kept(demo, tmp_path):
     before, after = report["before"]["test"], report["after"]["test"]
     assert before["identities"]["top1"] - after["identities"]["top1"] <= 0.05
     assert before["objects"]["top1"] - after["objects"]["top1"] <= 0.10
+
+
+def test_more_fronts_search_the_layers_behind_the_pareto_front(demo, tmp_path):
+    output, report, _ = demo
+    _run("unlearn", "--config", output / "config.yaml", "--output_dir", tmp_path, "--gradients",
+         output / "gradients.safetensors", "--search.init_args.fronts", "2", "--search.init_args.max_steps", "3")
+    fronts = json.loads((tmp_path / "report.json").read_text())
+    assert fronts["settings"]["fronts"] == 2 and report["settings"]["fronts"] == 1
+    layers = list(csv.DictReader((tmp_path / "layers.csv").open()))
+    searched = {row["layer"] for row in csv.DictReader((tmp_path / "search.csv").open())}
+    assert searched == {row["layer"] for row in layers if int(row["front"]) <= 2}
+    assert any(row["front"] == "2" for row in layers)
+    assert all((row["pareto"] == "True") == (row["front"] == "1") for row in layers)
+    assert {p["layer"] for p in report["search"]} == {row["layer"] for row in layers if row["front"] == "1"}
 
 
 @pytest.mark.ddp

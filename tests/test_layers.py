@@ -22,6 +22,7 @@ from slug_lightning.layers import (
     is_default_candidate,
     layer_statistics,
     pareto_front,
+    pareto_ranks,
     short_name,
     tower_of,
 )
@@ -259,6 +260,27 @@ def test_pareto_front_matches_the_definition_on_random_points():
     assert pareto_front(points) == expected
 
 
+def test_pareto_ranks_hand_computed():
+    # (3, .5) and (1, .1) are front 1; (2, .6) is dominated by (3, .5) only, so front 2; (0.5, .7) by both
+    # fronts, so 3; (3, .9) ties (3, .5) in importance, which never dominates, and is dominated only by
+    # nothing more important: front 1.
+    points = [(3.0, 0.5), (2.0, 0.6), (1.0, 0.1), (0.5, 0.7), (3.0, 0.9)]
+    assert pareto_ranks(points) == [1, 2, 1, 3, 1]
+    assert pareto_ranks([]) == []
+    assert pareto_ranks([(1.0, 1.0)] * 3) == [1, 1, 1]
+
+
+def test_pareto_ranks_match_the_definition_on_random_points():
+    rng = random.Random(1)
+    points = [(rng.randint(0, 8) / 4, rng.randint(0, 8) / 4) for _ in range(120)]
+    ranks = pareto_ranks(points)
+    assert [i for i, r in enumerate(ranks) if r == 1] == pareto_front(points)
+    for i, (imp, ali) in enumerate(points):
+        dominators = [ranks[j] for j, (imp_j, ali_j) in enumerate(points) if imp_j > imp and ali_j < ali]
+        # Front r: every dominator sits on an earlier front, and one of them on front r − 1.
+        assert ranks[i] == 1 + max(dominators, default=0)
+
+
 def test_layer_statistics_per_tower_front():
     weights = {
         "visual.a.weight": torch.tensor([1.0, 0.0]),
@@ -288,11 +310,13 @@ def test_layer_statistics_per_tower_front():
     assert [s.weight_norm for s in stats] == pytest.approx([1.0] * 4)
     # visual.a would dominate both language layers if the towers were pooled; per tower they stay.
     assert [s.pareto for s in stats] == [True, False, True, True]
+    assert [s.front for s in stats] == [1, 2, 1, 1]
 
     signed = layer_statistics(weights, forget, retain, signed=True)
     assert [s.alignment for s in signed] == pytest.approx([0.0, 1.0, -1.0, -0.6])
     # Signed: transformer.c (3, -1) now dominates ln_final (1, -0.6).
     assert [s.pareto for s in signed] == [True, False, True, False]
+    assert [s.front for s in signed] == [1, 2, 1, 2]
 
 
 def test_layer_statistics_missing_inputs_are_errors():

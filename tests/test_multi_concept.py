@@ -37,7 +37,7 @@ def test_keep_forgotten_makes_a_probe_count_the_earlier_concepts():
     # count table rows: [images, top-1 hits, top-5 hits] per class; Ann came back (3 of 10), Bob is forgotten
     counts = {"people": torch.tensor([[10.0, 3.0, 6.0], [10.0, 0.0, 2.0], [10.0, 9.0, 10.0]])}
     evaluator = SimpleNamespace(run=lambda edited=None: counts)
-    layer = LayerStats("w", "vision", 1.0, 0.1, 2.0, 1.0, pareto=True)
+    layer = LayerStats("w", "vision", 1.0, 0.1, 2.0, 1.0, front=1)
     results = {}
     for keep in (False, True):
         search = _search(keep_forgotten=keep)
@@ -72,8 +72,8 @@ def _refined(rounds: int, a: float = 1.0, b: float = 0.75):
     """The refinement of a first pass that chose λ_Ann = ``a`` (on θ⁰) and then λ_Bob = ``b``."""
     world = World(a, b)
     search = _search(refine_rounds=rounds)
-    search.fronts = {"Ann": [LayerStats("a", "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)],
-                     "Bob": [LayerStats("b", "vision", 1.0, 0.1, 1.0, 1.0, pareto=True)]}
+    search.searched = {"Ann": [LayerStats("a", "vision", 1.0, 0.1, 1.0, 1.0, front=1)],
+                     "Bob": [LayerStats("b", "vision", 1.0, 0.1, 1.0, 1.0, front=1)]}
     search.chosen = {"Ann": Probe("Ann", "a", 0, a, a, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, b, b, 0.0, 0.0)}
     store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
     counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
@@ -140,8 +140,8 @@ class Detour(World):
 def test_refinement_may_move_a_concept_to_another_front_layer():
     world = Detour()
     search = _search(refine_rounds=2)
-    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, pareto=True) for n in "abc"}  # first λ = 10/1/10 = 1
-    search.fronts = {"Ann": [front["a"], front["c"]], "Bob": [front["b"]]}
+    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, front=1) for n in "abc"}  # first λ = 10/1/10 = 1
+    search.searched = {"Ann": [front["a"], front["c"]], "Bob": [front["b"]]}
     search.chosen = {"Ann": Probe("Ann", "a", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 1.0, 0.1, 0.0, 0.0)}
     store = SimpleNamespace(concepts=["Ann", "Bob"],
                             forget={"Ann": {"a": torch.ones(1), "c": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from slug_lightning.layers import LayerStats
+from slug_lightning import plots
+from slug_lightning.layers import LayerStats, short_name
 from slug_lightning.plots import unlearn_plots
 from slug_lightning.report import render_markdown, terminal_summary
 from slug_lightning.search import Probe
@@ -45,7 +46,7 @@ class _Search:
         alignment = torch.rand(len(names), generator=generator).tolist()
         self.layers = {"Ann Lee": [
             LayerStats(n, "vision" if n.startswith("visual.") else "language", 10 ** (-3 * i), 10 ** (-2 * a),
-                       1.0, 1.0, pareto=k % 2 == 0)
+                       1.0, 1.0, front=1 + k % 2)
             for k, (n, i, a) in enumerate(zip(names, importance, alignment))]}
         self.probes = []
         for layer in ("visual.proj", "text_projection"):
@@ -67,6 +68,22 @@ def test_every_plot_of_a_run_renders_with_content(tmp_path):
                           "similarity_people.png"}
     for name in names:
         assert_readable_png(tmp_path / name)
+
+
+@pytest.mark.parametrize("fronts", [1, 2])
+def test_pareto_plot_labels_every_searched_front(tmp_path, monkeypatch, fronts):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure))
+    stats = [s for s in _Search().layers["Ann Lee"] if s.tower == "vision"]  # fronts 1, 2, 1
+    plots.pareto_plot(tmp_path / "p.png", "Ann Lee", "vision", stats, "visual.proj", fronts=fronts)
+    axis = drawn[0].axes[0]
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    labelled = sorted(text.get_text() for text in axis.texts)
+    searched = sorted(short_name(s.name) for s in stats if s.front <= fronts)
+    assert labelled == searched
+    assert ("front 2 (searched too)" in legend) == (fronts == 2)
+    assert ("other layers" in legend) == (fronts == 1)
+    assert "chosen: v.proj" in legend
 
 
 def _report(plots: list[str]) -> dict:

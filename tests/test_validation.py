@@ -205,6 +205,7 @@ def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
     (["--search.init_args.threshold", "2"], ["threshold must be in [0, 1), got 2.0"]),
     (["--search.init_args.max_steps", "0"], ["max_steps must be an integer >= 1, got 0"]),
     (["--search.init_args.refine_rounds", "-1"], ["refine_rounds must be an integer >= 0, got -1"]),
+    (["--search.init_args.fronts", "0"], ["fronts must be an integer >= 1, got 0"]),
     (["--search.init_args.keep_forgotten", "true", "--search.init_args.sequential", "false"],
      ["keep_forgotten needs sequential"]),
 ])
