@@ -1,5 +1,5 @@
 """Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, each set searched
-four ways side by side on the same gradients.
+five ways side by side on the same gradients.
 
 The people are the world's default target and the people after it in world order. Each run is the demo's
 ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient per person, all at
@@ -11,7 +11,8 @@ The people are the world's default target and the people after it in world order
 - ``refine``: ``StepSearch(refine_rounds=5)``: the §9 search, then rounds that search each person again over
   its Pareto front on the model carrying all the other edits, keeping the forgotten ones forgotten;
 - ``independent``: ``StepSearch(sequential=False, refine_rounds=5)``: every person searched on θ⁰ (as separate
-  runs would), all edits applied together, then the same refinement rounds.
+  runs would), all edits applied together, then the same refinement rounds;
+- ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
 
 Per person: the chosen layer and step size, forget top-1 before and after (the final evaluation, all edits
 applied); per run: identity test top-1 (the other people's images) and object test top-1, before and after.
@@ -176,7 +177,8 @@ def main() -> None:
         "`refine_rounds: 5`, the §9 search then rounds that search each person again over its Pareto front with "
         "all the other edits applied, keeping the forgotten ones forgotten; `independent`: `sequential: false` and "
         "`refine_rounds: 5`, every person searched on θ⁰ as separate runs would, all edits applied together, then "
-        "the same rounds. People = the default target and the "
+        "the same rounds; `independent_fronts2`: the same with `fronts: 2`, searching the first two Pareto fronts "
+        "of each tower. People = the default target and the "
         f"next ones in world order. Forget top-1 after = the final evaluation with every edit applied. Identity "
         f"test = the images of the other {len(world.people)} − n people. Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""])

@@ -223,6 +223,10 @@ def render_markdown(report: dict) -> str:
     for c in report["concepts"]:
         lines.append(f"| {c['name']} | `{c['layer']}` | {c['tower']} | {c['step_size']:.4g} | "
                      f"{c['relative_change']:.4f} | {c['forget_samples']} |")
+    fronts = report["settings"].get("fronts", 1)
+    if fronts > 1:
+        lines += ["", f"Searched: the layers of Pareto fronts 1–{fronts} of each tower (`fronts: {fronts}`), not only "
+                  "the front of METHOD §4."]
     rounds = max((p.get("round", 0) for p in report.get("search", [])), default=0)
     if rounds:
         changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]

@@ -118,6 +118,10 @@ def test_report_md_has_every_section_and_links_only_its_plots(tmp_path):
     assert "| forget | Ann Lee | 90.0 | 0.0 |" in markdown
     assert sorted(report_links(markdown)) == sorted(plots)
     assert all((tmp_path / link).is_file() for link in report_links(markdown))
+    assert "Pareto fronts 1–" not in markdown
+    report = _report(plots)
+    report["settings"]["fronts"] = 3
+    assert "Searched: the layers of Pareto fronts 1–3 of each tower (`fronts: 3`)" in render_markdown(report)
 
 
 def test_terminal_summary_shows_the_edit_and_before_after():
