@@ -1,4 +1,4 @@
-"""Candidate layers, their importance and alignment, and the Pareto front (METHOD §3–§4).
+"""Candidate layers, their importance and alignment, and the Pareto fronts (METHOD §3–§4).
 
 A *layer* is one weight tensor of an OpenCLIP model, named as in ``model.named_parameters()``. Everything
 here is a pure function over names, tensors and floats, so it can be tested without a model or Lightning.
@@ -378,7 +378,7 @@ def pareto_ranks(stats: Sequence[tuple[float, float]]) -> list[int]:
     out; and so on. Searching the first few fronts, not just the first, trades more probes for layers the
     two proxies rank just behind the best.
 
-    Example: ``(0.5, 0.2)`` is dominated by ``(1.0, 0.1)`` only::
+    Example: ``(0.5, 0.2)`` is dominated by ``(1.0, 0.1)`` and ``(2.0, 0.1)``, both on front 1, so it is on front 2::
 
         >>> pareto_ranks([(1.0, 0.1), (2.0, 0.5), (0.5, 0.2), (2.0, 0.1)])
         [1, 1, 2, 1]

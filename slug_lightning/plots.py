@@ -40,8 +40,9 @@ def pareto_plot(path: Path, concept: str, tower: str, stats, chosen_layer: str |
     axis.scatter([max(s.alignment, tiny) for s in front], [max(s.importance, tiny) for s in front],
                  color="tab:blue", s=30, label="Pareto front")
     if behind:
+        label = ("front 2" if fronts == 2 else f"fronts 2–{fronts}") + " (searched too)"
         axis.scatter([max(s.alignment, tiny) for s in behind], [max(s.importance, tiny) for s in behind],
-                     color="tab:cyan", s=24, label=("front 2" if fronts == 2 else f"fronts 2–{fronts}") + " (searched too)")
+                     color="tab:cyan", s=24, label=label)
     for s in front + behind:
         axis.annotate(short_name(s.name), (max(s.alignment, tiny), max(s.importance, tiny)), fontsize=7,
                       xytext=(3, 3), textcoords="offset points")

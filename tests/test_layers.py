@@ -261,9 +261,8 @@ def test_pareto_front_matches_the_definition_on_random_points():
 
 
 def test_pareto_ranks_hand_computed():
-    # (3, .5) and (1, .1) are front 1; (2, .6) is dominated by (3, .5) only, so front 2; (0.5, .7) by both
-    # fronts, so 3; (3, .9) ties (3, .5) in importance, which never dominates, and is dominated only by
-    # nothing more important: front 1.
+    # (3, .5) and (1, .1) are front 1; (2, .6) is dominated by (3, .5) only, so front 2; (0.5, .7) by (2, .6)
+    # too, so front 3; (3, .9): only (3, .5) is as important and none more, and a tie never dominates: front 1.
     points = [(3.0, 0.5), (2.0, 0.6), (1.0, 0.1), (0.5, 0.7), (3.0, 0.9)]
     assert pareto_ranks(points) == [1, 2, 1, 3, 1]
     assert pareto_ranks([]) == []
