@@ -70,10 +70,11 @@ class StepSearch(Callback):
             forgotten too (its forget accuracy is the largest of theirs and its own). Off (METHOD §9): the forget
             test of concept k checks k only, and a later edit may bring an earlier concept back.
         refine_rounds: Several concepts: after the search of METHOD §9, up to this many rounds that revisit each
-            concept in order and search it again over its Pareto front, on the model carrying every other
-            concept's edit (its chosen layer starts from the step it has). A probe there counts as forgotten only
-            if the concept and every other concept forgotten at that moment stay forgotten; the rule of METHOD §7
-            picks among the round's probes, the current edit included, so an edit changes only for a better one:
+            concept in order and search it again over the same layers (its ``fronts``), on the model carrying
+            every other concept's edit (its chosen layer starts from the step it has). A probe there counts as
+            forgotten only if the concept and every other concept forgotten at that moment stay forgotten; the
+            rule of METHOD §7 picks among the round's probes, the current edit included, so an edit changes only
+            for a better one:
             a concept a later edit brought back gets a larger step or another layer, and one the other edits
             already help a smaller step. Each concept keeps a single layer.
             Rounds stop early once one changes no layer and no step by more than ``tolerance``. 0 (the
