@@ -74,9 +74,8 @@ class StepSearch(Callback):
             every other concept's edit (its chosen layer starts from the step it has). A probe there counts as
             forgotten only if the concept and every other concept forgotten at that moment stay forgotten; the
             rule of METHOD §7 picks among the round's probes, the current edit included, so an edit changes only
-            for a better one:
-            a concept a later edit brought back gets a larger step or another layer, and one the other edits
-            already help a smaller step. Each concept keeps a single layer.
+            for a better one: a concept a later edit brought back gets a larger step or another layer, and one
+            the other edits already help a smaller step. Each concept keeps a single layer.
             Rounds stop early once one changes no layer and no step by more than ``tolerance``. 0 (the
             default) is METHOD §9 as written.
         sequential: Several concepts: search each on the model carrying the edits chosen for the ones before it
