@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,3 +49,19 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                                                      else ""))
+
+
+def world_and_fit(demo: str) -> Path:
+    """The absolute path of a finished demo directory (``world/`` and ``fit/``); exits with a hint if it is not one."""
+    path = Path(demo).resolve()
+    if not (path / "fit" / "slug-tiny.safetensors").is_file() or not (path / "world" / "world.json").is_file():
+        sys.exit(f"error: {path} holds no finished demo; run `python -m slug_lightning demo --output_dir {path}`.")
+    return path
+
+
+def publish(text: str, output: str | None) -> None:
+    """Print a benchmark's markdown, and write it to ``output`` too when given."""
+    print(text)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine
+from _common import machine, publish, world_and_fit
 from multi_concept import people_to_forget, unlearn
 
 from slug_lightning.datamodules.demo_world import load_demo_world
@@ -90,9 +90,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="read a finished run in --runs instead of running it")
     parser.add_argument("--output", default=None, help="also write the markdown here")
     args = parser.parse_args()
-    demo = Path(args.demo).resolve()
-    if not (demo / "fit" / "slug-tiny.safetensors").is_file() or not (demo / "world" / "world.json").is_file():
-        sys.exit(f"error: {demo} holds no finished demo; run `python -m slug_lightning demo --output_dir {demo}`.")
+    demo = world_and_fit(args.demo)
     people = people_to_forget(load_demo_world(demo / "world"), args.people)
     with tempfile.TemporaryDirectory() as tmp:
         run = (Path(args.runs).resolve() if args.runs else Path(tmp)) / "fronts_all"
@@ -118,10 +116,7 @@ def main() -> None:
         f"and its layer. Search of every front: {report['timing']['search_s']:.0f} s for "
         f"{report['timing']['probes']} probes. Machine: {machine()}.", "",
         markdown(rows, metric), ""])
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _common import machine
+from _common import machine, publish, world_and_fit
 
 from slug_lightning import config_path
 from slug_lightning.datamodules.demo_world import load_demo_world
@@ -144,9 +144,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="read the report of a finished run in --runs (same people) instead of running it again")
     args = parser.parse_args()
-    demo = Path(args.demo).resolve()
-    if not (demo / "fit" / "slug-tiny.safetensors").is_file() or not (demo / "world" / "world.json").is_file():
-        sys.exit(f"error: {demo} holds no finished demo; run `python -m slug_lightning demo --output_dir {demo}`.")
+    demo = world_and_fit(args.demo)
     world = load_demo_world(demo / "world")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +180,7 @@ def main() -> None:
         f"next ones in world order. Forget top-1 after = the final evaluation with every edit applied. Identity "
         f"test = the images of the other {len(world.people)} − n people. Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""])
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

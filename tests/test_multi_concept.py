@@ -73,7 +73,7 @@ def _refined(rounds: int, a: float = 1.0, b: float = 0.75):
     world = World(a, b)
     search = _search(refine_rounds=rounds)
     search.searched = {"Ann": [LayerStats("a", "vision", 1.0, 0.1, 1.0, 1.0, front=1)],
-                     "Bob": [LayerStats("b", "vision", 1.0, 0.1, 1.0, 1.0, front=1)]}
+                       "Bob": [LayerStats("b", "vision", 1.0, 0.1, 1.0, 1.0, front=1)]}
     search.chosen = {"Ann": Probe("Ann", "a", 0, a, a, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, b, b, 0.0, 0.0)}
     store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
     counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
