@@ -1,7 +1,14 @@
 """Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, each set searched
-five ways side by side on the same gradients.
+six ways side by side on the same gradients.
 
-The people are the world's default target and the people after it in world order. Each run is the demo's
+Two ways to draw the people (``--selections``):
+
+- ``family``: the world's default target and the people after it in world order. World order keeps look-alike
+  families together, so these people are look-alikes of each other and of the same other people;
+- ``unrelated``: the default target, then the first person of each other look-alike group in world order
+  (``DemoWorld.look_alike_groups``): no one is a look-alike of another.
+
+Each run is the demo's
 ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient per person, all at
 θ⁰). The searches:
 
@@ -10,6 +17,7 @@ The people are the world's default target and the people after it in world order
 - ``keep``: ``StepSearch(keep_forgotten=True)``: a probe of person k must also keep 1..k−1 forgotten;
 - ``refine``: ``StepSearch(refine_rounds=5)``: the §9 search, then rounds that search each person again over
   its Pareto front on the model carrying all the other edits, keeping the forgotten ones forgotten;
+- ``refine_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``);
 - ``independent``: ``StepSearch(sequential=False, refine_rounds=5)``: every person searched on θ⁰ (as separate
   runs would), all edits applied together, then the same refinement rounds;
 - ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
@@ -23,9 +31,10 @@ Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo 
 
     python benchmarks/multi_concept.py --demo /work/assets/demo --runs RUNS --output benchmarks/results/multi_concept.md
 
-Each run's artifacts go to ``RUNS/people_<n>_<search>`` (default: a temporary directory). The first search of
-each set computes the gradients; the others reuse them, so "search s" compares like with like. Gradients
-already at ``RUNS/people_<n>/gradients.safetensors`` (same people) are reused by every search; with
+Each run's artifacts go to ``RUNS/people_<n>_<search>`` (``unrelated_<n>_<search>`` for the unrelated people;
+default: a temporary directory). The first search of each set computes the gradients; the others reuse them, so
+"search s" compares like with like. Gradients already at ``RUNS/people_<n>/gradients.safetensors`` (same people)
+are reused by every search; with
 ``--reuse`` the report of a finished run is read instead of running it again.
 """
 
@@ -50,6 +59,7 @@ SEARCHES = {  # name -> unlearn overrides
     "section9": [],
     "keep": ["--search.init_args.keep_forgotten", "true"],
     "refine": ["--search.init_args.refine_rounds", "5"],
+    "refine_fronts2": ["--search.init_args.refine_rounds", "5", "--search.init_args.fronts", "2"],
     "independent": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5"],
     "independent_fronts2": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5",
                             "--search.init_args.fronts", "2"],
@@ -57,9 +67,42 @@ SEARCHES = {  # name -> unlearn overrides
 
 
 def people_to_forget(world, count: int) -> list[str]:
-    """The default target and the ``count - 1`` people after it in world order (wrapping around)."""
+    """The default target and the ``count - 1`` people after it in world order (wrapping around).
+
+    World order keeps look-alike families together, so these people are look-alikes of each other and of the
+    same other people: the hardest set to forget without touching the rest.
+    """
     start = world.people.index(world.default_target)
     return [world.people[(start + i) % len(world.people)] for i in range(count)]
+
+
+def unrelated_people(world, count: int) -> list[str]:
+    """The default target, then, in world order after it (wrapping around), the first person of each look-alike
+    group (``DemoWorld.look_alike_groups``) not yet drawn from: no one is a look-alike of another, and no other
+    person a look-alike of two of them.
+
+    Raises:
+        ValueError: if the world has fewer than ``count`` look-alike groups.
+    """
+    groups = world.look_alike_groups()
+    if count > len(groups):
+        raise ValueError(f"The world has {len(groups)} look-alike groups; {count} unrelated people do not exist.")
+    start = world.people.index(world.default_target)
+    chosen: list[str] = []
+    for offset in range(len(world.people)):
+        person = world.people[(start + offset) % len(world.people)]
+        group = next(g for g in groups if person in g)
+        if not any(other in group for other in chosen):
+            chosen.append(person)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+SELECTIONS = {  # name -> (how the people are drawn, the runs' directory prefix)
+    "family": (people_to_forget, "people"),
+    "unrelated": (unrelated_people, "unrelated"),
+}
 
 
 def unlearn(demo: Path, output: Path, people: list[str], *overrides: str) -> dict:
@@ -93,43 +136,49 @@ def _forgotten(report: dict) -> bool:
     return all(c["forget_top1_after"] == 0.0 for c in report["concepts"])
 
 
-def tables(results: list[tuple[list[str], str, dict]]) -> str:
+Result = tuple[list[str], str, str, dict]  # people, selection, search, report
+
+
+def tables(results: list[Result]) -> str:
     """The markdown of the closing note: a per-run summary, then every person's edit."""
-    lines = ["| people | search | identity test top-1 before | after | Δ (points) | object test top-1 before | after | "
-             "Δ (points) | all forgotten | probes | search s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for people, search, report in results:
+    lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | "
+             "object test top-1 before | after | Δ (points) | all forgotten | probes | search s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for people, selection, search, report in results:
         before, after = report["before"]["test"], report["after"]["test"]
         ids = 100 * (after["identities"]["top1"] - before["identities"]["top1"])
         objs = 100 * (after["objects"]["top1"] - before["objects"]["top1"])
-        lines.append(f"| {len(people)} | {search} | {_pct(before['identities']['top1'])} | "
+        lines.append(f"| {len(people)} | {selection} | {search} | {_pct(before['identities']['top1'])} | "
                      f"{_pct(after['identities']['top1'])} | {ids:+.1f} | {_pct(before['objects']['top1'])} | "
                      f"{_pct(after['objects']['top1'])} | {objs:+.1f} | {'yes' if _forgotten(report) else 'no'} | "
                      f"{report['timing']['probes']} | {report['timing']['search_s']:.1f} |")
-    lines += ["", "| people | search | # | concept | layer | tower | λ | forget top-1 before | after |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for people, search, report in results:
+    lines += ["", "| people | selection | search | # | concept | layer | tower | λ | forget top-1 before | after |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for people, selection, search, report in results:
         for index, concept in enumerate(report["concepts"], start=1):
-            lines.append(f"| {len(people)} | {search} | {index} | {concept['name']} | `{concept['layer']}` | "
-                         f"{concept['tower']} | {concept['step_size']:.4g} | {_pct(concept['forget_top1_before'])} | "
-                         f"{_pct(concept['forget_top1_after'])} |")
+            lines.append(f"| {len(people)} | {selection} | {search} | {index} | {concept['name']} | "
+                         f"`{concept['layer']}` | {concept['tower']} | {concept['step_size']:.4g} | "
+                         f"{_pct(concept['forget_top1_before'])} | {_pct(concept['forget_top1_after'])} |")
     return "\n".join(lines)
 
 
-def verdict(results: list[tuple[list[str], str, dict]]) -> str:
-    """Per search: whether the target holds (every person forgotten; identity drop ≤ 10 points for 5 people)."""
+def verdict(results: list[Result]) -> str:
+    """Per selection and search: whether the target holds (every person forgotten; identity drop ≤ 10 points for
+    5 people)."""
     lines = []
-    for search in dict.fromkeys(name for _, name, _ in results):
-        notes = []
-        for people, name, report in results:
-            if name != search:
-                continue
+    for selection, search in dict.fromkeys((selection, search) for _, selection, search, _ in results):
+        notes, counts = [], []
+        for people, _, _, report in (r for r in results if r[1:3] == (selection, search)):
+            counts.append(len(people))
             missed = [c["name"] for c in report["concepts"] if c["forget_top1_after"] != 0.0]
             if missed:
                 notes.append(f"{len(people)} people: not forgotten (top-1 > 0): {', '.join(missed)}")
             drop = report["before"]["test"]["identities"]["top1"] - report["after"]["test"]["identities"]["top1"]
             if len(people) == 5 and drop > MAX_DROP:
                 notes.append(f"5 people: identity test top-1 drops {100 * drop:.1f} points (> {100 * MAX_DROP:.0f})")
-        lines.append(f"- `{search}`: " + ("target met." if not notes else "target NOT met: " + "; ".join(notes) + "."))
+        measured = f"no 5-person run (runs of {', '.join(map(str, counts))} people)."
+        outcome = "target NOT met: " + "; ".join(notes) + "." if notes else "target met." if 5 in counts else measured
+        lines.append(f"- {selection} `{search}`: {outcome}")
     return "\n".join(lines)
 
 
@@ -137,49 +186,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="a finished demo directory (world/, fit/)")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
+    parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
+                        help="which people: 'family', the default target and the people after it in world order "
+                             "(look-alikes of each other); 'unrelated', one person from each look-alike group")
     parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
                         help="which searches to run for each set of people (the first computes the gradients)")
     parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
     parser.add_argument("--output", default=None, help="also write the markdown here")
     parser.add_argument("--reuse", action="store_true",
                         help="read the report of a finished run in --runs (same people) instead of running it again")
+    parser.add_argument("--tables_only", action="store_true",
+                        help="run nothing: the tables of the finished runs in --runs, naming the runs not there")
     args = parser.parse_args()
     demo = world_and_fit(args.demo)
     world = load_demo_world(demo / "world")
-    results = []
+    results, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs).resolve() if args.runs else Path(tmp)
-        for count in args.counts:
-            people = people_to_forget(world, count)
-            gradients = runs / f"people_{count}" / "gradients.safetensors"
-            for search in args.searches:
-                print(f"[multi_concept] forgetting {count} ({search}): {', '.join(people)}", file=sys.stderr)
-                output = runs / f"people_{count}_{search}"
-                finished = output / "report.json"
-                if args.reuse and finished.is_file() and \
-                        [c["name"] for c in json.loads(finished.read_text())["concepts"]] == people:
-                    results.append((people, search, json.loads(finished.read_text())))
-                    continue
-                reused = ["--gradients", str(gradients)] if gradients.is_file() else []
-                report = unlearn(demo, output, people, *SEARCHES[search], *reused)
-                if not gradients.is_file():  # the later searches of these people reuse this run's gradients
-                    gradients.parent.mkdir(parents=True, exist_ok=True)
-                    (output / "gradients.safetensors").rename(gradients)
-                results.append((people, search, report))
+        for selection in args.selections:
+            draw, prefix = SELECTIONS[selection]
+            for count in args.counts:
+                people = draw(world, count)
+                gradients = runs / f"{prefix}_{count}" / "gradients.safetensors"
+                for search in args.searches:
+                    print(f"[multi_concept] forgetting {count} {selection} ({search}): {', '.join(people)}",
+                          file=sys.stderr)
+                    output = runs / f"{prefix}_{count}_{search}"
+                    finished = output / "report.json"
+                    if (args.reuse or args.tables_only) and finished.is_file() and \
+                            [c["name"] for c in json.loads(finished.read_text())["concepts"]] == people:
+                        results.append((people, selection, search, json.loads(finished.read_text())))
+                        continue
+                    if args.tables_only:
+                        missing.append(f"{count} {selection} `{search}`")
+                        continue
+                    reused = ["--gradients", str(gradients)] if gradients.is_file() else []
+                    report = unlearn(demo, output, people, *SEARCHES[search], *reused)
+                    if not gradients.is_file():  # the later searches of these people reuse this run's gradients
+                        gradients.parent.mkdir(parents=True, exist_ok=True)
+                        (output / "gradients.safetensors").rename(gradients)
+                    results.append((people, selection, search, report))
     text = "\n".join([
         "# Several people in one run (demo world)", "",
-        f"`python benchmarks/multi_concept.py --demo {args.demo} --searches {' '.join(args.searches)}`: for each set "
+        f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} --searches "
+        f"{' '.join(args.searches)}`: for each set "
         "of people, one multi-concept `unlearn` per search on the same gradients (demo config: slug-tiny, metric "
         "top-1, threshold 0, max_steps 10). `section9`: METHOD §9, the forget test of person k checks k only; "
         "`keep`: `keep_forgotten`, a probe of person k must also keep persons 1..k−1 forgotten; `refine`: "
         "`refine_rounds: 5`, the §9 search then rounds that search each person again over its Pareto front with "
-        "all the other edits applied, keeping the forgotten ones forgotten; `independent`: `sequential: false` and "
+        "all the other edits applied, keeping the forgotten ones forgotten; `refine_fronts2`: the same with "
+        "`fronts: 2`, searching the first two Pareto fronts of each tower; `independent`: `sequential: false` and "
         "`refine_rounds: 5`, every person searched on θ⁰ as separate runs would, all edits applied together, then "
-        "the same rounds; `independent_fronts2`: the same with `fronts: 2`, searching the first two Pareto fronts "
-        "of each tower. People = the default target and the "
-        f"next ones in world order. Forget top-1 after = the final evaluation with every edit applied. Identity "
-        f"test = the images of the other {len(world.people)} − n people. Machine: {machine()}.", "",
-        tables(results), "", verdict(results), ""])
+        "the same rounds; `independent_fronts2`: the same with `fronts: 2`. People: `family`, the default target "
+        "and the next ones in world order, which keeps look-alike families together (each of them a look-alike of "
+        "another, and other people look-alikes of several of them); `unrelated`, the default target and then the "
+        "first person of each other look-alike group in world order (no one a look-alike of another, no other "
+        "person a look-alike of two of them). Forget top-1 after = the final evaluation with every edit applied. "
+        f"Identity test = the images of the other {len(world.people)} − n people. search s = the wall time of the "
+        f"run's search (runs that shared the machine with another took longer). Machine: {machine()}.", "",
+        tables(results), "", verdict(results), ""]
+        + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
     publish(text, args.output)
 
 

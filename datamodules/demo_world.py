@@ -189,6 +189,22 @@ class DemoWorld:
         found = [other for other in self.people if other in shared and shared[other] >= threshold]
         return tuple(sorted(found, key=lambda other: -shared[other]))
 
+    def look_alike_groups(self) -> list[tuple[str, ...]]:
+        """The people linked by chains of look-alikes (:meth:`look_alikes`): a partition of the people, each group
+        in world order, the groups in the world order of their first person.
+
+        Two people of different groups are never look-alikes, and no one is a look-alike of people in two groups.
+        """
+        groups: list[set[str]] = []
+        for person in self.people:
+            linked = {person, *self.look_alikes(person)}
+            for group in [g for g in groups if g & linked]:
+                linked |= group
+                groups.remove(group)
+            groups.append(linked)
+        ordered = [tuple(p for p in self.people if p in group) for group in groups]
+        return sorted(ordered, key=lambda group: self.people.index(group[0]))
+
 
 def make_demo_world(
     root: str | os.PathLike,

@@ -149,6 +149,24 @@ def test_every_person_has_look_alikes_and_the_target_is_a_person(world):
         world.look_alikes("Nobody Atall")
 
 
+def test_look_alike_groups_partition_the_people_along_look_alike_chains(world):
+    groups = world.look_alike_groups()
+    group_of = {person: index for index, group in enumerate(groups) for person in group}
+    assert sorted(group_of) == sorted(world.people) and sum(map(len, groups)) == len(world.people)
+    assert [min(world.people.index(p) for p in group) for group in groups] == \
+        sorted(world.people.index(group[0]) for group in groups)
+    for person in world.people:  # look-alikes share a group...
+        assert {group_of[other] for other in world.look_alikes(person)} == {group_of[person]}
+    for group in groups:  # ...and every group is one chain: all of it is reached from its first person
+        reached, frontier = {group[0]}, [group[0]]
+        while frontier:
+            new = set(world.look_alikes(frontier.pop())) - reached
+            reached |= new
+            frontier += new
+        assert reached == set(group)
+    assert 1 < len(groups) < len(world.people)
+
+
 def test_names_never_overlap_each_other_or_caption_words():
     words = [w.lower() for w in dw.FIRST_NAMES + dw.SURNAMES]
     assert len(set(words)) == len(words)
