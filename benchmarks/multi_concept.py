@@ -166,7 +166,9 @@ def verdict(results: list[Result]) -> str:
     """Per selection and search: whether the target holds (every person forgotten; identity drop ≤ 10 points for
     5 people)."""
     lines = []
-    for selection, search in dict.fromkeys((selection, search) for _, selection, search, _ in results):
+    order = list(SEARCHES)
+    pairs = dict.fromkeys((selection, search) for _, selection, search, _ in results)
+    for selection, search in sorted(pairs, key=lambda pair: (list(SELECTIONS).index(pair[0]), order.index(pair[1]))):
         notes, counts = [], []
         for people, _, _, report in (r for r in results if r[1:3] == (selection, search)):
             counts.append(len(people))

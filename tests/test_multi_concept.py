@@ -168,9 +168,9 @@ def test_refine_rounds_and_keep_forgotten_without_sequential_are_refused():
 @pytest.mark.slow
 def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_dir, tmp_path, single_thread):
     """The README's several-people command on the demo world: METHOD §9 alone lets a later edit bring an earlier
-    person back on this world (benchmarks/results/multi_concept.md); the refinement rounds of
+    person back on this world (benchmarks/results/multi_concept.md); the §9 search and refinement rounds of
     configs/demo/unlearn_people.yaml, over two Pareto fronts, end with all three forgotten and the other people
-    still recognised."""
+    and the objects still recognised."""
     output = tmp_path / "people"
     run_cli("unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
             "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
@@ -184,11 +184,11 @@ def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_d
     for concept in report["concepts"]:
         assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0, concept
     before, after = report["before"]["test"], report["after"]["test"]
-    # measured with these gradients: identities 95.4 → 88.3 %, objects 97.5 → 90.0 % (-7.1 and -7.5 points; with
-    # one Pareto front instead of the config's two, -5.3 and -11.3)
-    assert report["settings"]["fronts"] == 2
-    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.10, (before, after)
-    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.10, (before, after)
+    # measured with these gradients: identities 95.4 → 85.2 %, objects 97.5 → 97.1 % (-10.2 and -0.4 points; with
+    # `sequential: false`, -7.1 and -7.5)
+    assert report["settings"]["fronts"] == 2 and report["settings"]["sequential"]
+    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.12, (before, after)
+    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.05, (before, after)
     # the refinement probes are in the report and in search.csv with their round
     rounds = {p["round"] for p in report["search"]}
     assert 0 in rounds and 1 in rounds and "refinement.png" in report["plots"]
