@@ -8,9 +8,8 @@ Two ways to draw the people (``--selections``):
 - ``unrelated``: the default target, then the first person of each other look-alike group in world order
   (``DemoWorld.look_alike_groups``): no one is a look-alike of another.
 
-Each run is the demo's
-``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient per person, all at
-θ⁰). The searches:
+Each run is the demo's ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient
+per person, all at θ⁰). The searches:
 
 - ``section9``: METHOD §9 as written: person k is searched on the model carrying the edits of 1..k−1, and its
   forget test checks k only;
@@ -34,8 +33,8 @@ Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo 
 Each run's artifacts go to ``RUNS/people_<n>_<search>`` (``unrelated_<n>_<search>`` for the unrelated people;
 default: a temporary directory). The first search of each set computes the gradients; the others reuse them, so
 "search s" compares like with like. Gradients already at ``RUNS/people_<n>/gradients.safetensors`` (same people)
-are reused by every search; with
-``--reuse`` the report of a finished run is read instead of running it again.
+are reused by every search; with ``--reuse`` the report of a finished run is read instead of running it again, and
+``--tables_only`` runs nothing and prints the tables of the finished runs, naming those not there.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ def people_to_forget(world, count: int) -> list[str]:
     """The default target and the ``count - 1`` people after it in world order (wrapping around).
 
     World order keeps look-alike families together, so these people are look-alikes of each other and of the
-    same other people: the hardest set to forget without touching the rest.
+    same other people: a hard set to forget without touching the rest.
     """
     start = world.people.index(world.default_target)
     return [world.people[(start + i) % len(world.people)] for i in range(count)]
