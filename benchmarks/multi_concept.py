@@ -214,9 +214,10 @@ def main() -> None:
                           file=sys.stderr)
                     output = runs / f"{prefix}_{count}_{search}"
                     finished = output / "report.json"
-                    if (args.reuse or args.tables_only) and finished.is_file() and \
-                            [c["name"] for c in json.loads(finished.read_text())["concepts"]] == people:
-                        results.append((people, selection, search, json.loads(finished.read_text())))
+                    stored = json.loads(finished.read_text()) if finished.is_file() else None
+                    if (args.reuse or args.tables_only) and stored and \
+                            [c["name"] for c in stored["concepts"]] == people:
+                        results.append((people, selection, search, stored))
                         continue
                     if args.tables_only:
                         missing.append(f"{count} {selection} `{search}`")
