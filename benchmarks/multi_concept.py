@@ -1,12 +1,14 @@
 """Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, each set searched
 six ways side by side on the same gradients.
 
-Two ways to draw the people (``--selections``):
+Three ways to draw the people (``--selections``):
 
 - ``family``: the world's default target and the people after it in world order. World order keeps look-alike
   families together, so these people are look-alikes of each other and of the same other people;
 - ``unrelated``: the default target, then the first person of each other look-alike group in world order
-  (``DemoWorld.look_alike_groups``): no one is a look-alike of another.
+  (``DemoWorld.look_alike_groups``): no one is a look-alike of another;
+- ``random``: people drawn at random (seed 0), as a user would name them: neither chosen for look-alikes nor
+  kept apart from them.
 
 Each run is the demo's ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient
 per person, all at θ⁰). The searches:
@@ -30,7 +32,7 @@ Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo 
 
     python benchmarks/multi_concept.py --demo /work/assets/demo --runs RUNS --output benchmarks/results/multi_concept.md
 
-Each run's artifacts go to ``RUNS/people_<n>_<search>`` (``unrelated_<n>_<search>`` for the unrelated people;
+Each run's artifacts go to ``RUNS/people_<n>_<search>`` (``unrelated_<n>_<search>``, ``random_<n>_<search>``;
 default: a temporary directory). The first search of each set computes the gradients; the others reuse them, so
 "search s" compares like with like. Gradients already at ``RUNS/people_<n>/gradients.safetensors`` (same people)
 are reused by every search; with ``--reuse`` the report of a finished run is read instead of running it again, and
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -98,9 +101,16 @@ def unrelated_people(world, count: int) -> list[str]:
     return chosen
 
 
+def random_people(world, count: int, seed: int = 0) -> list[str]:
+    """``count`` people drawn uniformly at random (``random.Random(seed)``): the usual case, neither chosen for
+    look-alikes nor kept apart from them. A larger count of the same seed draws the smaller one's people first."""
+    return random.Random(seed).sample(list(world.people), count)
+
+
 SELECTIONS = {  # name -> (how the people are drawn, the runs' directory prefix)
     "family": (people_to_forget, "people"),
     "unrelated": (unrelated_people, "unrelated"),
+    "random": (random_people, "random"),
 }
 
 
@@ -189,7 +199,8 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
     parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
                         help="which people: 'family', the default target and the people after it in world order "
-                             "(look-alikes of each other); 'unrelated', one person from each look-alike group")
+                             "(look-alikes of each other); 'unrelated', one person from each look-alike group; "
+                             "'random', drawn at random (seed 0)")
     parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
                         help="which searches to run for each set of people (the first computes the gradients)")
     parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
@@ -243,7 +254,8 @@ def main() -> None:
         "and the next ones in world order, which keeps look-alike families together (each of them a look-alike of "
         "another, and other people look-alikes of several of them); `unrelated`, the default target and then the "
         "first person of each other look-alike group in world order (no one a look-alike of another, no other "
-        "person a look-alike of two of them). Forget top-1 after = the final evaluation with every edit applied. "
+        "person a look-alike of two of them); `random`, drawn at random with seed 0 (a larger set holds the smaller "
+        "ones' people). Forget top-1 after = the final evaluation with every edit applied. "
         f"Identity test = the images of the other {len(world.people)} − n people. search s = the wall time of the "
         f"run's search (runs that shared the machine with another took longer). Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""]

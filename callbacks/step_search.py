@@ -36,7 +36,9 @@ class StepSearch(Callback):
 
     Every probe edits one layer, θ_l = θ⁰_l + λ·G_f,l, evaluates every set, and restores θ⁰_l. The search
     decision uses accuracies reduced over all devices, so every rank takes the same path. Each probe is
-    logged to the trainer's logger and kept in :attr:`probes`.
+    logged to the trainer's logger and kept in :attr:`probes`. The final evaluation, every edit applied, is
+    :attr:`after`; with several concepts, :attr:`leave_one_out` maps each concept to the final evaluation without
+    its edit (one more probe per concept).
 
     Args:
         sets: Labelled evaluation sets. The forget accuracy of a concept is measured on the images of its
@@ -162,6 +164,7 @@ class StepSearch(Callback):
         self.chosen: dict[str, Probe] = {}
         self.before: dict = {}
         self.after: dict = {}
+        self.leave_one_out: dict[str, dict] = {}  # several concepts: the final model without each one's edit
         self.seconds = 0.0
         self.memory = PeakMemory()
 
@@ -260,6 +263,8 @@ class StepSearch(Callback):
             counts = self._refine(evaluator, parameters, store, class_names, forget_sets, counts, trainer,
                                   show_progress, device)
         self.after = summarize(counts, class_names, forget_sets)
+        if len(store.concepts) > 1:
+            self.leave_one_out = self._leave_one_out(evaluator, parameters, store, class_names, forget_sets, device)
         self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))
                            for set_name, (names, concepts) in panels.items()}
         if not self.apply:
@@ -307,6 +312,21 @@ class StepSearch(Callback):
             if not changed:
                 break
         return counts
+
+    def _leave_one_out(self, evaluator, parameters, store: GradientStore, class_names, forget_sets,
+                       device) -> dict[str, dict]:
+        """Several concepts: the summary of the final model with one concept's edit taken out, for each concept:
+        what removing its delta gives back, and which other concepts lean on it. The edits stay in place."""
+        result = {}
+        for concept, edit in self.chosen.items():
+            parameter = parameters[edit.layer]
+            original = parameter.detach().clone()
+            self._shift(parameters, store, concept, edit, device, sign=-1.0)
+            try:  # the final model is the evaluator's reference, so only the edited layer's stages run again
+                result[concept] = summarize(evaluator.run(edited=edit.layer), class_names, forget_sets)
+            finally:
+                parameter.copy_(original)
+        return result
 
     def _search_front(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
                       trainer, progress, device, kept: Sequence[str] = (), round_: int = 0,

@@ -64,6 +64,8 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         "skipped_samples": store.skipped_samples,
         "before": accuracies(search.before),
         "after": accuracies(search.after),
+        # Several concepts: the final evaluation with one concept's edit taken out, per concept.
+        "leave_one_out": {name: accuracies(summary) for name, summary in getattr(search, "leave_one_out", {}).items()},
         "search": [
             {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
              "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
@@ -241,6 +243,7 @@ def render_markdown(report: dict) -> str:
               f"{report['settings']['threshold']}.", "",
               "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
               "|---|---|---|---|---|---|---|", *summary_lines(report), ""]
+    lines += _leave_one_out_lines(report)
     timing = report["timing"]
     lines += ["## Cost", "",
               f"Gradients {timing['gradients_s']:.1f} s{' (reused)' if timing.get('reused_gradients') else ''}, "
@@ -257,6 +260,27 @@ def render_markdown(report: dict) -> str:
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _leave_one_out_lines(report: dict) -> list[str]:
+    """Several concepts: top-1 with all edits, then with each concept's edit left out, for report.md."""
+    left_out = report.get("leave_one_out") or {}
+    if not left_out:
+        return []
+    tests, concepts = list(report["after"]["test"]), [c["name"] for c in report["concepts"]]
+    rows = [("every edit", report["after"])] + [(f"all but {name}'s", left_out[name]) for name in concepts]
+    lines = ["## Each edit's share (top-1, %)", "",
+             "The final model with one concept's edit left out: the test accuracy that removing its delta "
+             "(`python -m slug_lightning delta remove --concept NAME`) gives back, and which other concepts need "
+             "it to stay forgotten.", "",
+             "| edits | " + " | ".join(f"test {name}" for name in tests) + " | "
+             + " | ".join(f"forget {name}" for name in concepts) + " |",
+             "|---" * (1 + len(tests) + len(concepts)) + "|"]
+    for label, result in rows:
+        cells = [_pct(result["test"][name]["top1"]) for name in tests] + \
+                [_pct(result["forget"][name]["top1"]) for name in concepts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def render_baseline_markdown(report: dict) -> str:

@@ -435,3 +435,5 @@ def test_multi_concept_run_reports_every_concept_draws_them_and_keeps_updates_ap
                  str(tmp_path / "second_only.safetensors")]) == 0
     back = _forget_top1(demo_dir, tmp_path / "second_only.safetensors", people)
     assert back[people[1]] == 0.0 and back[people[0]] >= 0.5
+    # the report's leave-one-out, measured in the search over its cached stages, is what the removal gives
+    assert {p: report["leave_one_out"][people[0]]["forget"][p]["top1"] for p in people} == back

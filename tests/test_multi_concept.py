@@ -122,6 +122,22 @@ def test_refinement_never_brings_back_a_concept_forgotten_before():
         assert (probe.forget_top1 == 0.0) == (probe.step_size >= 1.375)
 
 
+def test_leave_one_out_evaluates_the_final_model_without_each_edit_and_restores_it():
+    world = World(1.375, 0.75)  # both forgotten: 1.375 >= 1 + 0.375 and 0.75 + 0.34375 >= 1
+    search = _search()
+    search.chosen = {"Ann": Probe("Ann", "a", 0, 1.375, 1.375, 0.0, 0.0),
+                     "Bob": Probe("Bob", "b", 0, 0.75, 0.75, 0.0, 0.0)}
+    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
+    left_out = search._leave_one_out(world, world.parameters, store, NAMES, FORGET_SETS, "cpu")
+    # without Ann's edit, Bob (0.75 < 1) comes back too, and Cy keeps 10 - 0.75 of 10
+    assert {c: left_out["Ann"]["forget"][c]["top1"] for c in ("Ann", "Bob")} == {"Ann": 1.0, "Bob": 1.0}
+    assert left_out["Ann"]["test"]["people"]["top1"] == pytest.approx(0.925)
+    # without Bob's edit, Ann (1.375 >= 1) stays forgotten
+    assert {c: left_out["Bob"]["forget"][c]["top1"] for c in ("Ann", "Bob")} == {"Ann": 0.0, "Bob": 1.0}
+    assert left_out["Bob"]["test"]["people"]["top1"] == pytest.approx(0.8625)
+    assert [float(world.parameters[n]) for n in "ab"] == [1.375, 0.75]  # every edit back in place
+
+
 class Detour(World):
     """Ann can also be forgotten on a second layer ``c`` (once ``c >= 1``), which on θ⁰ costs Cy more than ``a``
     (1.2 per unit) but, once Bob's edit is in, less (``1.2 (1 - b/2)``); Bob is forgotten once ``b >= 1``."""

@@ -124,6 +124,26 @@ def test_report_md_has_every_section_and_links_only_its_plots(tmp_path):
     assert "Searched: the layers of Pareto fronts 1–3 of each tower (`fronts: 3`)" in render_markdown(report)
 
 
+def test_report_md_shows_each_edits_share_for_several_concepts():
+    report = _report([])
+    assert "## Each edit's share" not in render_markdown(report)  # one concept: nothing to leave out
+    report["concepts"].append({**report["concepts"][0], "name": "Bob Roy", "layer": "text_projection"})
+    for side in ("before", "after"):
+        report[side]["forget"]["Bob Roy"] = {"top1": 0.0, "top5": 0.1}
+    report["leave_one_out"] = {
+        "Ann Lee": {"forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}, "Bob Roy": {"top1": 0.25, "top5": 0.5}},
+                    "test": {"people": {"top1": 0.85, "top5": 1.0}, "things": {"top1": 0.7, "top5": 0.9}}},
+        "Bob Roy": {"forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": 1.0, "top5": 1.0}},
+                    "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.75, "top5": 0.9}}},
+    }
+    markdown = render_markdown(report)
+    assert "| edits | test people | test things | forget Ann Lee | forget Bob Roy |" in markdown
+    assert "| every edit | 80.0 | 70.0 | 0.0 | 0.0 |" in markdown
+    # leaving Ann's edit out gives 5 points of people back and brings Bob partly back: he leans on her edit
+    assert "| all but Ann Lee's | 85.0 | 70.0 | 90.0 | 25.0 |" in markdown
+    assert "| all but Bob Roy's | 80.0 | 75.0 | 0.0 | 100.0 |" in markdown
+
+
 def test_terminal_summary_shows_the_edit_and_before_after():
     text = terminal_summary(_report([]), Path("runs/x"))
     assert "forgot 'Ann Lee': visual.proj (vision), λ=3" in text
