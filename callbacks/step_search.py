@@ -80,6 +80,13 @@ class StepSearch(Callback):
             the other edits already help a smaller step. Each concept keeps a single layer.
             Rounds stop early once one changes no layer and no step by more than ``tolerance``. 0 (the
             default) is METHOD §9 as written.
+        untangle: Several concepts, with ``refine_rounds``: after a concept's visit, when other concepts stay
+            forgotten only through its edit (they lean on it), also try freeing it: search it again keeping only
+            the concepts that do not lean on it, then search each leaning concept brought back over its own
+            layers, keeping the others forgotten. The move is kept if no concept forgotten before comes back and
+            the utility (METHOD §7) is higher; otherwise every edit it touched is restored. It costs a front
+            search per try and per leaning concept, and lets a round leave an edit that forgets several
+            concepts at a high cost, which a visit that must keep them forgotten cannot.
         sequential: Several concepts: search each on the model carrying the edits chosen for the ones before it
             (METHOD §9). False searches every concept on θ⁰, as separate single-concept runs would, and applies
             all the edits together afterwards (a start for ``refine_rounds`` that no concept's order shapes).
@@ -112,6 +119,7 @@ class StepSearch(Callback):
         similarity_classes: int = 5,
         keep_forgotten: bool = False,
         refine_rounds: int = 0,
+        untangle: bool = False,
         sequential: bool = True,
     ) -> None:
         if not sets:
@@ -151,6 +159,7 @@ class StepSearch(Callback):
         if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
             raise UserError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
         self.refine_rounds = refine_rounds
+        self.untangle = untangle
         if keep_forgotten and not sequential:
             raise UserError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
                             "where the other concepts are not forgotten to keep.")
@@ -287,10 +296,9 @@ class StepSearch(Callback):
             progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.max_steps, leave=False,
                             disable=not show_progress, unit="probe", dynamic_ncols=True)
             for concept in store.concepts:
-                current = self.chosen[concept]
-                forgotten = summarize(counts, class_names, forget_sets)["forget"]
-                kept = [c for c in store.concepts if c != concept
-                        and is_forgotten(forgotten[c][self.metric], self.threshold)]
+                current, visited = self.chosen[concept], dict(self.chosen)
+                forgotten = self._forgotten(summarize(counts, class_names, forget_sets))
+                kept = [c for c in store.concepts if c != concept and c in forgotten]
                 self._shift(parameters, store, concept, current, device, sign=-1.0)
                 evaluator.run()  # the model with every other concept's edit is the reference of these probes
                 # The current edit is the first probe of its layer, so it stays unless a probe beats it.
@@ -300,10 +308,13 @@ class StepSearch(Callback):
                 counts = evaluator.run()
                 if (chosen.layer, chosen.step_size) != (current.layer, current.step_size):
                     self.chosen[concept] = chosen  # (an unchanged edit keeps the probe, and round, it came from)
+                if self.untangle:
+                    counts = self._untangle(evaluator, parameters, store, concept, class_names, forget_sets, counts,
+                                            trainer, progress, device, round_)
+                    chosen = self.chosen[concept]
                 # A step that moved within the search's tolerance is kept but does not call for another round.
-                if chosen.layer != current.layer or \
-                        abs(chosen.step_size - current.step_size) > self.tolerance * current.step_size:
-                    changed.append(concept)
+                changed += [c for c, edit in self.chosen.items() if edit.layer != visited[c].layer or
+                            abs(edit.step_size - visited[c].step_size) > self.tolerance * visited[c].step_size]
                 rank_zero_info(f"[slug] refine {round_}: {concept}: {short_name(current.layer)} "
                                f"λ={current.step_size:.4g} → {short_name(chosen.layer)} λ={chosen.step_size:.4g}, "
                                f"forget {self.metric} (keeping {len(kept)} other(s) forgotten) "
@@ -312,6 +323,62 @@ class StepSearch(Callback):
             if not changed:
                 break
         return counts
+
+    def _untangle(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
+                  counts, trainer, progress, device, round_: int) -> dict:
+        """Try freeing ``concept``'s edit from the concepts that lean on it (see ``untangle``); returns the counts
+        of the model it leaves, which carries either the freed edits or the ones it started from."""
+        start = dict(self.chosen)
+        summary = summarize(counts, class_names, forget_sets)
+        forgotten = self._forgotten(summary)
+        self._shift(parameters, store, concept, start[concept], device, sign=-1.0)
+        without = self._forgotten(summarize(evaluator.run(), class_names, forget_sets))
+        leaning = [c for c in store.concepts if c != concept and c in forgotten and c not in without]
+        moved = []
+        if leaning:
+            free = choose(self._search_front(evaluator, parameters, store, concept, class_names, forget_sets, trainer,
+                                             progress, device, [c for c in forgotten if c != concept and
+                                                                c not in leaning], round_, start[concept]),
+                          self.metric)
+            # A freed edit no better than the current one, before the leaning concepts pay to be forgotten again,
+            # cannot end better.
+            if free.utility > _utility(summary) and (free.layer, free.step_size) != (start[concept].layer,
+                                                                                     start[concept].step_size):
+                self.chosen[concept] = free
+                moved.append(concept)
+        self._shift(parameters, store, concept, self.chosen[concept], device)
+        counts = evaluator.run()
+        for other in leaning if moved else ():
+            now = self._forgotten(summarize(counts, class_names, forget_sets))
+            if other in now:
+                continue
+            self._shift(parameters, store, other, self.chosen[other], device, sign=-1.0)
+            evaluator.run()
+            probe = choose(self._search_front(evaluator, parameters, store, other, class_names, forget_sets, trainer,
+                                              progress, device, [c for c in now if c != other], round_,
+                                              self.chosen[other]), self.metric)
+            self.chosen[other] = probe
+            moved.append(other)
+            self._shift(parameters, store, other, probe, device)
+            counts = evaluator.run()
+        if not moved:
+            return counts
+        after = summarize(counts, class_names, forget_sets)
+        kept = forgotten <= self._forgotten(after) and _utility(after) > _utility(summary)
+        rank_zero_info(f"[slug] untangle {round_}: {concept} freed from {', '.join(leaning)}: utility "
+                       f"{_utility(summary):.3f} → {_utility(after):.3f}, "
+                       + ("kept" if kept else "restored (a concept came back or the utility fell)"))
+        if kept:
+            return counts
+        for name in moved:  # back to the edits the move started from
+            self._shift(parameters, store, name, self.chosen[name], device, sign=-1.0)
+            self._shift(parameters, store, name, start[name], device)
+            self.chosen[name] = start[name]
+        return evaluator.run()
+
+    def _forgotten(self, summary: dict) -> set[str]:
+        """The concepts the summary's forget accuracies count as forgotten."""
+        return {c for c, accuracy in summary["forget"].items() if is_forgotten(accuracy[self.metric], self.threshold)}
 
     def _leave_one_out(self, evaluator, parameters, store: GradientStore, class_names, forget_sets,
                        device) -> dict[str, dict]:
@@ -403,6 +470,12 @@ class StepSearch(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.probes = [Probe(**p) for p in state_dict["probes"]]
         self.chosen = {c: Probe(**p) for c, p in state_dict["chosen"].items()}
+
+
+def _utility(summary: dict) -> float:
+    """The utility of METHOD §7 (mean test top-1 over the sets that have test images) of a summary."""
+    tests = [value["top1"] for value in summary["test"].values() if value["count"]]
+    return sum(tests) / len(tests) if tests else float("nan")
 
 
 def in_forward_order(layers: list[LayerStats], stages: dict[str, TowerStages]) -> list[LayerStats]:

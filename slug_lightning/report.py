@@ -77,6 +77,7 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
                      "fronts": getattr(search, "fronts", 1), "signed_alignment": search.signed_alignment,
                      "keep_forgotten": getattr(search, "keep_forgotten", False),
                      "refine_rounds": getattr(search, "refine_rounds", 0),
+                     "untangle": getattr(search, "untangle", False),
                      "sequential": getattr(search, "sequential", True)},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},

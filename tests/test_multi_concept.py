@@ -171,6 +171,83 @@ def test_refinement_may_move_a_concept_to_another_front_layer():
     assert summary["test"]["people"]["top1"] == pytest.approx((10 - 1 - 0.6) / 10)
 
 
+class Tangle(World):
+    """Ann can be forgotten on her own layer ``a`` (once ``a >= 1``) or on a wide layer ``w`` (once ``w >= 1``)
+    that forgets Bob too but costs Cy 4 images per unit; Bob is forgotten once ``b + w >= 1``."""
+
+    def __init__(self) -> None:
+        self.parameters = {"a": torch.tensor([0.0]), "b": torch.tensor([0.25]), "w": torch.tensor([1.0])}
+
+    def run(self, edited=None):
+        a, b, w = (float(self.parameters[n]) for n in "abw")
+        ann = 0.0 if a >= 1 or w >= 1 else 10.0
+        bob = 0.0 if b + w >= 1 else 10.0
+        cy = max(0.0, 10.0 - a - b - 4 * w)
+        return {"people": torch.tensor([[10.0, ann, ann], [10.0, bob, bob], [10.0, cy, cy]])}
+
+
+def _tangled(untangle: bool):
+    """Ann's edit is on the wide layer, and Bob's small edit leans on it: without it he comes back."""
+    world = Tangle()
+    search = _search(refine_rounds=3, untangle=untangle)
+    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, front=1) for n in "abw"}  # first λ = 1
+    search.searched = {"Ann": [front["a"], front["w"]], "Bob": [front["b"]]}
+    search.chosen = {"Ann": Probe("Ann", "w", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 0.25, 0.025, 0.0, 0.0)}
+    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1), "w": torch.ones(1)},
+                                                            "Bob": {"b": torch.ones(1)}})
+    counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
+    return search, world, summarize(counts, NAMES, FORGET_SETS)
+
+
+def test_refinement_alone_keeps_an_edit_others_lean_on():
+    """Each visit must keep the other person forgotten: Ann cannot leave ``w`` (Bob would come back), and Bob,
+    helped by ``w``, shrinks his own step instead."""
+    search, world, summary = _tangled(untangle=False)
+    assert search.chosen["Ann"].layer == "w" and float(world.parameters["w"]) == 1.0
+    assert search.chosen["Bob"].step_size < 0.25
+    assert summary["test"]["people"]["top1"] == pytest.approx(0.6, abs=0.01)  # 10 - 4 w of Cy's 10 images
+
+
+def test_untangle_frees_the_edit_and_searches_the_leaning_concept_again():
+    search, world, summary = _tangled(untangle=True)
+    ann, bob = search.chosen["Ann"], search.chosen["Bob"]
+    # Ann moves to her own layer; Bob, back without ``w``, grows his own step until he is forgotten again
+    assert (ann.layer, ann.step_size) == ("a", 1.0) and 1.0 <= bob.step_size < 1.05
+    assert [float(world.parameters[n]) for n in "aw"] == [1.0, 0.0] and float(world.parameters["b"]) == bob.step_size
+    assert summary["forget"]["Ann"]["top1"] == summary["forget"]["Bob"]["top1"] == 0.0
+    assert summary["test"]["people"]["top1"] == pytest.approx((10 - 1 - bob.step_size) / 10)
+
+
+class Spoiler(Tangle):
+    """As :class:`Tangle`, but Bob is forgotten on ``b`` only when the wide edit is in: freeing Ann brings him
+    back for good, so the move is undone."""
+
+    def run(self, edited=None):
+        counts = super().run(edited)
+        if float(self.parameters["w"]) < 1:
+            counts["people"][1, 1:] = 10.0
+        return counts
+
+
+def test_untangle_restores_every_edit_when_a_concept_would_come_back():
+    world = Spoiler()
+    search = _search(refine_rounds=1, untangle=True)
+    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, front=1) for n in "abw"}
+    search.searched = {"Ann": [front["a"], front["w"]], "Bob": [front["b"]]}
+    start = {"Ann": Probe("Ann", "w", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 0.25, 0.025, 0.0, 0.0)}
+    search.chosen = dict(start)
+    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1), "w": torch.ones(1)},
+                                                            "Bob": {"b": torch.ones(1)}})
+    counts = search._untangle(world, world.parameters, store, "Ann", NAMES, FORGET_SETS, world.run(), None,
+                              SimpleNamespace(set_description=print, update=lambda n: None,
+                                              set_postfix=lambda d: None), "cpu", 1)
+    assert search.chosen == start
+    assert [float(world.parameters[n]) for n in "abw"] == [0.0, 0.25, 1.0]
+    summary = summarize(counts, NAMES, FORGET_SETS)
+    assert summary["forget"]["Ann"]["top1"] == summary["forget"]["Bob"]["top1"] == 0.0
+    assert any(p.concept == "Bob" and p.round == 1 for p in search.probes)  # Bob's search was tried, and failed
+
+
 def test_refine_rounds_and_keep_forgotten_without_sequential_are_refused():
     with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0, got -1"):
         _search(refine_rounds=-1)
