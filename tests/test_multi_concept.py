@@ -186,15 +186,22 @@ class Tangle(World):
         return {"people": torch.tensor([[10.0, ann, ann], [10.0, bob, bob], [10.0, cy, cy]])}
 
 
-def _tangled(untangle: bool):
-    """Ann's edit is on the wide layer, and Bob's small edit leans on it: without it he comes back."""
-    world = Tangle()
-    search = _search(refine_rounds=3, untangle=untangle)
+def _tangle_search(world: Tangle, **options):
+    """The search and store of a :class:`Tangle`: Ann's edit is on the wide layer, and Bob's small edit leans on it
+    (without it he comes back)."""
+    search = _search(**options)
     front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, front=1) for n in "abw"}  # first λ = 1
     search.searched = {"Ann": [front["a"], front["w"]], "Bob": [front["b"]]}
-    search.chosen = {"Ann": Probe("Ann", "w", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 0.25, 0.025, 0.0, 0.0)}
-    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1), "w": torch.ones(1)},
-                                                            "Bob": {"b": torch.ones(1)}})
+    search.chosen = {"Ann": Probe("Ann", "w", 0, 1.0, 0.1, 0.0, 0.0),
+                     "Bob": Probe("Bob", "b", 0, 0.25, 0.025, 0.0, 0.0)}
+    store = SimpleNamespace(concepts=["Ann", "Bob"],
+                            forget={"Ann": {"a": torch.ones(1), "w": torch.ones(1)}, "Bob": {"b": torch.ones(1)}})
+    return search, store
+
+
+def _tangled(untangle: bool):
+    world = Tangle()
+    search, store = _tangle_search(world, refine_rounds=3, untangle=untangle)
     counts = search._refine(world, world.parameters, store, NAMES, FORGET_SETS, world.run(), None, False, "cpu")
     return search, world, summarize(counts, NAMES, FORGET_SETS)
 
@@ -231,16 +238,11 @@ class Spoiler(Tangle):
 
 def test_untangle_restores_every_edit_when_a_concept_would_come_back():
     world = Spoiler()
-    search = _search(refine_rounds=1, untangle=True)
-    front = {n: LayerStats(n, "vision", 1.0, 0.1, 10.0, 1.0, front=1) for n in "abw"}
-    search.searched = {"Ann": [front["a"], front["w"]], "Bob": [front["b"]]}
-    start = {"Ann": Probe("Ann", "w", 0, 1.0, 0.1, 0.0, 0.0), "Bob": Probe("Bob", "b", 0, 0.25, 0.025, 0.0, 0.0)}
-    search.chosen = dict(start)
-    store = SimpleNamespace(concepts=["Ann", "Bob"], forget={"Ann": {"a": torch.ones(1), "w": torch.ones(1)},
-                                                            "Bob": {"b": torch.ones(1)}})
-    counts = search._untangle(world, world.parameters, store, "Ann", NAMES, FORGET_SETS, world.run(), None,
-                              SimpleNamespace(set_description=print, update=lambda n: None,
-                                              set_postfix=lambda d: None), "cpu", 1)
+    search, store = _tangle_search(world, refine_rounds=1, untangle=True)
+    start = dict(search.chosen)
+    progress = SimpleNamespace(set_description=lambda text: None, update=lambda n: None, set_postfix=lambda d: None)
+    counts = search._untangle(world, world.parameters, store, "Ann", NAMES, FORGET_SETS, world.run(), None, progress,
+                              "cpu", 1)
     assert search.chosen == start
     assert [float(world.parameters[n]) for n in "abw"] == [0.0, 0.25, 1.0]
     summary = summarize(counts, NAMES, FORGET_SETS)
