@@ -1,5 +1,5 @@
 """Forgetting several people in one run (METHOD §9): 2, 3 and 5 people of the demo world, each set searched
-six ways side by side on the same gradients.
+several ways side by side on the same gradients.
 
 Three ways to draw the people (``--selections``):
 
@@ -19,6 +19,9 @@ per person, all at θ⁰). The searches:
 - ``refine``: ``StepSearch(refine_rounds=5)``: the §9 search, then rounds that search each person again over
   its Pareto front on the model carrying all the other edits, keeping the forgotten ones forgotten;
 - ``refine_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``);
+- ``refine_untangle``, ``refine_fronts2_untangle``: ``refine`` and ``refine_fronts2`` with ``untangle=True``: a
+  visit also tries freeing an edit the other people lean on, keeping the move only if no one comes back and the
+  utility rises;
 - ``independent``: ``StepSearch(sequential=False, refine_rounds=5)``: every person searched on θ⁰ (as separate
   runs would), all edits applied together, then the same refinement rounds;
 - ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
@@ -197,7 +200,7 @@ def verdict(results: list[Result]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--demo", default="runs/demo", help="a finished demo directory (world/, fit/)")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
     parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
@@ -253,7 +256,9 @@ def main() -> None:
         "all the other edits applied, keeping the forgotten ones forgotten; `refine_fronts2`: the same with "
         "`fronts: 2`, searching the first two Pareto fronts of each tower; `independent`: `sequential: false` and "
         "`refine_rounds: 5`, every person searched on θ⁰ as separate runs would, all edits applied together, then "
-        "the same rounds; `independent_fronts2`: the same with `fronts: 2`. People: `family`, the default target "
+        "the same rounds; `independent_fronts2`: the same with `fronts: 2`; `refine_untangle`, "
+        "`refine_fronts2_untangle`: `refine` and `refine_fronts2` with `untangle: true`, a visit also tries freeing "
+        "an edit the other people lean on, kept only if no one comes back and the utility rises. People: `family`, the default target "
         "and the next ones in world order, which keeps look-alike families together (each of them a look-alike of "
         "another, and other people look-alikes of several of them); `unrelated`, the default target and then the "
         "first person of each other look-alike group in world order (no one a look-alike of another, no other "
