@@ -159,6 +159,8 @@ class StepSearch(Callback):
         if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
             raise UserError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
         self.refine_rounds = refine_rounds
+        if untangle and not refine_rounds:
+            raise UserError("untangle works in the refinement rounds; set refine_rounds >= 1 with it.")
         self.untangle = untangle
         if keep_forgotten and not sequential:
             raise UserError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
@@ -364,11 +366,11 @@ class StepSearch(Callback):
         if not moved:
             return counts
         after = summarize(counts, class_names, forget_sets)
-        kept = forgotten <= self._forgotten(after) and _utility(after) > _utility(summary)
+        better = forgotten <= self._forgotten(after) and _utility(after) > _utility(summary)
         rank_zero_info(f"[slug] untangle {round_}: {concept} freed from {', '.join(leaning)}: utility "
                        f"{_utility(summary):.3f} → {_utility(after):.3f}, "
-                       + ("kept" if kept else "restored (a concept came back or the utility fell)"))
-        if kept:
+                       + ("kept" if better else "restored (a concept came back or the utility fell)"))
+        if better:
             return counts
         for name in moved:  # back to the edits the move started from
             self._shift(parameters, store, name, self.chosen[name], device, sign=-1.0)

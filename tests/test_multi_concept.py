@@ -250,11 +250,13 @@ def test_untangle_restores_every_edit_when_a_concept_would_come_back():
     assert any(p.concept == "Bob" and p.round == 1 for p in search.probes)  # Bob's search was tried, and failed
 
 
-def test_refine_rounds_and_keep_forgotten_without_sequential_are_refused():
+def test_refine_rounds_keep_forgotten_without_sequential_and_untangle_without_rounds_are_refused():
     with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0, got -1"):
         _search(refine_rounds=-1)
     with pytest.raises(ValueError, match="keep_forgotten needs sequential"):
         _search(keep_forgotten=True, sequential=False)
+    with pytest.raises(ValueError, match="untangle works in the refinement rounds; set refine_rounds >= 1"):
+        _search(untangle=True)
 
 
 # --- end to end on the demo world -----------------------------------------------------------------------------
