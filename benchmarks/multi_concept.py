@@ -258,14 +258,14 @@ def main() -> None:
         "`refine_rounds: 5`, every person searched on θ⁰ as separate runs would, all edits applied together, then "
         "the same rounds; `independent_fronts2`: the same with `fronts: 2`; `refine_untangle`, "
         "`refine_fronts2_untangle`: `refine` and `refine_fronts2` with `untangle: true`, a visit also tries freeing "
-        "an edit the other people lean on, kept only if no one comes back and the utility rises. People: `family`, the default target "
-        "and the next ones in world order, which keeps look-alike families together (each of them a look-alike of "
-        "another, and other people look-alikes of several of them); `unrelated`, the default target and then the "
-        "first person of each other look-alike group in world order (no one a look-alike of another, no other "
-        "person a look-alike of two of them); `random`, drawn at random with seed 0 (a larger set holds the smaller "
-        "ones' people). Forget top-1 after = the final evaluation with every edit applied. "
-        f"Identity test = the images of the other {len(world.people)} − n people. search s = the wall time of the "
-        f"run's search (runs that shared the machine with another took longer). Machine: {machine()}.", "",
+        "an edit the other people lean on, kept only if no one comes back and the utility rises. People: "
+        "`family`, the default target and the next ones in world order, which keeps look-alike families together "
+        "(each of them a look-alike of another, and other people look-alikes of several of them); `unrelated`, the "
+        "default target and then the first person of each other look-alike group in world order (no one a "
+        "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with seed 0 "
+        "(a larger set holds the smaller ones' people). Forget top-1 after = the final evaluation with every edit "
+        f"applied. Identity test = the images of the other {len(world.people)} − n people. search s = the wall time "
+        f"of the run's search (runs that shared the machine with another took longer). Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""]
         + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
     publish(text, args.output)

@@ -301,11 +301,8 @@ class StepSearch(Callback):
                 current, visited = self.chosen[concept], dict(self.chosen)
                 forgotten = self._forgotten(summarize(counts, class_names, forget_sets))
                 kept = [c for c in store.concepts if c != concept and c in forgotten]
-                self._shift(parameters, store, concept, current, device, sign=-1.0)
-                evaluator.run()  # the model with every other concept's edit is the reference of these probes
-                # The current edit is the first probe of its layer, so it stays unless a probe beats it.
-                chosen = choose(self._search_front(evaluator, parameters, store, concept, class_names, forget_sets,
-                                                   trainer, progress, device, kept, round_, current), self.metric)
+                chosen = self._search_again(evaluator, parameters, store, concept, class_names, forget_sets,
+                                            trainer, progress, device, kept, round_)
                 self._shift(parameters, store, concept, chosen, device)
                 counts = evaluator.run()
                 if (chosen.layer, chosen.step_size) != (current.layer, current.step_size):
@@ -326,6 +323,17 @@ class StepSearch(Callback):
                 break
         return counts
 
+    def _search_again(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
+                      trainer, progress, device, kept: Sequence[str], round_: int) -> Probe:
+        """Search ``concept`` again over its layers, on the model carrying every other concept's edit, keeping
+        ``kept`` forgotten; returns the chosen probe and leaves the model without ``concept``'s edit. The current
+        edit is the first probe of its layer, so it stays unless a probe beats it."""
+        current = self.chosen[concept]
+        self._shift(parameters, store, concept, current, device, sign=-1.0)
+        evaluator.run()  # the model with every other concept's edit is the reference of these probes
+        return choose(self._search_front(evaluator, parameters, store, concept, class_names, forget_sets, trainer,
+                                         progress, device, kept, round_, current), self.metric)
+
     def _untangle(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
                   counts, trainer, progress, device, round_: int) -> dict:
         """Try freeing ``concept``'s edit from the concepts that lean on it (see ``untangle``); returns the counts
@@ -333,35 +341,29 @@ class StepSearch(Callback):
         start = dict(self.chosen)
         summary = summarize(counts, class_names, forget_sets)
         forgotten = self._forgotten(summary)
-        self._shift(parameters, store, concept, start[concept], device, sign=-1.0)
-        without = self._forgotten(summarize(evaluator.run(), class_names, forget_sets))
+        without = self._forgotten(self._without(evaluator, parameters, store, concept, class_names, forget_sets,
+                                                device))
         leaning = [c for c in store.concepts if c != concept and c in forgotten and c not in without]
-        moved = []
-        if leaning:
-            free = choose(self._search_front(evaluator, parameters, store, concept, class_names, forget_sets, trainer,
-                                             progress, device, [c for c in forgotten if c != concept and
-                                                                c not in leaning], round_, start[concept]),
-                          self.metric)
-            # A freed edit no better than the current one, before the leaning concepts pay to be forgotten again,
-            # cannot end better.
-            if free.utility > _utility(summary) and (free.layer, free.step_size) != (start[concept].layer,
-                                                                                     start[concept].step_size):
-                self.chosen[concept] = free
-                moved.append(concept)
+        if not leaning:
+            return counts
+        free = self._search_again(evaluator, parameters, store, concept, class_names, forget_sets, trainer, progress,
+                                  device, [c for c in forgotten if c != concept and c not in leaning], round_)
+        # A freed edit no better than the current one, before the leaning concepts pay to be forgotten again, cannot
+        # end better.
+        moved = [concept] if free.utility > _utility(summary) and \
+            (free.layer, free.step_size) != (start[concept].layer, start[concept].step_size) else []
+        if moved:
+            self.chosen[concept] = free
         self._shift(parameters, store, concept, self.chosen[concept], device)
         counts = evaluator.run()
         for other in leaning if moved else ():
             now = self._forgotten(summarize(counts, class_names, forget_sets))
             if other in now:
                 continue
-            self._shift(parameters, store, other, self.chosen[other], device, sign=-1.0)
-            evaluator.run()
-            probe = choose(self._search_front(evaluator, parameters, store, other, class_names, forget_sets, trainer,
-                                              progress, device, [c for c in now if c != other], round_,
-                                              self.chosen[other]), self.metric)
-            self.chosen[other] = probe
+            self.chosen[other] = self._search_again(evaluator, parameters, store, other, class_names, forget_sets,
+                                                    trainer, progress, device, [c for c in now if c != other], round_)
             moved.append(other)
-            self._shift(parameters, store, other, probe, device)
+            self._shift(parameters, store, other, self.chosen[other], device)
             counts = evaluator.run()
         if not moved:
             return counts
@@ -382,20 +384,25 @@ class StepSearch(Callback):
         """The concepts the summary's forget accuracies count as forgotten."""
         return {c for c, accuracy in summary["forget"].items() if is_forgotten(accuracy[self.metric], self.threshold)}
 
+    def _without(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
+                 device) -> dict:
+        """The summary of the evaluator's reference model (every edit applied) with ``concept``'s edit taken out,
+        evaluated as a probe: only the edited layer's stages run again, and the edit is put back."""
+        edit = self.chosen[concept]
+        parameter = parameters[edit.layer]
+        original = parameter.detach().clone()
+        self._shift(parameters, store, concept, edit, device, sign=-1.0)
+        try:
+            return summarize(evaluator.run(edited=edit.layer), class_names, forget_sets)
+        finally:
+            parameter.copy_(original)
+
     def _leave_one_out(self, evaluator, parameters, store: GradientStore, class_names, forget_sets,
                        device) -> dict[str, dict]:
-        """Several concepts: the summary of the final model with one concept's edit taken out, for each concept:
-        what removing its delta gives back, and which other concepts lean on it. The edits stay in place."""
-        result = {}
-        for concept, edit in self.chosen.items():
-            parameter = parameters[edit.layer]
-            original = parameter.detach().clone()
-            self._shift(parameters, store, concept, edit, device, sign=-1.0)
-            try:  # the final model is the evaluator's reference, so only the edited layer's stages run again
-                result[concept] = summarize(evaluator.run(edited=edit.layer), class_names, forget_sets)
-            finally:
-                parameter.copy_(original)
-        return result
+        """Several concepts: the final model without each concept's edit in turn (:meth:`_without`): what removing
+        its delta gives back, and which other concepts lean on it."""
+        return {concept: self._without(evaluator, parameters, store, concept, class_names, forget_sets, device)
+                for concept in self.chosen}
 
     def _search_front(self, evaluator, parameters, store: GradientStore, concept: str, class_names, forget_sets,
                       trainer, progress, device, kept: Sequence[str] = (), round_: int = 0,
