@@ -7,8 +7,8 @@ Three ways to draw the people (``--selections``):
   families together, so these people are look-alikes of each other and of the same other people;
 - ``unrelated``: the default target, then the first person of each other look-alike group in world order
   (``DemoWorld.look_alike_groups``): no one is a look-alike of another;
-- ``random``: people drawn at random (seed 0), as a user would name them: neither chosen for look-alikes nor
-  kept apart from them.
+- ``random``: people drawn at random (``random.Random(seed)``, ``--seeds``, default 0), as a user would name
+  them: neither chosen for look-alikes nor kept apart from them.
 
 Each run is the demo's ``unlearn`` config with all of them as concepts (one retain gradient, one forget gradient
 per person, all at θ⁰). The searches:
@@ -45,6 +45,7 @@ are reused by every search; with ``--reuse`` the report of a finished run is rea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import subprocess
@@ -120,6 +121,18 @@ SELECTIONS = {  # name -> (how the people are drawn, the runs' directory prefix)
 }
 
 
+def draws(selections: list[str], seeds: list[int]):
+    """``(selection, draw, runs' prefix)`` for each selection, with a random draw per seed; seed 0 keeps the plain
+    name and prefix ("random"), seed s is "random (seed s)" in ``random_seed<s>``."""
+    for selection in selections:
+        draw, prefix = SELECTIONS[selection]
+        for seed in seeds if draw is random_people else [0]:
+            if seed:
+                yield f"{selection} (seed {seed})", functools.partial(draw, seed=seed), f"{prefix}_seed{seed}"
+            else:
+                yield selection, draw, prefix
+
+
 def unlearn(demo: Path, output: Path, people: list[str], *overrides: str) -> dict:
     """One multi-concept ``unlearn`` on the demo world; returns its report."""
     world = demo / "world"
@@ -183,7 +196,8 @@ def verdict(results: list[Result]) -> str:
     lines = []
     order = list(SEARCHES)
     pairs = dict.fromkeys((selection, search) for _, selection, search, _ in results)
-    for selection, search in sorted(pairs, key=lambda pair: (list(SELECTIONS).index(pair[0]), order.index(pair[1]))):
+    selections = list(dict.fromkeys(selection for selection, _ in pairs))  # in the order they were run
+    for selection, search in sorted(pairs, key=lambda pair: (selections.index(pair[0]), order.index(pair[1]))):
         notes, counts = [], []
         for people, _, _, report in (r for r in results if r[1:3] == (selection, search)):
             counts.append(len(people))
@@ -206,7 +220,10 @@ def main() -> None:
     parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
                         help="which people: 'family', the default target and the people after it in world order "
                              "(look-alikes of each other); 'unrelated', one person from each look-alike group; "
-                             "'random', drawn at random (seed 0)")
+                             "'random', drawn at random (see --seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="the seeds of the random draws, one set of people per seed (seed 0's runs go to "
+                             "RUNS/random_<n>_<search>, seed s's to RUNS/random_seed<s>_<n>_<search>)")
     parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
                         help="which searches to run for each set of people (the first computes the gradients)")
     parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
@@ -221,8 +238,7 @@ def main() -> None:
     results, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs).resolve() if args.runs else Path(tmp)
-        for selection in args.selections:
-            draw, prefix = SELECTIONS[selection]
+        for selection, draw, prefix in draws(args.selections, args.seeds):
             for count in args.counts:
                 people = draw(world, count)
                 gradients = runs / f"{prefix}_{count}" / "gradients.safetensors"
@@ -247,8 +263,9 @@ def main() -> None:
                     results.append((people, selection, search, report))
     text = "\n".join([
         "# Several people in one run (demo world)", "",
-        f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} --searches "
-        f"{' '.join(args.searches)}`: for each set "
+        f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} "
+        + (f"--seeds {' '.join(map(str, args.seeds))} " if args.seeds != [0] else "")
+        + f"--searches {' '.join(args.searches)}`: for each set "
         "of people, one multi-concept `unlearn` per search on the same gradients (demo config: slug-tiny, metric "
         "top-1, threshold 0, max_steps 10). `section9`: METHOD §9, the forget test of person k checks k only; "
         "`keep`: `keep_forgotten`, a probe of person k must also keep persons 1..k−1 forgotten; `refine`: "
@@ -263,9 +280,10 @@ def main() -> None:
         "(each of them a look-alike of another, and other people look-alikes of several of them); `unrelated`, the "
         "default target and then the first person of each other look-alike group in world order (no one a "
         "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with seed 0 "
-        "(a larger set holds the smaller ones' people). Forget top-1 after = the final evaluation with every edit "
-        f"applied. Identity test = the images of the other {len(world.people)} − n people. search s = the wall time "
-        f"of the run's search (runs that shared the machine with another took longer). Machine: {machine()}.", "",
+        "(`random (seed s)`: with seed s; a larger set holds the smaller ones' people). Forget top-1 after = the "
+        f"final evaluation with every edit applied. Identity test = the images of the other {len(world.people)} − n "
+        "people. search s = the wall time of the run's search (runs that shared the machine with another took "
+        f"longer). Machine: {machine()}.", "",
         tables(results), "", verdict(results), ""]
         + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
     publish(text, args.output)
