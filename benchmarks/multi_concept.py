@@ -27,9 +27,10 @@ per person, all at θ⁰). The searches:
 - ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
 
 Per person: the chosen layer and step size, forget top-1 before and after (the final evaluation, all edits
-applied); per run: identity test top-1 (the other people's images) and object test top-1, before and after.
-The target: forget top-1 0 for every person, and an identity test top-1 drop of at most 10 points for 5
-people.
+applied); per run: identity test top-1 (the other people's images) and object test top-1, before and after;
+per search, over its sets of 5 people (several random draws with ``--seeds``): how many meet the target, and
+the mean and worst drop. The target: forget top-1 0 for every person, and an identity test top-1 drop of at most
+10 points for 5 people.
 
 Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo --output_dir DIR`` wrote):
 
@@ -48,6 +49,7 @@ import argparse
 import functools
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +192,30 @@ def tables(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _drops(report: dict) -> tuple[float, float]:
+    """Identity and object test top-1 change, in points."""
+    before, after = report["before"]["test"], report["after"]["test"]
+    return tuple(100 * (after[name]["top1"] - before[name]["top1"]) for name in ("identities", "objects"))
+
+
+def across_draws(results: list[Result]) -> str:
+    """Per search, over its 5-person runs (one per set of people): how many forget everyone and meet the target,
+    the mean and worst identity change, the mean object change and the mean probe count."""
+    lines = ["| search | 5-person runs | all forgotten | target met | identity Δ mean | worst | object Δ mean | "
+             "probes mean |", "|---|---|---|---|---|---|---|---|"]
+    for search in SEARCHES:
+        reports = [report for people, _, name, report in results if name == search and len(people) == 5]
+        if not reports:
+            continue
+        identities, objects = zip(*map(_drops, reports))
+        forgotten = [_forgotten(report) for report in reports]
+        met = sum(ok and -drop <= 100 * MAX_DROP for ok, drop in zip(forgotten, identities))
+        lines.append(f"| {search} | {len(reports)} | {sum(forgotten)} | {met} | {statistics.mean(identities):+.1f} | "
+                     f"{min(identities):+.1f} | {statistics.mean(objects):+.1f} | "
+                     f"{statistics.mean(r['timing']['probes'] for r in reports):.0f} |")
+    return "\n".join(lines)
+
+
 def verdict(results: list[Result]) -> str:
     """Per selection and search: whether the target holds (every person forgotten; identity drop ≤ 10 points for
     5 people)."""
@@ -284,7 +310,8 @@ def main() -> None:
         f"final evaluation with every edit applied. Identity test = the images of the other {len(world.people)} − n "
         "people. search s = the wall time of the run's search (runs that shared the machine with another took "
         f"longer). Machine: {machine()}.", "",
-        tables(results), "", verdict(results), ""]
+        tables(results), "", "Each search over the sets of 5 people it ran on (compare searches over the same sets):",
+        "", across_draws(results), "", verdict(results), ""]
         + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
     publish(text, args.output)
 
