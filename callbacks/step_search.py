@@ -38,7 +38,7 @@ class StepSearch(Callback):
     decision uses accuracies reduced over all devices, so every rank takes the same path. Each probe is
     logged to the trainer's logger and kept in :attr:`probes`. The final evaluation, every edit applied, is
     :attr:`after`; with several concepts, :attr:`leave_one_out` maps each concept to the final evaluation without
-    its edit (one more probe per concept).
+    its edit (one more probe per concept), and with ``refine_rounds``, :attr:`visits` holds the model each visit left.
 
     Args:
         sets: Labelled evaluation sets. The forget accuracy of a concept is measured on the images of its
@@ -176,6 +176,8 @@ class StepSearch(Callback):
         self.before: dict = {}
         self.after: dict = {}
         self.leave_one_out: dict[str, dict] = {}  # several concepts: the final model without each one's edit
+        # The refinement: (round, concept, summary) of the model each visit left, after (0, None, its start).
+        self.visits: list[tuple[int, str | None, dict]] = []
         self.seconds = 0.0
         self.memory = PeakMemory()
 
@@ -292,14 +294,16 @@ class StepSearch(Callback):
 
     def _refine(self, evaluator, parameters, store: GradientStore, class_names, forget_sets, counts, trainer,
                 show_progress: bool, device) -> dict:
-        """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts."""
+        """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts. The model
+        they start from and the one each visit leaves (untangle included) go to :attr:`visits`."""
+        self.visits = [(0, None, summarize(counts, class_names, forget_sets))]
         for round_ in range(1, self.refine_rounds + 1):
             changed = []
             progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.max_steps, leave=False,
                             disable=not show_progress, unit="probe", dynamic_ncols=True)
             for concept in store.concepts:
                 current, visited = self.chosen[concept], dict(self.chosen)
-                forgotten = self._forgotten(summarize(counts, class_names, forget_sets))
+                forgotten = self._forgotten(self.visits[-1][2])  # the model as the last visit left it
                 kept = [c for c in store.concepts if c != concept and c in forgotten]
                 chosen = self._search_again(evaluator, parameters, store, concept, class_names, forget_sets,
                                             trainer, progress, device, kept, round_)
@@ -311,6 +315,7 @@ class StepSearch(Callback):
                     counts = self._untangle(evaluator, parameters, store, concept, class_names, forget_sets, counts,
                                             trainer, progress, device, round_)
                     chosen = self.chosen[concept]
+                self.visits.append((round_, concept, summarize(counts, class_names, forget_sets)))
                 # A step that moved within the search's tolerance is kept but does not call for another round.
                 changed += [c for c, edit in self.chosen.items() if edit.layer != visited[c].layer or
                             abs(edit.step_size - visited[c].step_size) > self.tolerance * visited[c].step_size]
@@ -473,12 +478,14 @@ class StepSearch(Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"probes": [asdict(p) for p in self.probes], "chosen": {c: asdict(p) for c, p in self.chosen.items()}}
+        return {"probes": [asdict(p) for p in self.probes], "chosen": {c: asdict(p) for c, p in self.chosen.items()},
+                "visits": self.visits}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.probes = [Probe(**p) for p in state_dict["probes"]]
         self.chosen = {c: Probe(**p) for c, p in state_dict["chosen"].items()}
+        self.visits = list(state_dict.get("visits", []))
 
 
 def _utility(summary: dict) -> float:

@@ -14,7 +14,6 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from slug_lightning.artifacts import atomic_path  # noqa: E402
 from slug_lightning.layers import short_name  # noqa: E402
-from slug_lightning.search import choose  # noqa: E402
 
 
 def _slug(text: str) -> str:
@@ -154,25 +153,18 @@ def similarity_plot(path: Path, set_name: str, names: list[str], panels: list[tu
     _save(figure, path)
 
 
-def refinement_plot(path: Path, probes, metric: str = "top1") -> None:
-    """Each test set's top-1 and the forget accuracy along the refinement rounds: first the model the rounds start
-    from, then after every concept's visit, the edit chosen there (by METHOD §7 among that visit's probes) with
-    every other concept's edit applied."""
-    visits = list(dict.fromkeys((p.round, p.concept) for p in probes if p.round))
-    chosen = [choose([p for p in probes if (p.round, p.concept) == visit], metric) for visit in visits]
-    # The start: the first visit's probe of the edit its concept had, which is the model before refinement.
-    first = visits[0][1]
-    searched = [p for p in probes if p.concept == first and not p.round]
-    before = choose(searched, metric).layer if searched else None
-    start = [p for p in probes if (p.round, p.concept, p.layer, p.step) == (1, first, before, 0)]
-    points = start + chosen
-    labels = ["before refinement"] * len(start) + [f"round {r} · {concept}" for r, concept in visits]
+def refinement_plot(path: Path, visits, metric: str = "top1") -> None:
+    """Each test set's top-1 and the worst forget accuracy along the refinement rounds: the model the rounds start
+    from, then the model each concept's visit left (``StepSearch.visits``: ``(round, concept, summary)``)."""
+    points = [summary for _, _, summary in visits]
+    labels = [f"round {r} · {concept}" if r else "before refinement" for r, concept, _ in visits]
     steps = range(len(points))
     figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(points) + 3.0), 4.2), layout="constrained")
-    for name in points[0].test_top1:
-        axis.plot(steps, [c.test_top1.get(name, math.nan) for c in points], "o-", label=f"test top-1: {name}")
-    axis.plot(steps, [c.forget_accuracy(metric) for c in points], "s--", color="tab:red",
-              label=f"forget {metric}: worst of the concept and those kept forgotten")
+    for name, test in points[0]["test"].items():
+        if test["count"]:  # a set whose only images are forget concepts has no test accuracy
+            axis.plot(steps, [p["test"][name]["top1"] for p in points], "o-", label=f"test top-1: {name}")
+    axis.plot(steps, [max(f[metric] for f in p["forget"].values()) for p in points], "s--", color="tab:red",
+              label=f"forget {metric}: worst concept")
     axis.set_xticks(list(steps), labels, rotation=40, ha="right", fontsize=8)
     axis.set_ylim(-0.04, 1.04)
     axis.set_ylabel("zero-shot accuracy")
@@ -204,8 +196,8 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
             name = f"search_{_slug(concept)}.png"
             search_plot(output / name, concept, probes, chosen, search.metric)
             names.append(name)
-    if any(p.round for p in search.probes):
-        refinement_plot(output / "refinement.png", search.probes, search.metric)
+    if search.visits:
+        refinement_plot(output / "refinement.png", search.visits, search.metric)
         names.append("refinement.png")
     for set_name, (rows, concepts, before, after) in (similarities or {}).items():
         name = f"similarity_{_slug(set_name)}.png"

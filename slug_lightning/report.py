@@ -337,8 +337,8 @@ _PLOT_SECTIONS = (
     ("Step-size search", "search_",
      "Forget and test accuracy of every probe of every searched layer against the step size λ."),
     ("Refinement rounds", "refinement",
-     "After each concept's visit in the refinement rounds: each test set's top-1 and the forget accuracy of the "
-     "edit chosen there, with every other concept's edit applied."),
+     "The model the refinement rounds start from, then the model each concept's visit leaves (its `untangle` move "
+     "included): each test set's top-1 and the forget accuracy of the concept least forgotten."),
     ("Image–text similarity", "similarity_",
      "Cosine of each name's text embedding (rows) with the mean embedding of each class's images (columns), "
      "before and after: the forgotten concept's row and column should fade, the others' diagonal stay."),

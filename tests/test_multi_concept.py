@@ -103,13 +103,17 @@ def test_refinement_pushes_the_concept_brought_back_and_shrinks_the_one_helped()
     assert all(p.concept in ("Ann", "Bob") and p.layer == {"Ann": "a", "Bob": "b"}[p.concept] for p in search.probes)
 
 
-def test_refinement_plot_shows_one_point_per_visit(tmp_path):
+def test_refinement_records_the_model_each_visit_leaves_and_plots_it(tmp_path):
     from slug_lightning.plots import refinement_plot
 
-    search, _, _ = _refined(rounds=3)
-    visits = list(dict.fromkeys((p.round, p.concept) for p in search.probes))
-    refinement_plot(tmp_path / "refinement.png", search.probes, "top1")
-    assert len(visits) == 4 and (tmp_path / "refinement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    search, _, summary = _refined(rounds=3)
+    # the start (Ann back), then Ann and Bob in rounds 1 and 2; the last visit left the final model
+    assert [(r, c) for r, c, _ in search.visits] == [(0, None), (1, "Ann"), (1, "Bob"), (2, "Ann"), (2, "Bob")]
+    assert search.visits[0][2]["forget"]["Ann"]["top1"] == 1.0 and search.visits[-1][2] == summary
+    after_ann = 1 - (search.chosen["Ann"].step_size + 0.75) / 10  # Ann's visit of round 1, Bob still at 0.75
+    assert search.visits[1][2]["test"]["people"]["top1"] == pytest.approx(after_ann)
+    refinement_plot(tmp_path / "refinement.png", search.visits, "top1")
+    assert (tmp_path / "refinement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_refinement_never_brings_back_a_concept_forgotten_before():
@@ -266,8 +270,8 @@ def test_refine_rounds_keep_forgotten_without_sequential_and_untangle_without_ro
 def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_dir, tmp_path, single_thread):
     """The README's several-people command on the demo world: METHOD §9 alone lets a later edit bring an earlier
     person back on this world (benchmarks/results/multi_concept.md); the §9 search and the refinement rounds of
-    configs/demo/unlearn_people.yaml, with `untangle`, end with all three forgotten and the other people and the
-    objects still recognised."""
+    configs/demo/unlearn_people.yaml, with `untangle` over two fronts, end with all three forgotten and the other
+    people and the objects still recognised."""
     output = tmp_path / "people"
     run_cli("unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
             "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
@@ -281,11 +285,12 @@ def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_d
     for concept in report["concepts"]:
         assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0, concept
     before, after = report["before"]["test"], report["after"]["test"]
-    # measured with these gradients: identities 95.4 → 89.5 %, objects 97.5 → 88.8 % (-5.9 and -8.8 points; with
-    # the earlier config, `fronts: 2` and no `untangle`, -10.2 and -0.4)
-    assert report["settings"]["untangle"] and report["settings"]["sequential"]
-    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.10, (before, after)
-    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.12, (before, after)
+    # measured with these gradients: identities 95.4 → 85.2 %, objects 97.5 → 97.1 % (-10.2 and -0.4 points; one
+    # front with `untangle` gave -5.9 and -8.8: these look-alikes trade objects for identities)
+    settings = report["settings"]
+    assert settings["untangle"] and settings["sequential"] and settings["fronts"] == 2
+    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.12, (before, after)
+    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.05, (before, after)
     # the refinement probes are in the report and in search.csv with their round
     rounds = {p["round"] for p in report["search"]}
     assert 0 in rounds and 1 in rounds and "refinement.png" in report["plots"]

@@ -55,6 +55,7 @@ class _Search:
                 self.probes.append(Probe("Ann Lee", layer, step, lam, 0.1 * lam, forget, min(1.0, forget * 2),
                                          {"people": 0.9 - 0.02 * lam, "things": 0.8}, {"people": 1.0, "things": 1.0}))
         self.chosen = {"Ann Lee": self.probes[3]}
+        self.visits = []  # one concept: no refinement
         self.metric = "top1"
         matrix = torch.rand(4, 4, generator=generator) * 0.5 + torch.eye(4) * 0.4
         self.similarity = {"people": (["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"], ["Ann Lee"], matrix,
