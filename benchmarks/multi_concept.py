@@ -169,6 +169,12 @@ def _forgotten(report: dict) -> bool:
 Result = tuple[list[str], str, str, dict]  # people, selection, search, report
 
 
+def _drops(report: dict) -> tuple[float, float]:
+    """Identity and object test top-1 change, in points."""
+    before, after = report["before"]["test"], report["after"]["test"]
+    return tuple(100 * (after[name]["top1"] - before[name]["top1"]) for name in ("identities", "objects"))
+
+
 def tables(results: list[Result]) -> str:
     """The markdown of the closing note: a per-run summary, then every person's edit."""
     lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | "
@@ -176,8 +182,7 @@ def tables(results: list[Result]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for people, selection, search, report in results:
         before, after = report["before"]["test"], report["after"]["test"]
-        ids = 100 * (after["identities"]["top1"] - before["identities"]["top1"])
-        objs = 100 * (after["objects"]["top1"] - before["objects"]["top1"])
+        ids, objs = _drops(report)
         lines.append(f"| {len(people)} | {selection} | {search} | {_pct(before['identities']['top1'])} | "
                      f"{_pct(after['identities']['top1'])} | {ids:+.1f} | {_pct(before['objects']['top1'])} | "
                      f"{_pct(after['objects']['top1'])} | {objs:+.1f} | {'yes' if _forgotten(report) else 'no'} | "
@@ -190,12 +195,6 @@ def tables(results: list[Result]) -> str:
                          f"`{concept['layer']}` | {concept['tower']} | {concept['step_size']:.4g} | "
                          f"{_pct(concept['forget_top1_before'])} | {_pct(concept['forget_top1_after'])} |")
     return "\n".join(lines)
-
-
-def _drops(report: dict) -> tuple[float, float]:
-    """Identity and object test top-1 change, in points."""
-    before, after = report["before"]["test"], report["after"]["test"]
-    return tuple(100 * (after[name]["top1"] - before[name]["top1"]) for name in ("identities", "objects"))
 
 
 def across_draws(results: list[Result]) -> str:
@@ -230,9 +229,9 @@ def verdict(results: list[Result]) -> str:
             missed = [c["name"] for c in report["concepts"] if c["forget_top1_after"] != 0.0]
             if missed:
                 notes.append(f"{len(people)} people: not forgotten (top-1 > 0): {', '.join(missed)}")
-            drop = report["before"]["test"]["identities"]["top1"] - report["after"]["test"]["identities"]["top1"]
-            if len(people) == 5 and drop > MAX_DROP:
-                notes.append(f"5 people: identity test top-1 drops {100 * drop:.1f} points (> {100 * MAX_DROP:.0f})")
+            identities, _ = _drops(report)
+            if len(people) == 5 and -identities > 100 * MAX_DROP:
+                notes.append(f"5 people: identity test top-1 drops {-identities:.1f} points (> {100 * MAX_DROP:.0f})")
         measured = f"no 5-person run (runs of {', '.join(map(str, counts))} people)."
         outcome = "target NOT met: " + "; ".join(notes) + "." if notes else "target met." if 5 in counts else measured
         lines.append(f"- {selection} `{search}`: {outcome}")
