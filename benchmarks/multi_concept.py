@@ -22,6 +22,8 @@ per person, all at θ⁰). The searches:
 - ``refine_untangle``, ``refine_fronts2_untangle``: ``refine`` and ``refine_fronts2`` with ``untangle=True``: a
   visit also tries freeing an edit the other people lean on, keeping the move only if no one comes back and the
   utility rises;
+- ``keep_fronts2_untangle``: ``refine_fronts2_untangle`` from the start of ``keep``, where no person brings back
+  one searched before it;
 - ``independent``: ``StepSearch(sequential=False, refine_rounds=5)``: every person searched on θ⁰ (as separate
   runs would), all edits applied together, then the same refinement rounds;
 - ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
@@ -71,6 +73,8 @@ SEARCHES = {  # name -> unlearn overrides
     "refine_untangle": ["--search.init_args.refine_rounds", "5", "--search.init_args.untangle", "true"],
     "refine_fronts2_untangle": ["--search.init_args.refine_rounds", "5", "--search.init_args.fronts", "2",
                                 "--search.init_args.untangle", "true"],
+    "keep_fronts2_untangle": ["--search.init_args.keep_forgotten", "true", "--search.init_args.refine_rounds", "5",
+                              "--search.init_args.fronts", "2", "--search.init_args.untangle", "true"],
     "independent": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5"],
     "independent_fronts2": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5",
                             "--search.init_args.fronts", "2"],
