@@ -179,6 +179,12 @@ def _drops(report: dict) -> tuple[float, float]:
     return tuple(100 * (after[name]["top1"] - before[name]["top1"]) for name in ("identities", "objects"))
 
 
+def _within_target(identities: float) -> bool:
+    """Whether an identity change (points) is a drop of at most ``MAX_DROP``: exactly 10 points (30 of 300 images)
+    is within, though the difference of two accuracies may come out a float rounding above it."""
+    return -identities <= 100 * MAX_DROP + 1e-9
+
+
 def tables(results: list[Result]) -> str:
     """The markdown of the closing note: a per-run summary, then every person's edit."""
     lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | "
@@ -212,7 +218,7 @@ def across_draws(results: list[Result]) -> str:
             continue
         identities, objects = zip(*map(_drops, reports))
         forgotten = [_forgotten(report) for report in reports]
-        met = sum(ok and -drop <= 100 * MAX_DROP for ok, drop in zip(forgotten, identities))
+        met = sum(ok and _within_target(drop) for ok, drop in zip(forgotten, identities))
         lines.append(f"| {search} | {len(reports)} | {sum(forgotten)} | {met} | {statistics.mean(identities):+.1f} | "
                      f"{min(identities):+.1f} | {statistics.mean(objects):+.1f} | "
                      f"{statistics.mean(r['timing']['probes'] for r in reports):.0f} |")
@@ -234,7 +240,7 @@ def verdict(results: list[Result]) -> str:
             if missed:
                 notes.append(f"{len(people)} people: not forgotten (top-1 > 0): {', '.join(missed)}")
             identities, _ = _drops(report)
-            if len(people) == 5 and -identities > 100 * MAX_DROP:
+            if len(people) == 5 and not _within_target(identities):
                 notes.append(f"5 people: identity test top-1 drops {-identities:.1f} points (> {100 * MAX_DROP:.0f})")
         measured = f"no 5-person run (runs of {', '.join(map(str, counts))} people)."
         outcome = "target NOT met: " + "; ".join(notes) + "." if notes else "target met." if 5 in counts else measured
@@ -304,7 +310,8 @@ def main() -> None:
         "`refine_rounds: 5`, every person searched on θ⁰ as separate runs would, all edits applied together, then "
         "the same rounds; `independent_fronts2`: the same with `fronts: 2`; `refine_untangle`, "
         "`refine_fronts2_untangle`: `refine` and `refine_fronts2` with `untangle: true`, a visit also tries freeing "
-        "an edit the other people lean on, kept only if no one comes back and the utility rises. People: "
+        "an edit the other people lean on, kept only if no one comes back and the utility rises; "
+        "`keep_fronts2_untangle`: `refine_fronts2_untangle` from the start of `keep`. People: "
         "`family`, the default target and the next ones in world order, which keeps look-alike families together "
         "(each of them a look-alike of another, and other people look-alikes of several of them); `unrelated`, the "
         "default target and then the first person of each other look-alike group in world order (no one a "
