@@ -24,6 +24,8 @@ per person, all at θ⁰). The searches:
   utility rises;
 - ``keep_fronts2_untangle``: ``refine_fronts2_untangle`` from the start of ``keep``, where no person brings back
   one searched before it;
+- ``refine_fronts2_untangle_orders2``: ``refine_fronts2_untangle`` from the people's order and from its reverse
+  (``orders=2``), keeping the end with the higher utility;
 - ``independent``: ``StepSearch(sequential=False, refine_rounds=5)``: every person searched on θ⁰ (as separate
   runs would), all edits applied together, then the same refinement rounds;
 - ``independent_fronts2``: the same, over the first two Pareto fronts of each tower (``fronts=2``).
@@ -75,6 +77,8 @@ SEARCHES = {  # name -> unlearn overrides
                                 "--search.init_args.untangle", "true"],
     "keep_fronts2_untangle": ["--search.init_args.keep_forgotten", "true", "--search.init_args.refine_rounds", "5",
                               "--search.init_args.fronts", "2", "--search.init_args.untangle", "true"],
+    "refine_fronts2_untangle_orders2": ["--search.init_args.refine_rounds", "5", "--search.init_args.fronts", "2",
+                                        "--search.init_args.untangle", "true", "--search.init_args.orders", "2"],
     "independent": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5"],
     "independent_fronts2": ["--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "5",
                             "--search.init_args.fronts", "2"],
@@ -311,7 +315,9 @@ def main() -> None:
         "the same rounds; `independent_fronts2`: the same with `fronts: 2`; `refine_untangle`, "
         "`refine_fronts2_untangle`: `refine` and `refine_fronts2` with `untangle: true`, a visit also tries freeing "
         "an edit the other people lean on, kept only if no one comes back and the utility rises; "
-        "`keep_fronts2_untangle`: `refine_fronts2_untangle` from the start of `keep`. People: "
+        "`keep_fronts2_untangle`: `refine_fronts2_untangle` from the start of `keep`; "
+        "`refine_fronts2_untangle_orders2`: `refine_fronts2_untangle` from the people's order and from its reverse "
+        "(`orders: 2`), keeping the end with the higher utility. People: "
         "`family`, the default target and the next ones in world order, which keeps look-alike families together "
         "(each of them a look-alike of another, and other people look-alikes of several of them); `unrelated`, the "
         "default target and then the first person of each other look-alike group in world order (no one a "

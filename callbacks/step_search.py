@@ -7,9 +7,10 @@ gradient with zero-shot probes; then it picks the result (METHOD §7) and applie
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import lightning as L
@@ -25,10 +26,29 @@ from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics, short_name
 from slug_lightning.memory import PeakMemory
-from slug_lightning.search import BinarySearch, Probe, choose, initial_step_size, is_forgotten
+from slug_lightning.search import BinarySearch, Probe, choose, concept_orders, initial_step_size, is_forgotten
 from slug_lightning.towers import TowerStages, tower_stages
 
 CACHE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the dtype the model computes in
+
+
+@dataclass
+class OrderEnd:
+    """Where the search of several concepts ended from one concept order (``StepSearch(orders=...)``).
+
+    Args:
+        order: The concepts in the order they were searched and revisited.
+        chosen: Each concept's edit at the end.
+        after: The evaluation summary of the model carrying those edits.
+        visits: The refinement's ``(round, concept, summary)`` records (see ``StepSearch.visits``).
+        probes: How many probes this order took.
+    """
+
+    order: list[str]
+    chosen: dict[str, Probe]
+    after: dict
+    visits: list
+    probes: int
 
 
 class StepSearch(Callback):
@@ -39,6 +59,7 @@ class StepSearch(Callback):
     logged to the trainer's logger and kept in :attr:`probes`. The final evaluation, every edit applied, is
     :attr:`after`; with several concepts, :attr:`leave_one_out` maps each concept to the final evaluation without
     its edit (one more probe per concept), and with ``refine_rounds``, :attr:`visits` holds the model each visit left.
+    With ``orders``, :attr:`ends` holds the end of every order and :attr:`kept_order` the index of the one kept.
 
     Args:
         sets: Labelled evaluation sets. The forget accuracy of a concept is measured on the images of its
@@ -90,6 +111,13 @@ class StepSearch(Callback):
         sequential: Several concepts: search each on the model carrying the edits chosen for the ones before it
             (METHOD §9). False searches every concept on θ⁰, as separate single-concept runs would, and applies
             all the edits together afterwards (a start for ``refine_rounds`` that no concept's order shapes).
+        orders: Several concepts: from how many concept orders to run the whole search (METHOD §9, then the
+            refinement rounds, which visit the concepts in the same order), each from θ⁰. 1 (the default) is the
+            order given; 2 adds its reverse; more add the given order rotated by one place and its reverse, and so
+            on (:func:`~slug_lightning.search.concept_orders`: two orders of two concepts, at most 2n of n ≥ 3).
+            Where an edit lands depends on the edits searched before it, so the orders end apart; the end kept
+            forgets the most concepts and, among those, has the highest utility (METHOD §7). Each order costs a
+            whole search.
 
     Example::
 
@@ -121,6 +149,7 @@ class StepSearch(Callback):
         refine_rounds: int = 0,
         untangle: bool = False,
         sequential: bool = True,
+        orders: int = 1,
     ) -> None:
         if not sets:
             raise UserError("StepSearch needs at least one evaluation set.")
@@ -166,6 +195,9 @@ class StepSearch(Callback):
             raise UserError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
                             "where the other concepts are not forgotten to keep.")
         self.sequential = sequential
+        if not (isinstance(orders, int) and not isinstance(orders, bool) and orders >= 1):
+            raise UserError(f"orders must be an integer >= 1, got {orders!r}.")
+        self.orders = orders
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
         self.set_sizes: dict[str, dict[str, int]] = {}
@@ -178,6 +210,9 @@ class StepSearch(Callback):
         self.leave_one_out: dict[str, dict] = {}  # several concepts: the final model without each one's edit
         # The refinement: (round, concept, summary) of the model each visit left, after (0, None, its start).
         self.visits: list[tuple[int, str | None, dict]] = []
+        self.ends: list[OrderEnd] = []  # the end of each concept order searched, the given one first
+        self.kept_order = 0  # the index in ends of the order whose edits the run keeps
+        self._order = 0  # the index of the order being searched, recorded in its probes
         self.seconds = 0.0
         self.memory = PeakMemory()
 
@@ -216,7 +251,8 @@ class StepSearch(Callback):
         """The whole search for every concept of ``store``, in order (METHOD §9); returns the chosen probes.
 
         Concept k is searched on the model that already carries the edits chosen for concepts 1..k−1 (on θ⁰
-        without ``sequential``); then come the ``refine_rounds``.
+        without ``sequential``); then come the ``refine_rounds``. With ``orders``, all of it again from θ⁰ for each
+        further order, and the best end is kept.
         """
         start = time.perf_counter()
         self.memory.start()
@@ -249,10 +285,66 @@ class StepSearch(Callback):
             # A layer without forget gradient (or without weight) has no direction to step along.
             front = [s for s in stats if s.front <= self.fronts and s.tower in self.towers
                      and s.grad_norm > 0 and s.weight_norm > 0]
-            front = in_forward_order(front, stages)
-            self.searched[concept] = front
+            self.searched[concept] = in_forward_order(front, stages)
             if not front:
                 raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
+        counts = self._search_orders(evaluator, parameters, base, store, class_names, forget_sets, trainer,
+                                     show_progress, device)
+        self.after = summarize(counts, class_names, forget_sets)
+        if len(store.concepts) > 1:
+            self.leave_one_out = self._leave_one_out(evaluator, parameters, store, class_names, forget_sets, device)
+        self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))
+                           for set_name, (names, concepts) in panels.items()}
+        if not self.apply:
+            _load(parameters, base)
+        self.seconds = time.perf_counter() - start
+        self.memory.stop()
+        return self.chosen
+
+    def _search_orders(self, evaluator, parameters, base: dict[str, torch.Tensor], store: GradientStore, class_names,
+                       forget_sets, trainer, show_progress: bool, device) -> dict:
+        """The search from each concept order of ``orders`` (:meth:`_search_order`), each from θ⁰ (``base``);
+        records their ends in :attr:`ends`, leaves the model carrying the kept end's edits and returns its counts."""
+        orders = concept_orders(store.concepts, self.orders)
+        if len(orders) < self.orders:
+            rank_zero_info(f"[slug] {len(store.concepts)} concept(s) have {len(orders)} order(s); searching those, "
+                           f"not {self.orders}.")
+        self.ends = []
+        for index, order in enumerate(orders):
+            self._order = index
+            if index:  # every order starts from θ⁰
+                _load(parameters, base)
+                evaluator.run()
+            if len(orders) > 1:
+                rank_zero_info(f"[slug] order {index + 1}/{len(orders)}: {', '.join(order)}")
+            first = len(self.probes)
+            self.chosen, self.visits = {}, []
+            # The store with its concepts in this order: the search and the refinement go through them in it.
+            ordered = replace(store, forget={concept: store.forget[concept] for concept in order})
+            counts = self._search_order(evaluator, parameters, ordered, class_names, forget_sets, trainer,
+                                        show_progress, device)
+            self.ends.append(OrderEnd(order, dict(self.chosen), summarize(counts, class_names, forget_sets),
+                                      self.visits, len(self.probes) - first))
+        self.kept_order = self._kept_end()
+        kept = self.ends[self.kept_order]
+        self.chosen = {concept: kept.chosen[concept] for concept in store.concepts}
+        self.visits = kept.visits
+        if self.kept_order != len(self.ends) - 1:  # the model carries the last order's edits: back to the kept ones
+            _load(parameters, base)
+            for concept, chosen in self.chosen.items():
+                self._shift(parameters, store, concept, chosen, device)
+            counts = evaluator.run()
+        if len(orders) > 1:
+            rank_zero_info(f"[slug] kept order {self.kept_order + 1}: {', '.join(kept.order)}")
+        return counts
+
+    def _search_order(self, evaluator, parameters, store: GradientStore, class_names, forget_sets, trainer,
+                      show_progress: bool, device) -> dict:
+        """The search of METHOD §9 through ``store``'s concepts in their order, on the current reference model
+        (θ⁰), then the ``refine_rounds``; returns the counts of the model it leaves, which carries the edits of
+        :attr:`chosen`."""
+        for concept in store.concepts:
+            front = self.searched[concept]
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
             progress = tqdm(total=len(front) * self.max_steps, disable=not show_progress, leave=False, unit="probe",
                             dynamic_ncols=True)
@@ -275,17 +367,16 @@ class StepSearch(Callback):
         if len(store.concepts) > 1:
             counts = self._refine(evaluator, parameters, store, class_names, forget_sets, counts, trainer,
                                   show_progress, device)
-        self.after = summarize(counts, class_names, forget_sets)
-        if len(store.concepts) > 1:
-            self.leave_one_out = self._leave_one_out(evaluator, parameters, store, class_names, forget_sets, device)
-        self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))
-                           for set_name, (names, concepts) in panels.items()}
-        if not self.apply:
-            for name, weight in base.items():
-                parameters[name].copy_(weight)
-        self.seconds = time.perf_counter() - start
-        self.memory.stop()
-        return self.chosen
+        return counts
+
+    def _kept_end(self) -> int:
+        """The index of the end the run keeps among :attr:`ends`: the most concepts forgotten, then the highest
+        utility, then the first."""
+        def rank(index: int) -> tuple[int, float]:
+            after = self.ends[index].after
+            utility = _utility(after)
+            return len(self._forgotten(after)), -math.inf if math.isnan(utility) else utility
+        return max(range(len(self.ends)), key=rank)  # max() keeps the first of equal keys
 
     def _kept(self, concept: str) -> list[str]:
         """The concepts a probe of ``concept`` must keep forgotten in the search of METHOD §9: those chosen
@@ -416,6 +507,8 @@ class StepSearch(Callback):
         probes. Each layer starts at ``initial_step_size``, except the layer of ``start``, which starts at its λ."""
         front = self.searched[concept]
         stage = "search" if not round_ else f"refine {round_}/{self.refine_rounds}"
+        if self.orders > 1:
+            stage = f"order {self._order + 1} · {stage}"
         probes = []
         for index, layer in enumerate(front, start=1):
             gradient = store.forget[concept][layer.name].to(device)
@@ -457,7 +550,8 @@ class StepSearch(Callback):
         probe = Probe(
             concept=concept,
             layer=layer.name,
-            step=sum(1 for p in self.probes if (p.concept, p.layer, p.round) == (concept, layer.name, round_)),
+            step=sum(1 for p in self.probes
+                     if (p.concept, p.layer, p.round, p.order) == (concept, layer.name, round_, self._order)),
             step_size=float(step_size),
             relative_change=float(step_size * layer.grad_norm / layer.weight_norm),
             forget_top1=forget["top1"],
@@ -467,6 +561,7 @@ class StepSearch(Callback):
             test_top5={name: value["top5"] for name, value in summary["test"].items() if value["count"]},
             seconds=time.perf_counter() - start,
             round=round_,
+            order=self._order,
         )
         self.probes.append(probe)
         if trainer is not None and trainer.logger is not None:
@@ -479,13 +574,22 @@ class StepSearch(Callback):
     @override
     def state_dict(self) -> dict:
         return {"probes": [asdict(p) for p in self.probes], "chosen": {c: asdict(p) for c, p in self.chosen.items()},
-                "visits": self.visits}
+                "visits": self.visits, "ends": [asdict(end) for end in self.ends], "kept_order": self.kept_order}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.probes = [Probe(**p) for p in state_dict["probes"]]
         self.chosen = {c: Probe(**p) for c, p in state_dict["chosen"].items()}
         self.visits = list(state_dict.get("visits", []))
+        self.ends = [OrderEnd(**{**end, "chosen": {c: Probe(**p) for c, p in end["chosen"].items()}})
+                     for end in state_dict.get("ends", [])]
+        self.kept_order = state_dict.get("kept_order", 0)
+
+
+def _load(parameters: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into the parameters of the same names (θ⁰ back into the edited layers)."""
+    for name, weight in weights.items():
+        parameters[name].copy_(weight)
 
 
 def _utility(summary: dict) -> float:

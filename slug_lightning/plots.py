@@ -153,24 +153,35 @@ def similarity_plot(path: Path, set_name: str, names: list[str], panels: list[tu
     _save(figure, path)
 
 
-def refinement_plot(path: Path, visits, metric: str = "top1") -> None:
+def refinement_plot(path: Path, panels: list[tuple[str, list]], metric: str = "top1") -> None:
     """Each test set's top-1 and the worst forget accuracy along the refinement rounds: the model the rounds start
-    from, then the model each concept's visit left (``StepSearch.visits``: ``(round, concept, summary)``)."""
-    points = [summary for _, _, summary in visits]
-    labels = [f"round {r} · {concept}" if r else "before refinement" for r, concept, _ in visits]
-    steps = range(len(points))
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(points) + 3.0), 4.2), layout="constrained")
-    for name, test in points[0]["test"].items():
-        if test["count"]:  # a set whose only images are forget concepts has no test accuracy
-            axis.plot(steps, [p["test"][name]["top1"] for p in points], "o-", label=f"test top-1: {name}")
-    axis.plot(steps, [max(f[metric] for f in p["forget"].values()) for p in points], "s--", color="tab:red",
-              label=f"forget {metric}: worst concept")
-    axis.set_xticks(list(steps), labels, rotation=40, ha="right", fontsize=8)
-    axis.set_ylim(-0.04, 1.04)
-    axis.set_ylabel("zero-shot accuracy")
-    axis.grid(alpha=0.3)
-    figure.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
-    axis.set_title("Refinement rounds: the accuracies after each concept's visit")
+    from, then the model each concept's visit left. One panel per concept order searched.
+
+    Args:
+        path: The PNG to write.
+        panels: ``(title, visits)`` pairs, ``visits`` as ``StepSearch.visits``: ``(round, concept, summary)``.
+        metric: The forget metric of the search.
+    """
+    longest = max(len(visits) for _, visits in panels)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.45 * longest + 3.0), 0.5 + 3.7 * len(panels)),
+                                squeeze=False, layout="constrained")
+    for axis, (title, visits) in zip(axes[:, 0], panels):
+        points = [summary for _, _, summary in visits]
+        steps = range(len(points))
+        for name, test in points[0]["test"].items():
+            if test["count"]:  # a set whose only images are forget concepts has no test accuracy
+                axis.plot(steps, [p["test"][name]["top1"] for p in points], "o-", label=f"test top-1: {name}")
+        axis.plot(steps, [max(f[metric] for f in p["forget"].values()) for p in points], "s--", color="tab:red",
+                  label=f"forget {metric}: worst concept")
+        labels = [f"round {r} · {concept}" if r else "before refinement" for r, concept, _ in visits]
+        axis.set_xticks(list(steps), labels, rotation=40, ha="right", fontsize=8)
+        axis.set_ylim(-0.04, 1.04)
+        axis.set_ylabel("zero-shot accuracy")
+        axis.grid(alpha=0.3)
+        axis.set_title(title, fontsize=10)
+    handles = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle("Refinement rounds: the accuracies after each concept's visit")
     _save(figure, path)
 
 
@@ -190,14 +201,22 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
             pareto_plot(output / name, concept, tower, [s for s in stats if s.tower == tower],
                         chosen.layer if chosen else None, getattr(search, "fronts", 1))
             names.append(name)
-        # The curves are the search of METHOD §9; a refined choice (round >= 1) is circled at its own λ.
-        probes = [p for p in search.probes if p.concept == concept and not p.round and math.isfinite(p.step_size)]
+        # The curves are the search of METHOD §9 in the kept order; a refined choice (round >= 1) is circled at its
+        # own λ.
+        kept = getattr(search, "kept_order", 0)
+        probes = [p for p in search.probes if p.concept == concept and not p.round and p.order == kept
+                  and math.isfinite(p.step_size)]
         if probes:
             name = f"search_{_slug(concept)}.png"
             search_plot(output / name, concept, probes, chosen, search.metric)
             names.append(name)
-    if search.visits:
-        refinement_plot(output / "refinement.png", search.visits, search.metric)
+    ends = getattr(search, "ends", [])
+    if len(ends) > 1:
+        panels = [(f"order {index + 1}: {', '.join(end.order)}" + ("  (kept)" if index == search.kept_order else ""),
+                   end.visits) for index, end in enumerate(ends) if end.visits]
+        refinement_plot(output / "refinement.png", panels, search.metric)
+    elif search.visits:
+        refinement_plot(output / "refinement.png", [("", search.visits)], search.metric)
         names.append("refinement.png")
     for set_name, (rows, concepts, before, after) in (similarities or {}).items():
         name = f"similarity_{_slug(set_name)}.png"

@@ -12,6 +12,7 @@ from slug_lightning.artifacts import write_csv, write_json, write_text
 from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoint, write_delta
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
+from slug_lightning.search import is_forgotten
 
 LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto",
                  "front"]
@@ -69,16 +70,23 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         "search": [
             {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
              "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
-             "test_top1": p.test_top1, "test_top5": p.test_top5, "seconds": p.seconds, "round": p.round}
+             "test_top1": p.test_top1, "test_top5": p.test_top5, "seconds": p.seconds, "round": p.round,
+             "order": p.order}
             for p in search.probes
         ],
+        # Several concepts: where the search ended from each concept order (`orders`), the kept one marked.
+        "orders": [{"concepts": end.order, "kept": index == search.kept_order, "probes": end.probes,
+                    "edits": {c: {"layer": p.layer, "step_size": p.step_size} for c, p in end.chosen.items()},
+                    **accuracies(end.after)}
+                   for index, end in enumerate(getattr(search, "ends", []))],
         "settings": {"metric": search.metric, "threshold": search.threshold, "max_steps": search.max_steps,
                      "tolerance": search.tolerance, "towers": list(search.towers),
                      "fronts": getattr(search, "fronts", 1), "signed_alignment": search.signed_alignment,
                      "keep_forgotten": getattr(search, "keep_forgotten", False),
                      "refine_rounds": getattr(search, "refine_rounds", 0),
                      "untangle": getattr(search, "untangle", False),
-                     "sequential": getattr(search, "sequential", True)},
+                     "sequential": getattr(search, "sequential", True),
+                     "orders": getattr(search, "orders", 1)},
         "timing": {"gradients_s": collector.seconds, "search_s": search.seconds, "total_s": total_seconds,
                    "probes": len(search.probes), "reused_gradients": collector.reused},
         "memory": peak_memory(collector, search),
@@ -165,6 +173,7 @@ def _search_rows(search) -> list[dict]:
         row.update({f"test_top5[{name}]": value for name, value in p.test_top5.items()})
         row["seconds"] = p.seconds
         row["round"] = p.round
+        row["order"] = p.order
         rows.append(row)
     return rows
 
@@ -245,6 +254,7 @@ def render_markdown(report: dict) -> str:
               "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
               "|---|---|---|---|---|---|---|", *summary_lines(report), ""]
     lines += _leave_one_out_lines(report)
+    lines += _order_lines(report)
     timing = report["timing"]
     lines += ["## Cost", "",
               f"Gradients {timing['gradients_s']:.1f} s{' (reused)' if timing.get('reused_gradients') else ''}, "
@@ -261,6 +271,26 @@ def render_markdown(report: dict) -> str:
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _order_lines(report: dict) -> list[str]:
+    """Several concepts searched from several orders: where each ended (top-1, %), for report.md."""
+    orders = report.get("orders") or []
+    if len(orders) < 2:
+        return []
+    tests = list(report["after"]["test"])
+    lines = ["## Concept orders (top-1, %)", "",
+             f"The whole search ran from {len(orders)} concept orders (`orders`), each from the base model; the run "
+             "keeps the end that forgets the most concepts and, among those, has the highest mean test top-1.", "",
+             "| order | forgotten | " + " | ".join(f"test {name}" for name in tests) + " | probes | kept |",
+             "|---" * (4 + len(tests)) + "|"]
+    threshold, metric = report["settings"]["threshold"], report["settings"]["metric"]
+    for order in orders:
+        forgotten = sum(is_forgotten(value[metric], threshold) for value in order["forget"].values())
+        cells = [_pct(order["test"][name]["top1"]) for name in tests]
+        lines.append(f"| {', '.join(order['concepts'])} | {forgotten} of {len(order['forget'])} | "
+                     + " | ".join(cells) + f" | {order['probes']} | {'yes' if order['kept'] else ''} |")
+    return lines + [""]
 
 
 def _leave_one_out_lines(report: dict) -> list[str]:
@@ -372,6 +402,11 @@ def terminal_summary(report: dict, output: Path) -> str:
     for concept in report["concepts"]:
         lines.append(f"  forgot {concept['name']!r}: {concept['layer']} ({concept['tower']}), "
                      f"λ={concept['step_size']:.4g} ({100 * concept['relative_change']:.2f}% of its norm)")
+    orders = report.get("orders") or []
+    if len(orders) > 1:
+        kept = next(index for index, order in enumerate(orders) if order["kept"])
+        lines.append(f"  kept the end of concept order {kept + 1} of {len(orders)}: "
+                     f"{', '.join(orders[kept]['concepts'])}")
     lines.append(f"  {'':<34}{'top-1 before':>14}{'top-1 after':>14}")
     for side in ("forget", "test"):
         for name, before in report["before"][side].items():

@@ -107,6 +107,8 @@ class Probe:
         round: 0 for the search of METHOD §9; r ≥ 1 for the r-th refinement round of several concepts
             (see :class:`~slug_lightning.callbacks.StepSearch`), where the forget accuracy is the largest over the
             concept and the concepts it must keep forgotten.
+        order: Several concepts searched from several orders: the index of the order this probe's search went in
+            (0: the order given; see :func:`concept_orders`).
 
     Raises:
         ValueError: on a negative step, step size, relative change or time, or an accuracy outside [0, 1].
@@ -123,9 +125,10 @@ class Probe:
     test_top5: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     round: int = 0
+    order: int = 0
 
     def __post_init__(self) -> None:
-        for what in ("step", "round"):
+        for what in ("step", "round", "order"):
             value = getattr(self, what)
             if not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"{what} must be an integer >= 0, got {value!r}.")
@@ -351,3 +354,37 @@ def choose(probes: Sequence[Probe], metric: str = "top5") -> Probe:
 
     # min() keeps the first of equal keys, which is the "first in order" tie-break.
     return probes[min(range(len(probes)), key=rank)]
+
+
+def concept_orders(concepts: Sequence[str], count: int) -> list[list[str]]:
+    """The first ``count`` distinct orders to search several concepts in (METHOD §9 searches them in one).
+
+    The order given, its reverse, then the given order rotated by one place and its reverse, by two places, and
+    so on. There are fewer when fewer are distinct: one for a single concept, two for two, ``2n`` for ``n >= 3``.
+
+    Args:
+        concepts: The concepts in the order given.
+        count: How many orders, ``>= 1``.
+
+    Returns:
+        Up to ``count`` orders, the given one first.
+
+    Raises:
+        ValueError: if ``count`` is not an integer ``>= 1``.
+
+    Example::
+
+        >>> concept_orders(["a", "b", "c"], 4)
+        [['a', 'b', 'c'], ['c', 'b', 'a'], ['b', 'c', 'a'], ['a', 'c', 'b']]
+        >>> concept_orders(["a", "b"], 4)
+        [['a', 'b'], ['b', 'a']]
+    """
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise ValueError(f"count must be an integer >= 1, got {count!r}.")
+    orders: list[list[str]] = []
+    for shift in range(len(concepts)):
+        rotated = [*concepts[shift:], *concepts[:shift]]
+        for order in (rotated, rotated[::-1]):
+            if len(orders) < count and order not in orders:
+                orders.append(order)
+    return orders

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from slug_lightning import config_path
 from slug_lightning.callbacks import StepSearch
+from slug_lightning.callbacks.step_search import OrderEnd
 from slug_lightning.cli import main
 from slug_lightning.datamodules import LabelledSet
 from slug_lightning.evaluation import summarize
+from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LayerStats
 from slug_lightning.search import Probe
 
@@ -112,7 +114,7 @@ def test_refinement_records_the_model_each_visit_leaves_and_plots_it(tmp_path):
     assert search.visits[0][2]["forget"]["Ann"]["top1"] == 1.0 and search.visits[-1][2] == summary
     after_ann = 1 - (search.chosen["Ann"].step_size + 0.75) / 10  # Ann's visit of round 1, Bob still at 0.75
     assert search.visits[1][2]["test"]["people"]["top1"] == pytest.approx(after_ann)
-    refinement_plot(tmp_path / "refinement.png", search.visits, "top1")
+    refinement_plot(tmp_path / "refinement.png", [("", search.visits)], "top1")
     assert (tmp_path / "refinement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -254,6 +256,77 @@ def test_untangle_restores_every_edit_when_a_concept_would_come_back():
     assert any(p.concept == "Bob" and p.round == 1 for p in search.probes)  # Bob's search was tried, and failed
 
 
+def _ordered(given: list[str], orders: int):
+    """The whole search of the :class:`World` from θ⁰ (first λ = 1), the people given in ``given``, from ``orders``
+    concept orders, with up to 3 refinement rounds."""
+    world = World(0.0, 0.0)
+    search = _search(refine_rounds=3, orders=orders)
+    layers = {"Ann": "a", "Bob": "b"}
+    search.searched = {c: [LayerStats(layers[c], "vision", 1.0, 0.1, 10.0, 1.0, front=1)] for c in given}
+    store = GradientStore(forget={c: {layers[c]: torch.ones(1)} for c in given},
+                          retain={n: torch.zeros(1) for n in "ab"}, forget_samples={c: 1 for c in given},
+                          retain_samples=1)
+    base = {name: weight.clone() for name, weight in world.parameters.items()}
+    world.run()
+    counts = search._search_orders(world, world.parameters, base, store, NAMES, FORGET_SETS, None, False, "cpu")
+    return search, world, summarize(counts, NAMES, FORGET_SETS)
+
+
+def _edits(chosen: dict[str, Probe]) -> dict[str, tuple[str, float]]:
+    return {concept: (probe.layer, probe.step_size) for concept, probe in chosen.items()}
+
+
+def test_each_order_ends_where_a_run_given_that_order_ends():
+    """Ann first: a = 1, Bob b = 0.75, then the rounds (a = 1.375, b just under 0.75). Bob first: b = 1, Ann needs
+    a = 1.5, then Bob shrinks to 0.625 and Ann cannot follow (Bob needs a >= 4 (1 - b)): 2.125 against 2.03."""
+    search, world, summary = _ordered(["Ann", "Bob"], orders=2)
+    assert [end.order for end in search.ends] == [["Ann", "Bob"], ["Bob", "Ann"]]
+    for index, given in enumerate((["Ann", "Bob"], ["Bob", "Ann"])):
+        alone, _, after = _ordered(given, orders=1)
+        assert _edits(search.ends[index].chosen) == _edits(alone.chosen)
+        assert search.ends[index].after == after
+        assert search.ends[index].probes == len(alone.probes)
+        assert [(r, c) for r, c, _ in search.ends[index].visits] == [(r, c) for r, c, _ in alone.visits]
+    assert search.ends[1].chosen["Ann"].step_size == 1.5 and search.ends[1].chosen["Bob"].step_size == 0.625
+    assert summary["forget"]["Ann"]["top1"] == summary["forget"]["Bob"]["top1"] == 0.0
+    # every probe says which order it belongs to; each order's layer searches count their probes from 0
+    assert [p.order for p in search.probes] == sorted(p.order for p in search.probes)
+    assert sum(p.order == 0 for p in search.probes) == search.ends[0].probes
+    assert [p.step for p in search.probes if (p.order, p.round, p.concept) == (1, 0, "Bob")][0] == 0
+
+
+def test_the_refinement_plot_draws_one_panel_per_order(tmp_path):
+    from test_report import assert_readable_png
+
+    from slug_lightning.plots import refinement_plot
+
+    search, _, _ = _ordered(["Ann", "Bob"], orders=2)
+    panels = [(" → ".join(end.order), end.visits) for end in search.ends]
+    refinement_plot(tmp_path / "refinement.png", panels, "top1")
+    assert_readable_png(tmp_path / "refinement.png", min_height=2 * 350)
+
+
+def test_orders_keep_the_end_with_the_higher_utility_and_leave_the_model_carrying_it():
+    for given, kept in ((["Ann", "Bob"], 0), (["Bob", "Ann"], 1)):
+        search, world, summary = _ordered(given, orders=2)
+        assert search.kept_order == kept and search.ends[kept].order == ["Ann", "Bob"]
+        # the edits (in the order given) and the model are those of the kept end, also when another order came last
+        assert list(search.chosen) == given and _edits(search.chosen) == _edits(search.ends[kept].chosen)
+        assert [float(world.parameters[n]) for n in "ab"] == [search.chosen[c].step_size for c in ("Ann", "Bob")]
+        assert summary == search.ends[kept].after and search.visits is search.ends[kept].visits
+        assert summary["test"]["people"]["top1"] > search.ends[1 - kept].after["test"]["people"]["top1"]
+
+
+def test_orders_rank_forgotten_concepts_before_utility_and_keep_the_first_of_equals():
+    def end(ann: float, cy: float) -> OrderEnd:  # Ann's forget top-1 and Cy's test top-1; Bob forgotten
+        table = torch.tensor([[10.0, 10 * ann, 10 * ann], [10.0, 0.0, 0.0], [10.0, 10 * cy, 10 * cy]])
+        return OrderEnd(["Ann", "Bob"], {}, summarize({"people": table}, NAMES, FORGET_SETS), [], 0)
+
+    search = _search(orders=3)
+    search.ends = [end(ann=0.1, cy=0.9), end(ann=0.0, cy=0.6), end(ann=0.0, cy=0.6)]
+    assert search._kept_end() == 1
+
+
 def test_refine_rounds_keep_forgotten_without_sequential_and_untangle_without_rounds_are_refused():
     with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0, got -1"):
         _search(refine_rounds=-1)
@@ -261,6 +334,9 @@ def test_refine_rounds_keep_forgotten_without_sequential_and_untangle_without_ro
         _search(keep_forgotten=True, sequential=False)
     with pytest.raises(ValueError, match="untangle works in the refinement rounds; set refine_rounds >= 1"):
         _search(untangle=True)
+    for orders in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"orders must be an integer >= 1, got {orders!r}"):
+            _search(orders=orders)
 
 
 # --- end to end on the demo world -----------------------------------------------------------------------------

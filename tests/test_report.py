@@ -145,6 +145,28 @@ def test_report_md_shows_each_edits_share_for_several_concepts():
     assert "| all but Bob Roy's | 80.0 | 75.0 | 0.0 | 100.0 |" in markdown
 
 
+def test_report_md_and_the_terminal_summary_show_the_concept_orders_and_the_kept_one():
+    report = _report([])
+    report["concepts"].append({**report["concepts"][0], "name": "Bob Roy", "layer": "text_projection"})
+    for side in ("before", "after"):
+        report[side]["forget"]["Bob Roy"] = {"top1": 0.0, "top5": 0.1}
+    tests = report["after"]["test"]
+
+    def end(concepts, bob, people, kept):
+        return {"concepts": concepts, "kept": kept, "probes": 40, "edits": {},
+                "forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": bob, "top5": 1.0}},
+                "test": {**tests, "people": {"top1": people, "top5": 1.0}}}
+    report["orders"] = [end(["Ann Lee", "Bob Roy"], 0.0, 0.8, False)]
+    assert "## Concept orders" not in render_markdown(report)  # one order: nothing to compare
+    assert "concept order" not in terminal_summary(report, Path("runs/x"))
+    report["orders"] = [end(["Ann Lee", "Bob Roy"], 0.0, 0.8, True), end(["Bob Roy", "Ann Lee"], 0.5, 0.9, False)]
+    markdown = render_markdown(report)
+    assert "| order | forgotten | test people | test things | probes | kept |" in markdown
+    assert "| Ann Lee, Bob Roy | 2 of 2 | 80.0 | 70.0 | 40 | yes |" in markdown
+    assert "| Bob Roy, Ann Lee | 1 of 2 | 90.0 | 70.0 | 40 |  |" in markdown
+    assert "kept the end of concept order 1 of 2: Ann Lee, Bob Roy" in terminal_summary(report, Path("runs/x"))
+
+
 def test_terminal_summary_shows_the_edit_and_before_after():
     text = terminal_summary(_report([]), Path("runs/x"))
     assert "forgot 'Ann Lee': visual.proj (vision), λ=3" in text
