@@ -7,6 +7,7 @@ so each rule of the search can be checked against answers worked out by hand.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from types import SimpleNamespace
@@ -293,6 +294,14 @@ def test_each_order_ends_where_a_run_given_that_order_ends():
     assert [p.order for p in search.probes] == sorted(p.order for p in search.probes)
     assert sum(p.order == 0 for p in search.probes) == search.ends[0].probes
     assert [p.step for p in search.probes if (p.order, p.round, p.concept) == (1, 0, "Bob")][0] == 0
+
+
+def test_the_search_state_round_trips_with_every_order():
+    search, _, _ = _ordered(["Bob", "Ann"], orders=2)
+    resumed = _search(refine_rounds=3, orders=2)
+    resumed.load_state_dict(copy.deepcopy(search.state_dict()))
+    assert resumed.ends == search.ends and resumed.kept_order == search.kept_order == 1
+    assert resumed.probes == search.probes and resumed.chosen == search.chosen
 
 
 def test_the_refinement_plot_draws_one_panel_per_order(tmp_path):
