@@ -210,13 +210,11 @@ def unlearn_plots(output: Path, search, similarities: dict | None = None) -> lis
             name = f"search_{_slug(concept)}.png"
             search_plot(output / name, concept, probes, chosen, search.metric)
             names.append(name)
-    ends = getattr(search, "ends", [])
-    if len(ends) > 1:
+    if search.visits:
+        ends = getattr(search, "ends", [])  # several concept orders: one panel each
         panels = [(f"order {index + 1}: {', '.join(end.order)}" + ("  (kept)" if index == search.kept_order else ""),
-                   end.visits) for index, end in enumerate(ends) if end.visits]
+                   end.visits) for index, end in enumerate(ends)] if len(ends) > 1 else [("", search.visits)]
         refinement_plot(output / "refinement.png", panels, search.metric)
-    elif search.visits:
-        refinement_plot(output / "refinement.png", [("", search.visits)], search.metric)
         names.append("refinement.png")
     for set_name, (rows, concepts, before, after) in (similarities or {}).items():
         name = f"similarity_{_slug(set_name)}.png"

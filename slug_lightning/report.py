@@ -239,7 +239,8 @@ def render_markdown(report: dict) -> str:
     if fronts > 1:
         lines += ["", f"Searched: the layers of Pareto fronts 1–{fronts} of each tower (`fronts: {fronts}`), not only "
                   "the front of METHOD §4."]
-    rounds = max((p.get("round", 0) for p in report.get("search", [])), default=0)
+    kept = next((index for index, order in enumerate(report.get("orders", [])) if order["kept"]), 0)
+    rounds = max((p.get("round", 0) for p in report.get("search", []) if p.get("order", 0) == kept), default=0)
     if rounds:
         changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]
         start = "the search of METHOD §9" if report["settings"].get("sequential", True) else \

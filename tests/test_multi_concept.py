@@ -307,11 +307,10 @@ def test_the_search_state_round_trips_with_every_order():
 def test_the_refinement_plot_draws_one_panel_per_order(tmp_path):
     from test_report import assert_readable_png
 
-    from slug_lightning.plots import refinement_plot
+    from slug_lightning.plots import unlearn_plots
 
     search, _, _ = _ordered(["Ann", "Bob"], orders=2)
-    panels = [(" → ".join(end.order), end.visits) for end in search.ends]
-    refinement_plot(tmp_path / "refinement.png", panels, "top1")
+    assert unlearn_plots(tmp_path, search) == ["refinement.png"]  # so report.md links it
     assert_readable_png(tmp_path / "refinement.png", min_height=2 * 350)
 
 

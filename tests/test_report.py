@@ -165,6 +165,11 @@ def test_report_md_and_the_terminal_summary_show_the_concept_orders_and_the_kept
     assert "| Ann Lee, Bob Roy | 2 of 2 | 80.0 | 70.0 | 40 | yes |" in markdown
     assert "| Bob Roy, Ann Lee | 1 of 2 | 90.0 | 70.0 | 40 |  |" in markdown
     assert "kept the end of concept order 1 of 2: Ann Lee, Bob Roy" in terminal_summary(report, Path("runs/x"))
+    # the refinement sentence speaks of the kept order's rounds only
+    report["search"] = [{"round": 0, "order": 0}, {"round": 2, "order": 1}]
+    assert "refinement round(s)" not in render_markdown(report)
+    report["search"].append({"round": 1, "order": 0})
+    assert "1 refinement round(s)" in render_markdown(report)
 
 
 def test_terminal_summary_shows_the_edit_and_before_after():
