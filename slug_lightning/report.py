@@ -369,7 +369,8 @@ _PLOT_SECTIONS = (
      "Forget and test accuracy of every probe of every searched layer against the step size λ."),
     ("Refinement rounds", "refinement",
      "The model the refinement rounds start from, then the model each concept's visit leaves (its `untangle` move "
-     "included): each test set's top-1 and the forget accuracy of the concept least forgotten."),
+     "included): each test set's top-1 and the forget accuracy of the concept least forgotten; one panel per "
+     "concept order with `orders`."),
     ("Image–text similarity", "similarity_",
      "Cosine of each name's text embedding (rows) with the mean embedding of each class's images (columns), "
      "before and after: the forgotten concept's row and column should fade, the others' diagonal stay."),
