@@ -239,7 +239,7 @@ def render_markdown(report: dict) -> str:
     if fronts > 1:
         lines += ["", f"Searched: the layers of Pareto fronts 1–{fronts} of each tower (`fronts: {fronts}`), not only "
                   "the front of METHOD §4."]
-    kept = next((index for index, order in enumerate(report.get("orders", [])) if order["kept"]), 0)
+    kept = _kept_order(report)
     rounds = max((p.get("round", 0) for p in report.get("search", []) if p.get("order", 0) == kept), default=0)
     if rounds:
         changed = [f"{c['name']} (round {c['round']})" for c in report["concepts"] if c.get("round")]
@@ -272,6 +272,11 @@ def render_markdown(report: dict) -> str:
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _kept_order(report: dict) -> int:
+    """The index of the concept order whose end the run kept (0 without ``orders`` in the report)."""
+    return next((index for index, order in enumerate(report.get("orders", [])) if order["kept"]), 0)
 
 
 def _order_lines(report: dict) -> list[str]:
@@ -406,7 +411,7 @@ def terminal_summary(report: dict, output: Path) -> str:
                      f"λ={concept['step_size']:.4g} ({100 * concept['relative_change']:.2f}% of its norm)")
     orders = report.get("orders") or []
     if len(orders) > 1:
-        kept = next(index for index, order in enumerate(orders) if order["kept"])
+        kept = _kept_order(report)
         lines.append(f"  kept the end of concept order {kept + 1} of {len(orders)}: "
                      f"{', '.join(orders[kept]['concepts'])}")
     lines.append(f"  {'':<34}{'top-1 before':>14}{'top-1 after':>14}")
