@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
 from slug_lightning.errors import UserError
-from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summarize
 from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics, short_name
 from slug_lightning.memory import PeakMemory
@@ -207,6 +207,7 @@ class StepSearch(Callback):
         self.chosen: dict[str, Probe] = {}
         self.before: dict = {}
         self.after: dict = {}
+        self.test_classes: dict[str, list[dict]] = {}  # each test class's top-1 before and after, largest fall first
         self.leave_one_out: dict[str, dict] = {}  # several concepts: the final model without each one's edit
         # The refinement: (round, concept, summary) of the model each visit left, after (0, None, its start).
         self.visits: list[tuple[int, str | None, dict]] = []
@@ -268,7 +269,8 @@ class StepSearch(Callback):
         parameters = dict(model.named_parameters())
         base = {name: parameters[name].detach().clone() for name in store.layers}
         stages = tower_stages(model)
-        self.before = summarize(evaluator.run(), class_names, forget_sets)
+        before_counts = evaluator.run()
+        self.before = summarize(before_counts, class_names, forget_sets)
         self.forget_set_of = forget_sets
         # Rows and columns of the similarity matrices: per set, its forget concepts and their look-alikes.
         panels = {}
@@ -291,6 +293,7 @@ class StepSearch(Callback):
         counts = self._search_orders(evaluator, parameters, base, store, class_names, forget_sets, trainer,
                                      show_progress, device)
         self.after = summarize(counts, class_names, forget_sets)
+        self.test_classes = class_changes(before_counts, counts, class_names, forget_sets)
         if len(store.concepts) > 1:
             self.leave_one_out = self._leave_one_out(evaluator, parameters, store, class_names, forget_sets, device)
         self.similarity = {set_name: (names, concepts, before[set_name], evaluator.similarity(set_name, names))

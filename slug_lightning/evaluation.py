@@ -314,6 +314,32 @@ def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[s
     return result
 
 
+def class_changes(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
+                  class_names: Mapping[str, Sequence[str]], forget: Mapping[str, str]) -> dict[str, list[dict]]:
+    """Each test class's top-1 before and after an edit: where the test accuracy of :func:`summarize` was lost.
+
+    Args:
+        before: Per-set count tables of the model before the edit.
+        after: The same, after it.
+        class_names: Per-set class lists (label order).
+        forget: Forget concept name → its set; those classes are not test classes.
+
+    Returns:
+        ``{set: [{name, images, top1_before, top1_after}, ...]}``, every class with images but the forget
+        concepts, the largest fall in top-1 first (ties in label order).
+    """
+    result = {}
+    for set_name, table in before.items():
+        rows = []
+        for index, name in enumerate(class_names[set_name]):
+            then, now = accuracy(table, [index]), accuracy(after[set_name], [index])
+            if then["count"] and forget.get(name) != set_name:
+                rows.append({"name": name, "images": then["count"], "top1_before": then["top1"],
+                             "top1_after": now["top1"]})
+        result[set_name] = sorted(rows, key=lambda row: row["top1_after"] - row["top1_before"])
+    return result
+
+
 class ZeroShotModule(L.LightningModule):
     """Zero-shot top-1/top-5 of a CLIP on the sets of a ``ZeroShotDataModule`` (one dataloader per set).
 

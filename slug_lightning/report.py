@@ -67,6 +67,8 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
         "after": accuracies(search.after),
         # Several concepts: the final evaluation with one concept's edit taken out, per concept.
         "leave_one_out": {name: accuracies(summary) for name, summary in getattr(search, "leave_one_out", {}).items()},
+        # Each test class's top-1 before and after, per set, the largest fall first: who paid for the edit.
+        "test_classes": getattr(search, "test_classes", {}),
         "search": [
             {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
              "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
@@ -254,6 +256,7 @@ def render_markdown(report: dict) -> str:
               f"{report['settings']['threshold']}.", "",
               "| kind | set / concept | top-1 before | top-1 after | Δ top-1 | top-5 before | top-5 after |",
               "|---|---|---|---|---|---|---|", *summary_lines(report), ""]
+    lines += _class_lines(report)
     lines += _leave_one_out_lines(report)
     lines += _order_lines(report)
     timing = report["timing"]
@@ -296,6 +299,25 @@ def _order_lines(report: dict) -> list[str]:
         cells = [_pct(order["test"][name]["top1"]) for name in tests]
         lines.append(f"| {', '.join(order['concepts'])} | {forgotten} of {len(order['forget'])} | "
                      + " | ".join(cells) + f" | {order['probes']} | {'yes' if order['kept'] else ''} |")
+    return lines + [""]
+
+
+def _class_lines(report: dict, count: int = 5) -> list[str]:
+    """The ``count`` test classes of each set whose top-1 fell the most, for report.md."""
+    classes = report.get("test_classes") or {}
+    if not classes:
+        return []
+    lines = ["## Test classes that lost the most (top-1, %)", "",
+             f"Per set, the {count} test classes whose top-1 fell the most; every class is in `report.json` "
+             "(`test_classes`).", "",
+             "| set | class | images | top-1 before | top-1 after | Δ top-1 |", "|---|---|---|---|---|---|"]
+    for set_name, rows in classes.items():
+        fallen = [row for row in rows if row["top1_after"] < row["top1_before"]][:count]
+        for row in fallen:
+            lines.append(f"| {set_name} | {row['name']} | {row['images']} | {_pct(row['top1_before'])} | "
+                         f"{_pct(row['top1_after'])} | {_change(row['top1_before'], row['top1_after'])} |")
+        if not fallen:
+            lines.append(f"| {set_name} | no class lost top-1 | | | | |")
     return lines + [""]
 
 
@@ -420,6 +442,11 @@ def terminal_summary(report: dict, output: Path) -> str:
             after = report["after"][side][name]
             label = f"{side}: {name}"
             lines.append(f"  {label:<34}{_pct(before['top1']):>13}%{_pct(after['top1']):>13}%")
+    worst = [(row, name) for name, rows in (report.get("test_classes") or {}).items() for row in rows[:1]
+             if row["top1_after"] < row["top1_before"]]
+    if worst:
+        lines.append("  lost the most: " + "; ".join(
+            f"{row['name']} ({name}) {_pct(row['top1_before'])}% → {_pct(row['top1_after'])}%" for row, name in worst))
     timing = report["timing"]
     gradients = "reused" if timing.get("reused_gradients") else f"{timing['gradients_s']:.1f} s"
     lines.append(f"  gradients {gradients}, search {timing['search_s']:.1f} s "

@@ -19,6 +19,7 @@ from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
 from slug_lightning.datamodules.demo_world import load_demo_world
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+from slug_lightning.zero_shot import accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -82,11 +83,18 @@ def test_unlearned_checkpoint_reproduces_reported_accuracy(demo):
     evaluator = ZeroShotEvaluator(model, open_clip.get_tokenizer(report["model"]["name"]), datamodule,
                                   keep_classes=concepts)
     names = {s: evaluator.class_names(s) for s in evaluator.datasets}
-    result = summarize(evaluator.run(), names, {c: "identities" for c in concepts})
+    counts = evaluator.run()
+    result = summarize(counts, names, {c: "identities" for c in concepts})
     for side in ("forget", "test"):
-        for key, accuracy in report["after"][side].items():
-            assert result[side][key]["top1"] == pytest.approx(accuracy["top1"], abs=1e-9)
-            assert result[side][key]["top5"] == pytest.approx(accuracy["top5"], abs=1e-9)
+        for key, value in report["after"][side].items():
+            assert result[side][key]["top1"] == pytest.approx(value["top1"], abs=1e-9)
+            assert result[side][key]["top5"] == pytest.approx(value["top5"], abs=1e-9)
+    # and every test class's top-1, the forgotten person not among them
+    for set_name, rows in report["test_classes"].items():
+        assert sorted(row["name"] for row in rows) == sorted(set(names[set_name]) - set(concepts))
+        for row in rows:
+            top1 = accuracy(counts[set_name], [list(names[set_name]).index(row["name"])])["top1"]
+            assert row["top1_after"] == pytest.approx(top1, abs=1e-9), row
     # and the base model is untouched: only the chosen layer differs from it
     base = load_file(str(output / "fit" / "slug-tiny.safetensors"))
     edited = load_file(str(output / "model.safetensors"))

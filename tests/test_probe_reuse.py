@@ -196,9 +196,16 @@ def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets, single_thre
         search = StepSearch(sets=sets, metric="top1", max_steps=4, batch_size=7, apply=False, reuse=reuse)
         search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
         results.append(([dataclasses.replace(p, seconds=0.0) for p in search.probes], search.chosen["Ann Lee"].layer,
-                        search.after))
+                        search.after, search.test_classes))
     assert results[0][0] and results[0][0] == results[1][0]
     assert results[0][1:] == results[1][1:]
+    # each set's test classes (Ann Lee not among them) add up to its test accuracy, before and after
+    after, classes = results[0][2:]
+    for name, rows in classes.items():
+        assert "Ann Lee" not in [row["name"] for row in rows] and rows
+        for when, summary in (("before", search.before), ("after", after)):
+            hits = sum(row["images"] * row[f"top1_{when}"] for row in rows)
+            assert hits / sum(row["images"] for row in rows) == pytest.approx(summary["test"][name]["top1"])
     # Layers are searched tower by tower in forward order, so each tower's cache only moves forward.
     stages = tower_stages(model)
     visited = [(p.layer.startswith("visual."), stages["vision" if p.layer.startswith("visual.") else "language"]

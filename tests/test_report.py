@@ -172,6 +172,24 @@ def test_report_md_and_the_terminal_summary_show_the_concept_orders_and_the_kept
     assert "1 refinement round(s)" in render_markdown(report)
 
 
+def test_report_md_and_the_terminal_summary_name_the_test_classes_that_lost_the_most():
+    report = _report([])
+    assert "## Test classes that lost the most" not in render_markdown(report)  # a report without them
+    assert "lost the most" not in terminal_summary(report, Path("runs/x"))
+    falls = [0.5, 0.0, 0.25, 0.1, 0.2, 0.15, 0.3]  # seven people, each losing that much of a top-1 of 100 %
+    people = [{"name": f"P{i}", "images": 12, "top1_before": 1.0, "top1_after": 1.0 - fall}
+              for i, fall in sorted(enumerate(falls), key=lambda item: -item[1])]
+    things = [{"name": "cup", "images": 8, "top1_before": 0.5, "top1_after": 0.75}]
+    report["test_classes"] = {"people": people, "things": things}
+    markdown = render_markdown(report)
+    rows = [line for line in markdown.splitlines() if line.startswith("| people | P")]
+    assert rows == ["| people | P0 | 12 | 100.0 | 50.0 | -50.0 |", "| people | P6 | 12 | 100.0 | 70.0 | -30.0 |",
+                    "| people | P2 | 12 | 100.0 | 75.0 | -25.0 |", "| people | P4 | 12 | 100.0 | 80.0 | -20.0 |",
+                    "| people | P5 | 12 | 100.0 | 85.0 | -15.0 |"]  # the five largest falls, P3 and P1 left out
+    assert "| things | no class lost top-1 |" in markdown
+    assert "lost the most: P0 (people) 100.0% → 50.0%" in terminal_summary(report, Path("runs/x"))
+
+
 def test_terminal_summary_shows_the_edit_and_before_after():
     text = terminal_summary(_report([]), Path("runs/x"))
     assert "forgot 'Ann Lee': visual.proj (vision), λ=3" in text

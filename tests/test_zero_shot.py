@@ -11,7 +11,7 @@ from PIL import Image
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
-from slug_lightning.evaluation import ZeroShotEvaluator, summarize
+from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summarize
 from slug_lightning.zero_shot import ZeroShotCounts, accuracy, hits, zero_shot_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -115,6 +115,27 @@ def test_summarize_excludes_every_forget_concept_from_test():
         "identities": {"top1": 19 / 30, "top5": 25 / 30, "count": 30},  # Ann and Dee
         "objects": {"top1": 12 / 12, "top5": 12 / 12, "count": 12},  # cup and pen
     }
+
+
+def test_class_changes_list_every_test_class_the_largest_fall_first():
+    class_names = {"identities": ["Ann", "Bob", "Cy", "Dee", "Eve"], "objects": ["cup", "hat"]}
+    before = {"identities": torch.tensor([[10, 9, 10], [4, 4, 4], [6, 6, 6], [20, 10, 15], [0, 0, 0]]),
+              "objects": torch.tensor([[5, 5, 5], [8, 8, 8]])}
+    after = {"identities": torch.tensor([[10, 3, 10], [4, 0, 1], [6, 6, 6], [20, 12, 15], [0, 0, 0]]),
+             "objects": torch.tensor([[5, 5, 5], [8, 4, 8]])}
+    changes = class_changes(before, after, class_names, {"Bob": "identities"})
+    # Bob is forgotten, not tested; Eve has no images; Ann fell 60 points, Cy none, Dee rose 10
+    assert changes["identities"] == [
+        {"name": "Ann", "images": 10, "top1_before": 0.9, "top1_after": 0.3},
+        {"name": "Cy", "images": 6, "top1_before": 1.0, "top1_after": 1.0},
+        {"name": "Dee", "images": 20, "top1_before": 0.5, "top1_after": 0.6},
+    ]
+    assert [row["name"] for row in changes["objects"]] == ["hat", "cup"]
+    # the classes add up to summarize's test accuracy
+    test = summarize(after, class_names, {"Bob": "identities"})["test"]["identities"]
+    rows = changes["identities"]
+    assert sum(r["images"] * r["top1_after"] for r in rows) / sum(r["images"] for r in rows) == \
+        pytest.approx(test["top1"])
 
 
 def test_summarize_without_forget_concepts_covers_all_rows():
