@@ -183,22 +183,39 @@ def _drops(report: dict) -> tuple[float, float]:
     return tuple(100 * (after[name]["top1"] - before[name]["top1"]) for name in ("identities", "objects"))
 
 
+def look_alike_change(report: dict, world) -> float | None:
+    """The part of the identity test top-1 change (points) that falls on the look-alikes of the forgotten people
+    (``DemoWorld.look_alikes``, the forgotten themselves left out): each class's top-1 change weighted by its images,
+    over all the set's images, so the parts of all the classes add up to the set's change. ``None`` for a report
+    without per-class top-1 (``test_classes``)."""
+    rows = (report.get("test_classes") or {}).get("identities")
+    if not rows:
+        return None
+    forgotten = {c["name"] for c in report["concepts"]}
+    look_alikes = {other for person in forgotten for other in world.look_alikes(person)} - forgotten
+    images = sum(row["images"] for row in rows)
+    return 100 * sum(row["images"] * (row["top1_after"] - row["top1_before"])
+                     for row in rows if row["name"] in look_alikes) / images
+
+
 def _within_target(identities: float) -> bool:
     """Whether an identity change (points) is a drop of at most ``MAX_DROP``: exactly 10 points (30 of 300 images)
     is within, though the difference of two accuracies may come out a float rounding above it."""
     return -identities <= 100 * MAX_DROP + 1e-9
 
 
-def tables(results: list[Result]) -> str:
+def tables(results: list[Result], world) -> str:
     """The markdown of the closing note: a per-run summary, then every person's edit."""
-    lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | "
+    lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | of which look-alikes | "
              "object test top-1 before | after | Δ (points) | all forgotten | probes | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for people, selection, search, report in results:
         before, after = report["before"]["test"], report["after"]["test"]
         ids, objs = _drops(report)
+        share = look_alike_change(report, world)
         lines.append(f"| {len(people)} | {selection} | {search} | {_pct(before['identities']['top1'])} | "
-                     f"{_pct(after['identities']['top1'])} | {ids:+.1f} | {_pct(before['objects']['top1'])} | "
+                     f"{_pct(after['identities']['top1'])} | {ids:+.1f} | "
+                     f"{'n/a' if share is None else f'{share:+.1f}'} | {_pct(before['objects']['top1'])} | "
                      f"{_pct(after['objects']['top1'])} | {objs:+.1f} | {'yes' if _forgotten(report) else 'no'} | "
                      f"{report['timing']['probes']} | {report['timing']['search_s']:.1f} |")
     lines += ["", "| people | selection | search | # | concept | layer | tower | λ | forget top-1 before | after |",
@@ -324,10 +341,13 @@ def main() -> None:
         "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with seed 0 "
         "(`random (seed s)`: with seed s; a larger set holds the smaller ones' people). Forget top-1 after = the "
         f"final evaluation with every edit applied. Identity test = the images of the other {len(world.people)} − n "
-        "people. search s = the wall time of the run's search (runs that shared the machine with another took "
-        f"longer). Machine: {machine()}.", "",
-        tables(results), "", "Each search over the sets of 5 people it ran on (compare searches over the same sets):",
-        "", across_draws(results), "", verdict(results), ""]
+        "people; of which look-alikes = the part of its Δ on the people who look like a forgotten one "
+        "(`DemoWorld.look_alikes`; n/a for a report without per-class top-1). search s = the wall time of the "
+        "run's search (runs that shared the machine with another took longer). "
+        f"Machine: {machine()}.", "",
+        tables(results, world), "",
+        "Each search over the sets of 5 people it ran on (compare searches over the same sets):", "",
+        across_draws(results), "", verdict(results), ""]
         + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
     publish(text, args.output)
 
