@@ -320,6 +320,7 @@ def main() -> None:
     text = "\n".join([
         "# Several people in one run (demo world)", "",
         f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} "
+        + (f"--counts {' '.join(map(str, args.counts))} " if args.counts != list(COUNTS) else "")
         + (f"--seeds {' '.join(map(str, args.seeds))} " if args.seeds != [0] else "")
         + f"--searches {' '.join(args.searches)}`: for each set "
         "of people, one multi-concept `unlearn` per search on the same gradients (demo config: slug-tiny, metric "
