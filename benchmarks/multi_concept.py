@@ -4,7 +4,7 @@ several ways side by side on the same gradients.
 Three ways to draw the people (``--selections``):
 
 - ``family``: the world's default target and the people after it in world order. World order keeps look-alike
-  families together, so these people are look-alikes of each other and of the same other people;
+  families together, so these people come from few look-alike groups and look like the same other people;
 - ``unrelated``: the default target, then the first person of each other look-alike group in world order
   (``DemoWorld.look_alike_groups``): no one is a look-alike of another;
 - ``random``: people drawn at random (``random.Random(seed)``, ``--seeds``, default 0), as a user would name
@@ -88,8 +88,8 @@ SEARCHES = {  # name -> unlearn overrides
 def people_to_forget(world, count: int) -> list[str]:
     """The default target and the ``count - 1`` people after it in world order (wrapping around).
 
-    World order keeps look-alike families together, so these people are look-alikes of each other and of the
-    same other people: a hard set to forget without touching the rest.
+    World order keeps look-alike families together, so these people come from few look-alike groups and look
+    like the same other people: a hard set to forget without touching the rest.
     """
     start = world.people.index(world.default_target)
     return [world.people[(start + i) % len(world.people)] for i in range(count)]
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
     parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
                         help="which people: 'family', the default target and the people after it in world order "
-                             "(look-alikes of each other); 'unrelated', one person from each look-alike group; "
+                             "(from few look-alike groups); 'unrelated', one person from each look-alike group; "
                              "'random', drawn at random (see --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="the seeds of the random draws, one set of people per seed (seed 0's runs go to "
@@ -337,7 +337,7 @@ def main() -> None:
         "`refine_fronts2_untangle_orders2`: `refine_fronts2_untangle` from the people's order and from its reverse "
         "(`orders: 2`), keeping the end with the higher utility. People: "
         "`family`, the default target and the next ones in world order, which keeps look-alike families together "
-        "(each of them a look-alike of another, and other people look-alikes of several of them); `unrelated`, the "
+        "(from few look-alike groups, and other people look-alikes of several of them); `unrelated`, the "
         "default target and then the first person of each other look-alike group in world order (no one a "
         "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with seed 0 "
         "(`random (seed s)`: with seed s; a larger set holds the smaller ones' people). Forget top-1 after = the "
