@@ -185,8 +185,10 @@ def test_collector_and_search_in_a_user_lightning_setup(demo, tmp_path):
 
 
 # The baselines on the fitted demo CLIP, one iteration each over a one-shard retain set (all forget pairs).
+# SSD's alpha leaves a margin across fits: the fitted CLIP differs a little from one CPU to another, and on one
+# of them alpha 10 took the person's forget top-1 only from 1.0 to 0.667; alpha 5 (more weights dampened) to 0.
 BASELINE_SETTINGS = {"ft": ["--baseline.lr=1e-5"], "ga": ["--baseline.lr=1e-3"], "gaft": ["--baseline.lr=1e-3"],
-                     "salun": ["--baseline.lr=1e-3"], "ssd": ["--baseline.alpha=10"]}
+                     "salun": ["--baseline.lr=1e-3"], "ssd": ["--baseline.alpha=5"]}
 
 
 @pytest.mark.parametrize("method", list(BASELINE_SETTINGS))
