@@ -46,7 +46,9 @@ def machine() -> str:
     import os
     import platform
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    # the kernel set torch picks for this CPU (AVX2, AVX512...) sets float rounding, so figures of two sets may differ
+    return (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available()
                                                      else ""))
 
