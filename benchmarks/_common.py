@@ -46,7 +46,7 @@ def machine() -> str:
     import os
     import platform
 
-    # the kernel set torch picks for this CPU (AVX2, AVX512...) sets float rounding, so figures of two sets may differ
+    # the kernel set torch picks for this CPU (AVX2, AVX512...) sets float rounding: the demo fit differs between sets
     return (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
             f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available()
