@@ -47,10 +47,9 @@ def machine() -> str:
     import platform
 
     # the kernel set torch picks for this CPU (AVX2, AVX512...) sets float rounding: the demo fit differs between sets
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available()
-                                                     else ""))
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}")
 
 
 def world_and_fit(demo: str) -> Path:
