@@ -351,15 +351,20 @@ def test_refine_rounds_keep_forgotten_without_sequential_and_untangle_without_ro
 
 
 @pytest.mark.slow
-def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_dir, tmp_path, single_thread):
+def test_three_people_with_refinement_are_all_forgotten_and_no_worse_than_searched_apart(demo_dir, tmp_path,
+                                                                                        single_thread):
     """The README's several-people command on the demo world: METHOD §9 alone lets a later edit bring an earlier
     person back on this world (benchmarks/results/multi_concept.md); the §9 search and the refinement rounds of
-    configs/demo/unlearn_people.yaml, with `untangle` over two fronts, end with all three forgotten and the other
-    people and the objects still recognised."""
+    configs/demo/unlearn_people.yaml, with `untangle` over two fronts, end with all three forgotten, and no worse
+    than the same people searched apart on θ⁰ (each as its own run would) with their edits applied together.
+
+    How much the other people lose is a measurement of one fit, which follows the CPU's kernels: it is in the
+    benchmark, not here."""
     output = tmp_path / "people"
-    run_cli("unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
-            "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--output_dir", output,
+    common = ["--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
+              "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false"]
+    run_cli("unlearn", *common, "--output_dir", output,
             # the retain gradient from 2 of the 12 shards (the gradient pass is most of the time); forget pairs from all
             "--data.init_args.shards", demo_dir / "world" / "shards" / "{00000..00001}.tar",
             "--data.init_args.forget_shards", demo_dir / "world" / "shards" / "*.tar")
@@ -368,13 +373,16 @@ def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_d
     assert len(people) == 3 and report["settings"]["refine_rounds"] >= 1
     for concept in report["concepts"]:
         assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0, concept
-    before, after = report["before"]["test"], report["after"]["test"]
-    # measured with these gradients: identities 95.4 → 85.2 %, objects 97.5 → 97.1 % (-10.2 and -0.4 points; one
-    # front with `untangle` gave -5.9 and -8.8: these look-alikes trade objects for identities)
     settings = report["settings"]
     assert settings["untangle"] and settings["sequential"] and settings["fronts"] == 2
-    assert after["identities"]["top1"] >= before["identities"]["top1"] - 0.12, (before, after)
-    assert after["objects"]["top1"] >= before["objects"]["top1"] - 0.05, (before, after)
+    # the same people and gradients, each searched on θ⁰ over the same layers, the three edits then applied together
+    apart = tmp_path / "apart"
+    run_cli("unlearn", *common, "--output_dir", apart, "--gradients", output / "gradients.safetensors",
+            "--search.init_args.sequential", "false", "--search.init_args.refine_rounds", "0",
+            "--search.init_args.untangle", "false")
+    separate = json.loads((apart / "report.json").read_text())
+    assert [c["name"] for c in separate["concepts"]] == people
+    assert _end_rank(report) >= _end_rank(separate), (report["after"], separate["after"])
     # the refinement probes are in the report and in search.csv with their round
     rounds = {p["round"] for p in report["search"]}
     assert 0 in rounds and 1 in rounds and "refinement.png" in report["plots"]
@@ -386,3 +394,12 @@ def test_three_people_with_refinement_are_all_forgotten_and_the_rest_kept(demo_d
     applied, unlearned = load_file(str(tmp_path / "applied.safetensors")), load_file(str(output / "model.safetensors"))
     for name in unlearned:
         torch.testing.assert_close(applied[name], unlearned[name], rtol=0, atol=1e-6)
+
+
+def _end_rank(report: dict) -> tuple[int, float]:
+    """How the search of several concepts ranks the model a run ends with: the concepts forgotten (forget accuracy
+    by the search's metric at most its threshold), then the utility, the mean test top-1 over the sets (METHOD §7)."""
+    settings, after = report["settings"], report["after"]
+    forgotten = sum(value[settings["metric"]] <= settings["threshold"] for value in after["forget"].values())
+    tests = [value["top1"] for value in after["test"].values()]
+    return forgotten, sum(tests) / len(tests)
