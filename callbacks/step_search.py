@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
-from slug_lightning.errors import UserError
+from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule, check_set_names
+from slug_lightning.errors import ConfigError, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summarize
 from slug_lightning.gradients import GradientStore
 from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics, short_name
@@ -152,25 +152,33 @@ class StepSearch(Callback):
         orders: int = 1,
     ) -> None:
         if not sets:
-            raise UserError("StepSearch needs at least one evaluation set.")
+            raise ConfigError("StepSearch needs at least one evaluation set.", "sets", sets)
+        check_set_names(sets)
         if metric not in ("top1", "top5"):
-            raise UserError(f"metric must be 'top1' or 'top5', got {metric!r}.")
+            raise ConfigError(f"metric must be 'top1' or 'top5', got {metric!r}.", "metric", metric)
         if not 0.0 <= threshold < 1.0:
-            raise UserError(f"threshold must be in [0, 1), got {threshold}.")
+            raise ConfigError(f"threshold must be in [0, 1), got {threshold}.", "threshold", threshold)
         unknown = [t for t in towers if t not in (VISION, LANGUAGE)]
         if unknown or not towers:
-            raise UserError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.")
+            raise ConfigError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.",
+                              "towers", towers)
         if not (isinstance(fronts, int) and not isinstance(fronts, bool) and fronts >= 1):
-            raise UserError(f"fronts must be an integer >= 1, got {fronts!r}.")
+            raise ConfigError(f"fronts must be an integer >= 1, got {fronts!r}.", "fronts", fronts)
         names = [s.name for s in sets]
         if forget_set is not None and forget_set not in names:
-            raise UserError(f"forget_set {forget_set!r} is not one of the sets {names}.")
+            raise ConfigError(f"forget_set {forget_set!r} is not one of the sets {names}.", "forget_set", forget_set)
         try:  # validates max_steps and tolerance now, not after hours
             BinarySearch(1.0, max_steps, tolerance)
         except ValueError as error:
-            raise UserError(str(error)) from error
+            option, value = ("max_steps", max_steps) if "max_steps" in str(error) else ("tolerance", tolerance)
+            raise ConfigError(str(error), option, value) from error
         if cache_dtype not in CACHE_DTYPES:
-            raise UserError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.")
+            raise ConfigError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.", "cache_dtype",
+                              cache_dtype)
+        if batch_size < 1:  # the evaluation loaders are built after the gradient pass: refuse it now
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.", "batch_size", batch_size)
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}.", "num_workers", num_workers)
         self.sets = list(sets)
         self.forget_set = forget_set
         self.metric, self.threshold = metric, threshold
@@ -182,21 +190,24 @@ class StepSearch(Callback):
         self.apply = apply
         self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
         if similarity_classes < 0:
-            raise UserError(f"similarity_classes must be >= 0, got {similarity_classes}.")
+            raise ConfigError(f"similarity_classes must be >= 0, got {similarity_classes}.", "similarity_classes",
+                              similarity_classes)
         self.similarity_classes = similarity_classes
         self.keep_forgotten = keep_forgotten
         if not (isinstance(refine_rounds, int) and not isinstance(refine_rounds, bool) and refine_rounds >= 0):
-            raise UserError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.")
+            raise ConfigError(f"refine_rounds must be an integer >= 0, got {refine_rounds!r}.", "refine_rounds",
+                              refine_rounds)
         self.refine_rounds = refine_rounds
         if untangle and not refine_rounds:
-            raise UserError("untangle works in the refinement rounds; set refine_rounds >= 1 with it.")
+            raise ConfigError("untangle works in the refinement rounds; set refine_rounds >= 1 with it.", "untangle",
+                              untangle)
         self.untangle = untangle
         if keep_forgotten and not sequential:
-            raise UserError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
-                            "where the other concepts are not forgotten to keep.")
+            raise ConfigError("keep_forgotten needs sequential: without it every concept is searched on θ⁰, "
+                              "where the other concepts are not forgotten to keep.", "keep_forgotten", keep_forgotten)
         self.sequential = sequential
         if not (isinstance(orders, int) and not isinstance(orders, bool) and orders >= 1):
-            raise UserError(f"orders must be an integer >= 1, got {orders!r}.")
+            raise ConfigError(f"orders must be an integer >= 1, got {orders!r}.", "orders", orders)
         self.orders = orders
         self.forget_set_of: dict[str, str] = {}
         self.similarity: dict[str, tuple] = {}
@@ -209,6 +220,7 @@ class StepSearch(Callback):
         self.after: dict = {}
         self.test_classes: dict[str, list[dict]] = {}  # each test class's top-1 before and after, largest fall first
         self.leave_one_out: dict[str, dict] = {}  # several concepts: the final model without each one's edit
+        self.nothing_to_forget: list[str] = []  # concepts the model did not recognise before: no search, no edit
         # The refinement: (round, concept, summary) of the model each visit left, after (0, None, its start).
         self.visits: list[tuple[int, str | None, dict]] = []
         self.ends: list[OrderEnd] = []  # the end of each concept order searched, the given one first
@@ -216,6 +228,11 @@ class StepSearch(Callback):
         self._order = 0  # the index of the order being searched, recorded in its probes
         self.seconds = 0.0
         self.memory = PeakMemory()
+
+    @property
+    def averaging(self) -> dict[str, str]:
+        """Each set's test-accuracy averaging (``LabelledSet.averaging``), for :func:`summarize`."""
+        return {spec.name: spec.averaging for spec in self.sets}
 
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -270,7 +287,7 @@ class StepSearch(Callback):
         base = {name: parameters[name].detach().clone() for name in store.layers}
         stages = tower_stages(model)
         before_counts = evaluator.run()
-        self.before = summarize(before_counts, class_names, forget_sets)
+        self.before = summarize(before_counts, class_names, forget_sets, self.averaging)
         self.forget_set_of = forget_sets
         # Rows and columns of the similarity matrices: per set, its forget concepts and their look-alikes.
         panels = {}
@@ -281,6 +298,14 @@ class StepSearch(Callback):
         before = {set_name: evaluator.similarity(set_name, names) for set_name, (names, _) in panels.items()}
         rank_zero = trainer is None or trainer.is_global_zero
         show_progress = rank_zero and (trainer is None or trainer.progress_bar_callback is not None)
+        # A concept the model does not recognise to begin with (its forget accuracy already passes the forget test)
+        # has nothing to forget: it is neither searched nor edited.
+        self.nothing_to_forget = [c for c in store.concepts
+                                  if is_forgotten(self.before["forget"][c][self.metric], self.threshold)]
+        for concept in self.nothing_to_forget:
+            rank_zero_info(f"[slug] {concept}: nothing to forget, the model does not recognise it (forget {self.metric} "
+                           f"{self.before['forget'][concept][self.metric]:.3f} before); no edit.")
+        store = replace(store, forget={c: g for c, g in store.forget.items() if c not in self.nothing_to_forget})
         for concept in store.concepts:
             stats = layer_statistics(base, store.forget[concept], store.retain, signed=self.signed_alignment)
             self.layers[concept] = stats
@@ -291,8 +316,8 @@ class StepSearch(Callback):
             if not front:
                 raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
         counts = self._search_orders(evaluator, parameters, base, store, class_names, forget_sets, trainer,
-                                     show_progress, device)
-        self.after = summarize(counts, class_names, forget_sets)
+                                     show_progress, device) if store.concepts else before_counts
+        self.after = summarize(counts, class_names, forget_sets, self.averaging)
         self.test_classes = class_changes(before_counts, counts, class_names, forget_sets)
         if len(store.concepts) > 1:
             self.leave_one_out = self._leave_one_out(evaluator, parameters, store, class_names, forget_sets, device)
@@ -326,7 +351,8 @@ class StepSearch(Callback):
             ordered = replace(store, forget={concept: store.forget[concept] for concept in order})
             counts = self._search_order(evaluator, parameters, ordered, class_names, forget_sets, trainer,
                                         show_progress, device)
-            self.ends.append(OrderEnd(order, dict(self.chosen), summarize(counts, class_names, forget_sets),
+            self.ends.append(OrderEnd(order, dict(self.chosen),
+                                      summarize(counts, class_names, forget_sets, self.averaging),
                                       self.visits, len(self.probes) - first))
         self.kept_order = self._kept_end()
         kept = self.ends[self.kept_order]
@@ -390,7 +416,7 @@ class StepSearch(Callback):
                 show_progress: bool, device) -> dict:
         """The refinement rounds of several concepts (see ``refine_rounds``); returns the final counts. The model
         they start from and the one each visit leaves (untangle included) go to :attr:`visits`."""
-        self.visits = [(0, None, summarize(counts, class_names, forget_sets))]
+        self.visits = [(0, None, summarize(counts, class_names, forget_sets, self.averaging))]
         for round_ in range(1, self.refine_rounds + 1):
             changed = []
             progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.max_steps, leave=False,
@@ -409,7 +435,7 @@ class StepSearch(Callback):
                     counts = self._untangle(evaluator, parameters, store, concept, class_names, forget_sets, counts,
                                             trainer, progress, device, round_)
                     chosen = self.chosen[concept]
-                self.visits.append((round_, concept, summarize(counts, class_names, forget_sets)))
+                self.visits.append((round_, concept, summarize(counts, class_names, forget_sets, self.averaging)))
                 # A step that moved within the search's tolerance is kept but does not call for another round.
                 changed += [c for c, edit in self.chosen.items() if edit.layer != visited[c].layer or
                             abs(edit.step_size - visited[c].step_size) > self.tolerance * visited[c].step_size]
@@ -438,7 +464,7 @@ class StepSearch(Callback):
         """Try freeing ``concept``'s edit from the concepts that lean on it (see ``untangle``); returns the counts
         of the model it leaves, which carries either the freed edits or the ones it started from."""
         start = dict(self.chosen)
-        summary = summarize(counts, class_names, forget_sets)
+        summary = summarize(counts, class_names, forget_sets, self.averaging)
         forgotten = self._forgotten(summary)
         without = self._forgotten(self._without(evaluator, parameters, store, concept, class_names, forget_sets,
                                                 device))
@@ -456,7 +482,7 @@ class StepSearch(Callback):
         self._shift(parameters, store, concept, self.chosen[concept], device)
         counts = evaluator.run()
         for other in leaning if moved else ():
-            now = self._forgotten(summarize(counts, class_names, forget_sets))
+            now = self._forgotten(summarize(counts, class_names, forget_sets, self.averaging))
             if other in now:
                 continue
             self.chosen[other] = self._search_again(evaluator, parameters, store, other, class_names, forget_sets,
@@ -466,7 +492,7 @@ class StepSearch(Callback):
             counts = evaluator.run()
         if not moved:
             return counts
-        after = summarize(counts, class_names, forget_sets)
+        after = summarize(counts, class_names, forget_sets, self.averaging)
         better = forgotten <= self._forgotten(after) and _utility(after) > _utility(summary)
         rank_zero_info(f"[slug] untangle {round_}: {concept} freed from {', '.join(leaning)}: utility "
                        f"{_utility(summary):.3f} → {_utility(after):.3f}, "
@@ -492,7 +518,7 @@ class StepSearch(Callback):
         original = parameter.detach().clone()
         self._shift(parameters, store, concept, edit, device, sign=-1.0)
         try:
-            return summarize(evaluator.run(edited=edit.layer), class_names, forget_sets)
+            return summarize(evaluator.run(edited=edit.layer), class_names, forget_sets, self.averaging)
         finally:
             parameter.copy_(original)
 
@@ -545,7 +571,7 @@ class StepSearch(Callback):
         finally:
             parameter.copy_(original)
         # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
-        summary = summarize(counts, class_names, forget_sets)
+        summary = summarize(counts, class_names, forget_sets, self.averaging)
         forget = summary["forget"][concept]
         if kept:  # other concepts that must stay forgotten: the probe is only as forgotten as the worst of them
             worst = [summary["forget"][c] for c in kept] + [forget]

@@ -17,23 +17,27 @@ How a stream is split (it does not depend on the number of devices or workers):
 A tiny forget set (one tar with fewer samples than ranks x workers) is therefore seen exactly once.
 
 Broken samples never stop a stream. A kept sample without an image, or whose image does not decode,
-still holds its index; its owner skips it and counts it in the ``skipped`` field of that batch. A
-sample without a readable caption, and a truncated or corrupt shard (read up to the damage, the rest
-skipped, counted once and warned about), are seen by every worker alike and are counted once, by rank 0
-in the batch that was being assembled when they were met (or in the final batch when they come after
-it). So the sum of ``skipped`` over all batches of all ranks is the number of broken samples plus
-broken shards.
+still holds its index; its owner skips it and counts it in the ``skipped`` field of that batch (and warns
+once per stream with the count). A sample without a readable caption, and a truncated or corrupt shard
+(read up to the damage, the rest skipped and warned about), are seen by every worker alike and are counted
+once, by rank 0 in the batch that was being assembled when they were met (or in the final batch when they
+come after it). A damaged shard counts the samples it lost when img2dataset's ``<shard>_stats.json`` or
+``<shard>.parquet`` beside it says how many it holds (:func:`expected_samples`), else 1, a lower bound. So
+the sum of ``skipped`` over all batches of all ranks is the number of broken samples plus what the damaged
+shards lost.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import random
 import re
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +53,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from slug_lightning.concepts import Concept, as_concepts
+from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.errors import ConfigError, UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
@@ -141,10 +147,74 @@ class _Sample:
 
 @dataclass(frozen=True)
 class _BrokenShard:
-    """Marks the point where a shard stopped being readable."""
+    """Marks the point where a shard stopped being readable.
+
+    ``lost`` is how many samples the damage cost, when img2dataset's files beside the shard say how many it
+    holds (``source`` names the file); None when unknown, and the shard then counts as one broken sample,
+    a lower bound.
+    """
 
     url: str
     reason: str
+    lost: int | None = None
+    source: str | None = None
+
+    @property
+    def counted(self) -> int:
+        """The broken samples it stands for in counts of skipped samples."""
+        return 1 if self.lost is None else self.lost
+
+    def describe(self) -> str:
+        """How much was lost, for warnings."""
+        if self.lost is not None:
+            return f"{self.lost} sample(s) lost, per {self.source!r}"
+        return ("how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), "
+                "counted as 1: a lower bound")
+
+
+def expected_samples(url: str) -> tuple[int, str] | None:
+    """How many samples a shard holds according to the img2dataset files beside it, and the file that says so.
+
+    img2dataset writes ``<shard>_stats.json``, whose ``successes`` are the samples written into the tar, and
+    ``<shard>.parquet``, one row per sample it tried, those with ``status == "success"`` in the tar (pyarrow,
+    which ``datasets`` brings, reads it; without pyarrow it is not used). Read only for damaged shards.
+
+    Returns:
+        ``(samples, file)``, or None when neither file is there or readable.
+    """
+    if not url.endswith(".tar"):
+        return None
+    stem = url[: -len(".tar")]
+    stats = f"{stem}_stats.json"
+    if os.path.isfile(stats):
+        try:
+            with open(stats, encoding="utf-8") as file:
+                successes = json.load(file).get("successes")
+        except (OSError, ValueError, AttributeError):
+            successes = None
+        if isinstance(successes, int) and not isinstance(successes, bool) and successes >= 0:
+            return successes, stats
+    table = f"{stem}.parquet"
+    if os.path.isfile(table):
+        try:
+            import pyarrow.parquet as parquet
+
+            if "status" in parquet.read_schema(table).names:
+                status = parquet.read_table(table, columns=["status"]).column("status").to_pylist()
+                return sum(value == "success" for value in status), table
+            return parquet.read_metadata(table).num_rows, table
+        except (ImportError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            return None
+    return None
+
+
+def _broken_shard(url: str, reason: str, read: int) -> _BrokenShard:
+    """The marker of a shard damaged after ``read`` samples, with what it lost when that is known."""
+    expected = expected_samples(url)
+    if expected is None:
+        return _BrokenShard(url, reason)
+    count, source = expected
+    return _BrokenShard(url, reason, max(count - read, 0), source)
 
 
 def _split_member_name(name: str) -> tuple[str | None, str]:
@@ -197,6 +267,7 @@ def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _Br
             image member then carries ``b""`` as its image, one without carries None.
     """
     key, fields = None, {}
+    read = 0  # samples yielded
     wanted = {CAPTION_EXTENSION, *(IMAGE_EXTENSIONS if with_images else ())}
     try:
         with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
@@ -206,6 +277,7 @@ def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _Br
                     continue
                 if member_key != key:
                     if key is not None:
+                        read += 1
                         yield _make_sample(key, fields)
                     key, fields = member_key, {}
                 if extension in wanted and extension not in fields:
@@ -214,10 +286,10 @@ def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _Br
                     fields[extension] = b""  # present, not read
             end_offset = tar.offset
         if not _is_compressed(url) and not _ends_cleanly(url, end_offset):
-            yield _BrokenShard(url, "truncated: no end-of-archive block after the last member")
+            yield _broken_shard(url, "truncated: no end-of-archive block after the last member", read)
             return
     except (tarfile.TarError, OSError, EOFError) as error:
-        yield _BrokenShard(url, f"{type(error).__name__}: {error}")
+        yield _broken_shard(url, f"{type(error).__name__}: {error}", read)
         return
     if key is not None:
         yield _make_sample(key, fields)
@@ -291,6 +363,9 @@ class PairStream(IterableDataset):
         seed: Seed of the shuffling; combined with the epoch.
         drop_last: Drop the final global batch when it is smaller than ``batch_size``.
         buffer_size: Number of samples in the shuffle buffer (each worker holds their bytes).
+        augmentation_seed: For a random ``transform`` (a training augmentation): run it on each image under
+            torch's and Python's generators seeded by ``(augmentation_seed, sample key)``, so a pair gets the
+            same augmentation in every run, on any number of ranks and workers. None calls ``transform`` as is.
 
     Raises:
         ValueError: An empty shard list, or a non-positive size, or a rank outside ``[0, world_size)``.
@@ -315,6 +390,7 @@ class PairStream(IterableDataset):
         seed: int = 0,
         drop_last: bool = False,
         buffer_size: int = 1000,
+        augmentation_seed: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(urls, str) or not urls:
@@ -340,6 +416,7 @@ class PairStream(IterableDataset):
         self.seed = seed
         self.drop_last = drop_last
         self.buffer_size = buffer_size
+        self.augmentation_seed = augmentation_seed
         self.epoch = 0
         self._empty_shapes: tuple[tuple[int, ...], int] | None = None
 
@@ -377,6 +454,7 @@ class PairStream(IterableDataset):
         # being assembled when they were met.
         events: Counter[int] = Counter()
         shares: dict[int, _Share] = {}  # owned global batches not yet yielded
+        unreadable: list[str] = []  # keys of this worker's samples without a decodable image
 
         def release(g: int, final_batch: int) -> dict[str, Any]:
             share = shares.pop(g)
@@ -391,10 +469,11 @@ class PairStream(IterableDataset):
                 if self.rank == 0 and worker == 0:
                     warnings.warn(
                         f"Shard {record.url!r} is truncated or corrupt ({record.reason}); the rest of it "
-                        "is skipped and counted once in 'skipped'.",
+                        f"is skipped and counted in 'skipped': {record.describe()}.",
                         stacklevel=2,
                     )
-                events[indexed // size] += 1
+                if record.counted:
+                    events[indexed // size] += record.counted
                 continue
             if record.caption is None:
                 events[indexed // size] += 1
@@ -405,8 +484,8 @@ class PairStream(IterableDataset):
             indexed += 1
             if g % num_workers == worker:
                 share = shares.setdefault(g, _Share())
-                if position % self.world_size == self.rank:
-                    self._add(share, record)
+                if position % self.world_size == self.rank and not self._add(share, record):
+                    unreadable.append(record.key)
             # A finished batch is not the final one once the batch after it is certain to be yielded.
             certain = self._batches_certain(indexed)
             for done in [d for d in shares if d + 2 <= certain]:
@@ -417,6 +496,12 @@ class PairStream(IterableDataset):
         for g in sorted(shares):
             if g <= final_batch:
                 yield release(g, final_batch)
+        if unreadable:  # one warning per stream (and worker), not one per image
+            warnings.warn(
+                f"{len(unreadable)} sample(s) of this stream have no image or one that does not decode (e.g. keys "
+                f"{unreadable[:3]}); they were skipped and counted in 'skipped'.",
+                stacklevel=2,
+            )
         if events and num_batches == 0 and self.rank == 0 and worker == 0:
             warnings.warn(
                 f"{sum(events.values())} broken sample(s) or shard(s) could not be counted: the stream "
@@ -428,14 +513,32 @@ class PairStream(IterableDataset):
         """How many global batches are certain to be yielded once ``indexed`` samples are indexed."""
         return indexed // self.batch_size if self.drop_last else -(-indexed // self.batch_size)
 
-    def _add(self, share: _Share, sample: _Sample) -> None:
+    def _add(self, share: _Share, sample: _Sample) -> bool:
+        """Decode and add a sample to ``share``; False (and counted as skipped) when it has no readable image."""
         image = _decode_image(sample.image)
         if image is None:
             share.skipped += 1
-            return
+            return False
         share.keys.append(sample.key)
-        share.images.append(self.transform(image))
+        share.images.append(self._transform(image, sample.key))
         share.captions.append(sample.caption)
+        return True
+
+    def _transform(self, image: PIL.Image.Image, key: str) -> Tensor:
+        if self.augmentation_seed is None:
+            return self.transform(image)
+        # The sample's own generator: its augmentation does not depend on which worker or rank decodes it, nor on
+        # what was decoded before. torchvision's random transforms draw from torch, some of open_clip's from
+        # Python's random; both are restored afterwards.
+        seed = zlib.crc32(f"{self.augmentation_seed}:{key}".encode())
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image)
+            finally:
+                random.setstate(state)
 
     def _collate(self, share: _Share) -> dict[str, Any]:
         if share.images:
@@ -486,7 +589,8 @@ class ShardScan:
         matches: Per concept name, how many of those captions mention it.
         without_caption: Samples without a readable caption.
         without_image: Samples with a caption but no image member.
-        broken: ``(url, reason, samples read before the damage)`` of every truncated or corrupt shard.
+        broken: ``(url, reason, samples read before the damage, samples lost)`` of every truncated or corrupt
+            shard; the samples lost are None when no img2dataset file beside the shard says how many it holds.
         words: Distinct caption words and capitalised word pairs (names), for near-match suggestions.
     """
 
@@ -495,13 +599,23 @@ class ShardScan:
     matches: dict[str, int] = field(default_factory=dict)
     without_caption: int = 0
     without_image: int = 0
-    broken: list[tuple[str, str, int]] = field(default_factory=list)
+    broken: list[tuple[str, str, int, int | None]] = field(default_factory=list)
     words: set[str] = field(default_factory=set)
 
     @property
     def samples(self) -> int:
         """Every sample read, broken or not."""
         return self.captions + self.without_caption
+
+    @property
+    def lost(self) -> int:
+        """Samples the damaged shards lost: as their img2dataset files say, else 1 per shard (a lower bound)."""
+        return sum(1 if lost is None else lost for *_, lost in self.broken)
+
+    @property
+    def lost_is_lower_bound(self) -> bool:
+        """Whether some damaged shard's loss is unknown, so that :attr:`lost` is a lower bound."""
+        return any(lost is None for *_, lost in self.broken)
 
 
 _WORD = re.compile(r"[^\W\d_][\w'-]*")
@@ -529,7 +643,7 @@ def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words
         read = 0
         for record in _read_shard(url, with_images=False):
             if isinstance(record, _BrokenShard):
-                scan.broken.append((url, record.reason, read))
+                scan.broken.append((url, record.reason, read, record.lost))
                 continue
             read += 1
             if record.caption is None:
@@ -550,19 +664,46 @@ def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words
 # The Lightning datamodule
 
 
+def check_val_check_interval(interval: Any) -> None:
+    """Refuse a ``trainer.val_check_interval`` of 0 steps or below: Lightning divides by 0 later, and refuses a
+    negative one with a traceback.
+
+    Raises:
+        UserError: Naming the option and what is valid.
+    """
+    number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
+    if number and (interval < 0 or (isinstance(interval, int) and interval == 0)):
+        raise UserError(f"trainer.val_check_interval must be a number of training steps >= 1 (an int) or a share of an "
+                        f"epoch in (0, 1] (a float), got {interval!r}.")
+
+
+# Lightning warns that the length of an IterableDataset may be wrong under several workers. The training loader's
+# is exact: every global batch is assembled by one worker, and each rank yields the same number of batches.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+
 class _EpochDataLoader(DataLoader):
     """A DataLoader that tells its stream the trainer's epoch each time an epoch starts iterating it.
 
-    Lightning calls ``set_epoch`` only on samplers, which an IterableDataset does not have.
+    Lightning calls ``set_epoch`` only on samplers, which an IterableDataset does not have. With
+    ``num_batches`` the loader has a length (the batches of one pass), from which Lightning knows the steps of
+    a ``max_epochs`` run; without it, it has none, as a stream has none.
     """
 
-    def __init__(self, dataset: PairStream, epoch_source: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, dataset: PairStream, epoch_source: Callable[[], int], num_batches: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
+        self.num_batches = num_batches
 
     def __iter__(self):  # noqa: ANN204 - DataLoader's own iterator type is private
         self.dataset.set_epoch(self.epoch_source())
         return super().__iter__()
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            return super().__len__()  # a TypeError: the stream has no length
+        return self.num_batches
 
 
 class LaionDataModule(lightning.LightningDataModule):
@@ -574,7 +715,16 @@ class LaionDataModule(lightning.LightningDataModule):
     and workers so that each pair is seen exactly once; see :class:`PairStream`.
 
     ``transform`` and ``tokenizer`` are taken from the LightningModule (``preprocess`` and ``tokenizer``)
-    in ``setup`` unless set on the datamodule beforehand.
+    in ``setup`` unless set on the datamodule beforehand; with ``retain_augmentation``, so is
+    ``retain_transform`` (``train_preprocess``).
+
+    ``fit`` validates on ``val_sets`` (labelled image sets, one validation loader each, sharded across ranks
+    without padding) when given: ``CLIPContrastive`` logs their zero-shot top-1 as ``val/top1``. How often is
+    Lightning's ``trainer.val_check_interval``: an integer N validates every N training steps, which needs
+    ``trainer.check_val_every_n_epoch: null`` (a pass over the shards has no fixed length); left out, the sets are
+    validated at the end of each pass. When the run is bounded by ``max_epochs`` instead of ``max_steps``, the
+    training loader gets a length (the pairs are counted once, reading captions only), so that the learning rate
+    schedule and the progress bar know where the run ends.
 
     Args:
         shards: Shard pattern(s) of the training pairs, also the source of the retain set: braces
@@ -585,13 +735,29 @@ class LaionDataModule(lightning.LightningDataModule):
         num_workers: DataLoader worker processes per device.
         shuffle: Shuffle the training pairs, differently each epoch (forget and retain streams are never
             shuffled).
-        seed: Seed of the training shuffle.
+        seed: Seed of the training shuffle and of the retain augmentation.
         min_forget_pairs: Fewest forget pairs a concept may have (counted on captions before the gradient
             pass, by ``unlearn``'s pre-flight check): a gradient averaged over a handful of pairs is mostly
             noise. Default 8; 1 accepts any non-empty forget set.
+        max_forget_share: Largest share of captions one concept may match, measured by ``unlearn``'s pre-flight
+            check on the captions of ``shards`` (all of them when they are the forget shards, else the first
+            few shards). A spelling that common (an alias such as "a") makes the forget set a slice of
+            everything, and forgetting it damages the whole model. Above it the run is refused; above
+            :data:`~slug_lightning.validation.WARN_FORGET_SHARE` it is warned about. Default 0.25 (a person of
+            the demo world is 2.5 % of its captions); 1 turns the refusal off.
+        retain_augmentation: Feed the retain stream through the model's training transform (OpenCLIP's random
+            resized crop; ``retain_transform``), as the paper's code computes G_r, instead of the evaluation
+            transform. Each pair's crop is drawn from a generator seeded by ``seed`` and the pair's key, so G_r is
+            the same in every run and on any number of devices. The forget streams keep the evaluation
+            transform, as in the paper's code. Default False.
+        val_sets: Labelled image sets to validate ``fit`` on (zero-shot classification), e.g.
+            ``[{name: holdout, root: eval/holdout}]`` for an image folder ``eval/holdout/<class>/*.jpg``; their
+            images must not be in the shards. None: no validation.
+        val_batch_size: Images per validation batch.
 
     Raises:
-        ValueError: A non-positive ``batch_size`` or ``min_forget_pairs``, or a negative ``num_workers``.
+        ConfigError: A non-positive ``batch_size`` or ``min_forget_pairs``, a negative ``num_workers``, a
+            ``max_forget_share`` outside (0, 1] (a ValueError).
 
     Example::
 
@@ -611,14 +777,25 @@ class LaionDataModule(lightning.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         min_forget_pairs: int = 8,
+        max_forget_share: float = 0.25,
+        retain_augmentation: bool = False,
+        val_sets: list[LabelledSet] | None = None,
+        val_batch_size: int = 256,
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}.")
+            raise ConfigError(f"batch_size must be a positive global batch size, got {batch_size}.", "batch_size",
+                              batch_size)
         if min_forget_pairs < 1:
-            raise ValueError(f"min_forget_pairs must be >= 1, got {min_forget_pairs}.")
+            raise ConfigError(f"min_forget_pairs must be >= 1, got {min_forget_pairs}.", "min_forget_pairs",
+                              min_forget_pairs)
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}.", "num_workers", num_workers)
+        if not 0.0 < max_forget_share <= 1.0:
+            raise ConfigError(f"max_forget_share must be in (0, 1] (1 turns the check off), got {max_forget_share}.",
+                              "max_forget_share", max_forget_share)
+        if val_batch_size < 1:
+            raise ConfigError(f"val_batch_size must be >= 1, got {val_batch_size}.", "val_batch_size", val_batch_size)
         self.shards = shards
         self.forget_shards = shards if forget_shards is None else forget_shards
         self.concepts = as_concepts(list(concepts or []))
@@ -627,20 +804,39 @@ class LaionDataModule(lightning.LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.min_forget_pairs = min_forget_pairs
+        self.max_forget_share = max_forget_share
+        self.retain_augmentation = retain_augmentation
+        self.val_sets = list(val_sets or [])
+        # Checks the sets' names now; their folders are read in setup.
+        self._validation = ZeroShotDataModule(self.val_sets, val_batch_size, num_workers) if self.val_sets else None
+        if self.val_sets:
+            # Lightning runs a validation loop when the datamodule defines val_dataloader; without sets it defines
+            # none (rather than an empty list, which Lightning warns about).
+            self.val_dataloader = self._val_dataloaders
+        self._epoch_batches: int | None = None
         self.transform: Callable[[PIL.Image.Image], Tensor] | None = None
+        self.retain_transform: Callable[[PIL.Image.Image], Tensor] | None = None
         self.tokenizer: Callable[[list[str]], Tensor] | None = None
 
     def setup(self, stage: str) -> None:
         """Check the shards exist and take ``transform``/``tokenizer`` from the model when not set.
 
+        For ``fit`` and ``validate`` it also reads the folders of ``val_sets`` and checks that the trainer
+        validates every N steps as asked (see the class docstring).
+
         Raises:
             FileNotFoundError: A shard pattern names missing files.
             RuntimeError: Neither the datamodule nor the LightningModule provides a transform or tokenizer.
+            UserError: A validation set cannot be read, or ``trainer.val_check_interval`` is an integer below 1 or
+                comes without ``trainer.check_val_every_n_epoch: null``.
         """
         expand_shards(self.shards)
         expand_shards(self.forget_shards)
         module = self.trainer.lightning_module if self.trainer is not None else None
-        for name, source in (("transform", "preprocess"), ("tokenizer", "tokenizer")):
+        wanted = [("transform", "preprocess"), ("tokenizer", "tokenizer")]
+        if self.retain_augmentation:
+            wanted.append(("retain_transform", "train_preprocess"))
+        for name, source in wanted:
             if getattr(self, name) is None:
                 value = getattr(module, source, None)
                 if value is None:
@@ -649,20 +845,74 @@ class LaionDataModule(lightning.LightningDataModule):
                         f"LightningModule that exposes `{source}` (as this project's CLIP modules do)."
                     )
                 setattr(self, name, value)
+        if self._validation is not None and stage in ("fit", "validate"):
+            self._setup_validation(stage)
+
+    def _setup_validation(self, stage: str) -> None:
+        self._validation.transform = self.transform
+        try:
+            self._validation.datasets()
+        except (OSError, ValueError) as error:
+            raise UserError(f"LaionDataModule val_sets: {error}") from error
+        if self.trainer is None or stage != "fit":
+            return
+        interval = self.trainer.val_check_interval
+        check_val_check_interval(interval)
+        if isinstance(interval, int) and self.trainer.check_val_every_n_epoch is not None:
+            raise UserError(
+                f"trainer.val_check_interval={interval} validates val_sets every {interval} training steps only with "
+                "trainer.check_val_every_n_epoch: null; otherwise Lightning counts the steps of each pass over the "
+                "shards anew, and a pass may be shorter. Set check_val_every_n_epoch to null."
+            )
 
     def train_dataloader(self) -> DataLoader:
-        """All pairs of ``shards``, reshuffled each epoch if ``shuffle``; a final partial batch is dropped."""
+        """All pairs of ``shards``, reshuffled each epoch if ``shuffle``; a final partial batch is dropped.
+
+        Without ``trainer.max_steps`` the loader has a length, the global batches of one pass (see
+        :meth:`epoch_batches`), so that Lightning knows how many steps ``max_epochs`` makes.
+        """
         stream = self._stream(self.shards, keep=None, shuffle=self.shuffle, drop_last=True)
-        return _EpochDataLoader(stream, self._current_epoch, **self._loader_kwargs())
+        bounded_by_epochs = self.trainer is not None and self.trainer.max_steps == -1
+        num_batches = self.epoch_batches() if bounded_by_epochs else None
+        return _EpochDataLoader(stream, self._current_epoch, num_batches, **self._loader_kwargs())
+
+    def epoch_batches(self) -> int:
+        """Global training batches in one pass over ``shards`` (counted once on captions, then cached).
+
+        Raises:
+            UserError: The shards hold fewer pairs than one batch.
+        """
+        if self._epoch_batches is None:
+            pairs = count_kept(expand_shards(self.shards))
+            if pairs < self.batch_size:
+                raise UserError(f"The shards {self.shards!r} hold {pairs} pairs, fewer than one training batch of "
+                                f"batch_size={self.batch_size} (a final partial batch is dropped); lower batch_size.")
+            self._epoch_batches = pairs // self.batch_size
+        return self._epoch_batches
+
+    def _val_dataloaders(self) -> list[DataLoader]:
+        """``val_dataloader`` with ``val_sets``: one loader per set, this rank's share of it."""
+        rank, world_size = self._rank_and_world_size()
+        return [self._validation.loader(spec.name, rank, world_size) for spec in self.val_sets]
 
     def forget_dataloader(self, concept: Concept) -> DataLoader:
         """Pairs of ``forget_shards`` whose caption mentions ``concept``, in order, nothing dropped."""
         return self._loader(self._stream(self.forget_shards, keep=concept.matches))
 
     def retain_dataloader(self) -> DataLoader:
-        """Pairs of ``shards`` whose caption mentions no concept, in order, nothing dropped."""
+        """Pairs of ``shards`` whose caption mentions no concept, in order, nothing dropped; through
+        ``retain_transform``, seeded per pair, with ``retain_augmentation``."""
         keep = partial(_matches_no_concept, tuple(self.concepts))
-        return self._loader(self._stream(self.shards, keep=keep))
+        if not self.retain_augmentation:
+            return self._loader(self._stream(self.shards, keep=keep))
+        if self.retain_transform is None:
+            raise RuntimeError("LaionDataModule(retain_augmentation=True) has no retain_transform: set "
+                               "`datamodule.retain_transform` (OpenCLIP's training transform), or use a "
+                               "LightningModule that exposes `train_preprocess` (a GradientCollector built from a "
+                               "model name does).")
+        stream = self._stream(self.shards, keep=keep)
+        stream.transform, stream.augmentation_seed = self.retain_transform, self.seed
+        return self._loader(stream)
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One forget stream per concept (dataloader_idx k is concept k), then the retain stream (last).

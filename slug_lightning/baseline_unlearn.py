@@ -22,6 +22,7 @@ from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.memory import PeakMemory, lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
 from slug_lightning.report import accuracies, describe_data, render_baseline_markdown
+from slug_lightning.search import concept_verdict, run_verdict
 
 
 def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
@@ -75,6 +76,8 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     device = trainer.strategy.root_device
     clip = collector.model.to(device)
     datamodule.transform, datamodule.tokenizer = collector.preprocess, collector.tokenizer
+    if getattr(datamodule, "retain_augmentation", False):  # the retain pairs seen as the paper's code sees them
+        datamodule.retain_transform = collector.train_preprocess
     datamodule.batch_size = settings.batch_size  # the baselines' optimizer batch, not SLUG's gradient batch
     datamodule.setup("predict")
 
@@ -92,7 +95,7 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     def evaluate() -> dict:
         nonlocal evaluation_seconds
         began = time.perf_counter()
-        latest["summary"] = summarize(evaluator.run(), class_names, forget_sets)
+        latest["summary"] = summarize(evaluator.run(), class_names, forget_sets, search.averaging)
         evaluation_seconds += time.perf_counter() - began
         measured = accuracies(latest["summary"])
         return {"forget_top1": {c: a["top1"] for c, a in measured["forget"].items()},
@@ -110,11 +113,15 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     if not trainer.is_global_zero:
         return None
     state = clip.state_dict()
+    after = latest["summary"]
+    verdicts = {c: concept_verdict(before["forget"][c][search.metric], after["forget"][c][search.metric],
+                                   search.threshold) for c in names}
     report = {
         "method": method,
+        "verdict": run_verdict(list(verdicts.values())),
         "model": {**identity, "parameters": count_parameters(clip)},
-        "concepts": [{"name": c, "layer": None, "tower": None, "step_size": None, "relative_change": None,
-                      "forget_samples": result.forget_samples.get(c, 0)} for c in names],
+        "concepts": [{"name": c, "verdict": verdicts[c], "layer": None, "tower": None, "step_size": None,
+                      "relative_change": None, "forget_samples": result.forget_samples.get(c, 0)} for c in names],
         "retain_samples": result.retain_samples,
         "skipped_samples": 0,
         "before": accuracies(before),

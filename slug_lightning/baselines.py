@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from slug_lightning.errors import UserError
+from slug_lightning.errors import ConfigError
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 
 METHODS = ("slug", "ft", "ga", "gaft", "salun", "ssd")
@@ -64,9 +64,9 @@ class BaselineSettings:
                   ("alpha", self.alpha > 0), ("dampening", self.dampening > 0)]
         bad = [name for name, ok in checks if not ok]
         if bad:
-            raise UserError(f"Invalid baseline settings {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: "
-                             "lr, alpha and dampening must be > 0, iterations and batch_size >= 1, "
-                             "weight_decay >= 0, mask_fraction in (0, 1].")
+            raise ConfigError(f"Invalid baseline settings {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: "
+                              "lr, alpha and dampening must be > 0, iterations and batch_size >= 1, "
+                              "weight_decay >= 0, mask_fraction in (0, 1].", bad[0], getattr(self, bad[0]))
 
 
 _TRAINING = ("lr", "iterations", "batch_size", "weight_decay")

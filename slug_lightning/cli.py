@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from slug_lightning.errors import UserError
+from slug_lightning.errors import ConfigError, NotForgotten, UserError
 from slug_lightning.trainer import SlugTrainer, check_output_dir
 
 DESCRIPTION = """\
@@ -50,7 +50,9 @@ PLAIN_COMMANDS = {
     "delta": "slug_lightning.delta_cli:main",
 }
 
-# Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback.
+# Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the
+# constructors of the classes built from the config raise ConfigError (a UserError) for the settings they refuse,
+# so a plain ValueError from inside one (a computation gone wrong) is not mistaken for the user's.
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -88,6 +90,27 @@ class SlugCLI(LightningCLI):
             "unlearn": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
         }
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Lightning's, with a setting a constructor refuses (a :class:`ConfigError`) named by its full option."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            refused = _first_cause(error, ConfigError)
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            path = _option_path(config, refused.option, refused.value) if refused and refused.option else None
+            if path is None:
+                raise
+            raise UserError(f"--{path}: {refused}") from error
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Refuse a ``trainer.val_check_interval`` below 1 step as one line, before Lightning takes it apart."""
+        if self.subcommand == "fit":
+            from slug_lightning.datamodules.laion import check_val_check_interval
+
+            check_val_check_interval(self.config["fit"]["trainer"]["val_check_interval"])
 
     def before_unlearn(self) -> None:
         """Refuse a finished output directory before any work, then record the resolved config in it."""
@@ -131,6 +154,9 @@ def main(args: Sequence[str] | None = None) -> int:
             return command(argv[1:], prog=f"{_prog()} {argv[0]}")
         # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
         SlugCLI(args=None if args is None else argv)
+    except NotForgotten as error:
+        print(f"error: {error}", file=sys.stderr)
+        return NotForgotten.exit_code
     except Exception as error:
         user_error = _user_error(error)
         if user_error is None or os.environ.get("SLUG_DEBUG"):
@@ -138,6 +164,48 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _first_cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first of its explicit causes that is a ``kind``, else None."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__
+    return error
+
+
+def _option_path(config, option: str, value) -> str | None:
+    """The dotted option of ``config`` that a constructor parameter ``option`` given ``value`` came from.
+
+    Among the settings named ``option`` that are not None, the one equal to ``value``, else the only one;
+    None when that does not single one out (the message then names the parameter alone).
+    """
+    from jsonargparse import Namespace
+
+    found: list[tuple[str, object]] = []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, (list, tuple)):
+            for index, item in enumerate(node):
+                walk(item, f"{prefix}[{index}]")
+            return
+        items = vars(node).items() if isinstance(node, Namespace) else node.items() if isinstance(node, dict) else ()
+        for key, item in items:
+            if not isinstance(key, str) or key.startswith("__"):
+                continue
+            path = f"{prefix}.{key}" if prefix else key
+            if key == option and item is not None:
+                found.append((path, item))
+            walk(item, path)
+
+    walk(config, "")
+
+    def plain(item):  # a list and a tuple of the same items are the same setting
+        return list(item) if isinstance(item, (list, tuple)) else item
+
+    equal = [path for path, item in found if plain(item) == plain(value)]
+    if len(equal) == 1:
+        return equal[0]
+    return found[0][0] if len(found) == 1 else None
 
 
 def _user_error(error: BaseException | None) -> BaseException | None:

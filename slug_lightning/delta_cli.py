@@ -53,7 +53,9 @@ def _combined(paths: list[str], concepts: list[str] | None) -> deltas.Delta:
     read = [deltas.read_delta(p) for p in paths]
     try:
         delta = deltas.combine(read) if len(read) > 1 else read[0]
-        return deltas.select(delta, concepts)
+        delta = deltas.select(delta, concepts)
+        deltas.check_finite(delta)  # before anything is written
+        return delta
     except ValueError as error:
         raise UserError(str(error)) from None
 

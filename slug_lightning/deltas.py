@@ -162,8 +162,30 @@ def layer_updates(delta: Delta) -> dict[str, Tensor]:
     return sums
 
 
+def check_finite(delta: Delta) -> None:
+    """Refuse a delta holding NaN or infinite values: applied, it would write a model of NaNs.
+
+    Raises:
+        ValueError: naming the delta and its first non-finite updates.
+
+    Example:
+        >>> nan = make_delta([({"concept": "A", "layer": "w"}, torch.tensor([float("nan")]))], "f0", source="a")
+        >>> check_finite(nan)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: a holds NaN or infinite values in 1 update(s) (A/w); it cannot be applied, ...
+    """
+    bad = [key for key, tensor in delta.tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise ValueError(f"{delta.source} holds NaN or infinite values in {len(bad)} update(s) ({shown}); it cannot "
+                         "be applied, removed or combined. Compute it again.")
+
+
 def _add(state_dict: Mapping[str, Tensor], delta: Delta, concepts, sign: float) -> dict[str, Tensor]:
-    updates = layer_updates(select(delta, concepts))
+    part = select(delta, concepts)
+    check_finite(part)
+    updates = layer_updates(part)
     missing = [layer for layer in updates if layer not in state_dict]
     if missing:
         raise ValueError(f"{delta.source} updates layers the model does not have: {missing}.")
@@ -176,6 +198,10 @@ def _add(state_dict: Mapping[str, Tensor], delta: Delta, concepts, sign: float) 
         weight = state_dict[layer]
         # In fp32, rounded once to the weight's dtype.
         result[layer] = (weight.float() + sign * update.to(weight.device)).to(weight.dtype)
+    overflow = [layer for layer in updates if not torch.isfinite(result[layer]).all()]
+    if overflow:
+        raise ValueError(f"{delta.source} makes {overflow[:3]} non-finite (NaN or infinite weights after the "
+                         "update); nothing is written.")
     return result
 
 
@@ -228,6 +254,8 @@ def combine(deltas: Sequence[Delta]) -> Delta:
     """
     if not deltas:
         raise ValueError("combine needs at least one delta.")
+    for delta in deltas:
+        check_finite(delta)
     first = deltas[0]
     owner: dict[str, str] = {}
     for delta in deltas:
@@ -363,12 +391,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Provenance, di
     Raises:
         UserError (ModelLoadError): for a missing, unreadable or unsafe file.
     """
-    from slug_lightning.models import read_state_dict
+    from slug_lightning.models import checkpoint_format, read_state_dict
 
     path = Path(path).expanduser()
     state_dict = read_state_dict(path)
     metadata = {}
-    if path.suffix == ".safetensors":
+    if checkpoint_format(path) == "safetensors":  # by content: a safetensors file named .pt keeps its record
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

@@ -1,5 +1,36 @@
-"""The exception users see as a one-line message instead of a traceback."""
+"""The exceptions users see as a one-line message instead of a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(ValueError):
     """A problem with what the user gave (a path, a name, a setting), explained in the message."""
+
+
+class ConfigError(UserError):
+    """A setting refused by the constructor of a class the command line builds, e.g. ``batch_size=0``.
+
+    Constructor checks raise this rather than a plain ValueError: a ValueError from deeper inside (a bug) keeps
+    its traceback, a ConfigError is the user's and is shown as one line. It is still a ValueError for callers.
+
+    Args:
+        message: What was given and what is valid.
+        option: The constructor parameter it concerns; the command line looks it up in its configuration to name
+            the full option (``--data.init_args.batch_size``).
+        value: The value given, which tells that option apart from others of the same name.
+    """
+
+    def __init__(self, message: str, option: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.option = option
+        self.value = value
+
+
+class NotForgotten(Exception):
+    """Raised after an ``unlearn`` run given ``--require_forgotten true`` did not forget every concept the model
+    knew. The run's artifacts are written (a result, not a failure); the command line exits with :attr:`exit_code`
+    so that scripts and CI can tell."""
+
+    exit_code = 3

@@ -290,18 +290,22 @@ class ZeroShotEvaluator:
 
 
 def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[str]],
-              forget: Mapping[str, str]) -> dict:
+              forget: Mapping[str, str], averaging: Mapping[str, str] | None = None) -> dict:
     """Forget and test accuracies from per-set count tables.
 
     Args:
         counts: Per-set count tables.
         class_names: Per-set class lists (label order).
         forget: Forget concept name → the set whose images of that class measure its forget accuracy.
+        averaging: Per-set ``"micro"`` (over images, the default for a set not named) or ``"macro"`` (the mean
+            over the set's test classes with images of each class's accuracy) test accuracy; see
+            :func:`~slug_lightning.zero_shot.accuracy`.
 
     Returns:
         ``{"forget": {concept: {top1, top5, count}}, "test": {set: {top1, top5, count}}}`` where a set's
         test accuracy covers all its images except those of any forget concept.
     """
+    averaging = averaging or {}
     excluded = {name: set() for name in counts}
     result = {"forget": {}, "test": {}}
     for concept, set_name in forget.items():
@@ -310,7 +314,7 @@ def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[s
         result["forget"][concept] = accuracy(counts[set_name], [index])
     for name, table in counts.items():
         rows = [i for i in range(table.shape[0]) if i not in excluded[name]]
-        result["test"][name] = accuracy(table, rows)
+        result["test"][name] = accuracy(table, rows, averaging.get(name, "micro"))
     return result
 
 
@@ -341,7 +345,8 @@ def class_changes(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
 
 
 class ZeroShotModule(L.LightningModule):
-    """Zero-shot top-1/top-5 of a CLIP on the sets of a ``ZeroShotDataModule`` (one dataloader per set).
+    """Zero-shot top-1/top-5 of a CLIP on the sets of a ``ZeroShotDataModule`` (one dataloader per set), over
+    every image of each set, averaged as the set's ``averaging`` says.
 
     Args:
         model_name: OpenCLIP model name.
@@ -382,6 +387,7 @@ class ZeroShotModule(L.LightningModule):
         ]
         self.metrics = nn.ModuleList(ZeroShotCounts(len(datasets[name].class_names)) for name in self.set_names)
         self.metrics.to(self.device)
+        self.averaging = [spec.averaging for spec in datamodule.sets]
 
     @override
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -391,8 +397,8 @@ class ZeroShotModule(L.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        for name, metric in zip(self.set_names, self.metrics):
-            self.results[name] = accuracy(metric.compute().cpu())
+        for name, metric, averaging in zip(self.set_names, self.metrics, self.averaging):
+            self.results[name] = accuracy(metric.compute().cpu(), averaging=averaging)
             metric.reset()
             for key in ("top1", "top5"):
                 self.log(f"{name}/{key}", self.results[name][key], add_dataloader_idx=False)

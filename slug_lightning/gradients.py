@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slug_lightning.artifacts import atomic_path, fingerprint
-from slug_lightning.errors import UserError
+from slug_lightning.errors import ConfigError, UserError
+from slug_lightning.gradient_key import data_key, gradient_key, key_changes
 from slug_lightning.layers import candidate_layers
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 from slug_lightning.memory import PeakMemory
@@ -37,7 +38,8 @@ class GradientStore:
     """Mean forget gradients per concept and the mean retain gradient, for candidate tensors only.
 
     Saved as ``gradients.safetensors`` with keys ``forget/<concept>/<param>`` and ``retain/<param>``; the
-    metadata holds the model, concepts, pair counts and skipped samples.
+    metadata holds the model, concepts, pair counts, skipped samples and the gradient key (what the gradients
+    depend on, see :mod:`slug_lightning.gradient_key`; None in stores written before it existed).
     """
 
     forget: dict[str, dict[str, Tensor]]
@@ -46,6 +48,7 @@ class GradientStore:
     retain_samples: int
     skipped_samples: int = 0
     model: dict = field(default_factory=dict)
+    key: dict | None = None
 
     @property
     def concepts(self) -> list[str]:
@@ -70,6 +73,7 @@ class GradientStore:
             "forget_samples": json.dumps(self.forget_samples),
             "retain_samples": str(self.retain_samples),
             "skipped_samples": str(self.skipped_samples),
+            "key": json.dumps(self.key),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -107,6 +111,7 @@ class GradientStore:
             retain_samples=int(metadata["retain_samples"]),
             skipped_samples=int(metadata["skipped_samples"]),
             model=json.loads(metadata["model"]),
+            key=json.loads(metadata.get("key", "null")),
         )
 
 
@@ -180,15 +185,21 @@ class GradientCollector(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= max_skipped_fraction <= 1.0:
-            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.")
+            raise ConfigError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.",
+                              "max_skipped_fraction", max_skipped_fraction)
         if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: no partial checkpoints), got {checkpoint_every}.")
+            raise ConfigError(f"checkpoint_every must be >= 0 (0: no partial checkpoints), got {checkpoint_every}.",
+                              "checkpoint_every", checkpoint_every)
         self.save_hyperparameters(ignore=["model", "preprocess", "tokenizer"])
+        # The training transform, for a datamodule whose retain stream is augmented (as in the paper); a model
+        # given programmatically brings none.
+        self.train_preprocess = None
         if model is None:
             from slug_lightning.models import load_clip
 
             loaded = load_clip(model_name, pretrained)
             model, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
+            self.train_preprocess = loaded.train_preprocess
         for attribute in ("encode_image", "encode_text", "logit_scale"):
             if not hasattr(model, attribute):
                 raise TypeError(f"The model must have `{attribute}`; {type(model).__name__} has not.")
@@ -197,8 +208,8 @@ class GradientCollector(L.LightningModule):
         self.concepts = list(concepts) if concepts is not None else None
         self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing and not hasattr(model, "set_grad_checkpointing"):
-            raise ValueError(f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
-                             f"models have it); {type(model).__name__} has not.")
+            raise ConfigError(f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
+                              f"models have it); {type(model).__name__} has not.", "activation_checkpointing", True)
         self.max_skipped_fraction = max_skipped_fraction
         self.checkpoint_every = checkpoint_every
         self.partial_path: Path | None = None  # where partial sums go; None: no checkpoints (set by unlearn)
@@ -208,6 +219,8 @@ class GradientCollector(L.LightningModule):
         # Fingerprint of θ⁰, taken when the predict run starts: a search that follows (StepSearch) leaves its edits
         # in the model, and the run's delta must name the model it was computed for.
         self.base_fingerprint: str | None = None
+        self._predicting = False  # from the start of a pass to its end: base_fingerprint is θ⁰'s
+        self.key: dict | None = None  # the gradient key of the pass (see gradient_key)
         self.seconds = 0.0
         self.memory = PeakMemory()
 
@@ -215,6 +228,26 @@ class GradientCollector(L.LightningModule):
         """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
         return {"name": self.hparams.model_name, "pretrained": self.hparams.pretrained,
                 "fingerprint": fingerprint(self.model.state_dict())}
+
+    def gradient_key(self, datamodule=None, precision: str | None = None) -> dict:
+        """What this collector's gradients depend on (:mod:`slug_lightning.gradient_key`): the model's architecture
+        and weights, the concepts with their aliases, the data, the candidate layers and the precision.
+
+        Args:
+            datamodule: The run's datamodule (default: the Trainer's).
+            precision: The Trainer's precision (default: the attached Trainer's, else ``32-true``).
+        """
+        if datamodule is None and self._trainer is not None:
+            datamodule = self.trainer.datamodule
+        if precision is None:
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        known = {c.name: c for c in getattr(datamodule, "concepts", None) or []}
+        names = self.concepts if self.concepts is not None else list(known)
+        concepts = [{"name": name, "aliases": list(known[name].aliases) if name in known else []} for name in names]
+        weights = self.base_fingerprint if self._predicting else fingerprint(self.model.state_dict())
+        return gradient_key(model_name=self.hparams.model_name, fingerprint=weights, concepts=concepts,
+                            layers=self.candidates(), precision=precision,
+                            data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess))
 
     def candidates(self) -> list[str]:
         """Candidate layer names (METHOD §3) after the include/exclude patterns."""
@@ -226,6 +259,7 @@ class GradientCollector(L.LightningModule):
         self.base_fingerprint = fingerprint(self.model.state_dict())
         if self.reused:
             return
+        self._predicting = True
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if precision.startswith("16") or precision == "transformer-engine":
             raise UserError(f"GradientCollector cannot run at precision {precision!r}; use '32-true' or "
@@ -238,6 +272,7 @@ class GradientCollector(L.LightningModule):
             self.concepts = [c.name for c in getattr(datamodule, "concepts", None) or []]
         self.streams = [*self.concepts, RETAIN]
         names = set(self.candidates())
+        self.key = self.gradient_key()
         self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self._parameters = {n: p for n, p in self.model.named_parameters() if n in names}
         for name, parameter in self.model.named_parameters():
@@ -250,24 +285,24 @@ class GradientCollector(L.LightningModule):
         self._done = [0] * len(self.streams)  # batches summed per stream (the position of the pass)
         self._seen = [0] * len(self.streams)  # batches met per stream in this process
         self._since_checkpoint = 0
-        self._key = None
         self.model.eval()  # dropout off: the gradient is taken at θ⁰ as the model is used
         self._resume()
 
     def _encode(self, batch: dict) -> tuple[Tensor, Tensor]:
         if batch["image"].shape[0] == 0:
-            # Zero-row share of a global batch: no forward pass, but correctly shaped features so this rank
-            # still takes part in the retain loss's feature gathering.
-            width = self._embed_dim(batch)
-            empty = torch.zeros(0, width, device=self.device, requires_grad=True)
-            return empty, empty
+            # Zero-row share of a global batch: no forward pass, but features of the shape and dtype a forward
+            # pass gives, so that this rank still takes part in the retain loss's feature gathering.
+            width, dtype = self._feature_spec(batch)
+            return tuple(torch.zeros(0, width, dtype=dtype, device=self.device, requires_grad=True) for _ in range(2))
         return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
 
-    def _embed_dim(self, batch: dict) -> int:
-        if not hasattr(self, "_width"):
+    def _feature_spec(self, batch: dict) -> tuple[int, torch.dtype]:
+        """Width and dtype of the embeddings, from one blank caption (under the step's autocast, if any)."""
+        if not hasattr(self, "_features"):
             with torch.no_grad():
-                self._width = self.model.encode_text(batch["text"].new_zeros(1, batch["text"].shape[1])).shape[-1]
-        return self._width
+                features = self.model.encode_text(batch["text"].new_zeros(1, batch["text"].shape[1]))
+            self._features = features.shape[-1], features.dtype
+        return self._features
 
     @override
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -288,7 +323,12 @@ class GradientCollector(L.LightningModule):
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"The {stream!r} loss is {loss.item()} at {_where(batch, batch_idx)}; "
                                              "gradients would be meaningless. Check these samples and the model.")
-                grads = torch.autograd.grad(loss, list(self._parameters.values()), allow_unused=True)
+                # The features are inputs too: the backward of the retain loss's feature gathering is a collective,
+                # and autograd runs only the part of the graph that leads to an input. A rank whose share is empty
+                # has features that reach no parameter; without them its backward would skip the all-reduce the
+                # other ranks wait in.
+                inputs = [*self._parameters.values(), image_features, text_features]
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)[:len(self._parameters)]
             # One device sync per batch: a single flag over every tensor, the names only when it trips.
             flags = [torch.isfinite(g).all() for g in grads if g is not None]
             if flags and not torch.stack(flags).all():
@@ -335,6 +375,7 @@ class GradientCollector(L.LightningModule):
             retain_samples=int(counts[len(self.concepts)]),
             skipped_samples=int(counts[-1]),
             model=self.identity(),
+            key=self.key,
         )
         del self._sums
         if self.partial_path is not None:
@@ -344,6 +385,7 @@ class GradientCollector(L.LightningModule):
                 self.gradients.save(Path(self.partial_path).parent / "gradients.safetensors")
             self._partial_file().unlink(missing_ok=True)
         self.seconds = time.perf_counter() - self._start
+        self._predicting = False
         self.memory.stop()
 
     # ----------------------------------------------------------------------------------------------
@@ -358,20 +400,11 @@ class GradientCollector(L.LightningModule):
         rank = self.trainer.global_rank
         return path.with_name(f"{path.name.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors")
 
-    def _resume_key(self) -> str:
-        """What partial sums must match to be resumed: model, streams, candidates, data and device count."""
-        if getattr(self, "_key", None) is None:
-            self._key = self._make_resume_key()
-        return self._key
-
-    def _make_resume_key(self) -> str:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        data = {name: repr(getattr(datamodule, name, None))
-                for name in ("shards", "forget_shards", "concepts", "batch_size", "seed")}
+    def _resume_key(self) -> dict:
+        """What partial sums must match to be resumed: the gradient key, the streams and the device count (each
+        rank's sums and position depend on it)."""
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        return json.dumps({"model": self.identity(), "streams": self.streams, "layers": list(self._parameters),
-                           "data": data, "world_size": world_size, "precision": str(getattr(self._trainer, "precision",
-                                                                                               ""))}, sort_keys=True)
+        return {"gradient_key": self.key, "streams": self.streams, "world_size": world_size}
 
     def _save_partial(self) -> None:
         """Write this rank's sums, counts and position atomically; the previous checkpoint stays until then."""
@@ -380,7 +413,8 @@ class GradientCollector(L.LightningModule):
         tensors = {f"{i}/{name}": g.detach().cpu().contiguous() for i, stream in enumerate(self.streams)
                    for name, g in self._sums[stream].items()}
         tensors["__counts__"] = self._counts.detach().cpu()
-        metadata = {"format": "slug_lightning.partial/1", "key": self._resume_key(), "done": json.dumps(self._done)}
+        metadata = {"format": "slug_lightning.partial/2", "key": json.dumps(self._resume_key()),
+                    "done": json.dumps(self._done)}
         with atomic_path(self._partial_file()) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         self._since_checkpoint = 0
@@ -415,8 +449,9 @@ class GradientCollector(L.LightningModule):
                        f"{self.resumed_from}.")
 
 
-def _load_partial(path: Path, key: str, streams: int) -> tuple[dict[str, Tensor], Tensor, list[int]] | None:
-    """The sums, counts and position of a partial checkpoint, or None when absent, unreadable or not this run's."""
+def _load_partial(path: Path, key: dict, streams: int) -> tuple[dict[str, Tensor], Tensor, list[int]] | None:
+    """The sums, counts and position of a partial checkpoint, or None when absent, unreadable or not this run's
+    (with a warning that says what differs)."""
     from safetensors import safe_open
 
     if not path.exists():
@@ -424,10 +459,11 @@ def _load_partial(path: Path, key: str, streams: int) -> tuple[dict[str, Tensor]
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != "slug_lightning.partial/1" or metadata.get("key") != key:
+            stored = json.loads(metadata["key"]) if metadata.get("format") == "slug_lightning.partial/2" else None
+            changes = _partial_changes(stored, key)
+            if changes:
                 warnings.warn(f"Ignoring {str(path)!r}: its partial gradient sums belong to another run "
-                              "(model, concepts, data or devices differ); starting the pass from the beginning.",
-                              stacklevel=2)
+                              f"({'; '.join(changes)}); starting the pass from the beginning.", stacklevel=2)
                 return None
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         done = json.loads(metadata["done"])
@@ -437,6 +473,18 @@ def _load_partial(path: Path, key: str, streams: int) -> tuple[dict[str, Tensor]
     if len(done) != streams:
         return None
     return tensors, tensors.pop("__counts__"), done
+
+
+def _partial_changes(stored: dict | None, wanted: dict) -> list[str]:
+    """What differs between a partial checkpoint's resume key and this run's, in words."""
+    if stored is None:
+        return ["it was written by an older version"]
+    changes = key_changes(stored.get("gradient_key"), wanted["gradient_key"])
+    if stored.get("streams") != wanted["streams"]:
+        changes.append(f"streams {stored.get('streams')} → {wanted['streams']}")
+    if stored.get("world_size") != wanted["world_size"]:
+        changes.append(f"device count {stored.get('world_size')} → {wanted['world_size']}")
+    return changes
 
 
 def _where(batch: dict, batch_idx: int) -> str:

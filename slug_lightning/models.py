@@ -2,7 +2,8 @@
 
 Everything here returns the same triple the rest of the package works with: the model, its evaluation
 preprocessing (PIL image → tensor) and its tokenizer. Checkpoints are never unpickled: safetensors, or
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``; which of the two a file is, its first bytes tell (:func:`checkpoint_format`),
+not its name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +33,18 @@ class ModelLoadError(UserError):
 
 @dataclass
 class LoadedCLIP:
-    """A CLIP model with the preprocessing and tokenizer that belong to it."""
+    """A CLIP model with the preprocessing and tokenizer that belong to it.
+
+    ``preprocess`` is the evaluation transform; ``train_preprocess`` the training one (OpenCLIP's random
+    resized crop), which the paper's retain gradient sees (``LaionDataModule(retain_augmentation=True)``).
+    """
 
     model: nn.Module
     preprocess: Callable[[Any], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     name: str
     pretrained: str | None
+    train_preprocess: Callable[[Any], torch.Tensor] | None = None
 
 
 def _suggest(value: str, valid: list[str], what: str) -> str:
@@ -65,6 +72,8 @@ def check_pretrained(model_name: str, pretrained: str | None) -> None:
     if pretrained in tags:
         return
     path = Path(pretrained).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(directory_message(path, pretrained))
     looks_like_path = path.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained
     if looks_like_path and not path.is_file():
         raise ModelLoadError(f"Checkpoint file {pretrained!r} does not exist.")
@@ -77,17 +86,59 @@ def check_pretrained(model_name: str, pretrained: str | None) -> None:
         raise ModelLoadError(message)
 
 
+def directory_message(path: Path, given: str) -> str:
+    """Why a directory is not a checkpoint, and what to give instead: a weights file in it, or the directory as
+    ``model_name: local-dir:...`` when it is an open_clip model directory."""
+    weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    message = f"Checkpoint {given!r} is a directory, not a weights file."
+    if weights:
+        message += f" Give one of the weights files in it: {', '.join(weights[:5])}" + (" ..." if len(weights) > 5
+                                                                                         else "") + "."
+    if (path / "open_clip_config.json").is_file():
+        message += (f" It is an open_clip model directory: load it whole with model_name: local-dir:{path} and "
+                    "pretrained: null.")
+    elif not weights:
+        message += " It holds no weights file (.safetensors, .pt, .pth, .bin, .ckpt)."
+    return message
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """What a checkpoint file is, from its first bytes, whatever its name: ``"safetensors"`` (an 8-byte header
+    length, then a JSON header), ``"zip"`` (``torch.save``'s format), ``"pickle"`` (``torch.save``'s legacy
+    format), or None (none of these).
+    """
+    with open(path, "rb") as file:
+        head = file.read(9)
+        size = Path(path).stat().st_size
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_length,) = struct.unpack("<Q", head[:8])
+        if header_length <= size - 8:
+            return "safetensors"
+    return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a weights-only torch file (Lightning checkpoints included).
+    """Read a state dict from safetensors or a weights-only torch file (Lightning checkpoints included); which
+    one the file is, its content tells (:func:`checkpoint_format`), not its extension.
 
     Raises:
-        ModelLoadError: if the file is missing, holds pickled code (refused, never executed), or holds no
-            tensors.
+        ModelLoadError: if the file is missing, is a directory, is neither format, holds pickled code
+            (refused, never executed), or holds no tensors.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(directory_message(path, str(path)))
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
+    kind = checkpoint_format(path)
+    if kind is None:
+        raise ModelLoadError(f"Checkpoint {str(path)!r} is neither safetensors nor a torch checkpoint (its first "
+                             "bytes match neither format); give an OpenCLIP state dict in one of them.")
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -96,7 +147,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except SafetensorError as error:
             raise ModelLoadError(f"Cannot read safetensors checkpoint {str(path)!r}: {error}") from None
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as file:  # a file object: torch guesses nothing from the name
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelLoadError(
             f"Refusing to load {str(path)!r}: it is not a weights-only checkpoint (loading it would run pickled "
@@ -145,7 +197,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
 
 
 def load_clip(model_name: str = "slug-tiny", pretrained: str | None = None) -> LoadedCLIP:
-    """Create an OpenCLIP model with its evaluation preprocessing and tokenizer.
+    """Create an OpenCLIP model with its evaluation and training preprocessing and its tokenizer.
 
     Args:
         model_name: An OpenCLIP config name (``"ViT-B-32"``, the packaged ``"slug-tiny"``), or an
@@ -163,14 +215,14 @@ def load_clip(model_name: str = "slug-tiny", pretrained: str | None = None) -> L
     tag = None if is_file else pretrained
     try:
         with _quiet_root_logger(tag is None):
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag)
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=tag)
     except RuntimeError as error:
         raise ModelLoadError(f"Cannot create {model_name!r} with pretrained={pretrained!r}: {error}") from None
     if is_file:
         load_into(model, read_state_dict(pretrained), pretrained)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
-    return LoadedCLIP(model, preprocess, tokenizer, model_name, pretrained)
+    return LoadedCLIP(model, preprocess, tokenizer, model_name, pretrained, train_preprocess)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from slug_lightning.artifacts import write_csv, write_json, write_text
 from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoint, write_delta
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
-from slug_lightning.search import is_forgotten
+from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET, concept_verdict, is_forgotten, run_verdict
 
 LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto",
                  "front"]
@@ -42,14 +43,17 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
     store = collector.gradients
     towers = {s.name: s.tower for stats in search.layers.values() for s in stats}
     concepts = []
-    for name, probe in search.chosen.items():
+    for name in store.concepts:  # the order given; a concept with nothing to forget has no edit
+        probe = search.chosen.get(name)
         concepts.append({
             "name": name,
-            "layer": probe.layer,
-            "tower": towers[probe.layer],
-            "step_size": probe.step_size,
-            "relative_change": probe.relative_change,
-            "round": probe.round,  # 0: the search of METHOD §9; r: changed in refinement round r
+            "verdict": concept_verdict(search.before["forget"][name][search.metric],
+                                       search.after["forget"][name][search.metric], search.threshold),
+            "layer": probe.layer if probe else None,
+            "tower": towers[probe.layer] if probe else None,
+            "step_size": probe.step_size if probe else None,
+            "relative_change": probe.relative_change if probe else None,
+            "round": probe.round if probe else None,  # 0: the search of METHOD §9; r: changed in refinement round r
             "forget_samples": store.forget_samples[name],
             # The final evaluation, with every concept's edit applied (METHOD §9).
             **{f"forget_{k}_{when}": accuracies["forget"][name][k]
@@ -59,6 +63,8 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
     sizes = [store.forget[name][layer] for name, layer in edited]
     return {
         "method": "slug",
+        # "forgotten", "partly forgotten", "not forgotten" or "nothing to forget" (each concept's is in `concepts`)
+        "verdict": run_verdict([c["verdict"] for c in concepts]),
         "model": {**store.model, "parameters": count_parameters(collector.model)},
         "concepts": concepts,
         "retain_samples": store.retain_samples,
@@ -122,10 +128,18 @@ def describe_data(datamodule, search) -> dict:
     if datamodule is not None and hasattr(datamodule, "shards"):
         data = {"shards": datamodule.shards, "forget_shards": datamodule.forget_shards,
                 "batch_size": datamodule.batch_size,
+                "retain_augmentation": getattr(datamodule, "retain_augmentation", False),
                 "concepts": [{"name": c.name, "aliases": list(c.aliases)} for c in datamodule.concepts]}
     data["evaluation_sets"] = [
         {"name": spec.name, "source": spec.root if spec.root is not None else f"hf:{spec.hf_dataset}",
-         "fraction": spec.fraction, "templates": len(spec.templates), **search.set_sizes.get(spec.name, {})}
+         "fraction": spec.fraction, "templates": len(spec.templates), **search.set_sizes.get(spec.name, {}),
+         # How the test accuracy averages: over images (micro) or over classes (macro).
+         "averaging": getattr(spec, "averaging", "micro"),
+         # The layout and the `classes`/`image_classes` narrowing as given (a file, or how many names were listed).
+         **{key: value if isinstance(value, str) else f"{len(value)} names"
+            for key, option in (("labels_file", "labels_file"), ("class_list", "classes"),
+                                ("image_class_list", "image_classes"))
+            if (value := getattr(spec, option, None)) is not None}}
         for spec in search.sets
     ]
     return data
@@ -235,6 +249,9 @@ def render_markdown(report: dict) -> str:
         "| concept | layer | tower | step size λ | relative change | forget pairs |", "|---|---|---|---|---|---|",
     ]
     for c in report["concepts"]:
+        if c["layer"] is None:
+            lines.append(f"| {c['name']} | none: nothing to forget | | | | {c['forget_samples']} |")
+            continue
         lines.append(f"| {c['name']} | `{c['layer']}` | {c['tower']} | {c['step_size']:.4g} | "
                      f"{c['relative_change']:.4f} | {c['forget_samples']} |")
     fronts = report["settings"].get("fronts", 1)
@@ -327,7 +344,8 @@ def _leave_one_out_lines(report: dict) -> list[str]:
     if not left_out:
         return []
     tests, concepts = list(report["after"]["test"]), [c["name"] for c in report["concepts"]]
-    rows = [("every edit", report["after"])] + [(f"all but {name}'s", left_out[name]) for name in concepts]
+    rows = [("every edit", report["after"])] + [(f"all but {name}'s", left_out[name]) for name in concepts
+                                                if name in left_out]
     lines = ["## Each edit's share (top-1, %)", "",
              "The final model with one concept's edit left out: the test accuracy that removing its delta "
              "(`python -m slug_lightning delta remove --concept NAME`) gives back, and which other concepts need "
@@ -346,8 +364,14 @@ def render_baseline_markdown(report: dict) -> str:
     """``report.md`` of a baseline run (``unlearn --method ft|ga|gaft|salun|ssd``)."""
     model, settings, timing, edit = report["model"], report["settings"], report["timing"], report["edit"]
     tuned = ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("method", "metric"))
+    metric = settings.get("metric", "top1")
+    verdicts = "; ".join(f"{c['name']} {c['verdict'].upper() if c['verdict'] == 'not forgotten' else c['verdict']} "
+                         f"(forget {metric} {_pct(report['before']['forget'][c['name']][metric])}% → "
+                         f"{_pct(report['after']['forget'][c['name']][metric])}%)"
+                         for c in report["concepts"] if "verdict" in c)
     lines = [
         f"# Unlearning report: baseline {report['method'].upper()}", "",
+        *([f"Verdict: {verdicts}.", ""] if verdicts else []),
         f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
         f"Settings: {tuned}.", "",
         *_data_lines(report),
@@ -374,17 +398,33 @@ def render_baseline_markdown(report: dict) -> str:
 
 
 def _verdict(report: dict) -> list[str]:
-    """The run in two sentences: what was forgotten, by which edit, and what the test sets kept."""
-    lines = []
-    for concept in report["concepts"]:
-        before, after = report["before"]["forget"][concept["name"]], report["after"]["forget"][concept["name"]]
-        lines.append(f"**{concept['name']}** was unlearned by editing one layer, `{concept['layer']}` "
-                     f"({concept['tower']} tower), with λ = {concept['step_size']:.4g} "
-                     f"({100 * concept['relative_change']:.2f}% of its norm): forget top-1 {_pct(before['top1'])}% "
-                     f"→ {_pct(after['top1'])}%.")
+    """The run in a few sentences: whether each concept was forgotten and by which edit (or plainly that it was not,
+    and what the best probe reached), then what the test sets kept."""
+    lines = [concept_sentence(concept, report, markdown=True) for concept in report["concepts"]]
     kept = "; ".join(f"{name} {_pct(before['top1'])}% → {_pct(report['after']['test'][name]['top1'])}%"
                      for name, before in report["before"]["test"].items())
     return [" ".join(lines), f"Test top-1 (all other images): {kept}."]
+
+
+def concept_sentence(concept: dict, report: dict, markdown: bool = False) -> str:
+    """One concept's verdict in words: forgotten by which edit, NOT forgotten (and the best the search reached), or
+    nothing to forget (the model did not recognise it, so nothing was edited)."""
+    metric, threshold = report["settings"]["metric"], report["settings"]["threshold"]
+    before, after = (report[when]["forget"][concept["name"]][metric] for when in ("before", "after"))
+    name = f"**{concept['name']}**" if markdown else repr(concept["name"])
+    criterion = f"forget {metric} ≤ {_pct(threshold)}%"
+    verdict = concept.get("verdict") or concept_verdict(before, after, threshold)
+    if verdict == NOTHING_TO_FORGET:
+        return (f"{name}: nothing to forget: the model did not recognise it to begin with (forget {metric} "
+                f"{_pct(before)}%, the criterion is {criterion}), so no layer was edited.")
+    layer = f"`{concept['layer']}`" if markdown else concept["layer"]
+    edit = (f"one layer, {layer} ({concept['tower']} tower), with λ = {concept['step_size']:.4g} "
+            f"({100 * concept['relative_change']:.2f}% of its norm)")
+    reached = f"forget {metric} {_pct(before)}% → {_pct(after)}%"
+    if verdict != FORGOTTEN:
+        return (f"{name} was NOT forgotten: no probe met the criterion ({criterion}); the best edit found, {edit}, "
+                f"leaves {reached}.")
+    return f"{name} was forgotten by editing {edit}: {reached}."
 
 
 _PLOT_SECTIONS = (
@@ -413,24 +453,31 @@ def _data_lines(report: dict) -> list[str]:
         forget_pairs = ", ".join(f"{c['name']} {c['forget_samples']}" for c in report["concepts"])
         lines += [f"- Concepts: {concepts}",
                   f"- Retain shards: `{data['shards']}`; forget shards: `{data['forget_shards']}`; global batch "
-                  f"{data['batch_size']}",
+                  f"{data['batch_size']}"
+                  + ("; retain images through the training augmentation" if data.get("retain_augmentation") else ""),
                   f"- Pairs: {forget_pairs} (forget), {report['retain_samples']} (retain); skipped samples: "
                   f"{report['skipped_samples']}"]
     for spec in data.get("evaluation_sets", []):
         size = f"{spec['classes']} classes, {spec['images']} images" if "images" in spec else "size unknown"
         subset = f" ({spec['fraction']:.0%} subset)" if spec["fraction"] < 1 else ""
-        lines.append(f"- Evaluation set `{spec['name']}`: `{spec['source']}`, {size}{subset}, "
-                     f"{spec['templates']} template(s)")
+        narrowed = "".join(f", {option} `{spec[key]}`" for key, option in (
+            ("labels_file", "labels_file"), ("class_list", "classes"), ("image_class_list", "image_classes"))
+            if key in spec)
+        averaging = spec.get("averaging", "micro")
+        over = {"micro": "images", "macro": "classes"}.get(averaging, averaging)
+        lines.append(f"- Evaluation set `{spec['name']}`: `{spec['source']}`{narrowed}, {size}{subset}, "
+                     f"{spec['templates']} template(s), test accuracy averaged over {over} ({averaging})")
     return lines + [""] if len(lines) > 2 else []
 
 
 def terminal_summary(report: dict, output: Path) -> str:
     """The compact table printed at the end of a run: the edits, before/after per set, the artifacts."""
     rule = "=" * 76
-    lines = ["", rule, "SLUG result"]
+    verdict = report.get("verdict")
+    lines = ["", rule, "SLUG result" + (f": {verdict.upper()}" if verdict else "")]
     for concept in report["concepts"]:
-        lines.append(f"  forgot {concept['name']!r}: {concept['layer']} ({concept['tower']}), "
-                     f"λ={concept['step_size']:.4g} ({100 * concept['relative_change']:.2f}% of its norm)")
+        lines += textwrap.wrap(concept_sentence(concept, report), width=len(rule), initial_indent="  ",
+                               subsequent_indent="    ")
     orders = report.get("orders") or []
     if len(orders) > 1:
         kept = _kept_order(report)

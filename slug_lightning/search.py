@@ -37,6 +37,13 @@ def _check_accuracy(value: float, what: str) -> None:
 def initial_step_size(weight_norm: float, grad_norm: float) -> float:
     """The first λ of a search, ``‖θ⁰_l‖ / ‖G_f,l‖ / 10``: a 10% change of the layer (METHOD §6).
 
+    This is the research code's first step (CSIPlab/SLUG ``src/clip/unlearn_slug.py``: ``ratio = params_norm /
+    grad_norm``, first probe at ``ratio / 10``). The paper's Algorithm 1 writes ``λ₀ = Importance(l)/10`` with
+    ``Importance(l) = ‖G_f,l‖ / ‖θ_l‖``, the inverse ratio; taken literally, its first step would change the
+    layer by ``(‖G_f,l‖ / ‖θ_l‖)² / 10``, which depends on the gradient's scale (how the loss is reduced, how
+    many batches are summed). The code's ratio does not: every layer's first probe moves it by 10% of its
+    norm, whatever the gradient's magnitude. The project follows the code.
+
     Args:
         weight_norm: ``‖θ⁰_l‖``.
         grad_norm: ``‖G_f,l‖``.
@@ -188,6 +195,43 @@ def is_forgotten(accuracy: float | Probe, threshold: float = 0.0, metric: str = 
         accuracy = accuracy.forget_accuracy(metric)
     _check_accuracy(accuracy, "The forget accuracy")
     return accuracy <= threshold
+
+
+FORGOTTEN, NOT_FORGOTTEN, PARTLY_FORGOTTEN, NOTHING_TO_FORGET = (
+    "forgotten", "not forgotten", "partly forgotten", "nothing to forget")
+
+
+def concept_verdict(before: float, after: float, threshold: float = 0.0) -> str:
+    """Whether a concept was forgotten, from its forget accuracy (by the search's metric) before and after.
+
+    ``"nothing to forget"`` when the model did not recognise it to begin with (its accuracy before already meets
+    the forget test: no edit is made), else ``"forgotten"`` or ``"not forgotten"`` by the forget test after.
+
+    Example::
+
+        >>> concept_verdict(1.0, 0.0), concept_verdict(1.0, 0.25), concept_verdict(0.0, 0.0)
+        ('forgotten', 'not forgotten', 'nothing to forget')
+    """
+    if is_forgotten(before, threshold):
+        return NOTHING_TO_FORGET
+    return FORGOTTEN if is_forgotten(after, threshold) else NOT_FORGOTTEN
+
+
+def run_verdict(verdicts: Sequence[str]) -> str:
+    """The verdict of a run from its concepts' (:func:`concept_verdict`): ``"forgotten"`` when every concept the
+    model knew is forgotten, ``"not forgotten"`` when none is, ``"partly forgotten"`` in between, and ``"nothing to
+    forget"`` when it knew none of them.
+
+    Example::
+
+        >>> run_verdict(["forgotten", "nothing to forget"]), run_verdict(["forgotten", "not forgotten"])
+        ('forgotten', 'partly forgotten')
+    """
+    known = [v for v in verdicts if v != NOTHING_TO_FORGET]
+    if not known:
+        return NOTHING_TO_FORGET
+    forgotten = sum(v == FORGOTTEN for v in known)
+    return FORGOTTEN if forgotten == len(known) else NOT_FORGOTTEN if not forgotten else PARTLY_FORGOTTEN
 
 
 class BinarySearch:

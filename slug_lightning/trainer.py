@@ -13,15 +13,18 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from slug_lightning.artifacts import write_json
 from slug_lightning.baselines import BaselineSettings
 from slug_lightning.callbacks.step_search import StepSearch
-from slug_lightning.errors import UserError
+from slug_lightning.errors import NotForgotten, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
+from slug_lightning.gradient_key import key_changes
 from slug_lightning.gradients import GradientCollector, GradientStore
 from slug_lightning.report import format_accuracy_table, terminal_summary, write_unlearn_artifacts
-from slug_lightning.artifacts import write_json
+from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET
 from slug_lightning.validation import preflight
 
 PARTIAL_GRADIENTS = "gradients.partial.safetensors"  # the gradient pass's checkpoint (one file per rank under DDP)
@@ -49,6 +52,7 @@ class SlugTrainer(L.Trainer):
         overwrite: bool = False,
         method: Literal["slug", "ft", "ga", "gaft", "salun", "ssd"] = "slug",
         baseline: BaselineSettings = BaselineSettings(),  # noqa: B008 (a frozen value, never mutated)
+        require_forgotten: bool = False,
     ) -> dict | None:
         """Unlearn concepts with SLUG (gradients, layer statistics, step-size search, artifacts) or a baseline.
 
@@ -64,6 +68,10 @@ class SlugTrainer(L.Trainer):
             method: ``slug``, or a baseline to compare with (``ft``, ``ga``, ``gaft``, ``salun``, ``ssd``; see
                 :mod:`slug_lightning.baselines`): same data, evaluation sets and report shape, one device.
             baseline: The baseline's hyperparameters (``--baseline.lr``, ``--baseline.iterations``, ...).
+            require_forgotten: After writing the artifacts, raise :class:`~slug_lightning.errors.NotForgotten`
+                (the command line exits with status 3) unless the run's ``verdict`` is ``forgotten`` (or ``nothing
+                to forget``). Without it, a run that did not forget is still a result and exits with 0; its report
+                says so plainly.
 
         Returns:
             The report (on global rank 0; None on other ranks).
@@ -74,9 +82,10 @@ class SlugTrainer(L.Trainer):
             from slug_lightning.baseline_unlearn import unlearn_with_baseline
 
             preflight(model, datamodule, search)
-            return unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
+            report = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
+            return _check_verdict(report, require_forgotten)
         store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
-                               explicit=gradients is not None)
+                               explicit=gradients is not None, precision=str(self.precision))
         preflight(model, datamodule, search, scan_captions=store is None)
         model.partial_path = output / PARTIAL_GRADIENTS
         self.callbacks.append(search)
@@ -96,7 +105,7 @@ class SlugTrainer(L.Trainer):
         report = write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
                                          datamodule=datamodule)
         print(terminal_summary(report, output))
-        return report
+        return _check_verdict(report, require_forgotten)
 
     def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, output: str | None = None,
                  similarity: str | None = None, similarity_set: str | None = None,
@@ -117,6 +126,13 @@ class SlugTrainer(L.Trainer):
             ``{set: {top1, top5, count}}``.
         """
         module = model if isinstance(model, ZeroShotModule) else ZeroShotModule.wrap(model)
+        # Bad arguments are refused before the evaluation, so that nothing is half-written.
+        files = (("output", output, "results.json"), ("similarity", similarity, "similarity.png"))
+        for option, value, example in files:
+            if value:
+                check_output_file(Path(value), f"--{option}", example)
+        if similarity and hasattr(datamodule, "datasets"):
+            similarity_selection(datamodule.datasets(), similarity_set, similarity_classes)
         self.validate(module, datamodule=datamodule, verbose=False)
         if self.is_global_zero:
             print(format_accuracy_table(module.results))
@@ -134,18 +150,7 @@ def draw_similarity(module, datamodule, path: Path, set_name: str | None, classe
     from slug_lightning.plots import similarity_plot
 
     evaluator = ZeroShotEvaluator(module.model, module.tokenizer, datamodule, device=module.device)
-    if set_name is not None and set_name not in evaluator.datasets:
-        raise UserError(f"similarity_set {set_name!r} is not one of the sets {list(evaluator.datasets)}.")
-    set_name = set_name or next(iter(evaluator.datasets))
-    dataset = evaluator.datasets[set_name]
-    with_images = sorted(set(dataset.targets))
-    classes = list(classes) if classes else [dataset.class_names[i] for i in with_images[:count]]
-    try:
-        missing = [c for c in classes if dataset.class_index(c) not in with_images]
-    except KeyError as error:
-        raise UserError(f"similarity_classes: {error.args[0]}") from None
-    if missing:
-        raise UserError(f"similarity_classes {missing} have no images in set {set_name!r}.")
+    set_name, classes = similarity_selection(evaluator.datasets, set_name, classes, count)
     evaluator.run()
     matrix = evaluator.similarity(set_name, classes)
     if rank_zero:
@@ -154,8 +159,60 @@ def draw_similarity(module, datamodule, path: Path, set_name: str | None, classe
         print(f"similarity matrix: {path}")
 
 
+def similarity_selection(datasets: dict, set_name: str | None, classes: list[str] | None, count: int = 6
+                         ) -> tuple[str, list[str]]:
+    """The set and classes the similarity matrix shows: as given, else the first set and its first ``count``
+    classes with images.
+
+    Raises:
+        UserError: An unknown set, or a class that is not in it or has no images there.
+    """
+    if set_name is not None and set_name not in datasets:
+        raise UserError(f"--similarity_set {set_name!r} is not one of the sets {list(datasets)}.")
+    set_name = set_name or next(iter(datasets))
+    dataset = datasets[set_name]
+    with_images = sorted(set(dataset.targets))
+    classes = list(classes) if classes else [dataset.class_names[i] for i in with_images[:count]]
+    try:
+        missing = [c for c in classes if dataset.class_index(c) not in with_images]
+    except KeyError as error:
+        raise UserError(f"--similarity_classes: {error.args[0]}") from None
+    if missing:
+        raise UserError(f"--similarity_classes {missing} have no images in set {set_name!r}.")
+    return set_name, classes
+
+
+def check_output_file(path: Path, option: str, example: str) -> None:
+    """Refuse a file to write that is a directory or lies under a file (it would fail only once written).
+
+    Raises:
+        UserError: Naming ``option`` and what to give instead.
+    """
+    if path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a directory; name the file to write, e.g. "
+                        f"{str(path / example)!r}.")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{option} {str(path)!r} lies under {str(blocking)!r}, which is a file, not a directory.")
+
+
+def _check_verdict(report: dict | None, require_forgotten: bool) -> dict | None:
+    """``report``; with ``require_forgotten``, raise :class:`NotForgotten` unless every concept the model knew was
+    forgotten (other ranks than 0 have no report and pass)."""
+    if require_forgotten and report is not None and report["verdict"] not in (FORGOTTEN, NOTHING_TO_FORGET):
+        missed = [c["name"] for c in report["concepts"] if c["verdict"] not in (FORGOTTEN, NOTHING_TO_FORGET)]
+        raise NotForgotten(f"--require_forgotten: the run's verdict is {report['verdict']!r}; not forgotten: "
+                           f"{', '.join(missed)} (the artifacts are written).")
+    return report
+
+
 def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse to run into a directory holding a finished run, unless ``overwrite``."""
+    """Refuse an output directory that is a file, or one holding a finished run unless ``overwrite``."""
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == output else f"lies under {str(existing)!r}, which is"
+        raise UserError(f"--output_dir {str(output)!r} {where} an existing file, not a directory; name a directory "
+                        "for the run's artifacts (it is created if missing).")
     if (output / "report.json").exists() and not overwrite:
         raise UserError(
             f"{str(output)!r} already holds a finished run (report.json). Choose another --output_dir, or pass "
@@ -163,28 +220,42 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
         )
 
 
-def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: bool) -> GradientStore | None:
-    """The gradient store at ``path`` if it fits this run's model and concepts, else None.
+def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: bool,
+                   precision: str = "32-true") -> GradientStore | None:
+    """The gradient store at ``path`` if it was computed for exactly this run's inputs, else None.
+
+    The store's gradient key (:mod:`slug_lightning.gradient_key`: the weights' fingerprint, the concepts and
+    aliases, the shards with sizes and modification times, the batch size, the transforms, the candidate layers,
+    the precision) must equal this run's. A store found in the output directory that does not match, or cannot
+    be read, is recomputed with one line saying why.
 
     Raises:
-        UserError: if ``explicit`` and the file is missing or belongs to another model or concepts.
+        UserError: if ``explicit`` (``--gradients``) and the file is missing, unreadable or made for other inputs.
     """
     if not path.exists():
         if explicit:
-            raise UserError(f"Gradient store {str(path)!r} does not exist.")
+            raise UserError(f"Gradient store {str(path)!r} (--gradients) does not exist.")
         return None
-    store = GradientStore.load(path)
-    concepts = [c.name for c in getattr(datamodule, "concepts", [])] if model.concepts is None else model.concepts
-    wanted = model.identity()
-    problems = []
-    if store.model != wanted:
-        problems.append(f"it was computed for {store.model}, this run uses {wanted}")
-    if store.concepts != list(concepts):
-        problems.append(f"it holds concepts {store.concepts}, this run asks for {list(concepts)}")
-    if set(store.layers) != set(model.candidates()):
-        problems.append("its layers differ from this run's candidate layers")
-    if problems:
+    try:
+        store = GradientStore.load(path)
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: its gradients cannot be trusted
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
         if explicit:
-            raise UserError(f"Cannot reuse gradient store {str(path)!r}: " + "; ".join(problems) + ".")
+            raise UserError(f"Gradient store {str(path)!r} (--gradients) cannot be read ({reason}); give a complete "
+                            "gradients.safetensors, or leave out --gradients to compute them.") from None
+        rank_zero_info(f"[slug] recomputing the gradients: {path} cannot be read ({reason}).")
         return None
+    try:
+        wanted = model.gradient_key(datamodule, precision)
+    except (OSError, ValueError):
+        return None  # shard patterns that do not resolve: the pre-flight check names them
+    changes = key_changes(store.key, wanted)
+    if changes:
+        if explicit:
+            raise UserError(f"Cannot reuse gradient store {str(path)!r} (--gradients): it was computed for other "
+                            f"inputs: {'; '.join(changes)}. Leave out --gradients to compute them for this run.")
+        rank_zero_info(f"[slug] recomputing the gradients: {path} was computed for other inputs "
+                       f"({'; '.join(changes)}).")
+        return None
+    rank_zero_info(f"[slug] reusing the gradients in {path} (same weights, concepts, data and settings).")
     return store

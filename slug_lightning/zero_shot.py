@@ -2,7 +2,8 @@
 
 All accuracies of the package derive from one table per evaluation set: for every class, how many of its
 images were seen and how many were right at top-1 and top-k. Forget accuracy reads the rows of the forget
-concepts, test accuracy the other rows (micro-averaged, the CLIP convention). The table is a torchmetrics
+concepts, test accuracy the other rows (micro-averaged over images, the CLIP convention, or macro-averaged over
+classes). The table is a torchmetrics
 state with ``dist_reduce_fx="sum"``, so counts reduce exactly across devices.
 """
 
@@ -125,13 +126,35 @@ class ZeroShotCounts(Metric):
         return self.counts
 
 
-def accuracy(counts: Tensor, classes: Iterable[int] | None = None) -> dict[str, float]:
-    """Micro-averaged top-1/top-5 over the rows ``classes`` (all rows when None) of a count table.
+def accuracy(counts: Tensor, classes: Iterable[int] | None = None, averaging: str = "micro") -> dict[str, float]:
+    """Top-1/top-5 over the rows ``classes`` (all rows when None) of a count table.
 
-    A selection with no images gives NaN accuracies.
+    Args:
+        counts: ``[num_classes, 3]``: images, top-1 hits, top-5 hits.
+        classes: The rows to average over.
+        averaging: ``"micro"``: hits over images. ``"macro"``: the mean over the selected classes that have
+            images of each class's hits over its images, so every class weighs the same.
+
+    Returns:
+        ``{"top1", "top5", "count"}``, ``count`` the number of images; NaN accuracies when there are none.
+
+    Raises:
+        ValueError: For an unknown ``averaging``.
+
+    Example::
+
+        >>> table = torch.tensor([[4, 4, 4], [1, 0, 1], [0, 0, 0]])
+        >>> accuracy(table)["top1"], accuracy(table, averaging="macro")["top1"]
+        (0.8, 0.5)
     """
+    if averaging not in ("micro", "macro"):
+        raise ValueError(f"averaging must be 'micro' or 'macro', got {averaging!r}.")
     rows = counts if classes is None else counts[list(classes)]
     total, top1, top5 = rows.sum(dim=0).tolist()
     if total == 0:
         return {"top1": float("nan"), "top5": float("nan"), "count": 0}
+    if averaging == "macro":
+        seen = rows[rows[:, 0] > 0].double()
+        top1, top5 = (seen[:, 1:] / seen[:, :1]).mean(dim=0).tolist()
+        return {"top1": top1, "top5": top5, "count": int(total)}
     return {"top1": top1 / total, "top5": top5 / total, "count": int(total)}

@@ -132,6 +132,71 @@ def test_missing_output_of_a_finished_run_is_refused_in_one_line(capsys, tmp_pat
     assert captured.err.startswith("error: ") and "already holds a finished run" in captured.err
 
 
+def _one_line_error(capsys, args: list[str]) -> str:
+    """Run the CLI; assert exit 2 with exactly one ``error:`` line and no traceback; return the line."""
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+FIT = ["fit", "--config", str(PACKAGED_CONFIGS / "demo" / "fit.yaml"), "--trainer.max_steps", "1"]
+EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
+            "slug_lightning.datamodules.ZeroShotDataModule", "--trainer.logger", "false"]
+
+
+@pytest.mark.parametrize("args, words", [
+    ([*FIT, "--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
+    ([*FIT, "--data.init_args.concepts", "[{name: Ann}, {name: ann}]"], ["--data.init_args.concepts", "twice"]),
+    ([*FIT, "--model.init_args.warmup_steps", "-3"], ["--model.init_args.warmup_steps", "-3"]),
+    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, fraction: 0}]"],
+     ["--data.init_args.sets[0].fraction", "fraction must be in (0, 1]"]),
+    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, templates: [a photo]}]"],
+     ["--data.init_args.sets[0].templates", "exactly one '{}'"]),
+    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}, {name: a, root: y}]"],
+     ["--data.init_args.sets", "must be unique"]),
+    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}]", "--data.init_args.batch_size", "0"],
+     ["--data.init_args.batch_size", "got 0"]),
+])
+def test_fit_and_evaluate_settings_a_constructor_refuses_are_one_line(capsys, tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLUG_DEBUG", raising=False)
+    line = _one_line_error(capsys, args)
+    for word in words:
+        assert word in line, (word, line)
+
+
+@pytest.mark.parametrize("option", ["--output", "--similarity"])
+def test_evaluate_output_that_is_a_directory_is_refused_before_evaluating(capsys, tmp_path, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLUG_DEBUG", raising=False)
+    (tmp_path / "results").mkdir()
+    # The set's folder does not exist: only a check before the evaluation can answer first.
+    line = _one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",
+                                    option, str(tmp_path / "results")])
+    assert f"{option} '{tmp_path / 'results'}' is a directory" in line
+
+
+def test_option_path_finds_the_option_a_constructor_names():
+    from jsonargparse import Namespace
+
+    from slug_lightning.cli import _option_path
+
+    config = Namespace(model=Namespace(class_path="m", init_args=Namespace(batch_size=None, concepts=None)),
+                       data=Namespace(init_args=Namespace(batch_size=0, concepts=[Namespace(name="Ann")])),
+                       search=Namespace(init_args=Namespace(batch_size=256, sets=[Namespace(name="a", fraction=1.0),
+                                                                                  Namespace(name="b", fraction=0.0)])))
+    assert _option_path(config, "batch_size", 0) == "data.init_args.batch_size"
+    assert _option_path(config, "batch_size", 256) == "search.init_args.batch_size"
+    assert _option_path(config, "concepts", ["Ann", "ann"]) == "data.init_args.concepts"  # the only one set
+    assert _option_path(config, "fraction", 0) == "search.init_args.sets[1].fraction"
+    assert _option_path(config, "batch_size", 7) is None  # neither equal nor the only one
+    assert _option_path(config, "nowhere", 1) is None
+
+
 def test_packaged_configs_are_found():
     """``config_path`` (used by ``demo``) finds the YAML files shipped in ``slug_lightning.configs``."""
     path = Path(slug_lightning.config_path("demo/unlearn.yaml"))

@@ -297,6 +297,39 @@ def test_cli_combine_and_bad_arguments(files, capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command", ["apply", "combine", "remove"])
+def test_cli_refuses_a_non_finite_delta_in_one_line_writing_nothing(files, capsys, bad, command):
+    tmp_path, base = files
+    poisoned = _delta(base, concepts=("Ann Lee",), layers=("visual.proj",), source="nan")
+    poisoned.tensors["Ann Lee/visual.proj"][0, 0] = bad
+    write_delta(tmp_path / "nan.safetensors", poisoned)
+    output = tmp_path / "out.safetensors"
+    if command == "combine":
+        args = ["combine", str(tmp_path / "nan.safetensors"), str(tmp_path / "b.safetensors")]
+    else:
+        args = [command, "--model", str(tmp_path / "base.safetensors"), "--delta", str(tmp_path / "nan.safetensors")]
+    code = main(["delta", *args, "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "nan.safetensors holds NaN or infinite values in 1 update(s) (Ann Lee/visual.proj)" in err
+    assert not output.exists()
+
+
+def test_apply_refuses_an_update_that_overflows_the_weights():
+    base = {"w": torch.full((2,), 3e38)}
+    delta = make_delta([({"concept": "A", "layer": "w"}, torch.full((2,), 3e38))], fingerprint(base), source="big")
+    with pytest.raises(ValueError, match=r"big makes \['w'\] non-finite"):
+        apply(base, delta)
+
+
+def test_a_safetensors_checkpoint_named_pt_keeps_its_provenance(files):
+    tmp_path, base = files
+    save_file(base, str(tmp_path / "carrying.pt"), metadata={"base_fingerprint": "f0", "deltas": "[]"})
+    _, provenance, metadata = deltas.read_checkpoint(tmp_path / "carrying.pt")
+    assert provenance.base_fingerprint == "f0" and metadata["base_fingerprint"] == "f0"
+
+
 # --- end to end on the demo world -----------------------------------------------------------------------------
 
 

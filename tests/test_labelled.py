@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,29 @@ def test_datamodule_takes_transform_from_the_lightning_module(people: Path) -> N
 def test_datamodule_rejects_duplicate_set_names(people: Path) -> None:
     with pytest.raises(ValueError, match="unique"):
         ZeroShotDataModule([LabelledSet("x", root=str(people)), LabelledSet("x", root=str(people))])
+
+
+def test_step_search_refuses_two_sets_of_one_name(people: Path) -> None:
+    """Sets are taken by name (results, forget sets, the pre-flight's file lists): the first would vanish."""
+    from slug_lightning.callbacks.step_search import StepSearch
+    from slug_lightning.errors import ConfigError
+
+    sets = [LabelledSet("x", root=str(people)), LabelledSet("y", root=str(people)), LabelledSet("x", root=str(people))]
+    with pytest.raises(ConfigError, match=r"'x' is the name of sets \[0, 2\]") as error:
+        StepSearch(sets)
+    assert error.value.option == "sets"
+
+
+def test_decomposed_folder_names_give_composed_class_names(tmp_path: Path) -> None:
+    """macOS writes "Zoë" decomposed in file names; the config's concept is composed. Both are one class."""
+    composed = "Zoë Saldaña"
+    root = make_folder(tmp_path / "people", {unicodedata.normalize("NFD", composed): 2, "Ada Lovelace": 3})
+    dataset = LabelledImages(LabelledSet("people", root=str(root), fraction=0.34), keep_classes=[composed])
+    assert dataset.class_names == ["Ada Lovelace", composed]
+    assert dataset.class_index(composed) == 1
+    assert dataset.targets.count(1) == 2  # the forget concept keeps all its images under fraction
+    spec = LabelledSet("named", root=str(root), class_names=[unicodedata.normalize("NFD", composed), "Ada Lovelace"])
+    assert LabelledImages(spec).class_names == [composed, "Ada Lovelace"]
 
 
 DDP_SCRIPT = """

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
+import unicodedata
 import warnings
 
 import lightning
@@ -17,7 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.laion import LaionDataModule, PairStream, expand_shards
+from slug_lightning.datamodules.laion import LaionDataModule, PairStream, expand_shards, expected_samples, scan_shards
+from slug_lightning.errors import ConfigError
 
 IMAGE_SIZE = 8
 CONTEXT_LENGTH = 5
@@ -328,6 +331,79 @@ def test_gzipped_shards_are_read_and_truncation_is_counted(tmp_path, truncated):
         assert 0 < len(keys) < 6 and keys == [f"g{i:03d}" for i in range(len(keys))]
     else:
         assert keys == [f"g{i:03d}" for i in range(6)]
+
+
+def _sidecar(url: str, kind: str, held: int) -> None:
+    """What img2dataset writes beside a shard: ``<shard>_stats.json`` or ``<shard>.parquet`` (one row per sample
+    it tried, two of them failed downloads that are not in the tar)."""
+    stem = url[: -len(".tar")]
+    if kind == "stats":
+        with open(f"{stem}_stats.json", "w") as file:
+            json.dump({"count": held + 2, "successes": held, "failed_to_download": 2}, file)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        status = ["success"] * held + ["failed_to_download"] * 2
+        pq.write_table(pa.table({"key": [f"b{i:03d}" for i in range(held + 2)], "status": status}),
+                       f"{stem}.parquet")
+
+
+@pytest.mark.parametrize("kind", ["stats", "parquet"])
+@pytest.mark.parametrize("cut", ["mid-member", "at-member-boundary"])
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 2)])
+def test_damaged_shard_counts_the_samples_img2dataset_says_it_lost(tmp_path, kind, cut, world_size, num_workers):
+    urls = broken_corpus(tmp_path, cut)
+    _sidecar(urls[1], kind, held=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranks = run_world(urls, 3, world_size, num_workers)
+    read = sum(k.startswith("b") for batches in ranks for k in keys_of(batches))
+    skipped = sum(int(b["skipped"]) for batches in ranks for b in batches)
+    # corrupt image + missing image + missing caption, and every sample of the 4 the damage took
+    assert skipped == 3 + (4 - read)
+    scan = scan_shards(urls)
+    assert scan.broken == [(urls[1], scan.broken[0][1], read, 4 - read)] and not scan.lost_is_lower_bound
+
+
+def test_damaged_shard_without_img2dataset_files_warns_that_its_count_is_a_lower_bound(tmp_path):
+    urls = broken_corpus(tmp_path, "mid-member")
+    with pytest.warns(UserWarning, match=r"00001\.tar.*counted as 1: a lower bound"):
+        run_rank(urls, 3, rank=0, world_size=1)
+    assert expected_samples(urls[1]) is None
+
+
+def test_undecodable_images_are_warned_about_once_per_stream_with_a_count(tmp_path):
+    first = write_shard(tmp_path / "00000.tar", [
+        (f"x{i}", f"caption {i}", b"not an image" if i % 2 else png_bytes(i)) for i in range(8)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (batches,) = run_world([first], 2, world_size=1)
+    about_images = [str(w.message) for w in caught if "does not decode" in str(w.message)]
+    assert about_images == ["4 sample(s) of this stream have no image or one that does not decode (e.g. keys "
+                            "['x1', 'x3', 'x5']); they were skipped and counted in 'skipped'."]
+    assert sum(int(b["skipped"]) for b in batches) == 4
+
+
+def test_names_match_whether_captions_compose_accents_or_not(tmp_path):
+    composed = "Zoë Brontë"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    concept = Concept(composed, aliases=("Brontë",))
+    assert concept.matches(f"A portrait of {decomposed.upper()} in 1850")
+    assert concept.matches(f"{unicodedata.normalize('NFD', 'brontë')} sisters")
+    assert not concept.matches("Bronte and Zoe")  # an accent is not dropped, only its encoding ignored
+    assert not concept.matches(f"{decomposed}x")  # word boundaries hold
+    assert Concept(decomposed).name == composed
+    shard = write_pairs(tmp_path / "00000.tar", "z", [f"{decomposed} at home", f"{composed} again", "nobody"])
+    assert scan_shards([shard], [Concept(composed)]).matches == {composed: 2}
+
+
+def test_concepts_differing_only_in_unicode_form_or_case_are_duplicates():
+    from slug_lightning.concepts import as_concepts
+
+    with pytest.raises(ConfigError, match="listed twice"):
+        as_concepts(["Zoë", unicodedata.normalize("NFD", "ZOË")])
 
 
 # ----------------------------------------------------------------------------------------------------

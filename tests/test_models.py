@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import slug_lightning  # noqa: F401  (registers slug-tiny with open_clip)
 from slug_lightning.errors import UserError
-from slug_lightning.models import ModelLoadError, check_pretrained, load_clip
+from slug_lightning.models import ModelLoadError, check_pretrained, checkpoint_format, load_clip, read_state_dict
 
 # Same depth as slug-tiny (so the same parameter names) but other widths: only shapes differ.
 OTHER_ARCHITECTURE = {
@@ -168,6 +168,47 @@ def test_corrupt_safetensors_is_a_model_load_error(tmp_path):
     path.write_bytes(b"this is not a safetensors file" * 4)
     with pytest.raises(ModelLoadError, match="broken.safetensors"):
         load_clip("slug-tiny", str(path))
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "weights.bin", "weights"])
+def test_safetensors_under_another_name_is_read_as_safetensors(tiny_clip, tmp_path, name):
+    """What a file is, its first bytes say: a safetensors file named .pt is not refused as pickled code."""
+    path = tmp_path / name
+    save_file(_tensors(tiny_clip.model), str(path))
+    assert checkpoint_format(path) == "safetensors"
+    _assert_same_weights(load_clip("slug-tiny", str(path)).model, tiny_clip.model)
+
+
+def test_torch_file_named_safetensors_is_read_as_a_torch_file(tiny_clip, tmp_path):
+    path = tmp_path / "weights.safetensors"
+    torch.save(_tensors(tiny_clip.model), path)
+    assert checkpoint_format(path) == "zip"
+    _assert_same_weights(load_clip("slug-tiny", str(path)).model, tiny_clip.model)
+
+
+def test_file_of_neither_format_says_so(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights")
+    assert checkpoint_format(path) is None
+    with pytest.raises(ModelLoadError, match="neither safetensors nor a torch checkpoint"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("open_clip_dir", [False, True])
+def test_directory_as_pretrained_names_what_to_give_instead(tmp_path, open_clip_dir, no_model_creation):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "open_clip_model.safetensors").write_bytes(b"")
+    if open_clip_dir:
+        (folder / "open_clip_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as error:
+        load_clip("slug-tiny", str(folder))
+    message = str(error.value)
+    assert "is a directory, not a weights file" in message and "does not exist" not in message
+    assert "open_clip_model.safetensors" in message
+    assert (f"model_name: local-dir:{folder}" in message) == open_clip_dir
+    with pytest.raises(ModelLoadError, match="is a directory"):
+        read_state_dict(folder)
 
 
 class _RunsShellCommand:

@@ -1,10 +1,11 @@
 """The paper's setup, ``configs/paper/vit-b-32_laion400m.yaml``, run unchanged on tiny stand-ins of its data.
 
 The stand-ins are laid out exactly where the config's placeholder paths point (``data/...`` under the
-working directory): a LAION-style retain shard, caption-filtered forget shards, CelebA identity folders and
-ImageNet synset folders. Only the model (the packaged tiny CLIP, randomly initialised), the trainer and the
-number of probes are overridden, so a run here goes through the same sets, templates, metric and filters as
-a run on the real data.
+working directory): a LAION-style retain shard, caption-filtered forget shards, CelebA as it ships (a flat
+image folder and the research code's image→name list) and ImageNet synset folders. Only the model (the
+packaged tiny CLIP, randomly initialised), the trainer, the number of probes and the list of CelebA identities
+scored (see ``write_override``) are overridden, so a run here goes through the same sets, templates, metric,
+averaging and filters as a run on the real data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from open_clip import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
 from slug_lightning.cli import main
-from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet, imagenet_wnids
+from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet, imagenet_wnids, read_class_list
 
 PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "vit-b-32_laion400m.yaml"
 CONCEPT = "Elon Musk"
@@ -52,7 +53,12 @@ FORGET_SHARDS = [
         ("Photo of Elon  Musk and a rocket", True),
     ],
 ]
-IDENTITIES = ["Elon Musk", "Taylor Swift", "Jeff_Bezos", "Mark Zuckerberg", "Kim Kardashian", "Kanye West"]
+IDENTITIES = ["Elon Musk", "Taylor Swift", "Jeff Bezos", "Mark Zuckerberg", "Kim Kardashian", "Kanye West"]
+# Not one of the 100 identities frequent in LAION-400M: it competes in the classifier, its images go unscored.
+UNSCORED = "Jeff Bezos"
+# The 100 identities the research code scores, as the paper config reads them (underscores as spaces).
+FREQUENT = [name.replace("_", " ")
+            for name in read_class_list("package:frequent_celebs.txt", "celeba", "image_classes")]
 # Real ImageNet-1k synsets and the open_clip class names they must map to.
 SYNSETS = {
     "n01440764": "tench",
@@ -89,27 +95,60 @@ def _write_folders(root: Path, folders: list[str], suffix: str, seed: int) -> No
             (root / folder / f"{j:03d}{suffix}").write_bytes(_jpeg(seed + IMAGES_PER_CLASS * i + j))
 
 
-def make_stand_ins(root: Path) -> None:
+def celeba_stand_in(all_frequent: bool = False) -> dict[str, int]:
+    """Images per identity of the CelebA stand-in: 3 of each of IDENTITIES and, with ``all_frequent``, 1 of
+    every other frequent identity (the config's list names all 100, each must be an identity of the set)."""
+    others = {name: 1 for name in FREQUENT if name not in IDENTITIES} if all_frequent else {}
+    return {**{name: IMAGES_PER_CLASS for name in IDENTITIES}, **others}
+
+
+def _write_celeba(root: Path, seed: int, counts: dict[str, int]) -> None:
+    """CelebA as it ships, ``img_align_celeba/000001.jpg ...``, and the research code's list of each image's
+    person: two header lines, then ``<file> <Name_With_Underscores>``. The identities' images interleave."""
+    images = root / "img_align_celeba"
+    images.mkdir(parents=True)
+    entries = []
+    for j in range(IMAGES_PER_CLASS):
+        for name, count in counts.items():
+            if j >= count:
+                continue
+            file = f"{len(entries) + 1:06d}.jpg"
+            (images / file).write_bytes(_jpeg(seed + len(entries)))
+            entries.append(f"{file} {name.replace(' ', '_')}")
+    (root / "list_identity_celeba.txt").write_text("\n".join([str(len(entries)), "image_id identity_name",
+                                                               *entries]) + "\n")
+
+
+def make_stand_ins(root: Path, all_frequent: bool = False) -> None:
     """Write the stand-in data where the paper config's placeholder paths point, relative to ``root``."""
     _write_shard(root / "data/laion400m/00000.tar", RETAIN_SHARD, first_key=0)
     for i, captions in enumerate(FORGET_SHARDS):
         _write_shard(root / f"data/laion400m/forget/{i:05d}.tar", captions, first_key=1000 * (i + 1))
-    _write_folders(root / "data/celeba", IDENTITIES, ".jpg", seed=10_000)
+    _write_celeba(root / "data/celeba", seed=10_000, counts=celeba_stand_in(all_frequent))
     _write_folders(root / "data/imagenet/val", list(SYNSETS), ".JPEG", seed=20_000)
 
 
 def write_override(path: Path) -> Path:
-    """The only changes to the paper config: the tiny random model, a CPU trainer, one probe per layer, and a
-    minimum of forget pairs that the stand-in shards (4 pairs of the concept) meet.
+    """The only changes to the paper config: the tiny random model, a CPU trainer, one probe per layer, a
+    minimum of forget pairs that the stand-in shards (4 pairs of the concept) meet, and the CelebA set's
+    ``image_classes`` narrowed to the stand-in's frequent identities (every other field of both sets as the
+    config has them; the config's own list of 100 is read by
+    ``test_celeba_stand_ins_load_as_the_config_reads_them``).
 
     One probe per layer keeps the run short: each language-tower probe rebuilds a 1000-class x 7-template
-    ImageNet classifier, about 5 s on a busy 2-core machine. The search itself is tested elsewhere.
+    ImageNet classifier, about 5 s on a busy 2-core machine. The search itself is tested elsewhere. Six
+    identities keep the target in a random tiny CLIP's top 5 before the edit; among the 101 of a stand-in with
+    all 100 frequent names it is not, and a run with nothing to forget makes no edit.
     """
+    sets = yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"]
+    for spec in sets:
+        if spec["name"] == "celeba":
+            spec["image_classes"] = [name.replace(" ", "_") for name in IDENTITIES if name in FREQUENT]
     path.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
         "model": {"init_args": {"model_name": "slug-tiny", "pretrained": None}},
         "data": {"init_args": {"min_forget_pairs": 2}},
-        "search": {"init_args": {"max_steps": 1}},
+        "search": {"init_args": {"max_steps": 1, "sets": sets}},
     }))
     return path
 
@@ -119,12 +158,20 @@ def test_paper_config_holds_the_papers_settings() -> None:
     model = config["model"]["init_args"]
     assert (model["model_name"], model["pretrained"]) == ("ViT-B-32", "laion400m_e32")
     assert [c["name"] for c in config["data"]["init_args"]["concepts"]] == [CONCEPT]
+    # G_r on the retain images through the training transform, as the research code computes it.
+    assert config["data"]["init_args"]["retain_augmentation"] is True
     search = config["search"]["init_args"]
     assert {k: search[k] for k in ("metric", "threshold", "max_steps", "tolerance", "forget_set")} == {
         "metric": "top5", "threshold": 0.0, "max_steps": 10, "tolerance": 0.05, "forget_set": "celeba"}
     assert sorted(search["towers"]) == ["language", "vision"]
     sets = {s["name"]: s for s in search["sets"]}
-    assert sets["celeba"]["templates"] == ["{}."]
+    celeba = sets["celeba"]
+    assert celeba["templates"] == ["{}."]
+    # CelebA as it ships, every identity competing, the 100 frequent ones scored and averaged per identity.
+    assert (celeba["root"], celeba["labels_file"]) == ("data/celeba/img_align_celeba",
+                                                       "data/celeba/list_identity_celeba.txt")
+    assert (celeba["image_classes"], celeba["averaging"]) == ("package:frequent_celebs.txt", "macro")
+    assert "classes" not in celeba and "fraction" not in celeba
     imagenet = sets["imagenet"]
     assert (imagenet["fraction"], imagenet["seed"]) == (0.05, 0)
     # The same prompts as open_clip's lambdas, written as format strings.
@@ -143,6 +190,32 @@ def test_synset_stand_ins_map_to_open_clip_imagenet_names(tmp_path: Path) -> Non
         assert IMAGENET_CLASSNAMES[wnids.index(wnid)] == name
     # fraction 0.05 keeps round(0.05 * 3) -> at least one image per class.
     assert sorted(dataset.class_names[t] for t in dataset.targets) == sorted(SYNSETS.values())
+
+
+def test_packaged_frequent_identities_are_the_research_codes_100() -> None:
+    names = read_class_list("package:frequent_celebs.txt", "celeba", "image_classes")
+    # CSIPlab/SLUG data/celeba/frequent_celebs.txt: 100 names (99 newlines), most frequent first, spelled as
+    # its list_identity_celeba.txt spells them (underscores), the paper's example target among them.
+    assert len(names) == len(set(names)) == 100
+    assert names[0] == "Barack_Obama" and names[-1] == "Julianne_Hough" and "Elon_Musk" in names
+    assert all(" " not in name and "_" in name for name in names)
+    assert "Jeff_Bezos" not in names  # the stand-ins' unscored identity
+
+
+def test_celeba_stand_ins_load_as_the_config_reads_them(tmp_path: Path) -> None:
+    make_stand_ins(tmp_path, all_frequent=True)
+    celeba = next(s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"]
+                  if s["name"] == "celeba")
+    paths = {key: str(tmp_path / celeba[key]) for key in ("root", "labels_file")}
+    dataset = LabelledImages(LabelledSet(**{**celeba, **paths}), keep_classes=[CONCEPT])
+    # Every identity of the list competes, in the sorted order of the list's spelling, named with spaces...
+    counts = celeba_stand_in(all_frequent=True)
+    assert dataset.class_names == [n.replace("_", " ") for n in sorted(n.replace(" ", "_") for n in counts)]
+    # ...and only the frequent ones' images are read.
+    scored = sorted(dataset.class_names[t] for t in dataset.targets)
+    assert scored == sorted(n for n, count in counts.items() if n != UNSCORED for _ in range(count))
+    # The list file order: the first stand-in image is the first identity's.
+    assert dataset.targets[0] == dataset.class_index(IDENTITIES[0])
 
 
 def _unlearn(*args: str) -> int:
@@ -185,9 +258,23 @@ def test_paper_run_report_follows_the_contract(paper_run: Path) -> None:
             assert 0.0 <= accuracy["top1"] <= accuracy["top5"] <= 1.0
     # Five stand-in synsets among 1000 classes: a random tiny CLIP cannot have them all in its top 5.
     assert report["before"]["test"]["imagenet"]["top5"] < 1.0
-    # The forget side is the target's 3 CelebA images, the CelebA test side the other 5 x 3 images.
+    # The forget side is the target's 3 CelebA images; the CelebA test side the mean over the 4 other scored
+    # identities (never the unscored one) of each one's top-1.
     assert math.isclose(3 * report["before"]["forget"][CONCEPT]["top1"] % 1, 0, abs_tol=1e-9)
-    assert math.isclose(15 * report["before"]["test"]["celeba"]["top1"] % 1, 0, abs_tol=1e-9)
+    rows = report["test_classes"]["celeba"]
+    scored = sorted(n for n in IDENTITIES if n not in (CONCEPT, UNSCORED))
+    assert sorted(row["name"] for row in rows) == scored
+    for when in ("before", "after"):
+        macro = sum(row[f"top1_{when}"] for row in rows) / len(rows)
+        assert math.isclose(report[when]["test"]["celeba"]["top1"], macro, abs_tol=1e-9)
+    data = report["data"]
+    assert data["retain_augmentation"] is True
+    celeba = next(s for s in data["evaluation_sets"] if s["name"] == "celeba")
+    counts = celeba_stand_in()
+    assert (celeba["classes"], celeba["images"], celeba["averaging"]) == (
+        len(counts), sum(counts.values()) - counts[UNSCORED], "macro")
+    assert celeba["image_class_list"] == "5 names"
+    assert next(s for s in data["evaluation_sets"] if s["name"] == "imagenet")["averaging"] == "micro"
     searched_layers = {p["layer"] for p in report["search"]}
     assert concept["layer"] in searched_layers
     assert all(p["concept"] == CONCEPT and set(p["test_top1"]) == {"celeba", "imagenet"}

@@ -192,10 +192,22 @@ def test_report_md_and_the_terminal_summary_name_the_test_classes_that_lost_the_
 
 def test_terminal_summary_shows_the_edit_and_before_after():
     text = terminal_summary(_report([]), Path("runs/x"))
-    assert "forgot 'Ann Lee': visual.proj (vision), λ=3" in text
+    words = " ".join(text.split())  # the sentence is wrapped to the table's width
+    assert "'Ann Lee' was forgotten by editing one layer, visual.proj (vision tower), with λ = 3" in words
     assert re.search(r"forget: Ann Lee\s+90\.0%\s+0\.0%", text)
     assert re.search(r"test: people\s+80\.0%\s+80\.0%", text)
     assert "runs/x/" in text
+
+
+def test_a_concept_not_forgotten_is_never_said_to_be():
+    report = _report([])
+    report["after"]["forget"]["Ann Lee"] = {"top1": 0.25, "top5": 0.5}
+    report["verdict"], report["concepts"][0]["verdict"] = "not forgotten", "not forgotten"
+    for text in (terminal_summary(report, Path("runs/x")), render_markdown(report)):
+        text = " ".join(text.split())
+        assert "NOT forgotten" in text and "was forgotten" not in text and "forgot " not in text
+        assert "forget top1 90.0% → 25.0%" in text  # what the best edit reached
+    assert "SLUG result: NOT FORGOTTEN" in terminal_summary(report, Path("runs/x"))
 
 
 def test_evaluate_draws_the_similarity_matrix_of_any_model(tmp_path, single_thread):

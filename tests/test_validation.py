@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,10 @@ import slug_lightning
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules.demo_world import make_demo_world
-from slug_lightning.datamodules.laion import expand_shards, scan_shards
+from slug_lightning.datamodules.laion import ShardScan, expand_shards, scan_shards
 from slug_lightning.errors import UserError
-from slug_lightning.validation import check_concept_pairs, near_matches
+from slug_lightning.validation import (WARN_FORGET_SHARE, check_concept_pairs, check_forget_share,
+                                       check_shards_readable, check_skipped, near_matches)
 
 DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
 
@@ -310,3 +312,168 @@ def test_a_valid_run_passes_preflight_and_computes(capsys, world, tmp_path):
     assert main(unlearn_args(world, tmp_path / "out")) == 0
     assert (tmp_path / "out" / "report.json").is_file()
     assert not (tmp_path / "out" / "gradients.partial.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings a constructor refuses: one line naming the full option, for every class the command builds
+
+
+def _sets_with(world, **changes) -> str:
+    sets = sets_of(world)
+    sets[1].update(changes)
+    return json.dumps(sets)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
+    (["--data.init_args.batch_size", "-4"], ["--data.init_args.batch_size", "got -4"]),
+    (["--data.init_args.min_forget_pairs", "-1"], ["--data.init_args.min_forget_pairs", "got -1"]),
+    (["--data.init_args.max_forget_share", "0"], ["--data.init_args.max_forget_share", "(0, 1]"]),
+    (["--model.init_args.checkpoint_every", "-5"], ["--model.init_args.checkpoint_every", "got -5"]),
+    (["--model.init_args.max_skipped_fraction", "2"], ["--model.init_args.max_skipped_fraction", "got 2.0"]),
+    (["--search.init_args.batch_size", "0"], ["--search.init_args.batch_size", "got 0"]),
+    (["--search.init_args.threshold", "2"], ["--search.init_args.threshold", "[0, 1)"]),
+    (["--baseline.lr", "-1", "--method", "ga"], ["--baseline.lr", "lr=-1.0"]),
+])
+def test_constructor_refusals_are_one_line_naming_the_option(capsys, world, tmp_path, extra, words):
+    refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
+
+
+def test_duplicate_concept_is_one_line(capsys, world, tmp_path):
+    concepts = [{"name": world.default_target}, {"name": world.default_target.upper()}]
+    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts), "--data.init_args.concepts",
+            "listed twice")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"templates": ["a photo of a person"]}, ["--search.init_args.sets[1].templates", "exactly one '{}'"]),
+    ({"fraction": 0}, ["--search.init_args.sets[1].fraction", "fraction must be in (0, 1]"]),
+    ({"name": "identities"}, ["--search.init_args.sets", "must be unique", "'identities' is the name of sets [0, 1]"]),
+])
+def test_bad_evaluation_set_settings_are_one_line(capsys, world, tmp_path, change, words):
+    args = unlearn_args(world, tmp_path / "out")
+    args[args.index("--search.init_args.sets") + 1] = _sets_with(world, **change)
+    refused(capsys, args, *words)
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_dir_that_is_a_file(capsys, world, tmp_path, where):
+    (tmp_path / "taken").write_text("not a directory")
+    output = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
+    refused(capsys, unlearn_args(world, output), "--output_dir", "an existing file, not a directory")
+    assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_a_bug_in_a_constructor_keeps_its_traceback(capsys, world, tmp_path, monkeypatch):
+    """Only ConfigError (and other UserErrors) are the user's: a plain ValueError raised while a class is built
+    is a bug, and reaches the caller with its traceback."""
+    from slug_lightning.datamodules import laion
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal computation went wrong")
+
+    monkeypatch.setattr(laion, "as_concepts", broken)
+    with pytest.raises(ValueError) as error:
+        main(unlearn_args(world, tmp_path / "out"))
+    chain = []
+    cause = error.value
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__
+    assert any("an internal computation went wrong" in text for text in chain)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation images are opened and verified before the gradient pass
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated png"])
+def test_undecodable_evaluation_image_is_refused_naming_file_and_set(capsys, world, tmp_path, damage):
+    root = copy_tree(Path(world.objects_dir), tmp_path / "objects")
+    victim = sorted(p for p in root.rglob("*") if p.is_file())[0]
+    data = victim.read_bytes()
+    victim.write_bytes(b"this is not an image at all" * 8 if damage == "garbage" else data[: len(data) // 2])
+    sets = sets_of(world)
+    sets[1]["root"] = str(root)
+    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1] ('objects')",
+            str(victim), "cannot be read")
+
+
+def test_undecodable_image_met_while_evaluating_is_a_user_error_naming_it(world, tmp_path):
+    """A JPEG cut short passes verify(); decoding it then fails as one UserError naming the file and the set."""
+    from PIL import Image
+
+    from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet
+
+    root = copy_tree(Path(world.objects_dir), tmp_path / "objects")
+    victim = sorted(p for p in root.rglob("*") if p.is_file())[0]
+    jpeg = victim.with_suffix(".jpg")
+    with Image.open(victim) as image:
+        image.convert("RGB").resize((64, 64)).save(jpeg, format="JPEG")
+    victim.unlink()
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    dataset = LabelledImages(LabelledSet("objects", root=str(root)))
+    index = dataset.image_files.index(jpeg)
+    with pytest.raises(UserError, match=rf"Labelled set 'objects': image '{jpeg}' cannot be decoded"):
+        dataset[index]
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a damaged shard loses
+
+
+def _truncate_after(shard: Path, samples: int) -> int:
+    """Cut a tar after its first ``samples`` samples (2 members each); returns how many samples it held."""
+    import tarfile
+
+    members = [m for m in tarfile.open(shard).getmembers() if m.isreg()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    cut = next(m for m in members if m.name.split(".")[0] == keys[samples])
+    data = shard.read_bytes()
+    shard.write_bytes(data[: cut.offset_data + 10])
+    return len(keys)
+
+
+def test_truncated_shard_counts_the_samples_its_stats_file_says_it_held(capsys, world, tmp_path):
+    shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
+    held = _truncate_after(shards / "00001.tar", 2)
+    (shards / "00001_stats.json").write_text(json.dumps({"count": held + 3, "successes": held}))
+    # Counted as one broken sample, the shard's loss (about a third of the world) stayed under the 5 % limit.
+    args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", "1",
+                        shards=str(shards / "*.tar"))
+    refused(capsys, args, f"{held - 2} lost in 1 damaged shard(s)", "max_skipped_fraction=0.05")
+
+
+def test_truncated_shard_without_img2dataset_files_is_a_lower_bound(world, tmp_path):
+    shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
+    _truncate_after(shards / "00001.tar", 2)
+    scan = scan_shards(expand_shards(str(shards / "*.tar")))
+    assert scan.lost == 1 and scan.lost_is_lower_bound
+    with pytest.warns(UserWarning, match="counted as 1: a lower bound"):
+        check_shards_readable(scan)
+    with pytest.raises(UserError, match="are at least broken"):
+        check_skipped(scan, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A concept that matches a large share of all captions
+
+
+def test_alias_matching_most_captions_is_refused_unless_the_share_is_raised(capsys, world, tmp_path):
+    concepts = [{"name": world.default_target, "aliases": ["a"]}]
+    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts), f"Concept {world.default_target!r}",
+            "'a'", "more than data.init_args.max_forget_share=0.25", "--data.init_args.max_forget_share")
+
+
+def test_forget_share_warns_above_five_percent_and_refuses_above_the_limit(world):
+    concept = Concept(world.default_target)
+    scan = scan_shards(expand_shards(world.shards), [concept])
+    assert WARN_FORGET_SHARE < scan.matches[concept.name] / scan.captions < 0.25  # one of the tiny world's 4 people
+    with pytest.warns(UserWarning, match=r"match \d+ of the \d+ captions of the shards .*, more than 5%"):
+        check_forget_share(scan, [concept], 0.25, "the shards")
+    with pytest.raises(UserError, match="more than data.init_args.max_forget_share=0.1"):
+        check_forget_share(scan, [concept], 0.1, "the shards")
+    rare = ShardScan(captions=1000, matches={concept.name: 25})  # 2.5 %, a person of the demo world
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_forget_share(rare, [concept], 0.25, "the shards")
