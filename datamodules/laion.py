@@ -698,7 +698,14 @@ class _EpochDataLoader(DataLoader):
 
     def __iter__(self):  # noqa: ANN204 - DataLoader's own iterator type is private
         self.dataset.set_epoch(self.epoch_source())
-        return super().__iter__()
+        batches = 0
+        for batch in super().__iter__():
+            batches += 1
+            yield batch
+        if not batches:  # else a run bounded by steps would go through empty epochs forever
+            raise UserError(f"The training shards yield no batch: they hold fewer pairs than one global batch of "
+                            f"batch_size={self.dataset.batch_size} (a final partial batch is dropped). Lower "
+                            "--data.init_args.batch_size or add shards.")
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -756,8 +763,8 @@ class LaionDataModule(lightning.LightningDataModule):
         val_batch_size: Images per validation batch.
 
     Raises:
-        ConfigError: A non-positive ``batch_size`` or ``min_forget_pairs``, a negative ``num_workers``, a
-            ``max_forget_share`` outside (0, 1] (a ValueError).
+        ConfigError: A non-positive ``batch_size``, ``min_forget_pairs`` or ``val_batch_size``, a negative
+            ``num_workers``, a ``max_forget_share`` outside (0, 1] (a ValueError).
 
     Example::
 
@@ -809,10 +816,6 @@ class LaionDataModule(lightning.LightningDataModule):
         self.val_sets = list(val_sets or [])
         # Checks the sets' names now; their folders are read in setup.
         self._validation = ZeroShotDataModule(self.val_sets, val_batch_size, num_workers) if self.val_sets else None
-        if self.val_sets:
-            # Lightning runs a validation loop when the datamodule defines val_dataloader; without sets it defines
-            # none (rather than an empty list, which Lightning warns about).
-            self.val_dataloader = self._val_dataloaders
         self._epoch_batches: int | None = None
         self.transform: Callable[[PIL.Image.Image], Tensor] | None = None
         self.retain_transform: Callable[[PIL.Image.Image], Tensor] | None = None
@@ -890,8 +893,9 @@ class LaionDataModule(lightning.LightningDataModule):
             self._epoch_batches = pairs // self.batch_size
         return self._epoch_batches
 
-    def _val_dataloaders(self) -> list[DataLoader]:
-        """``val_dataloader`` with ``val_sets``: one loader per set, this rank's share of it."""
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per set of ``val_sets``, this rank's share of it; none without them (then Lightning runs no
+        validation loop, and does not warn that the model's ``validation_step`` goes unused)."""
         rank, world_size = self._rank_and_world_size()
         return [self._validation.loader(spec.name, rank, world_size) for spec in self.val_sets]
 
