@@ -363,11 +363,11 @@ def test_three_people_with_refinement_are_all_forgotten_and_no_worse_than_search
     output = tmp_path / "people"
     common = ["--config", config_path("demo/unlearn.yaml"), "--config", demo_dir / "demo_paths.yaml",
               "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false"]
-    run_cli("unlearn", *common, "--output_dir", output,
-            # the retain gradient from 2 of the 12 shards (the gradient pass is most of the time); forget pairs from all
-            "--data.init_args.shards", demo_dir / "world" / "shards" / "{00000..00001}.tar",
-            "--data.init_args.forget_shards", demo_dir / "world" / "shards" / "*.tar")
+              "--trainer.enable_progress_bar", "false",
+              # the retain gradient from 2 of the 12 shards (the gradient pass is most of the time); forget pairs from all
+              "--data.init_args.shards", demo_dir / "world" / "shards" / "{00000..00001}.tar",
+              "--data.init_args.forget_shards", demo_dir / "world" / "shards" / "*.tar"]
+    run_cli("unlearn", *common, "--output_dir", output)
     report = json.loads((output / "report.json").read_text())
     people = [c["name"] for c in report["concepts"]]
     assert len(people) == 3 and report["settings"]["refine_rounds"] >= 1
