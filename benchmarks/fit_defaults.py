@@ -80,7 +80,6 @@ def make_world(root: Path):
 
 def top1(model, preprocess, tokenizer, folder: Path) -> float:
     """Zero-shot top-1 of ``model`` on an image folder (every image, one template)."""
-    import torch
     from torch.utils.data import DataLoader
 
     from slug_lightning.datamodules import LabelledImages, LabelledSet

@@ -55,12 +55,38 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def one_line_error(capsys, args: list[str], *words: str) -> str:
+    """Run the CLI in this process; assert exit 2 with exactly one ``error:`` line holding ``words`` and no
+    traceback; return the line."""
+    from slug_lightning.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def run_cli(*args, cwd=None) -> str:
     """``python -m slug_lightning ARGS`` in a subprocess; asserts success and returns its output."""
     result = subprocess.run([sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True,
                             text=True, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, tiny_clip):
+    """The session's ``tiny_clip`` weights as a safetensors checkpoint file (a ``pretrained`` to load them from)."""
+    from slug_lightning.artifacts import save_state_dict
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_state_dict(path, tiny_clip.model.state_dict())
+    return path
 
 
 @pytest.fixture(scope="session")

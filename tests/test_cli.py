@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 
 import slug_lightning
 from slug_lightning.cli import main
@@ -104,7 +105,7 @@ def test_dotted_override_after_the_config_wins(capsys):
     assert str(config["trainer"]["devices"]) == "2"
 
 
-def test_bad_model_name_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+def test_bad_model_name_is_aone_line_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SLUG_DEBUG", raising=False)
     sets = json.dumps([{"name": "x", "root": str(tmp_path)}])
@@ -132,17 +133,6 @@ def test_missing_output_of_a_finished_run_is_refused_in_one_line(capsys, tmp_pat
     assert captured.err.startswith("error: ") and "already holds a finished run" in captured.err
 
 
-def _one_line_error(capsys, args: list[str]) -> str:
-    """Run the CLI; assert exit 2 with exactly one ``error:`` line and no traceback; return the line."""
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 FIT = ["fit", "--config", str(PACKAGED_CONFIGS / "demo" / "fit.yaml"), "--trainer.max_steps", "1"]
 EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
             "slug_lightning.datamodules.ZeroShotDataModule", "--trainer.logger", "false"]
@@ -164,7 +154,7 @@ EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
 def test_fit_and_evaluate_settings_a_constructor_refuses_are_one_line(capsys, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SLUG_DEBUG", raising=False)
-    line = _one_line_error(capsys, args)
+    line = one_line_error(capsys, args)
     for word in words:
         assert word in line, (word, line)
 
@@ -175,7 +165,7 @@ def test_evaluate_output_that_is_a_directory_is_refused_before_evaluating(capsys
     monkeypatch.delenv("SLUG_DEBUG", raising=False)
     (tmp_path / "results").mkdir()
     # The set's folder does not exist: only a check before the evaluation can answer first.
-    line = _one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",
+    line = one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",
                                     option, str(tmp_path / "results")])
     assert f"{option} '{tmp_path / 'results'}' is a directory" in line
 

@@ -33,10 +33,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, tiny_clip):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_state_dict(path, tiny_clip.model.state_dict())
-    return path
+def weights(tiny_weights):
+    return tiny_weights
 
 
 def _data(world, shards=None, aliases=(), batch_size=64, **kwargs) -> LaionDataModule:

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import slug_lightning
 from slug_lightning import GradientCollector, SlugTrainer
-from slug_lightning.artifacts import save_state_dict
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
 from slug_lightning.datamodules.demo_world import make_demo_world
@@ -36,10 +35,8 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, tiny_clip):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_state_dict(path, tiny_clip.model.state_dict())
-    return path
+def weights(tiny_weights):
+    return tiny_weights
 
 
 def cli_args(world, weights, output: Path, *extra: str) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import webdataset as wds
 from safetensors.torch import save_file
+from conftest import one_line_error
 
 import slug_lightning
 from slug_lightning.cli import main
@@ -57,18 +58,12 @@ def unlearn_args(world, output: Path, *extra: str, shards: str | None = None, co
 
 
 def refused(capsys, args: list[str], *words: str) -> str:
-    """Run the CLI; assert exit 2, exactly one ``error:`` line holding ``words``, no traceback; return it."""
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+    """Run the CLI; assert exit 2, exactly one ``error:`` line holding ``words``, no traceback, and no gradient pass;
+    return the line."""
+    line = one_line_error(capsys, args, *words)
     output = Path(args[args.index("--output_dir") + 1])
     assert not (output / "gradients.safetensors").exists(), "the gradient pass ran"
-    return lines[0]
+    return line
 
 
 def copy_tree(source: Path, target: Path) -> Path:
