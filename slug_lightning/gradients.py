@@ -275,6 +275,7 @@ class GradientCollector(L.LightningModule):
         self.key = self.gradient_key()
         self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self._parameters = {n: p for n, p in self.model.named_parameters() if n in names}
+        self._specs = None  # of the embeddings, taken at the first empty share (see _encode)
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(name in names)
         self._sums = {
@@ -290,19 +291,22 @@ class GradientCollector(L.LightningModule):
 
     def _encode(self, batch: dict) -> tuple[Tensor, Tensor]:
         if batch["image"].shape[0] == 0:
-            # Zero-row share of a global batch: no forward pass, but features of the shape and dtype a forward
-            # pass gives, so that this rank still takes part in the retain loss's feature gathering.
-            width, dtype = self._feature_spec(batch)
-            return tuple(torch.zeros(0, width, dtype=dtype, device=self.device, requires_grad=True) for _ in range(2))
+            # Zero-row share of a global batch: no forward pass, but features shaped as a forward pass gives them
+            # (width, dtype, and whether they carry gradient), so that this rank takes part in the retain loss's
+            # feature gathering, backward included, exactly as the others do.
+            return tuple(torch.zeros(0, width, dtype=dtype, device=self.device, requires_grad=grad)
+                         for width, dtype, grad in self._feature_specs(batch))
         return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
 
-    def _feature_spec(self, batch: dict) -> tuple[int, torch.dtype]:
-        """Width and dtype of the embeddings, from one blank caption (under the step's autocast, if any)."""
-        if not hasattr(self, "_features"):
-            with torch.no_grad():
-                features = self.model.encode_text(batch["text"].new_zeros(1, batch["text"].shape[1]))
-            self._features = features.shape[-1], features.dtype
-        return self._features
+    def _feature_specs(self, batch: dict) -> list[tuple[int, torch.dtype, bool]]:
+        """Width, dtype and ``requires_grad`` of the image and text embeddings, from one blank image and caption
+        (under the step's autocast, if any; once per pass)."""
+        if getattr(self, "_specs", None) is None:
+            image = batch["image"].new_zeros(1, *batch["image"].shape[1:])
+            text = batch["text"].new_zeros(1, batch["text"].shape[1])
+            self._specs = [(f.shape[-1], f.dtype, f.requires_grad)
+                           for f in (self.model.encode_image(image), self.model.encode_text(text))]
+        return self._specs
 
     @override
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -327,8 +331,9 @@ class GradientCollector(L.LightningModule):
                 # and autograd runs only the part of the graph that leads to an input. A rank whose share is empty
                 # has features that reach no parameter; without them its backward would skip the all-reduce the
                 # other ranks wait in.
-                inputs = [*self._parameters.values(), image_features, text_features]
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)[:len(self._parameters)]
+                features = [f for f in (image_features, text_features) if f.requires_grad]
+                grads = torch.autograd.grad(loss, [*self._parameters.values(), *features],
+                                            allow_unused=True)[:len(self._parameters)]
             # One device sync per batch: a single flag over every tensor, the names only when it trips.
             flags = [torch.isfinite(g).all() for g in grads if g is not None]
             if flags and not torch.stack(flags).all():

@@ -47,7 +47,9 @@ def cli_args(world, weights, output: Path, *extra: str) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--data.init_args.shards", world.shards,
             "--data.init_args.concepts", json.dumps([{"name": world.default_target}]),
             "--data.init_args.batch_size", "16", "--search.init_args.sets", json.dumps(sets),
-            "--search.init_args.max_steps", "2", "--output_dir", str(output), *extra]
+            # 4 people: every forget top-5 stays 1, so the random model's target is searched (not "nothing to forget")
+            "--search.init_args.metric", "top5", "--search.init_args.max_steps", "2", "--output_dir", str(output),
+            *extra]
 
 
 # A real SIGKILL, sent by the process to itself right after its `kill_after`-th partial checkpoint is on disk.
