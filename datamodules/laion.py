@@ -162,14 +162,25 @@ class _BrokenShard:
     @property
     def counted(self) -> int:
         """The broken samples it stands for in counts of skipped samples."""
-        return 1 if self.lost is None else self.lost
+        return counted_loss(self.lost)
 
     def describe(self) -> str:
         """How much was lost, for warnings."""
-        if self.lost is not None:
-            return f"{self.lost} sample(s) lost, per {self.source!r}"
-        return ("how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), "
-                "counted as 1: a lower bound")
+        return describe_loss(self.lost, repr(self.source))
+
+
+def counted_loss(lost: int | None) -> int:
+    """The broken samples a damaged shard stands for: what it lost, or 1 when that is unknown (a lower bound)."""
+    return 1 if lost is None else lost
+
+
+def describe_loss(lost: int | None, source: str = "img2dataset's files beside it") -> str:
+    """What a damaged shard lost, in words, for warnings: the count and the file that gave it, or that it is
+    unknown and counted as 1."""
+    if lost is not None:
+        return f"{lost} sample(s) lost, per {source}"
+    return ("how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), counted as "
+            "1: a lower bound")
 
 
 def expected_samples(url: str) -> tuple[int, str] | None:
@@ -610,7 +621,7 @@ class ShardScan:
     @property
     def lost(self) -> int:
         """Samples the damaged shards lost: as their img2dataset files say, else 1 per shard (a lower bound)."""
-        return sum(1 if lost is None else lost for *_, lost in self.broken)
+        return sum(counted_loss(lost) for *_, lost in self.broken)
 
     @property
     def lost_is_lower_bound(self) -> bool:

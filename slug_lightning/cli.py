@@ -166,7 +166,8 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _first_cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+def _first_cause(error: BaseException | None,
+                 kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
     """``error`` or the first of its explicit causes that is a ``kind``, else None."""
     while error is not None and not isinstance(error, kind):
         error = error.__cause__
@@ -214,8 +215,4 @@ def _user_error(error: BaseException | None) -> BaseException | None:
     jsonargparse re-raises an exception of a class it instantiates (a ModelLoadError of ``--model``) as a
     plain ValueError ``from`` the original, so the cause chain is where the user's problem is.
     """
-    while error is not None:
-        if isinstance(error, USER_ERRORS):
-            return error
-        error = error.__cause__
-    return None
+    return _first_cause(error, USER_ERRORS)

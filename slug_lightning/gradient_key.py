@@ -132,22 +132,20 @@ def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> 
     if stored.get("precision") != wanted.get("precision"):
         changes.append(f"precision {stored.get('precision')} → {wanted.get('precision')}")
     old, new = stored.get("data") or {}, wanted.get("data") or {}
-    for field, what in (("retain_shards", "retain shards"), ("forget_shards", "forget shards")):
-        if old.get(field) != new.get(field):
-            changes.append(f"{what} ({_shard_changes(old.get(field) or [], new.get(field) or [])})")
-    if old.get("batch_size") != new.get("batch_size"):
-        changes.append(f"global batch size {old.get('batch_size')} → {new.get('batch_size')}")
-    for field, what in (("transform", "image transform"), ("retain_transform", "retain image transform"),
-                        ("tokenizer", "tokenizer"), ("datamodule", "datamodule")):
-        if old.get(field) != new.get(field):
-            changes.append(what)
-    extra = sorted(set(old) ^ set(new) | {f for f in set(old) & set(new) if old[f] != new[f]} - _DATA_FIELDS)
-    changes += [f"data setting {field!r}" for field in extra]
+    for field in dict.fromkeys([*new, *old]):  # in the order data_key writes them
+        if old.get(field) == new.get(field):
+            continue
+        if field.endswith("_shards"):
+            changes.append(f"{field.replace('_', ' ')} ({_shard_changes(old.get(field) or [], new.get(field) or [])})")
+        elif field == "batch_size":
+            changes.append(f"global batch size {old.get(field)} → {new.get(field)}")
+        else:
+            changes.append(_DATA_WORDS.get(field, f"data setting {field!r}"))
     return changes
 
 
-_DATA_FIELDS = {"retain_shards", "forget_shards", "batch_size", "transform", "retain_transform", "tokenizer",
-                "datamodule"}
+_DATA_WORDS = {"transform": "image transform", "retain_transform": "retain image transform", "tokenizer": "tokenizer",
+               "datamodule": "datamodule"}
 
 
 def _concepts(concepts: Sequence[Mapping[str, Any]] | None) -> str:

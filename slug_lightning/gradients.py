@@ -219,7 +219,6 @@ class GradientCollector(L.LightningModule):
         # Fingerprint of θ⁰, taken when the predict run starts: a search that follows (StepSearch) leaves its edits
         # in the model, and the run's delta must name the model it was computed for.
         self.base_fingerprint: str | None = None
-        self._predicting = False  # from the start of a pass to its end: base_fingerprint is θ⁰'s
         self.key: dict | None = None  # the gradient key of the pass (see gradient_key)
         self.seconds = 0.0
         self.memory = PeakMemory()
@@ -229,13 +228,14 @@ class GradientCollector(L.LightningModule):
         return {"name": self.hparams.model_name, "pretrained": self.hparams.pretrained,
                 "fingerprint": fingerprint(self.model.state_dict())}
 
-    def gradient_key(self, datamodule=None, precision: str | None = None) -> dict:
+    def gradient_key(self, datamodule=None, precision: str | None = None, weights: str | None = None) -> dict:
         """What this collector's gradients depend on (:mod:`slug_lightning.gradient_key`): the model's architecture
         and weights, the concepts with their aliases, the data, the candidate layers and the precision.
 
         Args:
             datamodule: The run's datamodule (default: the Trainer's).
             precision: The Trainer's precision (default: the attached Trainer's, else ``32-true``).
+            weights: The fingerprint of the model's weights, when already taken (default: taken now).
         """
         if datamodule is None and self._trainer is not None:
             datamodule = self.trainer.datamodule
@@ -244,7 +244,7 @@ class GradientCollector(L.LightningModule):
         known = {c.name: c for c in getattr(datamodule, "concepts", None) or []}
         names = self.concepts if self.concepts is not None else list(known)
         concepts = [{"name": name, "aliases": list(known[name].aliases) if name in known else []} for name in names]
-        weights = self.base_fingerprint if self._predicting else fingerprint(self.model.state_dict())
+        weights = weights or fingerprint(self.model.state_dict())
         return gradient_key(model_name=self.hparams.model_name, fingerprint=weights, concepts=concepts,
                             layers=self.candidates(), precision=precision,
                             data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess))
@@ -259,7 +259,6 @@ class GradientCollector(L.LightningModule):
         self.base_fingerprint = fingerprint(self.model.state_dict())
         if self.reused:
             return
-        self._predicting = True
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if precision.startswith("16") or precision == "transformer-engine":
             raise UserError(f"GradientCollector cannot run at precision {precision!r}; use '32-true' or "
@@ -272,7 +271,7 @@ class GradientCollector(L.LightningModule):
             self.concepts = [c.name for c in getattr(datamodule, "concepts", None) or []]
         self.streams = [*self.concepts, RETAIN]
         names = set(self.candidates())
-        self.key = self.gradient_key()
+        self.key = self.gradient_key(weights=self.base_fingerprint)
         self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
         self._parameters = {n: p for n, p in self.model.named_parameters() if n in names}
         self._specs = None  # of the embeddings, taken at the first empty share (see _encode)
@@ -390,7 +389,6 @@ class GradientCollector(L.LightningModule):
                 self.gradients.save(Path(self.partial_path).parent / "gradients.safetensors")
             self._partial_file().unlink(missing_ok=True)
         self.seconds = time.perf_counter() - self._start
-        self._predicting = False
         self.memory.stop()
 
     # ----------------------------------------------------------------------------------------------

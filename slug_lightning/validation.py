@@ -151,12 +151,11 @@ def check_shards_readable(scan) -> None:
         more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
         raise UserError(f"{len(dead)} shard(s) of {DATA}.forget_shards/shards cannot be read as tar archives: "
                         f"{shown}{more}. Remove them from the pattern or repair them.")
+    from slug_lightning.datamodules.laion import describe_loss
+
     for url, reason, read, lost in scan.broken:
-        loss = (f"{lost} sample(s) lost, per img2dataset's files beside it" if lost is not None else
-                "how many samples it lost is unknown (no img2dataset _stats.json or .parquet beside it), counted "
-                "as 1: a lower bound")
         warnings.warn(f"Shard {url!r} is damaged after {read} samples ({reason}); the rest of it is skipped: "
-                      f"{loss}.", stacklevel=2)
+                      f"{describe_loss(lost)}.", stacklevel=2)
 
 
 def near_matches(name: str, words: set[str], count: int = 5) -> list[str]:
