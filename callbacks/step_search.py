@@ -30,6 +30,9 @@ from slug_lightning.search import BinarySearch, Probe, choose, concept_orders, i
 from slug_lightning.towers import TowerStages, tower_stages
 
 CACHE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the dtype the model computes in
+# Probes per layer at most in a smoke run (a Trainer with fast_dev_run): enough to go through a search's both
+# branches (a probe that forgets and one that does not), few enough to take seconds.
+SMOKE_MAX_STEPS = 2
 
 
 @dataclass
@@ -69,7 +72,8 @@ class StepSearch(Callback):
         metric: Forget accuracy that decides "forgotten": ``"top5"`` (the paper) or ``"top1"`` (use it with
             fewer than about 20 classes, where top-5 is nearly always right).
         threshold: A probe has forgotten when its forget accuracy is at most this.
-        max_steps: Probes per layer at most.
+        max_steps: Probes per layer at most. A Trainer with ``fast_dev_run`` (a smoke run) caps it at
+            :data:`SMOKE_MAX_STEPS` (see :attr:`steps_per_layer`); every other setting is kept.
         tolerance: Stop a layer's search once (λ_high − λ_low)/λ_high is below this.
         towers: Which towers' front layers to search: ``"vision"``, ``"language"``.
         fronts: How many Pareto fronts of each tower to search: 1 (the default) is the front of METHOD §4; 2 adds
@@ -226,8 +230,14 @@ class StepSearch(Callback):
         self.ends: list[OrderEnd] = []  # the end of each concept order searched, the given one first
         self.kept_order = 0  # the index in ends of the order whose edits the run keeps
         self._order = 0  # the index of the order being searched, recorded in its probes
+        self.smoke_run = False  # set from the Trainer's fast_dev_run when the search starts
         self.seconds = 0.0
         self.memory = PeakMemory()
+
+    @property
+    def steps_per_layer(self) -> int:
+        """The most probes one layer's search takes: ``max_steps``, at most :data:`SMOKE_MAX_STEPS` in a smoke run."""
+        return min(self.max_steps, SMOKE_MAX_STEPS) if self.smoke_run else self.max_steps
 
     @property
     def averaging(self) -> dict[str, str]:
@@ -238,6 +248,11 @@ class StepSearch(Callback):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(pl_module, "gradients", None) is None:
             raise RuntimeError("StepSearch runs after a GradientCollector; this module has no `gradients`.")
+        # Lightning's convention: a fast_dev_run Trainer runs every stage briefly, so the search probes little too.
+        self.smoke_run = bool(trainer.fast_dev_run)
+        if self.smoke_run and self.max_steps > SMOKE_MAX_STEPS:
+            rank_zero_info(f"[slug] smoke run (fast_dev_run): at most {SMOKE_MAX_STEPS} probes per layer, not "
+                           f"max_steps={self.max_steps}.")
         self.run(pl_module.model, pl_module.tokenizer, pl_module.preprocess, pl_module.gradients,
                  device=pl_module.device, trainer=trainer)
 
@@ -375,8 +390,8 @@ class StepSearch(Callback):
         for concept in store.concepts:
             front = self.searched[concept]
             # The total is an upper bound: a layer's search may stop early once its bracket is tight.
-            progress = tqdm(total=len(front) * self.max_steps, disable=not show_progress, leave=False, unit="probe",
-                            dynamic_ncols=True)
+            progress = tqdm(total=len(front) * self.steps_per_layer, disable=not show_progress, leave=False,
+                            unit="probe", dynamic_ncols=True)
             probes = self._search_front(evaluator, parameters, store, concept, class_names, forget_sets, trainer,
                                         progress, device, self._kept(concept))
             progress.close()
@@ -419,7 +434,7 @@ class StepSearch(Callback):
         self.visits = [(0, None, summarize(counts, class_names, forget_sets, self.averaging))]
         for round_ in range(1, self.refine_rounds + 1):
             changed = []
-            progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.max_steps, leave=False,
+            progress = tqdm(total=sum(len(f) for f in self.searched.values()) * self.steps_per_layer, leave=False,
                             disable=not show_progress, unit="probe", dynamic_ncols=True)
             for concept in store.concepts:
                 current, visited = self.chosen[concept], dict(self.chosen)
@@ -543,10 +558,10 @@ class StepSearch(Callback):
             gradient = store.forget[concept][layer.name].to(device)
             initial = start.step_size if start is not None and start.layer == layer.name else \
                 initial_step_size(layer.weight_norm, layer.grad_norm)
-            search = BinarySearch(initial, self.max_steps, self.tolerance)
+            search = BinarySearch(initial, self.steps_per_layer, self.tolerance)
             while not search.done:
                 progress.set_description(f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
-                                         f" · probe {search.steps + 1}/{self.max_steps}")
+                                         f" · probe {search.steps + 1}/{self.steps_per_layer}")
                 probe = self._probe(evaluator, parameters[layer.name], gradient, layer, concept, search.step_size,
                                     class_names, forget_sets, trainer, kept, round_)
                 probes.append(probe)

@@ -632,13 +632,16 @@ class ShardScan:
 _WORD = re.compile(r"[^\W\d_][\w'-]*")
 
 
-def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000) -> ShardScan:
+def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000,
+                enough: int | None = None) -> ShardScan:
     """Read the captions of shards (never their images, nothing written to disk) and count concept mentions.
 
     Args:
         urls: Shard files.
         concepts: Concepts whose caption matches are counted.
         max_words: Stop collecting vocabulary words beyond this many (bounds memory on large sets).
+        enough: Stop after the shard in which every concept has reached this many matches (a smoke run's
+            read); None reads every shard. :attr:`ShardScan.shards` counts the shards read.
 
     Returns:
         The counts, broken shards and caption vocabulary.
@@ -649,8 +652,11 @@ def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words
         >>> scan.captions, scan.matches  # doctest: +SKIP
         (12000, {'Elon Musk': 412})
     """
-    scan = ShardScan(shards=len(urls), matches={c.name: 0 for c in concepts})
+    scan = ShardScan(matches={c.name: 0 for c in concepts})
     for url in urls:
+        if enough is not None and concepts and all(count >= enough for count in scan.matches.values()):
+            break
+        scan.shards += 1
         read = 0
         for record in _read_shard(url, with_images=False):
             if isinstance(record, _BrokenShard):

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
 from slug_lightning.errors import ConfigError, NotForgotten, UserError
-from slug_lightning.trainer import SlugTrainer, check_output_dir
+from slug_lightning.trainer import SlugTrainer, unlearn_dir
 
 DESCRIPTION = """\
 SLUG (Single Layer Unlearning Gradient) for OpenCLIP models.
@@ -113,10 +113,11 @@ class SlugCLI(LightningCLI):
             check_val_check_interval(self.config["fit"]["trainer"]["val_check_interval"])
 
     def before_unlearn(self) -> None:
-        """Refuse a finished output directory before any work, then record the resolved config in it."""
+        """Refuse a finished output directory before any work, then record the resolved config in it (in its
+        ``smoke`` subdirectory for a smoke run, ``--trainer.fast_dev_run``)."""
         config = self.config["unlearn"]
-        output = Path(config["output_dir"])
-        check_output_dir(output, config["overwrite"])
+        output = unlearn_dir(Path(config["output_dir"]), config["overwrite"], bool(self.trainer.fast_dev_run),
+                             config["method"])
         if self.trainer.is_global_zero:
             from slug_lightning.artifacts import write_text
 

@@ -62,7 +62,20 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str |
         print(f"[demo] 2/3 using the cached fit {checkpoint} (--refit to redo it)")
 
     print(f"[demo] 3/3 unlearning {concept!r}")
-    paths = {
+    paths_file = output / "demo_paths.yaml"
+    paths_file.write_text(yaml.safe_dump(unlearn_paths(output, world, checkpoint, concept, seed, devices),
+                                         sort_keys=False))
+    _run(main, ["unlearn", "--config", config_path(UNLEARN_CONFIG), "--config", str(paths_file)])
+
+    report = json.loads((output / "report.json").read_text())
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; read {output / 'report.md'}")
+    return report
+
+
+def unlearn_paths(output: Path, world, checkpoint: Path, concept: str, seed: int = 0, devices: int = 1) -> dict:
+    """The settings ``configs/demo/unlearn.yaml`` leaves to the demo: this world's shards and sets, the fitted
+    checkpoint, the concept, the output directory (a config layered after the packaged one)."""
+    return {
         "seed_everything": seed,
         "trainer": {"devices": devices, "strategy": "ddp" if devices > 1 else "auto",
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -74,13 +87,6 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str |
         "output_dir": str(output),
         "overwrite": True,
     }
-    paths_file = output / "demo_paths.yaml"
-    paths_file.write_text(yaml.safe_dump(paths, sort_keys=False))
-    _run(main, ["unlearn", "--config", config_path(UNLEARN_CONFIG), "--config", str(paths_file)])
-
-    report = json.loads((output / "report.json").read_text())
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; read {output / 'report.md'}")
-    return report
 
 
 def _run(main, args: list[str]) -> None:

@@ -9,7 +9,10 @@ under another path are reused. The key holds:
 - the data: the resolved retain and forget shard lists, each local file with its size and modification time
   (a URL as written), the global batch size (the retain loss is contrastive within a batch), the image
   transform of each stream and the tokenizer;
-- the candidate layers, and the precision of the pass.
+- the candidate layers, and the precision of the pass;
+- how many batches the pass read per stream, when it stopped early: Lightning's ``limit_predict_batches``, which a
+  smoke run (``--trainer.fast_dev_run``) sets to 1 (or N). A store of such a pass holds the gradients of its
+  first batches only, so a run that reads every batch never takes it.
 
 The device count is not part of it: the gradients do not depend on it (the partial sums of a killed pass do,
 and add it to their own key).
@@ -63,7 +66,7 @@ def describe(component: Any) -> str | None:
 
 
 def gradient_key(*, model_name: str, fingerprint: str, concepts: Sequence[Mapping[str, Any]], layers: Sequence[str],
-                 precision: str, data: Mapping[str, Any]) -> dict:
+                 precision: str, data: Mapping[str, Any], batch_limit: int | None = None) -> dict:
     """The key of a gradient pass (see the module docstring).
 
     Args:
@@ -73,10 +76,26 @@ def gradient_key(*, model_name: str, fingerprint: str, concepts: Sequence[Mappin
         layers: The candidate layers.
         precision: The Trainer's precision (``32-true``, ``bf16-mixed``).
         data: What the data side adds (:func:`data_key`).
+        batch_limit: The most batches the pass reads per stream (:func:`batch_limit`); None: every batch.
     """
     return {"model": model_name, "fingerprint": fingerprint,
             "concepts": [{"name": c["name"], "aliases": list(c.get("aliases", []))} for c in concepts],
-            "layers": list(layers), "precision": str(precision), "data": dict(data)}
+            "layers": list(layers), "precision": str(precision), "data": dict(data), "batch_limit": batch_limit}
+
+
+def batch_limit(limit_predict_batches: int | float) -> int | None:
+    """The most batches a predict run reads per stream, from the Trainer's ``limit_predict_batches``: an int
+    (``fast_dev_run=N`` sets N, ``True`` sets 1), or None for 1.0, every batch (a stream has no length, so
+    Lightning allows no other fraction).
+
+    Example::
+
+        >>> batch_limit(1.0) is None, batch_limit(1), batch_limit(5)
+        (True, 1, 5)
+    """
+    if isinstance(limit_predict_batches, bool) or not isinstance(limit_predict_batches, int):
+        return None
+    return limit_predict_batches
 
 
 def data_key(datamodule: Any, transform: Any = None, tokenizer: Any = None, train_transform: Any = None) -> dict:
@@ -131,6 +150,9 @@ def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> 
         changes.append(f"candidate layers ({len(stored.get('layers') or [])} → {len(wanted.get('layers') or [])})")
     if stored.get("precision") != wanted.get("precision"):
         changes.append(f"precision {stored.get('precision')} → {wanted.get('precision')}")
+    if stored.get("batch_limit") != wanted.get("batch_limit"):  # absent in older keys: those passes read everything
+        changes.append(f"batches read per stream {_batches(stored.get('batch_limit'))} → "
+                       f"{_batches(wanted.get('batch_limit'))}")
     old, new = stored.get("data") or {}, wanted.get("data") or {}
     for field in dict.fromkeys([*new, *old]):  # in the order data_key writes them
         if old.get(field) == new.get(field):
@@ -146,6 +168,11 @@ def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> 
 
 _DATA_WORDS = {"transform": "image transform", "retain_transform": "retain image transform", "tokenizer": "tokenizer",
                "datamodule": "datamodule"}
+
+
+def _batches(limit: int | None) -> str:
+    """``all``, or ``the first 1 (a smoke run or limit_predict_batches)``."""
+    return "all" if limit is None else f"the first {limit} (a smoke run or limit_predict_batches)"
 
 
 def _concepts(concepts: Sequence[Mapping[str, Any]] | None) -> str:

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from slug_lightning.artifacts import atomic_path, fingerprint
 from slug_lightning.errors import ConfigError, UserError
-from slug_lightning.gradient_key import data_key, gradient_key, key_changes
+from slug_lightning.gradient_key import batch_limit, data_key, gradient_key, key_changes
 from slug_lightning.layers import candidate_layers
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 from slug_lightning.memory import PeakMemory
@@ -228,26 +228,33 @@ class GradientCollector(L.LightningModule):
         return {"name": self.hparams.model_name, "pretrained": self.hparams.pretrained,
                 "fingerprint": fingerprint(self.model.state_dict())}
 
-    def gradient_key(self, datamodule=None, precision: str | None = None, weights: str | None = None) -> dict:
+    def gradient_key(self, datamodule=None, precision: str | None = None, weights: str | None = None,
+                     limit_predict_batches: int | float | None = None) -> dict:
         """What this collector's gradients depend on (:mod:`slug_lightning.gradient_key`): the model's architecture
-        and weights, the concepts with their aliases, the data, the candidate layers and the precision.
+        and weights, the concepts with their aliases, the data, the candidate layers, the precision and how many
+        batches per stream the pass reads.
 
         Args:
             datamodule: The run's datamodule (default: the Trainer's).
             precision: The Trainer's precision (default: the attached Trainer's, else ``32-true``).
             weights: The fingerprint of the model's weights, when already taken (default: taken now).
+            limit_predict_batches: The Trainer's ``limit_predict_batches`` (default: the attached Trainer's, else
+                1.0, every batch); ``fast_dev_run`` sets it.
         """
         if datamodule is None and self._trainer is not None:
             datamodule = self.trainer.datamodule
         if precision is None:
             precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if limit_predict_batches is None:
+            limit_predict_batches = self.trainer.limit_predict_batches if self._trainer is not None else 1.0
         known = {c.name: c for c in getattr(datamodule, "concepts", None) or []}
         names = self.concepts if self.concepts is not None else list(known)
         concepts = [{"name": name, "aliases": list(known[name].aliases) if name in known else []} for name in names]
         weights = weights or fingerprint(self.model.state_dict())
         return gradient_key(model_name=self.hparams.model_name, fingerprint=weights, concepts=concepts,
                             layers=self.candidates(), precision=precision,
-                            data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess))
+                            data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess),
+                            batch_limit=batch_limit(limit_predict_batches))
 
     def candidates(self) -> list[str]:
         """Candidate layer names (METHOD §3) after the include/exclude patterns."""

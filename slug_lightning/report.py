@@ -38,8 +38,12 @@ def accuracies(summary: dict) -> dict:
     }
 
 
-def build_report(collector, search, total_seconds: float, devices: int) -> dict:
-    """The ``report.json`` content for a finished run."""
+def build_report(collector, search, total_seconds: float, devices: int, smoke: dict | None = None) -> dict:
+    """The ``report.json`` content for a finished run.
+
+    ``smoke`` describes a smoke run (``--trainer.fast_dev_run``): ``{"batches_per_stream", "probes_per_layer"}``.
+    Its report says ``"smoke_run": true`` and carries it as ``smoke``; the numbers of such a run mean nothing.
+    """
     store = collector.gradients
     towers = {s.name: s.tower for stats in search.layers.values() for s in stats}
     concepts = []
@@ -63,6 +67,9 @@ def build_report(collector, search, total_seconds: float, devices: int) -> dict:
     sizes = [store.forget[name][layer] for name, layer in edited]
     return {
         "method": "slug",
+        # A smoke run checks that the config runs end to end, on a batch or two and two probes per layer: no result.
+        "smoke_run": smoke is not None,
+        **({"smoke": dict(smoke)} if smoke is not None else {}),
         # "forgotten", "partly forgotten", "not forgotten" or "nothing to forget" (each concept's is in `concepts`)
         "verdict": run_verdict([c["verdict"] for c in concepts]),
         "model": {**store.model, "parameters": count_parameters(collector.model)},
@@ -146,13 +153,14 @@ def describe_data(datamodule, search) -> dict:
 
 
 def write_unlearn_artifacts(output: Path, collector, search, total_seconds: float, devices: int,
-                            datamodule=None) -> dict:
-    """Write every artifact of a run into ``output`` (rank 0 only) and return the report."""
+                            datamodule=None, smoke: dict | None = None) -> dict:
+    """Write every artifact of a run into ``output`` (rank 0 only) and return the report (``smoke``: see
+    :func:`build_report`)."""
     from slug_lightning import plots
 
     output.mkdir(parents=True, exist_ok=True)
     store = collector.gradients
-    report = build_report(collector, search, total_seconds, devices)
+    report = build_report(collector, search, total_seconds, devices, smoke)
     report["data"] = describe_data(datamodule, search)
     report["loggers"] = [{"name": type(logger).__name__, "dir": logger.log_dir}
                          for logger in (collector.loggers if collector._trainer is not None else [])
@@ -241,6 +249,7 @@ def render_markdown(report: dict) -> str:
     model = report["model"]
     lines = [
         "# SLUG unlearning report", "",
+        *([f"> **{smoke_note(report)}**", ""] if report.get("smoke_run") else []),
         *_verdict(report), "",
         f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
         f"Devices: {report['devices']}.", "",
@@ -292,6 +301,15 @@ def render_markdown(report: dict) -> str:
     if report.get("command"):
         lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
     return "\n".join(lines)
+
+
+def smoke_note(report: dict) -> str:
+    """What a smoke run's report must say first: that its numbers mean nothing, and why."""
+    smoke = report.get("smoke") or {}
+    batches = smoke.get("batches_per_stream")
+    read = "reused gradients" if batches is None else f"gradients of {batches} batch(es) per stream"
+    return (f"Smoke run (--trainer.fast_dev_run): {read}, at most {smoke.get('probes_per_layer', 2)} probes per "
+            "layer. The numbers below mean nothing; the run only checks that the config runs end to end.")
 
 
 def _kept_order(report: dict) -> int:
@@ -474,7 +492,10 @@ def terminal_summary(report: dict, output: Path) -> str:
     """The compact table printed at the end of a run: the edits, before/after per set, the artifacts."""
     rule = "=" * 76
     verdict = report.get("verdict")
-    lines = ["", rule, "SLUG result" + (f": {verdict.upper()}" if verdict else "")]
+    smoke = " (SMOKE RUN, the numbers mean nothing)" if report.get("smoke_run") else ""
+    lines = ["", rule, f"SLUG result{smoke}" + (f": {verdict.upper()}" if verdict else "")]
+    if smoke:
+        lines += textwrap.wrap(smoke_note(report), width=len(rule), initial_indent="  ", subsequent_indent="  ")
     for concept in report["concepts"]:
         lines += textwrap.wrap(concept_sentence(concept, report), width=len(rule), initial_indent="  ",
                                subsequent_indent="    ")

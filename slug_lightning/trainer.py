@@ -7,6 +7,7 @@ DDP processes are launched and torn down by Lightning.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET
 from slug_lightning.validation import preflight
 
 PARTIAL_GRADIENTS = "gradients.partial.safetensors"  # the gradient pass's checkpoint (one file per rank under DDP)
+SMOKE_DIR = "smoke"  # where a smoke run (--trainer.fast_dev_run) writes, inside --output_dir
 
 
 class SlugTrainer(L.Trainer):
@@ -70,22 +72,35 @@ class SlugTrainer(L.Trainer):
             require_forgotten: After writing the artifacts, raise :class:`~slug_lightning.errors.NotForgotten`
                 (the command line exits with status 3) unless the run's ``verdict`` is ``forgotten`` (or ``nothing
                 to forget``). Without it, a run that did not forget is still a result and exits with 0; its report
-                says so plainly.
+                says so plainly. A smoke run has no result, and ignores it.
+
+        A Trainer with ``fast_dev_run`` makes it a *smoke run*, which checks that the config runs end to end in
+        seconds: the pre-flight check reads captions only until every concept has its ``min_forget_pairs``, the
+        gradient pass reads ``fast_dev_run`` batches (1 for ``True``) per stream, the search makes at most
+        :data:`~slug_lightning.callbacks.step_search.SMOKE_MAX_STEPS` probes per layer, and the artifacts go to
+        ``output_dir/smoke`` (replacing an earlier smoke run's), marked as a smoke run; a gradient store in the
+        output directory is neither reused nor left for a real run to reuse (its key records the batch limit). A
+        store given by ``gradients`` is checked as a real run checks it, and used.
 
         Returns:
             The report (on global rank 0; None on other ranks).
         """
-        output = Path(output_dir)
-        check_output_dir(output, overwrite)
+        smoke = bool(self.fast_dev_run)
+        output = unlearn_dir(Path(output_dir), overwrite, smoke, method)
         if method != "slug":
             from slug_lightning.baseline_unlearn import unlearn_with_baseline
 
             preflight(model, datamodule, search)
             report = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
             return _check_verdict(report, require_forgotten)
-        store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model, datamodule,
-                               explicit=gradients is not None, precision=str(self.precision))
-        preflight(model, datamodule, search, scan_captions=store is None)
+        if smoke and gradients is None:
+            store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
+        else:
+            # A store given by --gradients must hold a full pass (its pass does not run here, smoke run or not).
+            store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model,
+                                   datamodule, explicit=gradients is not None, precision=str(self.precision),
+                                   limit_predict_batches=1.0 if gradients else self.limit_predict_batches)
+        preflight(model, datamodule, search, scan_captions=store is None, smoke=smoke)
         model.partial_path = output / PARTIAL_GRADIENTS
         self.callbacks.append(search)
         start = time.perf_counter()
@@ -101,10 +116,14 @@ class SlugTrainer(L.Trainer):
         self.callbacks.remove(search)
         if not self.is_global_zero:
             return None
+        smoke_settings = {"batches_per_stream": None if model.reused else int(self.fast_dev_run),
+                          "probes_per_layer": search.steps_per_layer} if smoke else None
         report = write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
-                                         datamodule=datamodule)
+                                         datamodule=datamodule, smoke=smoke_settings)
         print(terminal_summary(report, output))
-        return _check_verdict(report, require_forgotten)
+        if smoke and require_forgotten:
+            rank_zero_info("[slug] --require_forgotten is not applied to a smoke run: its verdict means nothing.")
+        return _check_verdict(report, require_forgotten and not smoke)
 
     def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, output: str | None = None,
                  similarity: str | None = None, similarity_set: str | None = None,
@@ -205,6 +224,34 @@ def _check_verdict(report: dict | None, require_forgotten: bool) -> dict | None:
     return report
 
 
+def unlearn_dir(output: Path, overwrite: bool, smoke: bool = False, method: str = "slug") -> Path:
+    """The directory an ``unlearn`` run writes into, checked before any work: ``output``, or ``output/smoke`` for a
+    smoke run (``--trainer.fast_dev_run``), so that a smoke run never writes over a run's artifacts nor leaves
+    files that a later run in ``output`` would take for its own. A smoke run replaces an earlier smoke run.
+
+    Raises:
+        UserError: As :func:`check_output_dir`; or a smoke run of a baseline method, whose iterations read all the
+            data whatever the Trainer's batch limits.
+    """
+    if not smoke:
+        check_output_dir(output, overwrite)
+        return output
+    if method != "slug":
+        raise UserError(f"--trainer.fast_dev_run smoke-tests --method slug only; --method {method} iterates over all "
+                        "the data whatever the Trainer's batch limits. Leave out one of the two.")
+    smoke_dir = output / SMOKE_DIR
+    check_output_dir(smoke_dir, overwrite or holds_smoke_run(smoke_dir))
+    return smoke_dir
+
+
+def holds_smoke_run(output: Path) -> bool:
+    """Whether ``output`` holds the report of a smoke run (``"smoke_run": true``), which a smoke run may replace."""
+    try:
+        return json.loads((output / "report.json").read_text(encoding="utf-8")).get("smoke_run") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_output_dir(output: Path, overwrite: bool) -> None:
     """Refuse an output directory that is a file, or one holding a finished run unless ``overwrite``."""
     existing = next((path for path in (output, *output.parents) if path.exists()), None)
@@ -220,13 +267,13 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
 
 
 def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: bool,
-                   precision: str = "32-true") -> GradientStore | None:
+                   precision: str = "32-true", limit_predict_batches: int | float = 1.0) -> GradientStore | None:
     """The gradient store at ``path`` if it was computed for exactly this run's inputs, else None.
 
     The store's gradient key (:mod:`slug_lightning.gradient_key`: the weights' fingerprint, the concepts and
     aliases, the shards with sizes and modification times, the batch size, the transforms, the candidate layers,
-    the precision) must equal this run's. A store found in the output directory that does not match, or cannot
-    be read, is recomputed with one line saying why.
+    the precision, the batches read per stream: ``limit_predict_batches``) must equal this run's. A store found in
+    the output directory that does not match, or cannot be read, is recomputed with one line saying why.
 
     Raises:
         UserError: if ``explicit`` (``--gradients``) and the file is missing, unreadable or made for other inputs.
@@ -245,7 +292,7 @@ def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: b
         rank_zero_info(f"[slug] recomputing the gradients: {path} cannot be read ({reason}).")
         return None
     try:
-        wanted = model.gradient_key(datamodule, precision)
+        wanted = model.gradient_key(datamodule, precision, limit_predict_batches=limit_predict_batches)
     except (OSError, ValueError):
         return None  # shard patterns that do not resolve: the pre-flight check names them
     changes = key_changes(store.key, wanted)

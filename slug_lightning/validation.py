@@ -29,7 +29,7 @@ WARN_FORGET_SHARE = 0.05
 SHARE_SHARDS = 4
 
 
-def preflight(model, datamodule, search, scan_captions: bool = True) -> None:
+def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool = False) -> None:
     """Check evaluation sets, forget concepts and shards of an unlearn run before any compute.
 
     Checks, in order: every evaluation set loads (folder exists, class folders hold images, classes agree
@@ -40,11 +40,17 @@ def preflight(model, datamodule, search, scan_captions: bool = True) -> None:
     captions (above :data:`WARN_FORGET_SHARE` a warning). Datamodules other than ``LaionDataModule`` get the
     evaluation checks.
 
+    A smoke run (``smoke``, ``--trainer.fast_dev_run``) reads the forget shards' captions only until every
+    concept has ``min_forget_pairs`` of them, so the readability and broken-sample checks cover the shards read;
+    a concept no caption mentions is still found (after reading them all). How common a concept's spellings are
+    (``max_forget_share``) needs every caption and is left to the real run.
+
     Args:
         model: The GradientCollector (``max_skipped_fraction`` is read from it when present).
         datamodule: The datamodule of the run (``LaionDataModule`` for the shard checks).
         search: The StepSearch with the evaluation sets.
         scan_captions: Read the forget shards' captions (skip it when the gradients are reused).
+        smoke: A smoke run: read captions only until there are enough (see above).
 
     Raises:
         UserError: The first problem found.
@@ -67,10 +73,13 @@ def preflight(model, datamodule, search, scan_captions: bool = True) -> None:
             raise UserError(f"{DATA}.{option}: {error}") from None
     if not scan_captions:
         return
-    scan = scan_shards(urls["forget_shards"], concepts)
+    min_pairs = getattr(datamodule, "min_forget_pairs", 1)
+    scan = scan_shards(urls["forget_shards"], concepts, enough=min_pairs if smoke else None)
     check_shards_readable(scan)
-    check_concept_pairs(scan, concepts, getattr(datamodule, "min_forget_pairs", 1))
+    check_concept_pairs(scan, concepts, min_pairs)
     check_skipped(scan, getattr(model, "max_skipped_fraction", 1.0))
+    if smoke:
+        return
     if urls["shards"] == urls["forget_shards"]:
         check_forget_share(scan, concepts, getattr(datamodule, "max_forget_share", 1.0), f"{DATA}.shards")
     else:  # forget shards may be pre-filtered for the concept: how common a spelling is shows in the others

@@ -1,22 +1,97 @@
-"""Shared fixtures: the packaged tiny CLIP, and a test session that can never reach the Hugging Face hub."""
+"""Shared fixtures and the suite's rules.
+
+- Nothing reaches the Hugging Face hub, and every test and child process computes on one thread: the README's
+  test command runs two pytest-xdist workers on a 2-core machine.
+- Session fixtures that build worlds (``small_world``, ``small_demo``, ``small_run``, ``demo``) are built once
+  for the whole run, whichever worker asks first, under a file lock, and are read-only afterwards: a test that
+  needs to change one copies it.
+- Tests that use a fitted world are marked ``e2e`` here (``-m "not e2e"`` skips them); ``ddp`` tests run one
+  after the other on one worker; the longest tests are scheduled first.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Child processes (the CLI in a subprocess, DDP ranks) inherit these: one thread each, like the workers.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Fixtures that hold a fitted world: a test using one is an end-to-end run.
+E2E_FIXTURES = {"demo", "small_demo", "small_run"}
+# Scheduled first, longest first, so that no long test starts last on a worker (the rest keep file order).
+FIRST = ("test_end_to_end.py::test_readme_demo", "test_multi_concept.py::test_three_people",
+         "test_ddp_gradients.py", "test_end_to_end.py::test_two_process_ddp")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # huggingface_hub and datasets read these when first imported, which happens while test modules are
     # collected, before any fixture runs; so they are set here too.
     os.environ.update(OFFLINE)
+    os.environ.update(ONE_THREAD)
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("ddp"):
+            item.add_marker(pytest.mark.xdist_group("ddp"))
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, name in enumerate(FIRST) if name in item.nodeid), len(FIRST))
+
+    items.sort(key=rank)
+
+
+def shared_path(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A path every xdist worker of this run sees (the workers' common temporary root)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    return root / name
+
+
+# Each shared folder this worker used, with its files' sizes and times when it was handed out.
+_SHARED: dict[Path, list[tuple[str, int, int]]] = {}
+
+
+def _listing(path: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in path.rglob("*") if f.is_file())
+
+
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(path)`` once per run across workers; a build that failed or was interrupted is redone."""
+    path = shared_path(tmp_path_factory, name)
+    done = path / ".built"
+    with FileLock(f"{path}.lock"):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            build(path)
+            done.touch()
+    _SHARED.setdefault(path, _listing(path))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_folders_stay_unchanged():
+    """Fails the run if a test wrote into a shared folder (the other worker may be reading it)."""
+    yield
+    changed = [str(path) for path, listing in _SHARED.items() if _listing(path) != listing]
+    assert not changed, f"a test changed the shared fixture folder(s) {changed}; copy one before changing it"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,21 +113,6 @@ def tiny_clip():
 
     torch.manual_seed(0)
     return slug_lightning.load_clip("slug-tiny")
-
-
-@pytest.fixture
-def single_thread():
-    """Run a test on one intra-op thread, restoring the setting after.
-
-    On a busy 2-core machine, tiny convolutions on two OpenMP threads that wait for each other's core run
-    many times slower (measured: 0.2 s → 10 s for one evaluator test).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def one_line_error(capsys, args: list[str], *words: str) -> str:
@@ -89,22 +149,54 @@ def tiny_weights(tmp_path_factory, tiny_clip):
     return path
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The README's demo, run once per session as a subprocess: (output dir, report, log); shared by the
-    end-to-end tests of several modules, which read its world and fit and write their own runs elsewhere."""
-    output = tmp_path_factory.mktemp("demo")
-    log = run_cli("demo", "--output_dir", output)
-    return output, json.loads((output / "report.json").read_text()), log
+# --- worlds shared by the whole run -------------------------------------------------------------------------
+
+# A fifth of the demo world: 12 people, 6 object kinds, 4 shards, 8 evaluation images per class.
+SMALL_WORLD = {"people": 12, "objects": 6, "portraits_per_person": 60, "person_object_per_person": 10,
+               "samples_per_object": 60, "scenery_samples": 60, "eval_per_person": 8, "eval_per_object": 8,
+               "shards": 4}
+# The demo's fit settings (configs/demo/fit.yaml), shorter and on smaller batches: about a minute on one thread.
+SMALL_FIT = ["--trainer.max_steps=200", "--data.init_args.batch_size=64", "--data.init_args.num_workers=0",
+             "--trainer.enable_progress_bar=false"]
+
+
+def _build_small_demo(path: Path) -> None:
+    import yaml
+
+    from slug_lightning import config_path
+    from slug_lightning.cli import main
+    from slug_lightning.datamodules.demo_world import make_demo_world
+    from slug_lightning.demo import unlearn_paths
+
+    world = make_demo_world(path / "world", seed=0, **SMALL_WORLD)
+    checkpoint = path / "fit" / "slug-tiny.safetensors"
+    assert main(["fit", "--config", str(config_path("demo/fit.yaml")), "--seed_everything=0", *SMALL_FIT,
+                 f"--trainer.default_root_dir={path / 'fit'}", f"--model.init_args.export_path={checkpoint}",
+                 f"--data.init_args.shards={world.shards}"]) == 0
+    # Runs made from this config must be given their own --output_dir; the default points at a folder that
+    # does not exist, so one that forgets fails instead of writing here.
+    paths = unlearn_paths(path / "no_output_dir_given" / "run", world, checkpoint, world.default_target)
+    paths["trainer"]["logger"] = False
+    (path / "demo_paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
 
 
 @pytest.fixture(scope="session")
-def demo_dir(request):
-    """A finished demo directory (world/, fit/, demo_paths.yaml): ``$SLUG_DEMO_DIR`` if it holds one (to rerun
-    the end-to-end tests without refitting), else the session's demo."""
-    from pathlib import Path
+def small_demo(tmp_path_factory) -> Path:
+    """The demo on a small world, fitted once per run: ``world/``, ``fit/slug-tiny.safetensors`` and
+    ``demo_paths.yaml`` (the config layered after ``configs/demo/unlearn.yaml``; give ``--output_dir``)."""
+    return build_once(tmp_path_factory, "small_demo", _build_small_demo)
 
-    given = os.environ.get("SLUG_DEMO_DIR")
-    if given and (Path(given) / "fit" / "slug-tiny.safetensors").is_file():
-        return Path(given)
-    return request.getfixturevalue("demo")[0]
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, small_demo) -> tuple[Path, dict]:
+    """One finished ``unlearn`` of the small demo's default target: (output dir, report)."""
+    from slug_lightning import config_path
+    from slug_lightning.cli import main
+
+    def build(path: Path) -> None:
+        assert main(["unlearn", "--config", str(config_path("demo/unlearn.yaml")), "--config",
+                     str(small_demo / "demo_paths.yaml"), "--trainer.enable_progress_bar=false",
+                     "--output_dir", str(path)]) == 0
+
+    output = build_once(tmp_path_factory, "small_run", build)
+    return output, json.loads((output / "report.json").read_text())

@@ -63,21 +63,21 @@ def _run(method, world, **settings):
 
 
 @pytest.mark.parametrize("method", ["ga", "gaft"])
-def test_gradient_ascent_raises_the_forget_loss(world, method, single_thread):
+def test_gradient_ascent_raises_the_forget_loss(world, method):
     *_, before, after, result = _run(method, world, lr=1e-3, iterations=2)
     assert after[0] > before[0] + 0.05, (before, after)
     assert [row["iteration"] for row in result.iterations] == [1, 2]
     assert all(row["evaluated"] for row in result.iterations)
 
 
-def test_fine_tuning_lowers_the_retain_loss_and_reads_no_forget_pair(world, single_thread):
+def test_fine_tuning_lowers_the_retain_loss_and_reads_no_forget_pair(world):
     model, data, _, before, after, result = _run("ft", world, lr=1e-3, iterations=2)
     assert after[1] < before[1], (before, after)
     assert result.retain_samples == data.count_pairs(None)
     assert result.forget_samples == {}
 
 
-def test_salun_changes_only_the_salient_fraction(world, single_thread):
+def test_salun_changes_only_the_salient_fraction(world):
     model, data, base, before, after, result = _run("salun", world, lr=1e-3, iterations=1, mask_fraction=0.1)
     trained = trained_parameters(model)
     changed = sum(int((p.detach() != base[n]).sum()) for n, p in trained.items())
@@ -87,7 +87,7 @@ def test_salun_changes_only_the_salient_fraction(world, single_thread):
     assert result.forget_samples == {world.default_target: data.count_pairs(data.concepts[0])}
 
 
-def test_ssd_dampens_without_training_and_changes_few_weights(world, single_thread):
+def test_ssd_dampens_without_training_and_changes_few_weights(world):
     model, data, base, before, after, result = _run("ssd", world, alpha=10.0)
     state = model.state_dict()
     shrunk = sum(int((state[n].abs() < base[n].abs()).sum()) for n in base)
@@ -97,7 +97,7 @@ def test_ssd_dampens_without_training_and_changes_few_weights(world, single_thre
     assert len(result.iterations) == 1
 
 
-def test_logit_scale_is_never_trained(world, single_thread):
+def test_logit_scale_is_never_trained(world):
     model, *_ = _run("ft", world, lr=1e-2, iterations=1)
     torch.manual_seed(0)
     assert torch.equal(model.logit_scale, load_clip("slug-tiny").model.logit_scale)
@@ -180,7 +180,7 @@ def _unlearn_config(world, path):
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path, capsys):
     import csv
 

@@ -68,7 +68,7 @@ def _batch_sizes(world, devices: int) -> list[int]:
 
 
 @pytest.mark.parametrize("devices", [2, 3])
-def test_uneven_and_empty_shares_give_the_one_process_gradients(world, tmp_path, devices, single_thread):
+def test_uneven_and_empty_shares_give_the_one_process_gradients(world, tmp_path, devices):
     batch_sizes = _batch_sizes(world, devices)
     script = tmp_path / "collect.py"
     script.write_text(SCRIPT)

@@ -100,7 +100,7 @@ def test_defaults_give_the_demo_rate_at_the_demo_batch():
 
 
 @pytest.mark.parametrize("bound", ["max_steps", "max_epochs"])
-def test_fit_follows_warmup_then_cosine_to_the_last_step(world, single_thread, bound):
+def test_fit_follows_warmup_then_cosine_to_the_last_step(world, bound):
     # 400 pairs: 12 global batches of 32 per pass. max_epochs=2 with 2 batches per step makes 12 steps, as many as
     # the pass has batches; Lightning knows it only from the training loader's length.
     if bound == "max_steps":
@@ -123,7 +123,7 @@ def test_fit_follows_warmup_then_cosine_to_the_last_step(world, single_thread, b
 # Validation every N steps, and the best weights exported
 
 
-def test_validation_every_n_steps_is_logged_and_the_best_checkpoint_is_exported(world, single_thread, tmp_path):
+def test_validation_every_n_steps_is_logged_and_the_best_checkpoint_is_exported(world, tmp_path):
     L.seed_everything(0, verbose=False)
     export = tmp_path / "slug-tiny.safetensors"
     module = CLIPContrastive(warmup_steps=2, export_path=str(export))  # export="best", the default
@@ -164,7 +164,7 @@ def test_validation_every_n_steps_is_logged_and_the_best_checkpoint_is_exported(
     (None, False, "exported the last weights (step 4; export=best, but no ModelCheckpoint monitors a metric)"),
 ])
 def test_the_last_weights_are_exported_when_asked_or_without_a_best_checkpoint_and_the_log_says_so(
-        world, single_thread, tmp_path, caplog, export, monitored, logged):
+        world, tmp_path, caplog, export, monitored, logged):
     L.seed_everything(0, verbose=False)
     path = tmp_path / "exported.safetensors"
     module = CLIPContrastive(warmup_steps=1, export_path=str(path), **({"export": export} if export else {}))
@@ -200,7 +200,7 @@ def test_bad_fit_settings_are_refused_before_training(world, trainer_settings, d
     assert module.global_step == 0
 
 
-def test_shards_smaller_than_one_batch_stop_a_run_bounded_by_steps(world, single_thread):
+def test_shards_smaller_than_one_batch_stop_a_run_bounded_by_steps(world):
     """Without a length the run cannot know beforehand; its first epoch yields no batch, and it stops there (instead
     of going through empty epochs forever)."""
     data = LaionDataModule(str(world.root / "shards" / "*.tar"), batch_size=512)
@@ -234,7 +234,7 @@ def test_cli_refuses_a_negative_validation_interval_in_one_line(capsys):
 # The packaged config, end to end through the command line
 
 
-def test_packaged_fit_config_validates_every_n_steps_and_exports(world, single_thread, tmp_path):
+def test_packaged_fit_config_validates_every_n_steps_and_exports(world, tmp_path):
     export = tmp_path / "slug-tiny.safetensors"
     code = main(["fit", "--config", config_path("fit/tiny_clip.yaml"),
                  f"--data.init_args.shards={world.root / 'shards' / '*.tar'}",

@@ -164,5 +164,23 @@ def test_fp16_precision_is_refused(world):
 
 
 def test_the_gradient_pass_measures_its_peak_memory(collected):
+    """The pass records its peak RSS (and no CUDA peak without CUDA); that the sampling catches a peak is the
+    next test."""
     collector, _ = collected
+    assert collector.memory.result.keys() == {"peak_rss_mib"}
     assert collector.memory.result["peak_rss_mib"] > 0
+
+
+def test_peak_memory_sees_an_allocation_freed_before_the_phase_ends():
+    """A 256 MiB block written and freed inside the phase: the sampled peak holds it, the RSS after does not."""
+    import time
+
+    from slug_lightning.memory import PeakMemory, current_rss_mib
+
+    with PeakMemory(interval=0.005) as phase:
+        start = current_rss_mib()
+        block = torch.ones(64 * 2**20)  # 256 MiB of float32, every page written
+        time.sleep(0.1)  # a few samples while it is held
+        del block
+    assert phase.result["peak_rss_mib"] >= start + 0.9 * 256
+    assert current_rss_mib() < phase.result["peak_rss_mib"] - 0.5 * 256

@@ -22,8 +22,6 @@ from slug_lightning.hf.export import apply_edit
 from slug_lightning.hf.mapping import TEXT, VISION, Layout, to_hf
 from slug_lightning.models import read_state_dict
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def clip():

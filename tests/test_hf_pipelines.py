@@ -22,8 +22,6 @@ from slug_lightning.hf.loading import PipelineGradientCollector
 from slug_lightning.hf.mapping import TEXT, VISION, Layout, from_hf
 from slug_lightning.models import load_clip
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):

@@ -363,7 +363,7 @@ class CountLabels(L.LightningModule):
 if __name__ == "__main__":
     root = sys.argv[1]
     sets = [LabelledSet("a", root=root), LabelledSet("b", root=root, fraction=0.5)]
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(CountLabels(), datamodule=ZeroShotDataModule(sets, batch_size=2))
 """

@@ -327,7 +327,7 @@ def test_report_says_how_each_set_averages(celeba) -> None:
     assert "classes `2 names`, 2 classes, 5 images" in lines[3] and lines[3].endswith("over images (micro)")
 
 
-def test_evaluate_averages_each_set_as_it_says(tiny_clip, single_thread, tmp_path) -> None:
+def test_evaluate_averages_each_set_as_it_says(tiny_clip, tmp_path) -> None:
     """``ZeroShotModule`` (the ``evaluate`` command) reports the same accuracies as the count tables give."""
     import lightning as L
 

@@ -123,7 +123,7 @@ def _edit_every_layer(model, names, seed=0):
 
 
 @pytest.mark.parametrize("model_kind", ["slug-tiny", "resnet-vision"])
-def test_probes_with_reuse_equal_full_evaluations(tiny_clip, sets, model_kind, single_thread):
+def test_probes_with_reuse_equal_full_evaluations(tiny_clip, sets, model_kind):
     if model_kind == "slug-tiny":
         loaded = tiny_clip
     else:
@@ -148,7 +148,7 @@ def test_probes_with_reuse_equal_full_evaluations(tiny_clip, sets, model_kind, s
     assert all(torch.equal(reuse.run(edited=names[3])[k], v) for k, v in reference.items())
 
 
-def test_bfloat16_cache_agrees_with_float32(tiny_clip, sets, single_thread):
+def test_bfloat16_cache_agrees_with_float32(tiny_clip, sets):
     fp32 = _evaluator(tiny_clip, sets)
     bf16 = _evaluator(tiny_clip, sets, cache_dtype=torch.bfloat16)
     fp32.run(), bf16.run()
@@ -182,7 +182,7 @@ def test_a_new_reference_drops_stale_caches(tiny_clip, sets):
             earlier.copy_(original)
 
 
-def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets, single_thread):
+def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets):
     model = tiny_clip.model
     names = candidate_layers(model.named_parameters())
     generator = torch.Generator().manual_seed(5)

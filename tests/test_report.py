@@ -210,7 +210,7 @@ def test_a_concept_not_forgotten_is_never_said_to_be():
     assert "SLUG result: NOT FORGOTTEN" in terminal_summary(report, Path("runs/x"))
 
 
-def test_evaluate_draws_the_similarity_matrix_of_any_model(tmp_path, single_thread):
+def test_evaluate_draws_the_similarity_matrix_of_any_model(tmp_path):
     from slug_lightning.cli import main
 
     root = tmp_path / "people"

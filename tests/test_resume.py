@@ -143,7 +143,7 @@ def _collector(seed: int, partial: Path | None, checkpoint_every: int = 1) -> Gr
     return collector
 
 
-def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_path, single_thread):
+def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_path):
     reference = _collector(0, None)
     _trainer().predict(reference, datamodule=_laion(world), return_predictions=False)
 
@@ -194,7 +194,7 @@ def _laion(world, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["loss", "gradient"])
-def test_nan_stops_the_pass_naming_the_batch(world, where, single_thread):
+def test_nan_stops_the_pass_naming_the_batch(world, where):
     torch.manual_seed(0)
     collector = GradientCollector("slug-tiny")
     layer = collector.candidates()[0]
@@ -215,7 +215,7 @@ def test_nan_stops_the_pass_naming_the_batch(world, where, single_thread):
 # Broken samples over the limit
 
 
-def test_undecodable_images_over_the_limit_fail_after_the_pass(world, tmp_path, single_thread):
+def test_undecodable_images_over_the_limit_fail_after_the_pass(world, tmp_path):
     """Images that only decoding finds broken are counted in the pass and checked against the limit."""
     import shutil
     import webdataset as wds
@@ -254,7 +254,7 @@ def test_same_config_gives_the_same_report(world, weights, tmp_path, uninterrupt
 # Atomic partial checkpoints
 
 
-def test_a_checkpoint_that_fails_midway_leaves_the_previous_one_intact(world, tmp_path, monkeypatch, single_thread):
+def test_a_checkpoint_that_fails_midway_leaves_the_previous_one_intact(world, tmp_path, monkeypatch):
     import safetensors.torch
 
     partial = tmp_path / PARTIAL

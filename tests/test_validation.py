@@ -38,7 +38,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_no_debug(monkeypatch, single_thread):
+def _one_thread_no_debug(monkeypatch):
     monkeypatch.delenv("SLUG_DEBUG", raising=False)
 
 

@@ -55,8 +55,7 @@ def _unlearn(world, weights, output, *extra) -> int:
                  "--search.init_args.similarity_classes", "0", "--output_dir", str(output), *extra])
 
 
-def test_a_run_that_did_not_forget_says_so_and_exits_3_only_when_asked(world, tmp_path, tiny_clip, capsys,
-                                                                     single_thread):
+def test_a_run_that_did_not_forget_says_so_and_exits_3_only_when_asked(world, tmp_path, tiny_clip, capsys):
     weights = tmp_path / "tiny.safetensors"
     save_state_dict(weights, tiny_clip.model.state_dict())
     output = tmp_path / "run"

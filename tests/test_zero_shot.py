@@ -14,7 +14,6 @@ from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summarize
 from slug_lightning.zero_shot import ZeroShotCounts, accuracy, hits, zero_shot_classifier
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSES = ["cat", "dog", "red car", "Elon Musk", "tree", "a banana", "house"]
 TEMPLATES = ["a photo of {}.", "a blurry picture of {}", "{}"]
