@@ -170,6 +170,7 @@ def world(tmp_path_factory):
     return make_demo_world(tmp_path_factory.mktemp("world"), seed=0)
 
 
+@pytest.mark.e2e
 def test_unlearn_the_sd_pipeline_text_encoder_and_deliver_it(clips, sd2_like, world, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -194,6 +195,7 @@ def test_unlearn_the_sd_pipeline_text_encoder_and_deliver_it(clips, sd2_like, wo
     assert pipe("a photo", num_inference_steps=2, height=16, width=16).images[0].size == (16, 16)
 
 
+@pytest.mark.e2e
 def test_unlearn_the_llava_vision_tower_and_deliver_it(clips, llava, world, tmp_path):
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration

@@ -239,6 +239,7 @@ def _output(workdir: Path) -> Path:
     return workdir / yaml.safe_load(PAPER_CONFIG.read_text())["output_dir"]
 
 
+@pytest.mark.e2e
 def test_paper_run_report_follows_the_contract(paper_run: Path) -> None:
     report = json.loads((_output(paper_run) / "report.json").read_text())
     assert report["model"]["name"] == "slug-tiny" and report["model"]["pretrained"] is None
@@ -287,6 +288,7 @@ def test_paper_run_report_follows_the_contract(paper_run: Path) -> None:
         assert len(list(csv.DictReader(file))) == len(report["search"])
 
 
+@pytest.mark.e2e
 def test_recorded_config_runs_again(paper_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output = _output(paper_run)
     recorded = yaml.safe_load((output / "config.yaml").read_text())

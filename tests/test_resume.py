@@ -94,6 +94,7 @@ def uninterrupted(world, weights, tmp_path_factory) -> Path:
     return output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kill_after", [1, 3])  # in the forget stream's only batch; in the retain stream
 def test_killed_gradient_pass_resumes_to_the_same_gradients(world, weights, tmp_path, kill_after, uninterrupted):
     reference = uninterrupted
@@ -239,6 +240,7 @@ def test_undecodable_images_over_the_limit_fail_after_the_pass(world, tmp_path):
 # Determinism
 
 
+@pytest.mark.e2e
 def test_same_config_gives_the_same_report(world, weights, tmp_path, uninterrupted):
     result = run_cli(cli_args(world, weights, tmp_path / "again"))
     assert result.returncode == 0, result.stderr[-3000:]

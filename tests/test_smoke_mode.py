@@ -109,6 +109,7 @@ def test_a_smoke_run_runs_every_stage_briefly_and_says_so(world, tiny_weights, t
     assert "--require_forgotten is not applied to a smoke run" in caplog.text
 
 
+@pytest.mark.e2e
 def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_run(world, tiny_weights, tmp_path,
                                                                                      capsys, caplog):
     output = tmp_path / "run"
