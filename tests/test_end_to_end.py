@@ -18,6 +18,7 @@ import shutil
 import open_clip
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from slug_lightning import GradientCollector, config_path
@@ -29,7 +30,7 @@ from slug_lightning.datamodules.demo_world import load_demo_world
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.zero_shot import accuracy
 
-from conftest import run_cli  # noqa: E402  (conftest.py is importable from the tests)
+from conftest import one_line_error, run_cli
 
 
 def _sets(world):
@@ -137,7 +138,7 @@ def assert_checkpoint_gives_the_reported_accuracy(output, report, world, base_ch
 
 
 def test_refit_fits_again_and_a_cached_fit_is_used_otherwise(tmp_path, monkeypatch, capsys):
-    """A second demo skips the fit (a fit is cached) and `demo --refit` runs it again. The commands the demo runs
+    """A second demo skips the fit (a fit is cached), `demo --refit` runs it again, `--concept` picks the target. The commands the demo runs
     are recorded instead of run: the demo's own run is the test above, and a run that reuses its gradients and
     makes the same choices is `test_the_recorded_config_reproduces_the_run`."""
     import slug_lightning.cli
@@ -157,14 +158,18 @@ def test_refit_fits_again_and_a_cached_fit_is_used_otherwise(tmp_path, monkeypat
                                        person_object_per_person=1, samples_per_object=1, scenery_samples=1,
                                        eval_per_person=1, eval_per_object=1, shards=1)
     monkeypatch.setattr(demo_world, "make_demo_world", lambda root, seed: small)
+    one_line_error(capsys, ["demo", "--output_dir", str(tmp_path), "--concept", "Nobody"],
+                   "'Nobody' is neither a person nor an object of the demo world")
     monkeypatch.setattr(slug_lightning.cli, "main", record)
     (tmp_path / "fit").mkdir()
     (tmp_path / "fit" / "slug-tiny.safetensors").write_bytes(b"cached")
     assert demo.main(["--output_dir", str(tmp_path)]) == 0
     assert commands == ["unlearn"] and "using the cached fit" in capsys.readouterr().out
-    assert demo.main(["--output_dir", str(tmp_path), "--refit"]) == 0
-    assert commands == ["unlearn", "fit", "unlearn"]
     assert small.default_target in (tmp_path / "demo_paths.yaml").read_text()
+    assert demo.main(["--output_dir", str(tmp_path), "--refit", "--concept", small.objects[0]]) == 0
+    assert commands == ["unlearn", "fit", "unlearn"]
+    concepts = yaml.safe_load((tmp_path / "demo_paths.yaml").read_text())["data"]["init_args"]["concepts"]
+    assert concepts == [{"name": small.objects[0]}]
 
 
 # --- what users check of a run, on the small demo -----------------------------------------------------------
