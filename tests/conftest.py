@@ -2,9 +2,9 @@
 
 - Nothing reaches the Hugging Face hub, and every test and child process computes on one thread: the README's
   test command runs two pytest-xdist workers on a 2-core machine.
-- Session fixtures that build worlds (``small_world``, ``small_demo``, ``small_run``, ``demo``) are built once
-  for the whole run, whichever worker asks first, under a file lock, and are read-only afterwards: a test that
-  needs to change one copies it.
+- The session fixtures that build a fitted world (``small_demo``, ``small_run``) are built once for the whole
+  run, whichever worker asks first, under a file lock, and are read-only afterwards (checked at the end): a test
+  that needs to change one copies it. The README's full demo runs once, in its own test (test_end_to_end.py).
 - Tests that use a fitted world are marked ``e2e`` here (``-m "not e2e"`` skips them); ``ddp`` tests run one
   after the other on one worker; the longest tests are scheduled first.
 """
@@ -27,7 +27,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # Child processes (the CLI in a subprocess, DDP ranks) inherit these: one thread each, like the workers.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Fixtures that hold a fitted world: a test using one is an end-to-end run.
-E2E_FIXTURES = {"demo", "small_demo", "small_run"}
+E2E_FIXTURES = {"small_demo", "small_run"}
 # Scheduled first, longest first, so that no long test starts last on a worker (the rest keep file order).
 FIRST = ("test_end_to_end.py::test_readme_demo", "test_multi_concept.py::test_three_people",
          "test_ddp_gradients.py", "test_end_to_end.py::test_two_process_ddp")
