@@ -1,5 +1,5 @@
-"""Everything an ``unlearn`` run leaves behind: the report (``report.json`` contract of DESIGN.md), the
-tables, the tensors and the plots."""
+"""Everything an ``unlearn`` run leaves behind: the report (``report.json``, its keys described in
+docs/report_format.md), the tables, the tensors and the plots."""
 
 from __future__ import annotations
 

@@ -67,7 +67,9 @@ def _batch_sizes(world, devices: int) -> list[int]:
     return [1, next(b for b in range(devices + 1, retain) if b % devices and retain % b == 1)]
 
 
-@pytest.mark.parametrize("devices", [2, 3])
+# 3 processes: with a global batch of 1 two ranks are empty in every batch, and the other size leaves them uneven.
+# (2 processes with a batch that splits unevenly: test_end_to_end.py's DDP run.)
+@pytest.mark.parametrize("devices", [3])
 def test_uneven_and_empty_shares_give_the_one_process_gradients(world, tmp_path, devices):
     batch_sizes = _batch_sizes(world, devices)
     script = tmp_path / "collect.py"

@@ -1,6 +1,6 @@
 """Unlearning a pipeline's own CLIP, and the evaluation hooks, on tiny random pipelines, offline.
 
-The last two tests run the whole path: a real ``unlearn`` of the pipeline's own tower on the demo world, then
+The last two tests run the whole path: a real ``unlearn`` of the pipeline's own tower on a small demo world, then
 delivery, then the pipeline, and check the delivered tensors are the unlearned CLIP's.
 """
 
@@ -144,7 +144,7 @@ def test_eval_vlm_runs_a_llava_model_before_and_after(llava, tmp_path):
     assert answer(Image.new("RGB", (40, 40), (0, 100, 200))) == result["before"]["answers"][0]["answer"]
 
 
-# --- the whole path: unlearn the pipeline's own CLIP on the demo world, deliver, run -------------------------
+# --- the whole path: unlearn the pipeline's own CLIP on a small world, deliver, run -------------------------
 
 def _unlearn(collector, world, output, tower):
     from slug_lightning import SlugTrainer
@@ -167,7 +167,10 @@ def _unlearn(collector, world, output, tower):
 def world(tmp_path_factory):
     from slug_lightning.datamodules.demo_world import make_demo_world
 
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0)
+    # Small: what is tested is the path from the pipeline's tower to its delivery, not how well it forgets.
+    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=8, objects=2, portraits_per_person=12,
+                           person_object_per_person=2, samples_per_object=6, scenery_samples=6, eval_per_person=4,
+                           eval_per_object=2, shards=2)
 
 
 @pytest.mark.e2e
