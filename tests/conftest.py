@@ -38,6 +38,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # collected, before any fixture runs; so they are set here too.
     os.environ.update(OFFLINE)
     os.environ.update(ONE_THREAD)
+    # Input errors must be one line (what the tests check), even in a shell where a developer set SLUG_DEBUG.
+    os.environ.pop("SLUG_DEBUG", None)
     torch.set_num_threads(1)
 
 

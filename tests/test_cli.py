@@ -107,7 +107,6 @@ def test_dotted_override_after_the_config_wins(capsys):
 
 def test_bad_model_name_is_aone_line_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
     sets = json.dumps([{"name": "x", "root": str(tmp_path)}])
     code = main(["evaluate", "--model", "slug_lightning.ZeroShotModule", "--model.model_name", "ViT-B-33",
                  "--data", "slug_lightning.datamodules.ZeroShotDataModule", "--data.sets", sets])
@@ -122,7 +121,6 @@ def test_bad_model_name_is_aone_line_error(capsys, tmp_path, monkeypatch):
 def test_missing_output_of_a_finished_run_is_refused_in_one_line(capsys, tmp_path, monkeypatch):
     """A UserError raised by the subcommand itself (not while building classes) also becomes one line."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "report.json").write_text("{}")
     code = main(["unlearn", "--config", str(DEMO_UNLEARN), "--output_dir", str(tmp_path / "done"),
@@ -153,7 +151,6 @@ EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
 ])
 def test_fit_and_evaluate_settings_a_constructor_refuses_are_one_line(capsys, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
     line = one_line_error(capsys, args)
     for word in words:
         assert word in line, (word, line)
@@ -162,7 +159,6 @@ def test_fit_and_evaluate_settings_a_constructor_refuses_are_one_line(capsys, tm
 @pytest.mark.parametrize("option", ["--output", "--similarity"])
 def test_evaluate_output_that_is_a_directory_is_refused_before_evaluating(capsys, tmp_path, monkeypatch, option):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
     (tmp_path / "results").mkdir()
     # The set's folder does not exist: only a check before the evaluation can answer first.
     line = one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",

@@ -75,7 +75,6 @@ def test_evaluate_prints_a_table_and_writes_the_accuracies_as_json(small_demo, t
 
 def test_evaluate_output_under_a_file_is_one_line_before_evaluating(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
     (tmp_path / "results").write_text("")
     # The set's folder does not exist: only the check before the evaluation can answer first.
     one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",

@@ -15,15 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import slug_lightning
-from slug_lightning import GradientCollector, SlugTrainer
+from slug_lightning import GradientCollector, SlugTrainer, config_path
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
 from slug_lightning.datamodules.demo_world import make_demo_world
 from slug_lightning.errors import UserError
 from slug_lightning.gradients import GradientStore
 
-DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
+DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 PARTIAL = "gradients.partial.safetensors"
 
 

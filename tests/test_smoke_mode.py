@@ -18,17 +18,16 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-import slug_lightning
+from slug_lightning import config_path, gradient_key
 from slug_lightning.callbacks.step_search import SMOKE_MAX_STEPS
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules.demo_world import make_demo_world
 from slug_lightning.datamodules.laion import count_kept, expand_shards, scan_shards
-from slug_lightning import gradient_key
 from slug_lightning.gradient_key import key_changes
 from slug_lightning.gradients import GradientStore
 
-DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
+DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 BATCH = 8
 
 
@@ -37,11 +36,6 @@ def world(tmp_path_factory):
     return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=12, objects=6, portraits_per_person=8,
                            person_object_per_person=2, samples_per_object=8, scenery_samples=8, eval_per_person=4,
                            eval_per_object=4, shards=2)
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
 
 
 def unlearn_args(world, weights, output: Path, *extra: str, concept: str | None = None) -> list[str]:

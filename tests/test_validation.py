@@ -18,7 +18,7 @@ import webdataset as wds
 from safetensors.torch import save_file
 from conftest import one_line_error
 
-import slug_lightning
+from slug_lightning import config_path
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules.demo_world import make_demo_world
@@ -27,7 +27,7 @@ from slug_lightning.errors import UserError
 from slug_lightning.validation import (WARN_FORGET_SHARE, check_concept_pairs, check_forget_share,
                                        check_shards_readable, check_skipped, near_matches)
 
-DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
+DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,6 @@ def world(tmp_path_factory):
     return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=4, objects=2, portraits_per_person=8,
                            person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
                            eval_per_object=2, shards=3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_no_debug(monkeypatch):
-    monkeypatch.delenv("SLUG_DEBUG", raising=False)
 
 
 def sets_of(world) -> list[dict]:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import slug_lightning
+from slug_lightning import config_path
 from slug_lightning.artifacts import save_state_dict
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.callbacks import step_search
@@ -23,7 +23,7 @@ from slug_lightning.memory import PeakMemory
 from slug_lightning.report import build_report, render_markdown, terminal_summary
 from slug_lightning.search import concept_verdict, run_verdict
 
-DEMO_UNLEARN = Path(slug_lightning.__file__).resolve().parents[1] / "configs" / "demo" / "unlearn.yaml"
+DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 
 
 def test_verdicts_of_concepts_and_runs():
