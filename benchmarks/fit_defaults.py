@@ -65,7 +65,7 @@ SETTINGS = [
 
 def make_world(root: Path):
     """The benchmark's world, and its identity images split into validation and test folders."""
-    from slug_lightning.datamodules.demo_world import make_demo_world
+    from slug_lightning.demo import make_demo_world
 
     world = make_demo_world(root / "world", **WORLD)
     for person_dir in sorted(world.identities_dir.iterdir()):
@@ -163,8 +163,9 @@ def plain_loop(setting: Setting, root: Path, shards: str, epochs: int) -> dict:
     import torch
 
     from slug_lightning import load_clip
-    from slug_lightning.datamodules import PairStream, expand_shards
+    from slug_lightning.datamodules import PairStream
     from slug_lightning.losses import retain_loss_sum
+    from slug_lightning.shards import expand_shards
 
     L.seed_everything(0, verbose=False)
     loaded = load_clip("slug-tiny")
@@ -189,8 +190,8 @@ def plain_loop(setting: Setting, root: Path, shards: str, epochs: int) -> dict:
 
 
 def data_pairs(shards: str) -> int:
-    from slug_lightning.datamodules import expand_shards
-    from slug_lightning.datamodules.laion import count_kept
+    from slug_lightning.shard_scan import count_kept
+    from slug_lightning.shards import expand_shards
 
     return count_kept(expand_shards(shards))
 

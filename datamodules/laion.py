@@ -1,7 +1,8 @@
 """LAION-style image-caption shards: training pairs, forget sets and the retain set (METHOD §1).
 
-Shards are webdataset tars as img2dataset writes them: per sample ``<key>.jpg`` (or ``.jpeg``, ``.png``,
-``.webp``), ``<key>.txt`` with the caption and optionally ``<key>.json``, which is ignored here.
+Shards are webdataset tars as img2dataset writes them; :mod:`slug_lightning.shards` expands shard patterns and
+reads shards (the only place one is opened), :mod:`slug_lightning.shard_scan` counts their captions. This module
+turns what they read into streams of pairs.
 
 How a stream is split (it does not depend on the number of devices or workers):
 
@@ -22,30 +23,24 @@ once per stream with the count). A sample without a readable caption, and a trun
 (read up to the damage, the rest skipped and warned about), are seen by every worker alike and are counted
 once, by rank 0 in the batch that was being assembled when they were met (or in the final batch when they
 come after it). A damaged shard counts the samples it lost when img2dataset's ``<shard>_stats.json`` or
-``<shard>.parquet`` beside it says how many it holds (:func:`expected_samples`), else 1, a lower bound. So
-the sum of ``skipped`` over all batches of all ranks is the number of broken samples plus what the damaged
-shards lost.
+``<shard>.parquet`` beside it says how many it holds (:func:`~slug_lightning.shards.expected_samples`), else 1,
+a lower bound. So the sum of ``skipped`` over all batches of all ranks is the number of broken samples plus what
+the damaged shards lost.
 """
 
 from __future__ import annotations
 
-import glob
 import io
-import json
-import os
 import random
-import re
-import tarfile
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 from typing import Any
 
-import braceexpand  # webdataset's own brace expander, installed with it
 import lightning
 import PIL.Image
 import torch
@@ -53,266 +48,28 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from slug_lightning.concepts import Concept, as_concepts
-from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.datamodules.labelled import ZeroShotDataModule
+from slug_lightning.distributed import rank_and_world
 from slug_lightning.errors import ConfigError, UserError
+from slug_lightning.labelled_sets import LabelledSet
+from slug_lightning.shard_scan import count_kept
+from slug_lightning.shards import BrokenShard, Sample, expand_shards, read_shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTENSION = "txt"
-_GLOB_CHARACTERS = frozenset("*?[")
-# Compressions tarfile reads in stream mode. Their offsets count decompressed bytes, so the end-of-archive
-# check below is left out for them and truncation shows up as tarfile's read errors.
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-_TAR_BLOCK = 512
 # PIL raises these for undecodable images; SyntaxError is what its PNG reader uses for broken chunks.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------------------------------
-# Shard patterns
-
-
-def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Expand shard patterns into the sorted list of local shard files they name.
-
-    A pattern may use braces (``"dir/{00000..00011}.tar"``) and glob wildcards (``"dir/*.tar"``);
-    several patterns are separated by ``"::"`` or given as a list.
-
-    Args:
-        shards: One pattern string (possibly ``"::"``-separated) or a sequence of patterns.
-
-    Returns:
-        The matching files, sorted and without duplicates.
-
-    Raises:
-        FileNotFoundError: A pattern matches no file, or a brace expansion names files that do not exist.
-        ValueError: No pattern is given, or a pattern names a directory.
-
-    Example::
-
-        >>> expand_shards("shards/{00000..00001}.tar::extra/*.tar")  # doctest: +SKIP
-        ['extra/a.tar', 'shards/00000.tar', 'shards/00001.tar']
-    """
-    patterns = shards.split("::") if isinstance(shards, str) else [p for s in shards for p in s.split("::")]
-    patterns = [p.strip() for p in patterns if p.strip()]
-    if not patterns:
-        raise ValueError(f"No shard pattern given: {shards!r}. Example: 'shards/{{00000..00099}}.tar'.")
-    paths: set[str] = set()
-    for pattern in patterns:
-        paths.update(_expand_pattern(pattern))
-    return sorted(paths)
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    """The files one pattern (braces, then globs) names; raises when any part names nothing."""
-    hint = " Only local files can be read." if "://" in pattern else ""
-    found, missing = [], []
-    for candidate in braceexpand.braceexpand(os.path.expanduser(pattern)):
-        if _GLOB_CHARACTERS & set(candidate):
-            matches = sorted(glob.glob(candidate))
-            if not matches:
-                raise FileNotFoundError(f"Shard pattern {pattern!r} matches no file ({candidate!r}).{hint}")
-            found.extend(matches)
-        elif os.path.exists(candidate):
-            found.append(candidate)
-        else:
-            missing.append(candidate)
-    if missing:
-        shown = ", ".join(repr(m) for m in missing[:5])
-        if len(missing) > 5:
-            shown += f" and {len(missing) - 5} more"
-        raise FileNotFoundError(
-            f"Shard pattern {pattern!r} names {len(missing)} missing file(s): {shown}.{hint}"
-        )
-    directories = [p for p in found if os.path.isdir(p)]
-    if directories:
-        raise ValueError(
-            f"Shard pattern {pattern!r} names directories {directories[:5]}; name the tar files, "
-            f"e.g. {os.path.join(directories[0], '*.tar')!r}."
-        )
-    return found
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading shards
-
-
-@dataclass(frozen=True)
-class _Sample:
-    """One sample as read from a shard: its key, caption (None if absent or unreadable) and image bytes."""
-
-    key: str
-    caption: str | None
-    image: bytes | None
-
-
-@dataclass(frozen=True)
-class _BrokenShard:
-    """Marks the point where a shard stopped being readable.
-
-    ``lost`` is how many samples the damage cost, when img2dataset's files beside the shard say how many it
-    holds (``source`` names the file); None when unknown, and the shard then counts as one broken sample,
-    a lower bound.
-    """
-
-    url: str
-    reason: str
-    lost: int | None = None
-    source: str | None = None
-
-    @property
-    def counted(self) -> int:
-        """The broken samples it stands for in counts of skipped samples."""
-        return counted_loss(self.lost)
-
-    def describe(self) -> str:
-        """How much was lost, for warnings."""
-        return describe_loss(self.lost, repr(self.source))
-
-
-def counted_loss(lost: int | None) -> int:
-    """The broken samples a damaged shard stands for: what it lost, or 1 when that is unknown (a lower bound)."""
-    return 1 if lost is None else lost
-
-
-def describe_loss(lost: int | None, source: str = "img2dataset's files beside it") -> str:
-    """What a damaged shard lost, in words, for warnings: the count and the file that gave it, or that it is
-    unknown and counted as 1."""
-    if lost is not None:
-        return f"{lost} sample(s) lost, per {source}"
-    return ("how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), counted as "
-            "1: a lower bound")
-
-
-def expected_samples(url: str) -> tuple[int, str] | None:
-    """How many samples a shard holds according to the img2dataset files beside it, and the file that says so.
-
-    img2dataset writes ``<shard>_stats.json``, whose ``successes`` are the samples written into the tar, and
-    ``<shard>.parquet``, one row per sample it tried, those with ``status == "success"`` in the tar (pyarrow,
-    which ``datasets`` brings, reads it; without pyarrow it is not used). Read only for damaged shards.
-
-    Returns:
-        ``(samples, file)``, or None when neither file is there or readable.
-    """
-    if not url.endswith(".tar"):
-        return None
-    stem = url[: -len(".tar")]
-    stats = f"{stem}_stats.json"
-    if os.path.isfile(stats):
-        try:
-            with open(stats, encoding="utf-8") as file:
-                successes = json.load(file).get("successes")
-        except (OSError, ValueError, AttributeError):
-            successes = None
-        if isinstance(successes, int) and not isinstance(successes, bool) and successes >= 0:
-            return successes, stats
-    table = f"{stem}.parquet"
-    if os.path.isfile(table):
-        try:
-            import pyarrow.parquet as parquet
-
-            if "status" in parquet.read_schema(table).names:
-                status = parquet.read_table(table, columns=["status"]).column("status").to_pylist()
-                return sum(value == "success" for value in status), table
-            return parquet.read_metadata(table).num_rows, table
-        except (ImportError, OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
-            return None
-    return None
-
-
-def _broken_shard(url: str, reason: str, read: int) -> _BrokenShard:
-    """The marker of a shard damaged after ``read`` samples, with what it lost when that is known."""
-    expected = expected_samples(url)
-    if expected is None:
-        return _BrokenShard(url, reason)
-    count, source = expected
-    return _BrokenShard(url, reason, max(count - read, 0), source)
-
-
-def _split_member_name(name: str) -> tuple[str | None, str]:
-    """``"dir/000001.jpg"`` -> (``"dir/000001"``, ``"jpg"``): the key ends at the basename's first dot."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, extension = base.partition(".")
-    if not dot or not stem:
-        return None, ""
-    return (f"{directory}/{stem}" if directory else stem), extension.lower()
-
-
-def _is_compressed(path: str) -> bool:
-    with open(path, "rb") as file:
-        head = file.read(6)
-    return head.startswith(_COMPRESSED_MAGIC)
-
-
-def _ends_cleanly(path: str, end_offset: int) -> bool:
-    """Whether a plain tar has an end-of-archive (zero) block where tarfile stopped reading.
-
-    tarfile stops silently at a truncated or garbled header, so a tar cut at a member boundary would
-    otherwise look complete.
-    """
-    with open(path, "rb") as file:
-        file.seek(end_offset)
-        block = file.read(_TAR_BLOCK)
-    return len(block) == _TAR_BLOCK and not any(block)
-
-
-def _make_sample(key: str, fields: dict[str, bytes]) -> _Sample:
-    caption = None
-    if CAPTION_EXTENSION in fields:
-        try:
-            caption = fields[CAPTION_EXTENSION].decode("utf-8")
-        except UnicodeDecodeError:
-            caption = None
-    image = next((fields[ext] for ext in IMAGE_EXTENSIONS if ext in fields), None)
-    return _Sample(key, caption, image)
-
-
-def _read_shard(url: str, *, with_images: bool = True) -> Iterator[_Sample | _BrokenShard]:
-    """Yield a shard's samples in order, then a ``_BrokenShard`` if it is truncated or corrupt.
-
-    Members are grouped by key; a group is complete when the next key starts. After damage, the
-    sample being read is dropped with the rest of the shard. Nothing is written to disk.
-
-    Args:
-        url: Path of the tar file.
-        with_images: Read image bytes; False skips them (for caption-only scans): a sample that has an
-            image member then carries ``b""`` as its image, one without carries None.
-    """
-    key, fields = None, {}
-    read = 0  # samples yielded
-    wanted = {CAPTION_EXTENSION, *(IMAGE_EXTENSIONS if with_images else ())}
-    try:
-        with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
-            for member in tar:
-                member_key, extension = _split_member_name(member.name)
-                if not member.isreg() or member_key is None:
-                    continue
-                if member_key != key:
-                    if key is not None:
-                        read += 1
-                        yield _make_sample(key, fields)
-                    key, fields = member_key, {}
-                if extension in wanted and extension not in fields:
-                    fields[extension] = tar.extractfile(member).read()
-                elif extension in IMAGE_EXTENSIONS and extension not in fields:
-                    fields[extension] = b""  # present, not read
-            end_offset = tar.offset
-        if not _is_compressed(url) and not _ends_cleanly(url, end_offset):
-            yield _broken_shard(url, "truncated: no end-of-archive block after the last member", read)
-            return
-    except (tarfile.TarError, OSError, EOFError) as error:
-        yield _broken_shard(url, f"{type(error).__name__}: {error}", read)
-        return
-    if key is not None:
-        yield _make_sample(key, fields)
+# Shuffling and decoding
 
 
 def _shuffle_buffer(
-    records: Iterable[_Sample | _BrokenShard], rng: random.Random, size: int
-) -> Iterator[_Sample | _BrokenShard]:
+    records: Iterable[Sample | BrokenShard], rng: random.Random, size: int
+) -> Iterator[Sample | BrokenShard]:
     """Shuffle samples within a bounded buffer; shard markers pass straight through."""
-    buffer: list[_Sample] = []
+    buffer: list[Sample] = []
     for record in records:
-        if isinstance(record, _BrokenShard):
+        if isinstance(record, BrokenShard):
             yield record
             continue
         if len(buffer) < size:
@@ -362,7 +119,7 @@ class PairStream(IterableDataset):
     ``DataLoader(stream, batch_size=None)``; see the module docstring for how samples are split.
 
     Args:
-        urls: Shard files, read in this order (see :func:`expand_shards`).
+        urls: Shard files, read in this order (see :func:`~slug_lightning.shards.expand_shards`).
         transform: Turns a PIL RGB image into a ``[C, H, W]`` tensor (e.g. open_clip's ``preprocess``).
         tokenizer: Turns a list of captions into a ``[n, context_length]`` tensor of token ids.
         batch_size: The global batch size, shared by all ranks.
@@ -435,15 +192,15 @@ class PairStream(IterableDataset):
         """Set the epoch that, with the seed, decides the shuffled order."""
         self.epoch = int(epoch)
 
-    def _records(self) -> Iterator[_Sample | _BrokenShard]:
+    def _records(self) -> Iterator[Sample | BrokenShard]:
         """The ordered record stream every worker of every rank reads (before filtering and indexing)."""
         urls = list(self.urls)
         if not self.shuffle:
-            return chain.from_iterable(map(_read_shard, urls))
+            return chain.from_iterable(map(read_shard, urls))
         # A string seed hashes deterministically (unlike tuples), so all processes draw the same order.
         rng = random.Random(f"PairStream:{self.seed}:{self.epoch}")
         rng.shuffle(urls)
-        return _shuffle_buffer(chain.from_iterable(map(_read_shard, urls)), rng, self.buffer_size)
+        return _shuffle_buffer(chain.from_iterable(map(read_shard, urls)), rng, self.buffer_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -451,7 +208,7 @@ class PairStream(IterableDataset):
         return self._batches(self._records(), worker, num_workers)
 
     def _batches(
-        self, records: Iterable[_Sample | _BrokenShard], worker: int, num_workers: int
+        self, records: Iterable[Sample | BrokenShard], worker: int, num_workers: int
     ) -> Iterator[dict[str, Any]]:
         """Index kept samples and yield, in order, the shares of the global batches this worker owns.
 
@@ -476,7 +233,7 @@ class PairStream(IterableDataset):
             return self._collate(share)
 
         for record in records:
-            if isinstance(record, _BrokenShard):
+            if isinstance(record, BrokenShard):
                 if self.rank == 0 and worker == 0:
                     warnings.warn(
                         f"Shard {record.url!r} is truncated or corrupt ({record.reason}); the rest of it "
@@ -524,7 +281,7 @@ class PairStream(IterableDataset):
         """How many global batches are certain to be yielded once ``indexed`` samples are indexed."""
         return indexed // self.batch_size if self.drop_last else -(-indexed // self.batch_size)
 
-    def _add(self, share: _Share, sample: _Sample) -> bool:
+    def _add(self, share: _Share, sample: Sample) -> bool:
         """Decode and add a sample to ``share``; False (and counted as skipped) when it has no readable image."""
         image = _decode_image(sample.image)
         if image is None:
@@ -568,113 +325,6 @@ class PairStream(IterableDataset):
             text = self.tokenizer([""])
             self._empty_shapes = (tuple(image.shape), int(text.shape[-1]))
         return self._empty_shapes
-
-
-def count_kept(urls: Sequence[str], keep: Callable[[str], bool] | None = None) -> int:
-    """Count the samples a stream over ``urls`` would index, reading captions only.
-
-    Pairs whose image later fails to decode are included (they hold an index in the stream).
-
-    Args:
-        urls: Shard files.
-        keep: Caption filter; None keeps every sample with a caption.
-
-    Returns:
-        The number of samples with a caption that ``keep`` accepts.
-    """
-    count = 0
-    for url in urls:
-        for record in _read_shard(url, with_images=False):
-            if isinstance(record, _Sample) and record.caption is not None:
-                count += keep is None or bool(keep(record.caption))
-    return count
-
-
-@dataclass
-class ShardScan:
-    """What a caption-only read of shards found (see :func:`scan_shards`).
-
-    Attributes:
-        shards: Number of shard files read.
-        captions: Samples with a readable caption (the ones a stream would index).
-        matches: Per concept name, how many of those captions mention it.
-        without_caption: Samples without a readable caption.
-        without_image: Samples with a caption but no image member.
-        broken: ``(url, reason, samples read before the damage, samples lost)`` of every truncated or corrupt
-            shard; the samples lost are None when no img2dataset file beside the shard says how many it holds.
-        words: Distinct caption words and capitalised word pairs (names), for near-match suggestions.
-    """
-
-    shards: int = 0
-    captions: int = 0
-    matches: dict[str, int] = field(default_factory=dict)
-    without_caption: int = 0
-    without_image: int = 0
-    broken: list[tuple[str, str, int, int | None]] = field(default_factory=list)
-    words: set[str] = field(default_factory=set)
-
-    @property
-    def samples(self) -> int:
-        """Every sample read, broken or not."""
-        return self.captions + self.without_caption
-
-    @property
-    def lost(self) -> int:
-        """Samples the damaged shards lost: as their img2dataset files say, else 1 per shard (a lower bound)."""
-        return sum(counted_loss(lost) for *_, lost in self.broken)
-
-    @property
-    def lost_is_lower_bound(self) -> bool:
-        """Whether some damaged shard's loss is unknown, so that :attr:`lost` is a lower bound."""
-        return any(lost is None for *_, lost in self.broken)
-
-
-_WORD = re.compile(r"[^\W\d_][\w'-]*")
-
-
-def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000,
-                enough: int | None = None) -> ShardScan:
-    """Read the captions of shards (never their images, nothing written to disk) and count concept mentions.
-
-    Args:
-        urls: Shard files.
-        concepts: Concepts whose caption matches are counted.
-        max_words: Stop collecting vocabulary words beyond this many (bounds memory on large sets).
-        enough: Stop after the shard in which every concept has reached this many matches (a smoke run's
-            read); None reads every shard. :attr:`ShardScan.shards` counts the shards read.
-
-    Returns:
-        The counts, broken shards and caption vocabulary.
-
-    Example::
-
-        >>> scan = scan_shards(expand_shards("shards/*.tar"), [Concept("Elon Musk")])  # doctest: +SKIP
-        >>> scan.captions, scan.matches  # doctest: +SKIP
-        (12000, {'Elon Musk': 412})
-    """
-    scan = ShardScan(matches={c.name: 0 for c in concepts})
-    for url in urls:
-        if enough is not None and concepts and all(count >= enough for count in scan.matches.values()):
-            break
-        scan.shards += 1
-        read = 0
-        for record in _read_shard(url, with_images=False):
-            if isinstance(record, _BrokenShard):
-                scan.broken.append((url, record.reason, read, record.lost))
-                continue
-            read += 1
-            if record.caption is None:
-                scan.without_caption += 1
-                continue
-            scan.captions += 1
-            scan.without_image += record.image is None
-            for concept in concepts:
-                scan.matches[concept.name] += concept.matches(record.caption)
-            if len(scan.words) < max_words:
-                words = _WORD.findall(record.caption)
-                scan.words.update(words)
-                scan.words.update(f"{a} {b}" for a, b in zip(words, words[1:]) if a[:1].isupper() and b[:1].isupper())
-    return scan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -913,7 +563,7 @@ class LaionDataModule(lightning.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per set of ``val_sets``, this rank's share of it; none without them (then Lightning runs no
         validation loop, and does not warn that the model's ``validation_step`` goes unused)."""
-        rank, world_size = self._rank_and_world_size()
+        rank, world_size = rank_and_world(self.trainer) if self.trainer is not None else (0, 1)
         return [self._validation.loader(spec.name, rank, world_size) for spec in self.val_sets]
 
     def forget_dataloader(self, concept: Concept) -> DataLoader:
@@ -954,11 +604,6 @@ class LaionDataModule(lightning.LightningDataModule):
             return count_kept(expand_shards(self.shards), partial(_matches_no_concept, tuple(self.concepts)))
         return count_kept(expand_shards(self.forget_shards), concept.matches)
 
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
@@ -974,7 +619,7 @@ class LaionDataModule(lightning.LightningDataModule):
                 "LaionDataModule has no transform/tokenizer yet: call setup() with a trainer whose module "
                 "exposes `preprocess` and `tokenizer`, or set `datamodule.transform` and `.tokenizer`."
             )
-        rank, world_size = self._rank_and_world_size()
+        rank, world_size = rank_and_world(self.trainer) if self.trainer is not None else (0, 1)
         return PairStream(
             expand_shards(shards), self.transform, self.tokenizer, self.batch_size, keep=keep,
             rank=rank, world_size=world_size, shuffle=shuffle, seed=self.seed, drop_last=drop_last,

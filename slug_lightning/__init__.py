@@ -15,7 +15,8 @@ open_clip.add_model_config(MODEL_CONFIGS)
 from slug_lightning.clip_module import CLIPContrastive  # noqa: E402
 from slug_lightning.concepts import Concept  # noqa: E402
 from slug_lightning.evaluation import ZeroShotModule  # noqa: E402
-from slug_lightning.gradients import GradientCollector, GradientStore  # noqa: E402
+from slug_lightning.gradient_store import GradientStore  # noqa: E402
+from slug_lightning.gradients import GradientCollector  # noqa: E402
 from slug_lightning.models import load_clip  # noqa: E402
 from slug_lightning.trainer import SlugTrainer  # noqa: E402
 

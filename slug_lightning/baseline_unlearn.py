@@ -16,13 +16,13 @@ from torch import Tensor
 
 from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
 from slug_lightning.baselines import BaselineSettings, run_baseline, settings_used
-from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.errors import UserError
-from slug_lightning.evaluation import ZeroShotEvaluator, summarize
-from slug_lightning.memory import PeakMemory, lifetime_peak_rss_mib
+from slug_lightning.evaluation import class_changes, forget_sets_of, summarize
+from slug_lightning.memory import PeakMemory
 from slug_lightning.models import count_parameters
-from slug_lightning.report import accuracies, describe_data, render_baseline_markdown
-from slug_lightning.search import concept_verdict, run_verdict
+from slug_lightning.report import accuracies, assemble_report, describe_data, peak_memory
+from slug_lightning.report_render import render_baseline_markdown
+from slug_lightning.search import concept_verdict
 
 
 def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
@@ -81,21 +81,19 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     datamodule.batch_size = settings.batch_size  # the baselines' optimizer batch, not SLUG's gradient batch
     datamodule.setup("predict")
 
-    sets = ZeroShotDataModule(search.sets, batch_size=search.batch_size, num_workers=search.num_workers)
-    sets.transform = collector.preprocess
     names = [c.name for c in concepts]
-    evaluator = ZeroShotEvaluator(clip, collector.tokenizer, sets, keep_classes=names, device=device, reuse=False)
-    forget_sets = search.forget_sets(names, evaluator)
+    evaluator = search.evaluator(clip, collector.tokenizer, collector.preprocess, names, device, reuse=False)
+    forget_sets = forget_sets_of(names, evaluator.datasets, search.forget_set)
     class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
-    search.set_sizes = {name: {"classes": len(d.class_names), "images": len(d)}
-                        for name, d in evaluator.datasets.items()}
+    set_sizes = {name: {"classes": len(d.class_names), "images": len(d)} for name, d in evaluator.datasets.items()}
     evaluation_seconds = 0.0
     latest = {}
 
     def evaluate() -> dict:
         nonlocal evaluation_seconds
         began = time.perf_counter()
-        latest["summary"] = summarize(evaluator.run(), class_names, forget_sets, search.averaging)
+        latest["counts"] = evaluator.run()
+        latest["summary"] = summarize(latest["counts"], class_names, forget_sets, search.averaging)
         evaluation_seconds += time.perf_counter() - began
         measured = accuracies(latest["summary"])
         return {"forget_top1": {c: a["top1"] for c, a in measured["forget"].items()},
@@ -103,7 +101,7 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
                 "test_top1": {s: a["top1"] for s, a in measured["test"].items()}}
 
     evaluate()
-    before = latest["summary"]
+    before, before_counts = latest["summary"], latest["counts"]
     base = {name: tensor.detach().clone() for name, tensor in clip.state_dict().items()}
     memory = PeakMemory().start()
     result = run_baseline(method, clip, lambda: {c.name: datamodule.forget_dataloader(c) for c in concepts},
@@ -114,28 +112,25 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
         return None
     state = clip.state_dict()
     after = latest["summary"]
-    verdicts = {c: concept_verdict(before["forget"][c][search.metric], after["forget"][c][search.metric],
-                                   search.threshold) for c in names}
-    report = {
-        "method": method,
-        "verdict": run_verdict(list(verdicts.values())),
-        "model": {**identity, "parameters": count_parameters(clip)},
-        "concepts": [{"name": c, "verdict": verdicts[c], "layer": None, "tower": None, "step_size": None,
-                      "relative_change": None, "forget_samples": result.forget_samples.get(c, 0)} for c in names],
-        "retain_samples": result.retain_samples,
-        "skipped_samples": 0,
-        "before": accuracies(before),
-        "after": accuracies(latest["summary"]),
-        "search": result.iterations,
-        "settings": {"method": method, **settings_used(method, settings), "metric": search.metric},
-        "timing": {"method_s": result.method_seconds, "evaluation_s": evaluation_seconds, "total_s": total,
-                   "iterations": len(result.iterations)},
-        "memory": {"method": memory.result, "peak_rss_mib": round(max(lifetime_peak_rss_mib(),
-                                                                       memory.result["peak_rss_mib"]), 1)},
-        "edit": edit_size(base, state),
-        "devices": 1,
-    }
-    report["data"] = describe_data(datamodule, search)
+    report = assemble_report(
+        method=method,
+        concepts=[{"name": c, "verdict": concept_verdict(before["forget"][c][search.metric],
+                                                         after["forget"][c][search.metric], search.threshold),
+                   "layer": None, "tower": None, "step_size": None, "relative_change": None, "round": None,
+                   "forget_samples": result.forget_samples.get(c, 0),
+                   **{f"forget_{k}_{when}": summary["forget"][c][k]
+                      for when, summary in (("before", before), ("after", after)) for k in ("top1", "top5")}}
+                  for c in names],
+        model={**identity, "parameters": count_parameters(clip)},
+        retain_samples=result.retain_samples, skipped_samples=0, before=before, after=after,
+        test_classes=class_changes(before_counts, latest["counts"], class_names, forget_sets),
+        search=result.iterations,
+        settings={"method": method, **settings_used(method, settings), "metric": search.metric,
+                  "threshold": search.threshold},
+        timing={"method_s": result.method_seconds, "evaluation_s": evaluation_seconds, "total_s": total,
+                "iterations": len(result.iterations)},
+        memory=peak_memory({"method": memory.result}), edit=edit_size(base, state), devices=1)
+    report["data"] = describe_data(datamodule, search.sets, set_sizes)
     if (output / "config.yaml").is_file():
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     output.mkdir(parents=True, exist_ok=True)

@@ -37,17 +37,18 @@ Other commands:
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
 
-# Commands that are not Trainer runs: name -> "module:function", the function taking (argv, prog) and
-# returning an exit code. Imported only when used, so `--help` of the Trainer subcommands stays fast.
+# Commands that are not Trainer runs (slug_lightning.commands): name -> "module:function", the function taking
+# (argv, prog) and returning an exit code. Imported only when used, so `--help` of the Trainer subcommands stays
+# fast.
 PLAIN_COMMANDS = {
-    "demo": "slug_lightning.demo:main",
-    "make-world": "slug_lightning.datamodules.demo_world:main",
-    "export-diffusers": "slug_lightning.hf.export:export_diffusers_main",
-    "export-llava": "slug_lightning.hf.export:export_llava_main",
-    "eval-diffusion": "slug_lightning.hf.evaluate:diffusion_main",
-    "eval-vlm": "slug_lightning.hf.evaluate:vlm_main",
-    "compare": "slug_lightning.compare:main",
-    "delta": "slug_lightning.delta_cli:main",
+    "demo": "slug_lightning.commands.demo:main",
+    "make-world": "slug_lightning.commands.demo:make_world_main",
+    "export-diffusers": "slug_lightning.commands.export:export_diffusers_main",
+    "export-llava": "slug_lightning.commands.export:export_llava_main",
+    "eval-diffusion": "slug_lightning.commands.evaluate_hf:diffusion_main",
+    "eval-vlm": "slug_lightning.commands.evaluate_hf:vlm_main",
+    "compare": "slug_lightning.commands.compare:main",
+    "delta": "slug_lightning.commands.delta:main",
 }
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the

@@ -24,7 +24,7 @@ from slug_lightning.models import load_clip, read_state_dict
 from slug_lightning.zero_shot import ZeroShotCounts, accuracy, image_features, zero_shot_classifier
 
 if TYPE_CHECKING:
-    from slug_lightning.datamodules.labelled import LabelledSet
+    from slug_lightning.labelled_sets import LabelledSet
 
 VAL_METRIC = "val/top1"
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from slug_lightning.distributed import rank_and_world
 from slug_lightning.layers import LANGUAGE, VISION, tower_of
 from slug_lightning.towers import TowerStages, check_stages, tower_stages
 from slug_lightning.zero_shot import (
@@ -31,12 +32,6 @@ from slug_lightning.zero_shot import (
 
 # Classes per batch when class prompts go through the text tower stage by stage (as in the reference).
 TEXT_BATCH_CLASSES = 64
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @dataclass
@@ -88,7 +83,7 @@ class ZeroShotEvaluator:
         self.reuse = reuse
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         self.cache_dtype = cache_dtype
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world()
         self.datasets = datamodule.datasets(keep_classes=tuple(keep_classes))
         self.templates = {spec.name: list(spec.templates) for spec in datamodule.sets}
         self.loaders = {
@@ -315,6 +310,41 @@ def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[s
     for name, table in counts.items():
         rows = [i for i in range(table.shape[0]) if i not in excluded[name]]
         result["test"][name] = accuracy(table, rows, averaging.get(name, "micro"))
+    return result
+
+
+def forget_sets_of(concepts: Sequence[str], datasets: Mapping[str, object], forget_set: str | None = None
+                   ) -> dict[str, str]:
+    """Which evaluation set measures each concept's forget accuracy: ``forget_set`` if given, else the first set
+    with the concept among its classes.
+
+    Args:
+        concepts: The forget concepts.
+        datasets: The evaluation sets by name, each with ``class_names``, ``class_index(name)`` and ``targets``
+            (:class:`~slug_lightning.datamodules.labelled.LabelledImages`).
+        forget_set: The one set to look in, or ``None`` for all.
+
+    Raises:
+        UserError: naming a concept no set holds (with close matches), or one with no images in its set.
+    """
+    import difflib
+
+    from slug_lightning.errors import UserError
+
+    candidates = [forget_set] if forget_set else list(datasets)
+    result = {}
+    for concept in concepts:
+        holders = [name for name in candidates if concept in datasets[name].class_names]
+        if not holders:
+            known = [c for name in candidates for c in datasets[name].class_names]
+            close = difflib.get_close_matches(concept, known, n=3)
+            raise UserError(f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
+                            + (f"; close matches: {close}." if close else "."))
+        dataset = datasets[holders[0]]
+        if dataset.class_index(concept) not in set(dataset.targets):
+            raise UserError(f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so its "
+                            "forget accuracy cannot be measured.")
+        result[concept] = holders[0]
     return result
 
 

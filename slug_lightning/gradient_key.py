@@ -111,7 +111,7 @@ def data_key(datamodule: Any, transform: Any = None, tokenizer: Any = None, trai
     """
     if not hasattr(datamodule, "forget_shards"):
         return {"datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"}
-    from slug_lightning.datamodules.laion import expand_shards
+    from slug_lightning.shards import expand_shards
 
     transform = getattr(datamodule, "transform", None) or transform
     # With retain_augmentation the retain stream goes through the training transform, each pair's crop seeded.

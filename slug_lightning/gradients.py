@@ -1,19 +1,20 @@
-"""The single gradient of SLUG (METHOD §2): ``GradientCollector`` and the ``GradientStore`` it produces.
+"""The single gradient of SLUG (METHOD §2): ``GradientCollector``, which produces a ``GradientStore``.
 
 One forward+backward per pair over each forget stream and the retain stream, at θ⁰, no optimiser step.
 Gradients are kept only for candidate tensors, summed in fp32 per stream, and divided by the number of
 pairs at the end: the mean over all pairs, independent of batch size and device count. Under DDP nothing
 is synchronised per batch (the predict loop does not wrap the model); one bucketed all-reduce of the sums
 and counts runs at the end.
+
+The store and its file format are in :mod:`slug_lightning.gradient_store`, the partial sums a killed pass resumes
+from in :mod:`slug_lightning.partial_gradients`; where their files go is given by ``unlearn``
+(:mod:`slug_lightning.trainer`), which owns the run directory.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -22,97 +23,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from typing_extensions import override
 
-from slug_lightning.artifacts import atomic_path, fingerprint
+from slug_lightning.artifacts import fingerprint
 from slug_lightning.errors import ConfigError, UserError
-from slug_lightning.gradient_key import batch_limit, data_key, gradient_key, key_changes
+from slug_lightning.gradient_key import batch_limit, data_key, gradient_key
+from slug_lightning.gradient_store import GradientStore
 from slug_lightning.layers import candidate_layers
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 from slug_lightning.memory import PeakMemory
+from slug_lightning.partial_gradients import load_partial, rank_file, resume_key, save_partial
 
 RETAIN = "retain"
 BUCKET_BYTES = 64 * 2**20
-
-
-@dataclass
-class GradientStore:
-    """Mean forget gradients per concept and the mean retain gradient, for candidate tensors only.
-
-    Saved as ``gradients.safetensors`` with keys ``forget/<concept>/<param>`` and ``retain/<param>``; the
-    metadata holds the model, concepts, pair counts, skipped samples and the gradient key (what the gradients
-    depend on, see :mod:`slug_lightning.gradient_key`; None in stores written before it existed).
-    """
-
-    forget: dict[str, dict[str, Tensor]]
-    retain: dict[str, Tensor]
-    forget_samples: dict[str, int]
-    retain_samples: int
-    skipped_samples: int = 0
-    model: dict = field(default_factory=dict)
-    key: dict | None = None
-
-    @property
-    def concepts(self) -> list[str]:
-        return list(self.forget)
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.retain)
-
-    def save(self, path: str | Path) -> None:
-        """Write atomically to ``path`` (safetensors)."""
-        from safetensors.torch import save_file
-
-        tensors = {f"retain/{name}": g.contiguous() for name, g in self.retain.items()}
-        for concept, grads in self.forget.items():
-            tensors.update({f"forget/{concept}/{name}": g.contiguous() for name, g in grads.items()})
-        metadata = {
-            "format": "slug_lightning.gradients/1",
-            "model": json.dumps(self.model),
-            "concepts": json.dumps(self.concepts),
-            "layers": json.dumps(self.layers),
-            "forget_samples": json.dumps(self.forget_samples),
-            "retain_samples": str(self.retain_samples),
-            "skipped_samples": str(self.skipped_samples),
-            "key": json.dumps(self.key),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "GradientStore":
-        """Read a store written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != "slug_lightning.gradients/1":
-                raise ValueError(f"{str(path)!r} is not a gradient store written by slug_lightning.")
-            concepts = json.loads(metadata["concepts"])
-            forget = {concept: {} for concept in concepts}
-            retain = {}
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if key.startswith("retain/"):
-                    retain[key[len("retain/"):]] = tensor
-                    continue
-                # Concept names may contain "/" and one may begin another ("AC", "AC/DC"): the longest known
-                # concept that prefixes the key is the one it belongs to.
-                concept = max((c for c in concepts if key.startswith(f"forget/{c}/")), key=len)
-                forget[concept][key[len(f"forget/{concept}/"):]] = tensor
-            if "layers" in metadata:  # safetensors sorts its keys; restore the order the store was made in
-                layers = json.loads(metadata["layers"])
-                retain = {name: retain[name] for name in layers}
-                forget = {concept: {name: grads[name] for name in layers if name in grads}
-                          for concept, grads in forget.items()}
-        return cls(
-            forget=forget,
-            retain=retain,
-            forget_samples=json.loads(metadata["forget_samples"]),
-            retain_samples=int(metadata["retain_samples"]),
-            skipped_samples=int(metadata["skipped_samples"]),
-            model=json.loads(metadata["model"]),
-            key=json.loads(metadata.get("key", "null")),
-        )
 
 
 def _flat_all_reduce(tensors: list[Tensor]) -> None:
@@ -160,6 +81,10 @@ class GradientCollector(L.LightningModule):
             batches to :attr:`partial_path` (``unlearn`` sets it to ``output_dir/gradients.partial.safetensors``,
             one file per rank under DDP), so that a killed run resumes where it stopped, with the same
             gradients as an uninterrupted one. 0 turns it off.
+
+    The files of a run are named by whoever owns its directory (``unlearn`` does): :attr:`partial_path` for the
+    partial sums (None: no checkpoints, no resume) and :attr:`store_path` for the finished store, saved by global
+    rank 0 as soon as the pass ends (None: not saved); the partial files are removed then.
 
     A loss or gradient that is NaN or infinite stops the pass with a ``FloatingPointError`` naming the stream,
     the batch and its first sample keys.
@@ -213,6 +138,7 @@ class GradientCollector(L.LightningModule):
         self.max_skipped_fraction = max_skipped_fraction
         self.checkpoint_every = checkpoint_every
         self.partial_path: Path | None = None  # where partial sums go; None: no checkpoints (set by unlearn)
+        self.store_path: Path | None = None  # where the finished store goes; None: not saved (set by unlearn)
         self.resumed_from: dict[str, int] | None = None  # batches per stream taken from a partial checkpoint
         self.gradients: GradientStore | None = None
         self.reused = False  # set when `gradients` was loaded from a store instead of computed
@@ -389,11 +315,11 @@ class GradientCollector(L.LightningModule):
             key=self.key,
         )
         del self._sums
+        # The finished store replaces the partial sums: saved now (it is the expensive part of a run),
+        # so that a run that dies in the search reuses it.
+        if self.store_path is not None and self.trainer.is_global_zero:
+            self.gradients.save(self.store_path)
         if self.partial_path is not None:
-            # The finished store replaces the partial sums: saved now (it is the expensive part of a run),
-            # so that a run that dies in the search reuses it.
-            if self.trainer.is_global_zero:
-                self.gradients.save(Path(self.partial_path).parent / "gradients.safetensors")
             self._partial_file().unlink(missing_ok=True)
         self.seconds = time.perf_counter() - self._start
         self.memory.stop()
@@ -402,31 +328,21 @@ class GradientCollector(L.LightningModule):
     # Partial checkpoints
 
     def _partial_file(self) -> Path:
-        """This rank's partial checkpoint: ``partial_path``, or ``<stem>.rank<r>-of-<w>.safetensors`` under DDP."""
-        path = Path(self.partial_path)
+        """This rank's partial checkpoint: ``partial_path``, or ``<stem>.rank<r>-of-<w>.safetensors`` under DDP
+        (:func:`~slug_lightning.partial_gradients.rank_file`)."""
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size == 1:
-            return path
-        rank = self.trainer.global_rank
-        return path.with_name(f"{path.name.removesuffix('.safetensors')}.rank{rank}-of-{world_size}.safetensors")
+        rank = self.trainer.global_rank if world_size > 1 else 0
+        return rank_file(self.partial_path, rank, world_size)
 
     def _resume_key(self) -> dict:
-        """What partial sums must match to be resumed: the gradient key, the streams and the device count (each
-        rank's sums and position depend on it)."""
+        """What partial sums must match to be resumed (:func:`~slug_lightning.partial_gradients.resume_key`)."""
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        return {"gradient_key": self.key, "streams": self.streams, "world_size": world_size}
+        return resume_key(self.key, self.streams, world_size)
 
     def _save_partial(self) -> None:
         """Write this rank's sums, counts and position atomically; the previous checkpoint stays until then."""
-        from safetensors.torch import save_file
-
-        tensors = {f"{i}/{name}": g.detach().cpu().contiguous() for i, stream in enumerate(self.streams)
-                   for name, g in self._sums[stream].items()}
-        tensors["__counts__"] = self._counts.detach().cpu()
-        metadata = {"format": "slug_lightning.partial/2", "key": json.dumps(self._resume_key()),
-                    "done": json.dumps(self._done)}
-        with atomic_path(self._partial_file()) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_partial(self._partial_file(), [self._sums[stream] for stream in self.streams], self._counts, self._done,
+                     self._resume_key())
         self._since_checkpoint = 0
 
     def _resume(self) -> None:
@@ -435,7 +351,7 @@ class GradientCollector(L.LightningModule):
         self.resumed_from = None
         if self.partial_path is None:
             return
-        loaded = _load_partial(self._partial_file(), self._resume_key(), len(self.streams))
+        loaded = load_partial(self._partial_file(), self._resume_key(), len(self.streams))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             done = torch.tensor(loaded[2] if loaded else [-1] * len(self.streams), dtype=torch.float64,
                                 device=self.device)
@@ -449,7 +365,7 @@ class GradientCollector(L.LightningModule):
         sums, counts, done = loaded
         for i, stream in enumerate(self.streams):
             for name in self._sums[stream]:
-                self._sums[stream][name].copy_(sums[f"{i}/{name}"])
+                self._sums[stream][name].copy_(sums[i][name])
         self._counts.copy_(counts)
         self._done = list(done)
         self.resumed_from = dict(zip(self.streams, done))
@@ -457,44 +373,6 @@ class GradientCollector(L.LightningModule):
 
         rank_zero_info(f"Resuming the gradient pass from {self._partial_file()}: batches already done per stream "
                        f"{self.resumed_from}.")
-
-
-def _load_partial(path: Path, key: dict, streams: int) -> tuple[dict[str, Tensor], Tensor, list[int]] | None:
-    """The sums, counts and position of a partial checkpoint, or None when absent, unreadable or not this run's
-    (with a warning that says what differs)."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            stored = json.loads(metadata["key"]) if metadata.get("format") == "slug_lightning.partial/2" else None
-            changes = _partial_changes(stored, key)
-            if changes:
-                warnings.warn(f"Ignoring {str(path)!r}: its partial gradient sums belong to another run "
-                              f"({'; '.join(changes)}); starting the pass from the beginning.", stacklevel=2)
-                return None
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        done = json.loads(metadata["done"])
-    except Exception as error:  # noqa: BLE001 - a damaged checkpoint only costs the work it held
-        warnings.warn(f"Ignoring unreadable partial checkpoint {str(path)!r} ({error}); starting over.", stacklevel=2)
-        return None
-    if len(done) != streams:
-        return None
-    return tensors, tensors.pop("__counts__"), done
-
-
-def _partial_changes(stored: dict | None, wanted: dict) -> list[str]:
-    """What differs between a partial checkpoint's resume key and this run's, in words."""
-    if stored is None:
-        return ["it was written by an older version"]
-    changes = key_changes(stored.get("gradient_key"), wanted["gradient_key"])
-    if stored.get("streams") != wanted["streams"]:
-        changes.append(f"streams {stored.get('streams')} → {wanted['streams']}")
-    if stored.get("world_size") != wanted["world_size"]:
-        changes.append(f"device count {stored.get('world_size')} → {wanted['world_size']}")
-    return changes
 
 
 def _where(batch: dict, batch_idx: int) -> str:

@@ -159,7 +159,7 @@ def refinement_plot(path: Path, panels: list[tuple[str, list]], metric: str = "t
 
     Args:
         path: The PNG to write.
-        panels: ``(title, visits)`` pairs, ``visits`` as ``StepSearch.visits``: ``(round, concept, summary)``.
+        panels: ``(title, visits)`` pairs, ``visits`` as ``SearchResult.visits``: ``(round, concept, summary)``.
         metric: The forget metric of the search.
     """
     longest = max(len(visits) for _, visits in panels)
@@ -185,38 +185,36 @@ def refinement_plot(path: Path, panels: list[tuple[str, list]], metric: str = "t
     _save(figure, path)
 
 
-def unlearn_plots(output: Path, search, similarities: dict | None = None) -> list[str]:
+def unlearn_plots(output: Path, result) -> list[str]:
     """Write every plot of a run into ``output``; returns their file names.
 
     Args:
         output: The run's directory.
-        search: The finished :class:`~slug_lightning.callbacks.StepSearch`.
-        similarities: Per evaluation set, ``(names, concepts, before, after)`` for :func:`similarity_plot`.
+        result: The finished search, a :class:`~slug_lightning.results.SearchResult`.
     """
     names = []
-    for concept, stats in search.layers.items():
-        chosen = search.chosen.get(concept)
+    for concept, stats in result.layers.items():
+        chosen = result.chosen.get(concept)
         for tower in sorted({s.tower for s in stats}):
             name = f"pareto_{_slug(concept)}_{tower}.png"
             pareto_plot(output / name, concept, tower, [s for s in stats if s.tower == tower],
-                        chosen.layer if chosen else None, getattr(search, "fronts", 1))
+                        chosen.layer if chosen else None, result.settings["fronts"])
             names.append(name)
         # The curves are the search of METHOD §9 in the kept order; a refined choice (round >= 1) is circled at its
         # own λ.
-        kept = getattr(search, "kept_order", 0)
-        probes = [p for p in search.probes if p.concept == concept and not p.round and p.order == kept
+        probes = [p for p in result.probes if p.concept == concept and not p.round and p.order == result.kept_order
                   and math.isfinite(p.step_size)]
         if probes:
             name = f"search_{_slug(concept)}.png"
-            search_plot(output / name, concept, probes, chosen, search.metric)
+            search_plot(output / name, concept, probes, chosen, result.metric)
             names.append(name)
-    if search.visits:
-        ends = getattr(search, "ends", [])  # several concept orders: one panel each
-        panels = [(f"order {index + 1}: {', '.join(end.order)}" + ("  (kept)" if index == search.kept_order else ""),
-                   end.visits) for index, end in enumerate(ends)] if len(ends) > 1 else [("", search.visits)]
-        refinement_plot(output / "refinement.png", panels, search.metric)
+    if result.visits:
+        ends = result.ends  # several concept orders: one panel each
+        panels = [(f"order {index + 1}: {', '.join(end.order)}" + ("  (kept)" if index == result.kept_order else ""),
+                   end.visits) for index, end in enumerate(ends)] if len(ends) > 1 else [("", result.visits)]
+        refinement_plot(output / "refinement.png", panels, result.metric)
         names.append("refinement.png")
-    for set_name, (rows, concepts, before, after) in (similarities or {}).items():
+    for set_name, (rows, concepts, before, after) in result.similarity.items():
         name = f"similarity_{_slug(set_name)}.png"
         similarity_plot(output / name, set_name, rows, [("before unlearning", before), ("after unlearning", after)],
                         highlight=concepts)

@@ -22,11 +22,14 @@ from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import NotForgotten, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
 from slug_lightning.gradient_key import key_changes
-from slug_lightning.gradients import GradientCollector, GradientStore
-from slug_lightning.report import format_accuracy_table, terminal_summary, write_unlearn_artifacts
+from slug_lightning.gradient_store import GradientStore
+from slug_lightning.gradients import GradientCollector
+from slug_lightning.report import write_unlearn_artifacts
+from slug_lightning.report_render import format_accuracy_table, terminal_summary
 from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET
 from slug_lightning.validation import preflight
 
+GRADIENTS = "gradients.safetensors"  # the gradient store of the run's pass, reused by a re-run
 PARTIAL_GRADIENTS = "gradients.partial.safetensors"  # the gradient pass's checkpoint (one file per rank under DDP)
 SMOKE_DIR = "smoke"  # where a smoke run (--trainer.fast_dev_run) writes, inside --output_dir
 
@@ -97,11 +100,12 @@ class SlugTrainer(L.Trainer):
             store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
         else:
             # A store given by --gradients must hold a full pass (its pass does not run here, smoke run or not).
-            store = reusable_store(Path(gradients) if gradients else output / "gradients.safetensors", model,
+            store = reusable_store(Path(gradients) if gradients else output / GRADIENTS, model,
                                    datamodule, explicit=gradients is not None, precision=str(self.precision),
                                    limit_predict_batches=1.0 if gradients else self.limit_predict_batches)
         preflight(model, datamodule, search, scan_captions=store is None, smoke=smoke)
         model.partial_path = output / PARTIAL_GRADIENTS
+        model.store_path = output / GRADIENTS
         self.callbacks.append(search)
         start = time.perf_counter()
         if store is not None:
@@ -118,7 +122,8 @@ class SlugTrainer(L.Trainer):
             return None
         smoke_settings = {"batches_per_stream": None if model.reused else int(self.fast_dev_run),
                           "probes_per_layer": search.steps_per_layer} if smoke else None
-        report = write_unlearn_artifacts(output, model, search, total_seconds=total, devices=self.world_size,
+        report = write_unlearn_artifacts(output, model, search.result, search.sets, total_seconds=total,
+                                         devices=self.world_size,
                                          datamodule=datamodule, smoke=smoke_settings)
         print(terminal_summary(report, output))
         if smoke and require_forgotten:

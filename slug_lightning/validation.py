@@ -15,7 +15,6 @@ import difflib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 from slug_lightning.errors import UserError
 
@@ -61,7 +60,8 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     check_eval_sets(search, names)
     if not hasattr(datamodule, "forget_shards"):
         return
-    from slug_lightning.datamodules.laion import expand_shards, scan_shards
+    from slug_lightning.shard_scan import scan_shards
+    from slug_lightning.shards import expand_shards
 
     if not concepts:
         raise UserError(f"No concept to forget: set {DATA}.concepts, e.g. [{{name: 'Elon Musk'}}].")
@@ -105,6 +105,7 @@ def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
             with images of its forget set.
     """
     from slug_lightning.datamodules.labelled import LabelledImages
+    from slug_lightning.evaluation import forget_sets_of
 
     datasets = {}
     for index, spec in enumerate(search.sets):
@@ -115,9 +116,8 @@ def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise UserError(f"{where}: {message}") from None
         check_images(datasets[spec.name].image_files or [], where)
-    sets = SimpleNamespace(datasets=datasets, class_names=lambda name: list(datasets[name].class_names))
     try:
-        return search.forget_sets(list(concepts), sets)
+        return forget_sets_of(list(concepts), datasets, search.forget_set)
     except ValueError as error:
         where = f"{SEARCH}.forget_set" if search.forget_set else f"{SEARCH}.sets"
         raise UserError(f"{error} Each concept of {DATA}.concepts must be a class with images in the forget "
@@ -160,7 +160,7 @@ def check_shards_readable(scan) -> None:
         more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
         raise UserError(f"{len(dead)} shard(s) of {DATA}.forget_shards/shards cannot be read as tar archives: "
                         f"{shown}{more}. Remove them from the pattern or repair them.")
-    from slug_lightning.datamodules.laion import describe_loss
+    from slug_lightning.shards import describe_loss
 
     for url, reason, read, lost in scan.broken:
         warnings.warn(f"Shard {url!r} is damaged after {read} samples ({reason}); the rest of it is skipped: "

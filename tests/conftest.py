@@ -167,8 +167,7 @@ def _build_small_demo(path: Path) -> None:
 
     from slug_lightning import config_path
     from slug_lightning.cli import main
-    from slug_lightning.datamodules.demo_world import make_demo_world
-    from slug_lightning.demo import unlearn_paths
+    from slug_lightning.demo import make_demo_world, unlearn_paths
 
     world = make_demo_world(path / "world", seed=0, **SMALL_WORLD)
     checkpoint = path / "fit" / "slug-tiny.safetensors"

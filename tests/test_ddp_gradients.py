@@ -17,8 +17,8 @@ import torch
 from slug_lightning import GradientCollector, SlugTrainer
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
-from slug_lightning.datamodules.demo_world import make_demo_world
-from slug_lightning.gradients import GradientStore
+from slug_lightning.demo import make_demo_world
+from slug_lightning.gradient_store import GradientStore
 
 pytestmark = pytest.mark.ddp
 

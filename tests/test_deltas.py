@@ -3,7 +3,6 @@ two separate runs on the small demo whose deltas are applied together and remove
 
 from __future__ import annotations
 
-import doctest
 import json
 
 import pytest
@@ -33,10 +32,6 @@ def _delta(base: dict, concepts=("Ann Lee", "Bob Roy"), layers=("visual.proj", "
                 0.1 * torch.randn(base[layer].shape, generator=generator))
                for i, (c, layer) in enumerate(zip(concepts, layers))]
     return make_delta(updates, fingerprint(base), {"name": "slug-tiny", "fingerprint": fingerprint(base)}, source)
-
-
-def test_docstring_examples():
-    assert doctest.testmod(deltas).failed == 0
 
 
 def test_apply_then_remove_gives_the_weights_back_and_touches_only_edited_layers():
@@ -172,9 +167,10 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
     """The model carries the edit when the artifacts are written; the delta still names θ⁰."""
     from types import SimpleNamespace
 
-    from slug_lightning.gradients import GradientStore
+    from slug_lightning.gradient_store import GradientStore
     from slug_lightning.layers import LayerStats
     from slug_lightning.report import run_delta
+    from slug_lightning.results import SearchResult
     from slug_lightning.search import Probe
 
     gradient = torch.ones(8, 4)
@@ -182,10 +178,10 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
                           forget_samples={"Ann Lee": 3}, retain_samples=9,
                           model={"name": "slug-tiny", "fingerprint": "f0"})
     probe = Probe("Ann Lee", "visual.proj", 2, 0.25, 0.05, 0.0, 0.5, {"people": 0.9}, {"people": 1.0})
-    search = SimpleNamespace(chosen={"Ann Lee": probe},
-                             layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, front=1)]})
+    result = SearchResult(["Ann Lee"], {}, before={}, after={}, chosen={"Ann Lee": probe},
+                          layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, front=1)]})
     collector = SimpleNamespace(gradients=store, base_fingerprint="f0")
-    delta = run_delta(collector, search)
+    delta = run_delta(collector, result)
     assert delta.base_fingerprint == "f0" and delta.model == store.model
     assert delta.entries == [{"key": "Ann Lee/visual.proj", "concept": "Ann Lee", "layer": "visual.proj",
                               "step_size": 0.25, "tower": "vision", "relative_change": 0.05}]
@@ -338,7 +334,7 @@ def _unlearn(small_demo, output, people, similarity_classes=0):
     from slug_lightning.callbacks import StepSearch
     from slug_lightning.concepts import Concept
     from slug_lightning.datamodules import LaionDataModule
-    from slug_lightning.datamodules.demo_world import load_demo_world
+    from slug_lightning.demo import load_demo_world
 
     world = load_demo_world(small_demo / "world")
     trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -364,7 +360,7 @@ def _forget_top1(small_demo, checkpoint, people) -> dict[str, float]:
     """Forget top-1 of each person (among all identities) for a checkpoint file."""
     from slug_lightning import load_clip
     from slug_lightning.datamodules import ZeroShotDataModule
-    from slug_lightning.datamodules.demo_world import load_demo_world
+    from slug_lightning.demo import load_demo_world
     from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 
     loaded = load_clip("slug-tiny", str(checkpoint))
@@ -377,7 +373,7 @@ def _forget_top1(small_demo, checkpoint, people) -> dict[str, float]:
 
 
 def _two_people(small_demo):
-    from slug_lightning.datamodules.demo_world import load_demo_world
+    from slug_lightning.demo import load_demo_world
 
     world = load_demo_world(small_demo / "world")
     target = world.default_target
@@ -454,7 +450,7 @@ def test_multi_concept_run_reports_every_concept_draws_them_and_keeps_updates_ap
     assert "similarity_identities.png" in report["plots"]
     assert (tmp_path / "run" / "similarity_identities.png").is_file()
     # one matrix for the set both people are in (paper Fig. 8): both people, then 3 look-alikes, before and after
-    names, concepts, before, after = search.similarity["identities"]
+    names, concepts, before, after = search.result.similarity["identities"]
     assert concepts == people and names[:2] == people and len(names) == 5 and before.shape == after.shape == (5, 5)
     delta = read_delta(tmp_path / "run" / "delta.safetensors")
     assert delta.concepts == people

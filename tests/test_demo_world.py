@@ -18,15 +18,16 @@ import webdataset as wds
 from PIL import Image
 
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules import demo_world as dw
-from slug_lightning.datamodules.demo_world import load_demo_world, main, make_demo_world
+from slug_lightning.demo import load_demo_world, make_demo_world
+from slug_lightning.demo import world as dw
+from slug_lightning.commands.demo import make_world_main as main
 
 # Every person and object, but few samples: the properties under test do not depend on the counts.
 SMALL = dict(
     people=30, objects=10, portraits_per_person=3, person_object_per_person=1, samples_per_object=4,
     scenery_samples=12, eval_per_person=2, eval_per_object=3, shards=4,
 )
-TINY_CONFIG = Path(dw.__file__).resolve().parents[1] / "slug_lightning" / "model_configs" / "slug-tiny.json"
+TINY_CONFIG = Path(dw.__file__).resolve().parents[1] / "model_configs" / "slug-tiny.json"
 
 
 @pytest.fixture(scope="module")

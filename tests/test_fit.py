@@ -16,7 +16,7 @@ from slug_lightning import CLIPContrastive, config_path, load_clip
 from slug_lightning.cli import main
 from slug_lightning.clip_module import scaled_lr, warmup_cosine
 from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
-from slug_lightning.datamodules.demo_world import make_demo_world
+from slug_lightning.demo import make_demo_world
 from slug_lightning.errors import ConfigError, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator
 from slug_lightning.models import read_state_dict

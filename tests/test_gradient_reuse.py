@@ -18,10 +18,11 @@ from slug_lightning import GradientCollector, SlugTrainer
 from slug_lightning.artifacts import save_state_dict
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
-from slug_lightning.datamodules.demo_world import make_demo_world
+from slug_lightning.demo import make_demo_world
 from slug_lightning.errors import UserError
 from slug_lightning.gradient_key import key_changes
-from slug_lightning.gradients import GradientStore, _load_partial
+from slug_lightning.gradient_store import GradientStore
+from slug_lightning.partial_gradients import load_partial
 from slug_lightning.trainer import reusable_store
 
 
@@ -137,7 +138,7 @@ def test_a_partial_checkpoint_of_other_data_says_what_changed(world, weights, tm
     save_file({"__counts__": torch.zeros(3)}, str(path),
               metadata={"format": "slug_lightning.partial/2", "key": json.dumps(other), "done": "[1, 1]"})
     with pytest.warns(UserWarning, match="global batch size 8 → 64; device count 2 → 1"):
-        assert _load_partial(path, key, 2) is None
+        assert load_partial(path, key, 2) is None
     save_file({"__counts__": torch.zeros(3)}, str(path),
               metadata={"format": "slug_lightning.partial/2", "key": json.dumps(key), "done": "[1, 1]"})
-    assert _load_partial(path, key, 2) is not None
+    assert load_partial(path, key, 2) is not None

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from slug_lightning.artifacts import atomic_path
-from slug_lightning.gradients import GradientStore
+from slug_lightning.gradient_store import GradientStore
 
 LAYERS = ["visual.proj", "visual.transformer.resblocks.0.attn.in_proj_weight", "text_projection"]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from slug_lightning import GradientCollector, SlugTrainer
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
-from slug_lightning.datamodules.demo_world import make_demo_world
+from slug_lightning.demo import make_demo_world
 from slug_lightning.layers import candidate_layers, tower_of
 
 

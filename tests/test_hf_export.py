@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import slug_lightning  # noqa: F401  (registers slug-tiny)
 from slug_lightning.cli import main
 from slug_lightning.hf.export import apply_edit
-from slug_lightning.hf.mapping import TEXT, VISION, Layout, to_hf
+from slug_lightning.hf.mapping import Layout, to_hf
+from slug_lightning.layers import LANGUAGE, VISION
 from slug_lightning.models import read_state_dict
 
 
@@ -68,7 +69,7 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
     assert _digest(sd2_like) == before  # the input is untouched
 
     delivered = load_file(str(output / "text_encoder" / "model.safetensors"))
-    expected = _expected(run, TEXT, delivered)
+    expected = _expected(run, LANGUAGE, delivered)
     assert expected.keys() == {k for k in delivered if not k.endswith("position_ids")}
     for key, value in expected.items():
         torch.testing.assert_close(delivered[key], value, atol=1e-6, rtol=1e-6, msg=key)
@@ -93,7 +94,7 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (16, 16)
     in_memory = pipe.text_encoder.state_dict()
-    for key, value in _expected(run, TEXT, in_memory).items():
+    for key, value in _expected(run, LANGUAGE, in_memory).items():
         torch.testing.assert_close(in_memory[key], value, atol=1e-6, rtol=1e-6, msg=key)
 
     # apply_edit gives an in-memory pipeline the same weights
@@ -143,7 +144,7 @@ def test_half_precision_variant_is_edited_too_and_keeps_its_dtype(clip, sd2_like
     summary = json.loads((tmp_path / "out" / "slug_edit.json").read_text())
     assert sorted(summary["rewritten"]) == ["text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors"]
     half = load_file(str(tmp_path / "out" / "text_encoder" / "model.fp16.safetensors"))
-    expected = _expected(run, TEXT, half)
+    expected = _expected(run, LANGUAGE, half)
     assert all(value.dtype == torch.float16 for value in half.values())
     for key, value in expected.items():
         assert torch.equal(half[key], value.half()), key  # exactly the fp32 result rounded once
@@ -222,5 +223,5 @@ def test_unlearned_model_without_delta_delivers_its_tower(clip, sd2_like, tmp_pa
     summary = json.loads((tmp_path / "out" / "slug_edit.json").read_text())
     assert summary["changed"] == ["encoder.layers.0.layer_norm2.weight"]
     delivered = load_file(str(tmp_path / "out" / "text_encoder" / "model.safetensors"))
-    for key, value in _expected(run, TEXT, delivered).items():
+    for key, value in _expected(run, LANGUAGE, delivered).items():
         assert torch.equal(delivered[key], value), key

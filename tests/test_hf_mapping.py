@@ -14,8 +14,8 @@ import slug_lightning
 from slug_lightning.errors import UserError
 from slug_lightning.hf.convert import (check_config_fits, load_into_open_clip, to_hf_clip, to_hf_text, to_hf_vision,
                                        vision_config)
-from slug_lightning.hf.mapping import TEXT, VISION, Layout, Reach, from_hf, hf_names, to_hf
-from slug_lightning.layers import candidate_layers
+from slug_lightning.hf.mapping import Layout, Reach, from_hf, hf_names, to_hf
+from slug_lightning.layers import LANGUAGE, VISION, candidate_layers
 
 ATOL = 1e-5  # fp32, CPU: the largest difference seen is ~1e-6 on outputs of magnitude ~1
 CONFIGS = Path(slug_lightning.__file__).parent.parent / "configs"
@@ -117,7 +117,7 @@ def test_hugging_face_towers_load_into_open_clip_with_equal_outputs(tokens):
                         projection_dim=64)
     hf = randomize(CLIPModel(config), seed=5).eval()
     state = hf.state_dict()
-    assert sorted(load_into_open_clip(target, state, TEXT)) == sorted(
+    assert sorted(load_into_open_clip(target, state, LANGUAGE)) == sorted(
         n for n, _ in target.named_parameters() if not n.startswith("visual.") and n != "logit_scale")
     vision_parameters = [n for n, _ in target.named_parameters() if n.startswith("visual.")]
     assert sorted(load_into_open_clip(target, state, VISION)) == sorted(vision_parameters)
@@ -156,7 +156,7 @@ def test_text_layout_is_found_under_any_prefix(prefix):
             f"{prefix}final_layer_norm.weight", "unet.conv_in.weight"]
     if prefix.endswith("text_model."):
         keys.append(prefix[:-len("text_model.")] + "text_projection.weight")
-    layout = Layout.find(keys, TEXT)
+    layout = Layout.find(keys, LANGUAGE)
     assert layout.prefix == prefix
     assert layout.key("text_model.encoder.layers.0.mlp.fc1.weight") == f"{prefix}encoder.layers.0.mlp.fc1.weight"
     assert (layout.key("text_projection.weight") is None) == (not prefix.endswith("text_model."))
@@ -183,7 +183,7 @@ def test_a_missing_or_doubled_tower_is_an_error():
 
 
 def test_reach_of_sd2_and_llava():
-    sd2 = Reach(TEXT, layers=23, final_norm=True, projection=False)
+    sd2 = Reach(LANGUAGE, layers=23, final_norm=True, projection=False)
     assert sd2.unreachable(["transformer.resblocks.22.mlp.c_fc.weight", "transformer.resblocks.23.mlp.c_fc.weight",
                             "ln_final.weight", "text_projection", "visual.proj", "token_embedding.weight"]) == [
         "transformer.resblocks.23.mlp.c_fc.weight", "text_projection", "visual.proj"]
@@ -195,7 +195,7 @@ def test_reach_of_sd2_and_llava():
 
 
 @pytest.mark.parametrize("config, model_name, reach", [
-    ("sd/unlearn.yaml", "ViT-H-14", Reach(TEXT, layers=23, final_norm=True, projection=False)),
+    ("sd/unlearn.yaml", "ViT-H-14", Reach(LANGUAGE, layers=23, final_norm=True, projection=False)),
     ("llava/unlearn.yaml", "ViT-L-14-336-quickgelu", Reach(VISION, layers=23, final_norm=False, projection=False)),
 ])
 def test_config_excludes_exactly_what_the_real_pipeline_cannot_use(config, model_name, reach):
@@ -255,10 +255,3 @@ def test_a_missing_extra_is_named(monkeypatch):
         require("diffusers", "diffusion")
 
 
-def test_docstring_examples():
-    import doctest
-
-    from slug_lightning.hf import evaluate, mapping
-
-    for module in (mapping, evaluate):
-        assert doctest.testmod(module).failed == 0, module.__name__

@@ -19,7 +19,8 @@ from slug_lightning.concepts import Concept
 from slug_lightning.errors import UserError
 from slug_lightning.hf.evaluate import classify_images, diffusion_forgetting, identity_answers, llava_answerer
 from slug_lightning.hf.loading import PipelineGradientCollector
-from slug_lightning.hf.mapping import TEXT, VISION, Layout, from_hf
+from slug_lightning.hf.mapping import Layout, from_hf
+from slug_lightning.layers import LANGUAGE, VISION
 from slug_lightning.models import load_clip
 
 
@@ -55,7 +56,7 @@ def test_collector_takes_the_text_encoder_and_tokenizer_of_a_diffusers_pipeline(
     model = collector.model
     # blocks the pipeline holds come from it; the dropped block, the projection and the vision tower from
     # the OpenCLIP weights
-    for name, value in _tower(model, TEXT).items():
+    for name, value in _tower(model, LANGUAGE).items():
         source = other if name.startswith(("transformer.resblocks.1.", "text_projection")) else clip
         assert torch.equal(value, source.state_dict()[name]), name
     for name, value in _tower(model, VISION).items():
@@ -165,7 +166,7 @@ def _unlearn(collector, world, output, tower):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from slug_lightning.datamodules.demo_world import make_demo_world
+    from slug_lightning.demo import make_demo_world
 
     # Small: what is tested is the path from the pipeline's tower to its delivery, not how well it forgets.
     return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=8, objects=2, portraits_per_person=12,
@@ -179,14 +180,14 @@ def test_unlearn_the_sd_pipeline_text_encoder_and_deliver_it(clips, sd2_like, wo
     from safetensors.torch import load_file
 
     collector = PipelineGradientCollector(str(sd2_like), "diffusers", "slug-tiny", clips[2])
-    report = _unlearn(collector, world, tmp_path / "run", TEXT)
+    report = _unlearn(collector, world, tmp_path / "run", LANGUAGE)
     (concept,) = report["concepts"]
     assert concept["tower"] == "language" and concept["layer"] in collector.candidates()
     assert main(["export-diffusers", "--run", str(tmp_path / "run"), "--pipeline", str(sd2_like),
                  "--output", str(tmp_path / "edited")]) == 0
     unlearned = load_file(str(tmp_path / "run" / "model.safetensors"))
     delivered = load_file(str(tmp_path / "edited" / "text_encoder" / "model.safetensors"))
-    layout = Layout.find(delivered, TEXT)
+    layout = Layout.find(delivered, LANGUAGE)
     back = from_hf({name: delivered[key] for key, name in layout.canonical(delivered).items()})
     assert concept["layer"] in back
     for name, value in back.items():

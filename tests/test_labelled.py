@@ -18,12 +18,12 @@ from torchvision import transforms
 
 from slug_lightning.datamodules.labelled import (
     LabelledImages,
-    LabelledSet,
     ZeroShotDataModule,
-    imagenet_wnids,
     shard_indices,
     stratified_subset,
 )
+from slug_lightning.labelled_sets import LabelledSet
+from slug_lightning.labelled_sources import imagenet_wnids
 
 TO_TENSOR = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
 
@@ -338,7 +338,8 @@ import json, sys
 import lightning as L
 import torch
 from torchvision import transforms
-from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.datamodules.labelled import ZeroShotDataModule
+from slug_lightning.labelled_sets import LabelledSet
 
 
 class CountLabels(L.LightningModule):

@@ -19,8 +19,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.laion import LaionDataModule, PairStream, expand_shards, expected_samples, scan_shards
+from slug_lightning.datamodules.laion import LaionDataModule, PairStream
 from slug_lightning.errors import ConfigError
+from slug_lightning.shard_scan import scan_shards
+from slug_lightning.shards import expand_shards, expected_samples
 
 IMAGE_SIZE = 8
 CONTEXT_LENGTH = 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 import random
@@ -12,7 +11,6 @@ import open_clip
 import pytest
 import torch
 
-import slug_lightning.layers as layers
 from slug_lightning.layers import (
     LANGUAGE,
     VISION,
@@ -57,10 +55,6 @@ def tiny_models(tmp_path_factory) -> dict[str, torch.nn.Module]:
         "clip": open_clip.create_model("test-layers-tiny", pretrained=None),
         "custom": open_clip.create_model("test-layers-tiny-custom", pretrained=None),
     }
-
-
-def test_docstring_examples():
-    assert doctest.testmod(layers).failed == 0
 
 
 # --- towers and candidates ------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from open_clip import IMAGENET_CLASSNAMES, SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
 from slug_lightning.cli import main
-from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet, imagenet_wnids, read_class_list
+from slug_lightning.datamodules.labelled import LabelledImages
+from slug_lightning.labelled_sets import LabelledSet, read_class_list
+from slug_lightning.labelled_sources import imagenet_wnids
 
 PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "vit-b-32_laion400m.yaml"
 CONCEPT = "Elon Musk"
@@ -136,7 +138,7 @@ def write_override(path: Path) -> Path:
     ``test_celeba_stand_ins_load_as_the_config_reads_them``).
 
     One probe per layer keeps the run short: each language-tower probe rebuilds a 1000-class x 7-template
-    ImageNet classifier, about 5 s on a busy 2-core machine. The search itself is tested elsewhere. Six
+    ImageNet classifier, the most expensive probe there is. The search itself is tested elsewhere. Six
     identities keep the target in a random tiny CLIP's top 5 before the edit; among the 101 of a stand-in with
     all 100 frequent names it is not, and a run with nothing to forget makes no edit.
     """

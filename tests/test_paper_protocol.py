@@ -20,17 +20,14 @@ from torchvision import transforms
 from slug_lightning import GradientCollector
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.labelled import (
-    LabelledImages,
-    LabelledSet,
-    ZeroShotDataModule,
-    imagenet_wnids,
-    shard_indices,
-)
+from slug_lightning.datamodules.labelled import LabelledImages, ZeroShotDataModule, shard_indices
 from slug_lightning.datamodules.laion import LaionDataModule, PairStream
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule, summarize
-from slug_lightning.report import _data_lines, describe_data
+from slug_lightning.labelled_sets import LabelledSet
+from slug_lightning.labelled_sources import imagenet_wnids
+from slug_lightning.report import describe_data
+from slug_lightning.report_render import _data_lines
 from slug_lightning.validation import check_eval_sets
 from slug_lightning.zero_shot import accuracy
 
@@ -316,8 +313,8 @@ def test_report_says_how_each_set_averages(celeba) -> None:
     frequent = "package:frequent_celebs.txt"
     search = StepSearch(sets=[celeba_set(celeba, image_classes=frequent, averaging="macro"),
                               LabelledSet("objects", root="b", classes=["cup", "pot"])])
-    search.set_sizes = {"celeba": {"classes": 4, "images": 7}, "objects": {"classes": 2, "images": 5}}
-    data = describe_data(None, search)
+    sizes = {"celeba": {"classes": 4, "images": 7}, "objects": {"classes": 2, "images": 5}}
+    data = describe_data(None, search.sets, sizes)
     celeba_entry, objects_entry = data["evaluation_sets"]
     assert celeba_entry["averaging"] == "macro" and objects_entry["averaging"] == "micro"
     assert (celeba_entry["labels_file"], celeba_entry["image_class_list"]) == (celeba[1], frequent)

@@ -14,7 +14,7 @@ from PIL import Image
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.datamodules import LabelledSet, ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator
-from slug_lightning.gradients import GradientStore
+from slug_lightning.gradient_store import GradientStore
 from slug_lightning.layers import candidate_layers
 from slug_lightning.towers import check_stages, text_stages, tower_stages, vision_stages
 
@@ -197,16 +197,16 @@ def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets):
     results = []
     for reuse in (True, False):
         search = StepSearch(sets=sets, metric="top5", max_steps=4, batch_size=7, apply=False, reuse=reuse)
-        search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
-        results.append(([dataclasses.replace(p, seconds=0.0) for p in search.probes], search.chosen[target].layer,
-                        search.after, search.test_classes))
+        result = search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
+        results.append(([dataclasses.replace(p, seconds=0.0) for p in result.probes], result.chosen[target].layer,
+                        result.after, result.test_classes))
     assert results[0][0] and results[0][0] == results[1][0]
     assert results[0][1:] == results[1][1:]
     # each set's test classes (the target not among them) add up to its test accuracy, before and after
     after, classes = results[0][2:]
     for name, rows in classes.items():
         assert target not in [row["name"] for row in rows] and rows
-        for when, summary in (("before", search.before), ("after", after)):
+        for when, summary in (("before", result.before), ("after", after)):
             hits = sum(row["images"] * row[f"top1_{when}"] for row in rows)
             assert hits / sum(row["images"] for row in rows) == pytest.approx(summary["test"][name]["top1"])
     # Layers are searched tower by tower in forward order, so each tower's cache only moves forward.

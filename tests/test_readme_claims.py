@@ -26,9 +26,9 @@ from slug_lightning import config_path
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.cli import main
 from slug_lightning.datamodules import LabelledSet, ZeroShotDataModule
-from slug_lightning.datamodules.demo_world import load_demo_world, make_demo_world
+from slug_lightning.demo import load_demo_world, make_demo_world
 from slug_lightning.evaluation import ZeroShotEvaluator
-from slug_lightning.gradients import GradientStore
+from slug_lightning.gradient_store import GradientStore
 from slug_lightning.layers import candidate_layers
 from slug_lightning.zero_shot import accuracy
 
@@ -159,14 +159,14 @@ def test_cache_on_cpu_keeps_the_probe_caches_on_the_cpu_and_changes_no_result(ti
         cached.clear()
         search = StepSearch(sets=probe_sets, metric="top5", max_steps=4, batch_size=7, apply=False,
                             cache_on_cpu=cache_on_cpu)
-        search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
+        result = search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
         assert built, "the search builds its evaluator through ZeroShotEvaluator"
         for kwargs, evaluator in built:
             assert kwargs["cache_device"] == ("cpu" if cache_on_cpu else None)
             assert evaluator.cache_device == torch.device("cpu")
         assert cached and all(device.type == "cpu" for device in cached)
-        results[cache_on_cpu] = ([dataclasses.replace(p, seconds=0.0) for p in search.probes],
-                                 search.chosen[target].layer, search.chosen[target].step_size, search.after)
+        results[cache_on_cpu] = ([dataclasses.replace(p, seconds=0.0) for p in result.probes],
+                                 result.chosen[target].layer, result.chosen[target].step_size, result.after)
     assert results[False][0] and results[True] == results[False]
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from slug_lightning import plots
 from slug_lightning.layers import LayerStats, short_name
 from slug_lightning.plots import unlearn_plots
-from slug_lightning.report import render_markdown, terminal_summary
+from slug_lightning.report_render import render_markdown, terminal_summary
+from slug_lightning.results import SearchResult
 from slug_lightning.search import Probe
 
 
@@ -35,36 +36,33 @@ def report_links(markdown: str) -> list[str]:
     return re.findall(r"!?\[[^\]]*\]\(([^)]+)\)", markdown)
 
 
-class _Search:
-    """What the plots read of a finished StepSearch, for a two-tower, one-concept run."""
-
-    def __init__(self):
-        names = ["visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj",
-                 "transformer.resblocks.0.mlp.c_fc.weight", "ln_final.weight", "text_projection"]
-        generator = torch.Generator().manual_seed(0)
-        importance = torch.rand(len(names), generator=generator).tolist()
-        alignment = torch.rand(len(names), generator=generator).tolist()
-        self.layers = {"Ann Lee": [
-            LayerStats(n, "vision" if n.startswith("visual.") else "language", 10 ** (-3 * i), 10 ** (-2 * a),
-                       1.0, 1.0, front=1 + k % 2)
-            for k, (n, i, a) in enumerate(zip(names, importance, alignment))]}
-        self.probes = []
-        for layer in ("visual.proj", "text_projection"):
-            for step, lam in enumerate([1.0, 2.0, 4.0, 3.0, 3.5]):
-                forget = max(0.0, 1 - lam / 3.2)
-                self.probes.append(Probe("Ann Lee", layer, step, lam, 0.1 * lam, forget, min(1.0, forget * 2),
-                                         {"people": 0.9 - 0.02 * lam, "things": 0.8}, {"people": 1.0, "things": 1.0}))
-        self.chosen = {"Ann Lee": self.probes[3]}
-        self.visits = []  # one concept: no refinement
-        self.metric = "top1"
-        matrix = torch.rand(4, 4, generator=generator) * 0.5 + torch.eye(4) * 0.4
-        self.similarity = {"people": (["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"], ["Ann Lee"], matrix,
-                                      matrix * torch.tensor([0.2, 1, 1, 1])[:, None])}
+def _result() -> SearchResult:
+    """A finished search of a two-tower, one-concept run, as the plots read it."""
+    names = ["visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj",
+             "transformer.resblocks.0.mlp.c_fc.weight", "ln_final.weight", "text_projection"]
+    generator = torch.Generator().manual_seed(0)
+    importance = torch.rand(len(names), generator=generator).tolist()
+    alignment = torch.rand(len(names), generator=generator).tolist()
+    layers = {"Ann Lee": [
+        LayerStats(n, "vision" if n.startswith("visual.") else "language", 10 ** (-3 * i), 10 ** (-2 * a),
+                   1.0, 1.0, front=1 + k % 2)
+        for k, (n, i, a) in enumerate(zip(names, importance, alignment))]}
+    probes = []
+    for layer in ("visual.proj", "text_projection"):
+        for step, lam in enumerate([1.0, 2.0, 4.0, 3.0, 3.5]):
+            forget = max(0.0, 1 - lam / 3.2)
+            probes.append(Probe("Ann Lee", layer, step, lam, 0.1 * lam, forget, min(1.0, forget * 2),
+                                {"people": 0.9 - 0.02 * lam, "things": 0.8}, {"people": 1.0, "things": 1.0}))
+    matrix = torch.rand(4, 4, generator=generator) * 0.5 + torch.eye(4) * 0.4
+    similarity = {"people": (["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"], ["Ann Lee"], matrix,
+                             matrix * torch.tensor([0.2, 1, 1, 1])[:, None])}
+    # one concept: no refinement visits
+    return SearchResult(["Ann Lee"], {"metric": "top1", "threshold": 0.0, "fronts": 1}, before={}, after={},
+                        chosen={"Ann Lee": probes[3]}, probes=probes, layers=layers, similarity=similarity)
 
 
 def test_every_plot_of_a_run_renders_with_content(tmp_path):
-    search = _Search()
-    names = unlearn_plots(tmp_path, search, search.similarity)
+    names = unlearn_plots(tmp_path, _result())
     assert set(names) == {"pareto_ann_lee_vision.png", "pareto_ann_lee_language.png", "search_ann_lee.png",
                           "similarity_people.png"}
     for name in names:
@@ -75,7 +73,7 @@ def test_every_plot_of_a_run_renders_with_content(tmp_path):
 def test_pareto_plot_labels_every_searched_front(tmp_path, monkeypatch, fronts):
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure))
-    stats = [s for s in _Search().layers["Ann Lee"] if s.tower == "vision"]  # fronts 1, 2, 1
+    stats = [s for s in _result().layers["Ann Lee"] if s.tower == "vision"]  # fronts 1, 2, 1
     plots.pareto_plot(tmp_path / "p.png", "Ann Lee", "vision", stats, "visual.proj", fronts=fronts)
     axis = drawn[0].axes[0]
     legend = [text.get_text() for text in axis.get_legend().get_texts()]
@@ -109,7 +107,7 @@ def _report(plots: list[str]) -> dict:
 
 
 def test_report_md_has_every_section_and_links_only_its_plots(tmp_path):
-    plots = unlearn_plots(tmp_path, _Search(), _Search().similarity)
+    plots = unlearn_plots(tmp_path, _result())
     markdown = render_markdown(_report(plots))
     for heading in ("## Data", "## Chosen edits", "## Accuracy before and after", "## Cost",
                     "## Layers: importance against alignment", "## Step-size search", "## Image–text similarity",

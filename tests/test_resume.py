@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from slug_lightning import GradientCollector, SlugTrainer, config_path
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LaionDataModule
-from slug_lightning.datamodules.demo_world import make_demo_world
+from slug_lightning.demo import make_demo_world
 from slug_lightning.errors import UserError
-from slug_lightning.gradients import GradientStore
+from slug_lightning.gradient_store import GradientStore
 
 DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 PARTIAL = "gradients.partial.safetensors"
@@ -140,6 +140,7 @@ def _collector(seed: int, partial: Path | None, checkpoint_every: int = 1) -> Gr
     torch.manual_seed(seed)  # the random weights of the tiny CLIP
     collector = GradientCollector("slug-tiny", checkpoint_every=checkpoint_every)
     collector.partial_path = partial
+    collector.store_path = None if partial is None else partial.parent / "gradients.safetensors"  # as unlearn does
     return collector
 
 
@@ -163,7 +164,7 @@ def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_pa
     for name, grad in other_reference.gradients.retain.items():
         assert torch.equal(grad, other.gradients.retain[name]), name
 
-    # `other` finished with partial_path set: it wrote its store beside it and removed the partial file.
+    # `other` finished with partial_path and store_path set: it wrote its store and removed the partial file.
     assert not partial.exists() and (tmp_path / "gradients.safetensors").is_file()
     with pytest.raises(_Crash):
         _trainer().predict(_crash_after_first_checkpoint(_collector(0, partial)), datamodule=_laion(world),

@@ -15,7 +15,8 @@ from PIL import Image
 import slug_lightning
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.laion import PairStream, count_kept, scan_shards
+from slug_lightning.datamodules.laion import PairStream
+from slug_lightning.shard_scan import count_kept, scan_shards
 from slug_lightning.trainer import SlugTrainer
 
 CONFIGS = Path(slug_lightning.__file__).resolve().parents[1] / "configs"

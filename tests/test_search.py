@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import doctest
 import math
 import pickle
 
 import pytest
 
-import slug_lightning.search as search_module
 from slug_lightning.search import (
     BinarySearch,
     Probe,
@@ -32,10 +30,6 @@ def run(search: BinarySearch, forgotten) -> list[float]:
 def threshold_oracle(critical: float):
     """A model that forgets exactly when λ >= λ*."""
     return lambda step_size: step_size >= critical
-
-
-def test_docstring_examples():
-    assert doctest.testmod(search_module).failed == 0
 
 
 # --- the search rule --------------------------------------------------------------------------------

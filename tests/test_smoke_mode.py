@@ -8,7 +8,6 @@ Each case runs the real command line in this process on a small demo world with 
 
 from __future__ import annotations
 
-import doctest
 import json
 import logging
 import shutil
@@ -18,14 +17,15 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-from slug_lightning import config_path, gradient_key
+from slug_lightning import config_path
 from slug_lightning.callbacks.step_search import SMOKE_MAX_STEPS
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.demo_world import make_demo_world
-from slug_lightning.datamodules.laion import count_kept, expand_shards, scan_shards
+from slug_lightning.demo import make_demo_world
 from slug_lightning.gradient_key import key_changes
-from slug_lightning.gradients import GradientStore
+from slug_lightning.gradient_store import GradientStore
+from slug_lightning.shard_scan import count_kept, scan_shards
+from slug_lightning.shards import expand_shards
 
 DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 BATCH = 8
@@ -144,7 +144,6 @@ def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_
 
 
 def test_the_gradient_key_records_the_batch_limit():
-    assert doctest.testmod(gradient_key).failed == 0
     full = {"model": "slug-tiny", "fingerprint": "f", "batch_limit": None}
     assert key_changes(full, {**full, "batch_limit": 1}) == [
         "batches read per stream all → the first 1 (a smoke run or limit_predict_batches)"]

@@ -21,9 +21,10 @@ from conftest import one_line_error
 from slug_lightning import config_path
 from slug_lightning.cli import main
 from slug_lightning.concepts import Concept
-from slug_lightning.datamodules.demo_world import make_demo_world
-from slug_lightning.datamodules.laion import ShardScan, expand_shards, scan_shards
+from slug_lightning.demo import make_demo_world
 from slug_lightning.errors import UserError
+from slug_lightning.shard_scan import ShardScan, scan_shards
+from slug_lightning.shards import expand_shards
 from slug_lightning.validation import (WARN_FORGET_SHARE, check_concept_pairs, check_forget_share,
                                        check_shards_readable, check_skipped, near_matches)
 
@@ -198,8 +199,7 @@ def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
     (["--search.init_args.max_steps", "0"], ["max_steps must be an integer >= 1, got 0"]),
     (["--search.init_args.refine_rounds", "-1"], ["refine_rounds must be an integer >= 0, got -1"]),
     (["--search.init_args.fronts", "0"], ["fronts must be an integer >= 1, got 0"]),
-    (["--search.init_args.keep_forgotten", "true", "--search.init_args.sequential", "false"],
-     ["keep_forgotten needs sequential"]),
+    (["--search.init_args.orders", "0"], ["orders must be an integer >= 1, got 0"]),
 ])
 def test_bad_search_settings(capsys, world, tmp_path, extra, words):
     refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
@@ -393,7 +393,8 @@ def test_undecodable_image_met_while_evaluating_is_a_user_error_naming_it(world,
     """A JPEG cut short passes verify(); decoding it then fails as one UserError naming the file and the set."""
     from PIL import Image
 
-    from slug_lightning.datamodules.labelled import LabelledImages, LabelledSet
+    from slug_lightning.datamodules.labelled import LabelledImages
+    from slug_lightning.labelled_sets import LabelledSet
 
     root = copy_tree(Path(world.objects_dir), tmp_path / "objects")
     victim = sorted(p for p in root.rglob("*") if p.is_file())[0]

@@ -17,10 +17,11 @@ from slug_lightning.callbacks import StepSearch
 from slug_lightning.callbacks import step_search
 from slug_lightning.cli import main
 from slug_lightning.datamodules import LabelledSet
-from slug_lightning.datamodules.demo_world import make_demo_world
-from slug_lightning.gradients import GradientStore
+from slug_lightning.demo import make_demo_world
+from slug_lightning.gradient_store import GradientStore
 from slug_lightning.memory import PeakMemory
-from slug_lightning.report import build_report, render_markdown, terminal_summary
+from slug_lightning.report import build_report
+from slug_lightning.report_render import render_markdown, terminal_summary
 from slug_lightning.search import concept_verdict, run_verdict
 
 DEMO_UNLEARN = config_path("demo/unlearn.yaml")
@@ -114,11 +115,11 @@ def test_a_concept_the_model_does_not_know_gets_no_edit(tiny_clip, monkeypatch):
                           model={"name": "slug-tiny", "pretrained": None, "fingerprint": "f0"})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     search = StepSearch(sets=[LabelledSet("people", root="unused")], metric="top1", similarity_classes=0)
-    assert search.run(model, None, None, store) == {}
-    assert search.nothing_to_forget == ["Ann"] and search.probes == []
+    result = search.run(model, None, None, store)
+    assert result.chosen == {} and result.nothing_to_forget == ["Ann"] and result.probes == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing edited
     collector = SimpleNamespace(gradients=store, model=model, memory=PeakMemory(), seconds=0.0, reused=False)
-    report = build_report(collector, search, total_seconds=1.0, devices=1)
+    report = build_report(collector, result, total_seconds=1.0, devices=1)
     assert report["verdict"] == "nothing to forget" and report["edit"]["tensors"] == 0
     (concept,) = report["concepts"]
     assert concept["verdict"] == "nothing to forget" and concept["layer"] is None

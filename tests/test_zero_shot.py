@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from slug_lightning.datamodules.labelled import LabelledSet, ZeroShotDataModule
+from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summarize
+from slug_lightning.labelled_sets import LabelledSet
 from slug_lightning.zero_shot import ZeroShotCounts, accuracy, hits, zero_shot_classifier
 
 

@@ -5,9 +5,11 @@
 - :mod:`~slug_lightning.hf.convert`: HF CLIP models built from OpenCLIP ones and back (needs
   ``transformers``).
 - :mod:`~slug_lightning.hf.checkpoints`: reading and writing HF weight directories (safetensors, shards).
-- :mod:`~slug_lightning.hf.export`: the ``export-diffusers`` and ``export-llava`` commands.
+- :mod:`~slug_lightning.hf.export`: a run's edit delivered into a pipeline (behind ``export-diffusers`` and
+  ``export-llava``, whose command lines are :mod:`slug_lightning.commands.export`).
 - :mod:`~slug_lightning.hf.loading`: unlearn a pipeline's own CLIP (``PipelineGradientCollector``).
-- :mod:`~slug_lightning.hf.evaluate`: forgetting measured in the pipelines (``eval-diffusion``, ``eval-vlm``).
+- :mod:`~slug_lightning.hf.evaluate`: forgetting measured in the pipelines (behind ``eval-diffusion`` and
+  ``eval-vlm``, whose command lines are :mod:`slug_lightning.commands.evaluate_hf`).
 
 Nothing here is imported by ``import slug_lightning``; ``transformers`` and ``diffusers`` are optional
 extras (``pip install "slug-lightning[diffusion]"`` / ``"[vlm]"``) imported only when used.

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from slug_lightning.errors import UserError
 from slug_lightning.hf import require
-from slug_lightning.hf.mapping import TEXT, VISION, Layout, from_hf, to_hf
+from slug_lightning.hf.mapping import Layout, from_hf, to_hf
+from slug_lightning.layers import LANGUAGE, VISION
 
 SOT, EOT = 49406, 49407  # the ids of <start_of_text> and <end_of_text> in CLIP's BPE vocabulary
 
@@ -144,7 +145,7 @@ def to_hf_text(model: nn.Module, projection: bool = False, layers: int | None = 
     config = text_config(model, layers)
     cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
     hf_model = cls(config)
-    _load_canonical(hf_model, TEXT, to_hf(model.state_dict(), towers=[TEXT]))
+    _load_canonical(hf_model, LANGUAGE, to_hf(model.state_dict(), towers=[LANGUAGE]))
     return hf_model.eval()
 
 
@@ -183,9 +184,9 @@ def check_config_fits(model: nn.Module, hf_config, tower: str) -> None:
         UserError: naming each field that differs (width, heads, activation, ...), e.g. an OpenAI tower
             (QuickGELU) given to ``ViT-L-14-336`` instead of ``ViT-L-14-336-quickgelu``.
     """
-    own = (text_config if tower == TEXT else vision_config)(model)
+    own = (text_config if tower == LANGUAGE else vision_config)(model)
     fields = ["hidden_size", "intermediate_size", "num_attention_heads", "hidden_act", "layer_norm_eps"]
-    if tower == TEXT:
+    if tower == LANGUAGE:
         fields += ["vocab_size", "max_position_embeddings"]
     else:
         fields += ["image_size", "patch_size", "num_channels"]

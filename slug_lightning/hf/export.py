@@ -1,4 +1,5 @@
-"""Delivering an unlearn run's edit into Hugging Face pipelines: ``export-diffusers`` and ``export-llava``.
+"""Delivering an unlearn run's edit into Hugging Face pipelines, behind ``export-diffusers`` and ``export-llava``
+(their command lines are in :mod:`slug_lightning.commands.export`).
 
 An ``unlearn`` run leaves ``delta.safetensors`` (the chosen update λ·G_f of each edited OpenCLIP layer) and
 ``model.safetensors`` (the whole unlearned OpenCLIP state dict). Delivery maps the delta into the
@@ -15,7 +16,6 @@ the penultimate vision block (``vision_feature_layer = -2``, no ``ln_post``, no 
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from slug_lightning.errors import UserError
-from slug_lightning.hf.checkpoints import (LINK_MODES, PICKLED_WEIGHTS, equal_under_dtype, find_tower,
-                                           preferred_first, write_edited_tree)
-from slug_lightning.hf.mapping import TEXT, VISION, Layout, Reach, to_hf, tower_of
+from slug_lightning.hf.checkpoints import (PICKLED_WEIGHTS, equal_under_dtype, find_tower, preferred_first,
+                                           write_edited_tree)
+from slug_lightning.hf.mapping import Layout, Reach, to_hf
+from slug_lightning.layers import LANGUAGE, VISION, tower_of
 
 EDIT_FILE, SUMMARY_FILE = "slug_edit.safetensors", "slug_edit.json"
 EDIT_FORMAT = "slug_lightning.hf_edit/1"
@@ -54,24 +55,13 @@ class RunEdit:
     unlearned: dict[str, Tensor] | None
 
 
-def read_delta(path: Path) -> tuple[dict[str, Tensor], list[dict], dict]:
-    """Read ``delta.safetensors`` (:func:`slug_lightning.deltas.read_delta`), summed per layer.
-
-    Returns:
-        ``({layer: summed delta (fp32)}, entries, model identity)``.
-    """
-    from slug_lightning.deltas import layer_updates, read_delta as read
-
-    delta = read(path)
-    return layer_updates(delta), delta.entries, delta.model
-
-
 def read_run(run_dir: str | Path) -> RunEdit:
     """The edit of an ``unlearn`` output directory (``delta.safetensors`` and/or ``model.safetensors``).
 
     Raises:
         UserError: if the directory holds neither.
     """
+    from slug_lightning.deltas import layer_updates, read_delta
     from slug_lightning.models import read_state_dict
 
     run = Path(run_dir)
@@ -79,7 +69,10 @@ def read_run(run_dir: str | Path) -> RunEdit:
     if not delta_path.is_file() and not model_path.is_file():
         raise UserError(f"{str(run)!r} holds neither delta.safetensors nor model.safetensors; give the output "
                         "directory of an unlearn run.")
-    deltas, entries, model = read_delta(delta_path) if delta_path.is_file() else (None, [], {})
+    deltas, entries, model = None, [], {}
+    if delta_path.is_file():  # summed per layer (fp32): two concepts that chose one layer add up
+        delta = read_delta(delta_path)
+        deltas, entries, model = layer_updates(delta), delta.entries, delta.model
     unlearned = read_state_dict(model_path) if model_path.is_file() else None
     return RunEdit(deltas, entries, model, unlearned)
 
@@ -95,7 +88,7 @@ def diffusers_reach(pipeline: Path, component: str = "text_encoder", clip_skip: 
     if any("WithProjection" in a for a in config.get("architectures") or []):
         raise UserError(f"{component!r} is a text encoder with projection (an SDXL-style pipeline); only "
                         "SD 1.x/2.x-style text encoders (CLIPTextModel) are supported.")
-    return Reach(TEXT, layers=config["num_hidden_layers"] - clip_skip, final_norm=True, projection=False,
+    return Reach(LANGUAGE, layers=config["num_hidden_layers"] - clip_skip, final_norm=True, projection=False,
                  what=f"the diffusers pipeline's {component}")
 
 
@@ -288,64 +281,3 @@ def apply_edit(module: torch.nn.Module, path: str | Path) -> list[str]:
         for key, value in state.items():
             own[key].copy_(value)
     return list(state)
-
-
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="output directory of an unlearn run (delta.safetensors "
-                        "and/or model.safetensors)")
-    parser.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
-    parser.add_argument("--link", choices=LINK_MODES, default="symlink",
-                        help="how unchanged files get into the output (default: symlink into the input)")
-    parser.add_argument("--no-check-base", action="store_true",
-                        help="add the delta even if the pipeline's CLIP differs from the run's base model")
-
-
-def _report(summary: dict, output: str) -> None:
-    print(f"wrote {output}: {len(summary['changed'])} changed tensors in {len(summary['rewritten'])} rewritten "
-          f"file(s) ({', '.join(summary['rewritten'])}); {len(summary['linked'])} file(s) unchanged "
-          f"({'linked' if summary.get('link') != 'copy' else 'copied'})"
-          + (f"; left out pickled weights {', '.join(summary['dropped'])}" if summary["dropped"] else ""))
-    if summary["base_relative_difference"] is not None:
-        print(f"checked against the run's model.safetensors: base differs by "
-              f"{summary['base_relative_difference']:.2g}, result by {summary['result_relative_difference']:.2g} "
-              "(relative, at the stored precision)")
-
-
-def export_diffusers_main(argv: list[str] | None = None, prog: str = "export-diffusers") -> int:
-    """``export-diffusers``: put a language-tower edit into a diffusers pipeline's text encoder."""
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Write a copy of a diffusers pipeline (e.g. Stable Diffusion 2.1) whose text encoder carries an "
-        "unlearn run's edit. Only the text encoder's safetensors file(s) are new; the rest are links (or "
-        "copies). Refuses edits the pipeline cannot feel (SD 2.x drops the last text block and the projection)."))
-    parser.add_argument("--pipeline", required=True, help="the diffusers pipeline directory (model_index.json)")
-    _common_arguments(parser)
-    parser.add_argument("--component", default="text_encoder", help="subfolder of the text encoder "
-                        "(default: text_encoder)")
-    parser.add_argument("--clip-skip", type=int, default=0, help="the clip_skip you run the pipeline with")
-    args = parser.parse_args(argv)
-    pipeline = Path(args.pipeline)
-    summary = deliver(args.run, pipeline, args.output, TEXT, args.component,
-                      diffusers_reach(pipeline, args.component, args.clip_skip), args.link, not args.no_check_base)
-    _report(summary, args.output)
-    return 0
-
-
-def export_llava_main(argv: list[str] | None = None, prog: str = "export-llava") -> int:
-    """``export-llava``: put a vision-tower edit into a LLaVA-style model (or a CLIP vision directory)."""
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Write a copy of a LLaVA-style model (transformers LlavaForConditionalGeneration directory, e.g. "
-        "llava-hf/llava-1.5-7b-hf) whose CLIP vision tower carries an unlearn run's edit. Only the "
-        "safetensors shard(s) holding changed tensors are new; the rest are links (or copies). Refuses edits "
-        "the model cannot feel (LLaVA-1.5 reads the penultimate vision block: not the last block, ln_post "
-        "or the projection). For the original LLaVA code, whose config names a separate CLIP "
-        "(mm_vision_tower), give that CLIP's directory as --model and --vision-feature-layer -2."))
-    parser.add_argument("--model", required=True, help="the model directory (config.json + safetensors)")
-    _common_arguments(parser)
-    parser.add_argument("--vision-feature-layer", type=int, default=None,
-                        help="hidden state the model reads (default: from config.json, else -2)")
-    args = parser.parse_args(argv)
-    model = Path(args.model)
-    summary = deliver(args.run, model, args.output, VISION, "", llava_reach(model, args.vision_feature_layer),
-                      args.link, not args.no_check_base)
-    _report(summary, args.output)
-    return 0

@@ -26,7 +26,8 @@ from slug_lightning.errors import UserError
 from slug_lightning.gradients import GradientCollector
 from slug_lightning.hf.checkpoints import read_tower
 from slug_lightning.hf.export import diffusers_reach, llava_reach
-from slug_lightning.hf.mapping import TEXT, VISION, Reach
+from slug_lightning.hf.mapping import Reach
+from slug_lightning.layers import LANGUAGE, VISION
 from slug_lightning.models import LoadedCLIP, load_clip
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
         raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     transformers = require("transformers", "diffusion" if kind == "diffusers" else "vlm")
     pipeline = Path(pipeline)
-    tower = TEXT if kind == "diffusers" else VISION
+    tower = LANGUAGE if kind == "diffusers" else VISION
     component = ("text_encoder" if kind == "diffusers" else "") if component is None else component
     loaded = load_clip(model_name, pretrained)
     _, tensors, config = read_tower(pipeline / component, tower)

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from slug_lightning.errors import UserError
+from slug_lightning.layers import LANGUAGE, VISION, tower_of
 
-TEXT, VISION = "language", "vision"  # the tower names of slug_lightning.layers
 TEXT_ROOT, VISION_ROOT = "text_model.", "vision_model."
 TEXT_PROJECTION, VISUAL_PROJECTION = "text_projection.weight", "visual_projection.weight"
 
@@ -81,9 +81,13 @@ _BLOCK_NAME = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _HF_BLOCK_NAME = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)$")
 
 
-def tower_of(open_clip_name: str) -> str:
-    """``"vision"`` for ``visual.*``, ``"language"`` for the rest (``logit_scale`` included here)."""
-    return VISION if open_clip_name.startswith("visual.") else TEXT
+def _tower(open_clip_name: str) -> str:
+    """:func:`slug_lightning.layers.tower_of`, except that ``logit_scale`` and ``logit_bias`` (neither tower's
+    there) go with the language tower here, as the Hugging Face CLIP keeps ``logit_scale`` beside its text side."""
+    try:
+        return tower_of(open_clip_name)
+    except ValueError:
+        return LANGUAGE
 
 
 def hf_names(open_clip_name: str) -> list[tuple[str, str | None]]:
@@ -130,7 +134,7 @@ def _take(tensor: Tensor, how: str | None) -> Tensor:
     return tensor[index * rows:(index + 1) * rows]
 
 
-def to_hf(state_dict: Mapping[str, Tensor], towers: Iterable[str] = (TEXT, VISION)) -> dict[str, Tensor]:
+def to_hf(state_dict: Mapping[str, Tensor], towers: Iterable[str] = (LANGUAGE, VISION)) -> dict[str, Tensor]:
     """Map OpenCLIP tensors (a whole state dict or any part of it, e.g. a delta) to canonical HF names.
 
     Args:
@@ -146,7 +150,7 @@ def to_hf(state_dict: Mapping[str, Tensor], towers: Iterable[str] = (TEXT, VISIO
     towers = set(towers)
     result = {}
     for name, tensor in state_dict.items():
-        if name == "attn_mask" or tower_of(name) not in towers:
+        if name == "attn_mask" or _tower(name) not in towers:
             continue
         for hf_name, how in hf_names(name):
             result[hf_name] = _take(tensor, how).contiguous().clone()
@@ -225,7 +229,7 @@ class Reach:
 
     def reaches(self, open_clip_name: str) -> bool:
         """Whether changing this OpenCLIP parameter can change the pipeline's output."""
-        if tower_of(open_clip_name) != self.tower or open_clip_name == "logit_scale":
+        if _tower(open_clip_name) != self.tower or open_clip_name == "logit_scale":
             return False
         match = _BLOCK_NAME.match(open_clip_name)
         if match:
@@ -251,7 +255,7 @@ class Reach:
             >>> Reach("language", layers=23, final_norm=True, projection=False).exclude_patterns(24)
             ['visual.*', 'transformer.resblocks.23.*', 'text_projection']
         """
-        if self.tower == TEXT:
+        if self.tower == LANGUAGE:
             patterns = ["visual.*"]
             blocks, projection, final = "transformer.resblocks", "text_projection", "ln_final.*"
         else:
@@ -266,9 +270,9 @@ class Reach:
 
 
 # A tensor that exists exactly once per tower in every HF layout, whatever prefix the tower sits under.
-_MARKER = {TEXT: "embeddings.token_embedding.weight", VISION: "embeddings.patch_embedding.weight"}
-_ROOT = {TEXT: TEXT_ROOT, VISION: VISION_ROOT}
-_PROJECTION = {TEXT: TEXT_PROJECTION, VISION: VISUAL_PROJECTION}
+_MARKER = {LANGUAGE: "embeddings.token_embedding.weight", VISION: "embeddings.patch_embedding.weight"}
+_ROOT = {LANGUAGE: TEXT_ROOT, VISION: VISION_ROOT}
+_PROJECTION = {LANGUAGE: TEXT_PROJECTION, VISION: VISUAL_PROJECTION}
 
 
 @dataclass(frozen=True)

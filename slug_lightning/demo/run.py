@@ -1,14 +1,19 @@
-"""``python -m slug_lightning demo``: the whole pipeline on the demo world, offline, on a laptop CPU.
+"""The demo: :func:`run_demo`, behind ``python -m slug_lightning demo``.
+
+``demo`` runs the whole pipeline on the demo world, offline, on a laptop CPU:
 
 1. write the demo world (LAION-style shards + labelled identity and object sets), unless present;
 2. fit the packaged tiny CLIP on it with ``fit`` (cached: a second run skips this);
 3. ``unlearn`` one invented person with the packaged config plus a generated one holding this run's paths;
 4. print the before/after summary and where the artifacts are.
+
+The command lines of ``demo`` and ``make-world`` (which writes the demo world alone,
+:func:`slug_lightning.demo.world.make_demo_world`, and prints a summary) are in
+:mod:`slug_lightning.commands.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -22,26 +27,12 @@ FIT_CONFIG = "demo/fit.yaml"
 UNLEARN_CONFIG = "demo/unlearn.yaml"
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Make the demo world, fit the tiny CLIP (cached), unlearn one person, print the result.",
-    )
-    parser.add_argument("--output_dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the demo world and of the runs (default: 0)")
-    parser.add_argument("--concept", default=None,
-                        help="person (or object kind) to forget (default: the world's default target)")
-    parser.add_argument("--refit", action="store_true", help="fit the tiny CLIP again even if a fit is cached")
-    parser.add_argument("--devices", type=int, default=1, help="CPU processes for unlearn (DDP when > 1)")
-    return parser
-
-
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str | None = None,
              refit: bool = False, devices: int = 1) -> dict:
     """Run the demo and return the unlearn report."""
     from slug_lightning import config_path
     from slug_lightning.cli import main
-    from slug_lightning.datamodules.demo_world import make_demo_world
+    from slug_lightning.demo.world import make_demo_world
 
     output = Path(output_dir).resolve()
     started = time.perf_counter()
@@ -96,9 +87,3 @@ def _run(main, args: list[str]) -> None:
         code = main(args)
     if code:
         raise SystemExit(code)
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning demo") -> int:
-    args = _parser(prog).parse_args(argv)
-    run_demo(args.output_dir, seed=args.seed, concept=args.concept, refit=args.refit, devices=args.devices)
-    return 0
