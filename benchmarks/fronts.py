@@ -2,18 +2,30 @@
 people and the objects, against the probes it takes, for k = 1, 2, 3, ... side by side.
 
 Every layer's binary search is independent of which other layers are searched, and the result of a search is
-the rule of METHOD §7 over the probes of its layers. So one run that searches every front
-(``fronts`` larger than any tower has, ``sequential: false`` so that each person is searched on θ⁰) holds the
-search of every k: ``choose`` over the probes of the layers on fronts 1..k. The benchmark runs that once and
-prints, per k, the layers and probes it takes and each person's identity and object test drop. The identity
-test leaves out the images of every person of the run, so each drop is on the same other people.
+the rule of METHOD §7 over the probes of its layers. So one run that searches every front (``fronts`` larger than
+any tower has) with each person searched on θ⁰ holds the search of every k: ``choose`` over the probes of the
+layers on fronts 1..k. The benchmark runs that once and prints, per k, the layers and probes it takes and each
+person's identity and object test drop. The identity test leaves out the images of every person of the run, so
+each drop is on the same other people.
+
+Each person on θ⁰: ``StepSearch`` searches several people one after the other, each on the model carrying the
+edits of those before it (METHOD §9), and no longer has the ``sequential: false`` this benchmark used to set. The
+run takes instead the ``independent`` start of ``benchmarks/multi_concept.py``
+(``--search.class_path multi_concept.IndependentSearch``, no refinement rounds): every person searched on θ⁰ with
+the run's gradients and test images, which is what ``sequential: false`` did, so ``benchmarks/results/fronts.md``
+(measured with ``sequential: false`` by the older code, git commit 1a40a97) measures the same thing. Separate
+single-concept runs would not: a run's retain gradient leaves out the pairs that mention any of its people, its
+identity test their images, and a gradient store is reused only by a run of the same concepts (its gradient key).
 
 Run (on a finished demo directory, e.g. the one ``python -m slug_lightning demo --output_dir DIR`` wrote):
 
     python benchmarks/fronts.py --demo /work/assets/demo --runs RUNS --output benchmarks/results/fronts.md
 
 ``--gradients`` reuses a gradient file of the same people (e.g. ``RUNS/people_5/gradients.safetensors`` of
-``benchmarks/multi_concept.py``); ``--reuse`` reads a finished run in ``RUNS/fronts_all`` instead of running it.
+``benchmarks/multi_concept.py``); ``--reuse`` reads a finished run in ``RUNS/fronts_all`` instead of running it
+(one that searched every front with each person on θ⁰; the older code's ``sequential: false`` run counts).
+``--smoke`` makes it a smoke run (``--trainer.fast_dev_run``: one batch per gradient stream, at most 2 probes per
+layer), which shows that it runs and measures nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +38,14 @@ import tempfile
 from pathlib import Path
 
 from _common import machine, publish, world_and_fit
-from multi_concept import people_to_forget, unlearn
+from multi_concept import SMOKE_NOTE, Search, artifacts, people_to_forget, search_of, unlearn
 
-from slug_lightning.datamodules.demo_world import load_demo_world
+from slug_lightning.demo import load_demo_world
 from slug_lightning.search import Probe, choose
 
 ALL_FRONTS = 99  # more fronts than any tower of a CLIP has layers: every candidate layer is searched
+# Each person searched on θ⁰ over every front, no refinement rounds (multi_concept.IndependentSearch)
+EVERY_FRONT = Search("independent", fronts=ALL_FRONTS)
 
 
 def probes_of(report: dict) -> list[Probe]:
@@ -89,32 +103,45 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="keep the run's artifacts here (default: temporary)")
     parser.add_argument("--reuse", action="store_true", help="read a finished run in --runs instead of running it")
     parser.add_argument("--output", default=None, help="also write the markdown here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a smoke run (--trainer.fast_dev_run: one gradient batch per stream, at most 2 probes "
+                             "per layer): shows that it runs; the table measures nothing")
     args = parser.parse_args()
+    if args.smoke and (args.reuse or args.gradients):
+        parser.error("--smoke computes its own one-batch gradients afresh; leave out --reuse and --gradients.")
     demo = world_and_fit(args.demo)
     people = people_to_forget(load_demo_world(demo / "world"), args.people)
     with tempfile.TemporaryDirectory() as tmp:
         run = (Path(args.runs).resolve() if args.runs else Path(tmp)) / "fronts_all"
         finished = run / "report.json"
-        if args.reuse and finished.is_file():
-            report = json.loads(finished.read_text())
+        stored = json.loads(finished.read_text()) if args.reuse and finished.is_file() else None
+        if stored is not None and search_of(stored["settings"]) != EVERY_FRONT:
+            sys.exit(f"error: {finished} is not a search of every front with each person on θ⁰ (settings "
+                     f"{stored['settings']}); leave out --reuse to run it again.")
+        if stored is not None:
+            report = stored
         else:
             print(f"[fronts] searching every front for {', '.join(people)}", file=sys.stderr)
             reused = ["--gradients", str(Path(args.gradients).resolve())] if args.gradients else []
-            report = unlearn(demo, run, people, "--search.init_args.fronts", str(ALL_FRONTS),
-                             "--search.init_args.sequential", "false", "--search.init_args.similarity_classes", "0",
-                             *reused)
+            report = unlearn(demo, run, people, *EVERY_FRONT.overrides(), "--search.init_args.similarity_classes",
+                             "0", *reused, smoke=args.smoke)
         if [c["name"] for c in report["concepts"]] != people:
             sys.exit(f"error: {finished} forgets {[c['name'] for c in report['concepts']]}, not {people}.")
         metric = report["settings"]["metric"]
-        rows = by_fronts(report, fronts_of(run), metric)
+        rows = by_fronts(report, fronts_of(artifacts(run, args.smoke)), metric)
     text = "\n".join([
         "# How many Pareto fronts to search (demo world)", "",
-        f"`python benchmarks/fronts.py --demo {args.demo} --people {args.people}`: each of {len(people)} people "
+        *([SMOKE_NOTE, ""] if args.smoke else []),
+        f"`python benchmarks/fronts.py --demo {args.demo} --people {args.people}{' --smoke' if args.smoke else ''}`: "
+        f"each of {len(people)} people "
         "searched alone on θ⁰ over the layers of Pareto fronts 1..k (demo config: slug-tiny, metric "
         f"{metric}, max_steps {report['settings']['max_steps']}); one search of every front holds every k. Per "
         "person: the identity test drop of its chosen edit, in points, on the images of the people not in the run, "
         f"and its layer. Search of every front: {report['timing']['search_s']:.0f} s for "
-        f"{report['timing']['probes']} probes. Machine: {machine()}.", "",
+        f"{report['timing']['probes']} probes. Each person on θ⁰: the `independent` start of "
+        "`benchmarks/multi_concept.py` (`IndependentSearch`, no rounds), which searches as the older code's "
+        "`sequential: false` did (git commit 1a40a97, with which `benchmarks/results/fronts.md` was measured). "
+        f"Machine: {machine()}.", "",
         markdown(rows, metric), ""])
     publish(text, args.output)
 
