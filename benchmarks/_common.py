@@ -35,8 +35,10 @@ def image_folder(root: Path, classes: int, per_class: int, size: int, seed: int 
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of ``rows`` (floats with 3 significant digits)."""
+
     def cell(value):
         return f"{value:.3g}" if isinstance(value, float) else str(value)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -48,8 +50,10 @@ def machine() -> str:
 
     # the kernel set torch picks for this CPU (AVX2, AVX512...) sets float rounding: the demo fit differs between sets
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}")
+    return (
+        f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+    )
 
 
 def world_and_fit(demo: str) -> Path:

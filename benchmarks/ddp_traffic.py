@@ -18,10 +18,10 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-
 from _common import table
 from gradient_pass import make_batches
+from torch.utils.data import DataLoader
+
 from slug_lightning import GradientCollector, SlugTrainer
 from slug_lightning.models import load_clip
 
@@ -34,6 +34,7 @@ def _counting(name: str, function):
         traffic[f"{name} calls"] += 1
         traffic[f"{name} bytes"] += sum(t.numel() * t.element_size() for t in tensors)
         return function(tensor_or_list, *args, **kwargs)
+
     return wrapper
 
 
@@ -48,15 +49,22 @@ def main() -> None:
     loaded = load_clip(args.model)
     forget = make_batches(loaded, args.batches, args.batch_size, seed=1)
     retain = make_batches(loaded, args.batches, args.batch_size, seed=2)
-    trainer = SlugTrainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+    trainer = SlugTrainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     rank, world = trainer.global_rank, trainer.world_size
 
     def share(batches):  # this rank's rows of every global batch
         return [{k: v[rank::world] if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
-    collector = GradientCollector(model=loaded.model, preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
-                                  concepts=["concept"])
+    collector = GradientCollector(
+        model=loaded.model, preprocess=loaded.preprocess, tokenizer=loaded.tokenizer, concepts=["concept"]
+    )
     dist.all_reduce = _counting("all_reduce", dist.all_reduce)
     dist.all_gather = _counting("all_gather", dist.all_gather)
     loaders = [DataLoader(share(forget), batch_size=None), DataLoader(share(retain), batch_size=None)]
@@ -66,16 +74,25 @@ def main() -> None:
     candidate_bytes = sum(g.numel() * 4 for g in collector.gradients.retain.values())
     streams = 2
     per_batch = candidate_bytes * 2 * args.batches  # one all-reduce of the candidates per batch and stream
-    rows = [{"": "this run: all_reduce", "calls": traffic["all_reduce calls"], "MB": traffic["all_reduce bytes"] / 1e6},
-            {"": "this run: all_gather (features)", "calls": traffic["all_gather calls"],
-             "MB": traffic["all_gather bytes"] / 1e6},
-            {"": "candidate sums (streams x tensors)", "calls": "", "MB": streams * candidate_bytes / 1e6},
-            {"": "per-batch gradient all-reduce", "calls": 2 * args.batches, "MB": per_batch / 1e6}]
-    print(f"# DDP traffic on rank 0 of 2 (gloo, CPU): {args.model}, {args.batches} global batches of "
-          f"{args.batch_size} per stream")
+    rows = [
+        {"": "this run: all_reduce", "calls": traffic["all_reduce calls"], "MB": traffic["all_reduce bytes"] / 1e6},
+        {
+            "": "this run: all_gather (features)",
+            "calls": traffic["all_gather calls"],
+            "MB": traffic["all_gather bytes"] / 1e6,
+        },
+        {"": "candidate sums (streams x tensors)", "calls": "", "MB": streams * candidate_bytes / 1e6},
+        {"": "per-batch gradient all-reduce", "calls": 2 * args.batches, "MB": per_batch / 1e6},
+    ]
+    print(
+        f"# DDP traffic on rank 0 of 2 (gloo, CPU): {args.model}, {args.batches} global batches of "
+        f"{args.batch_size} per stream"
+    )
     print(table(rows, ["", "calls", "MB"]))
-    print(f"\nall-reduced / candidate sums: {traffic['all_reduce bytes'] / (streams * candidate_bytes):.4f}; "
-          f"all-reduced / per-batch sync: {traffic['all_reduce bytes'] / per_batch:.4f}")
+    print(
+        f"\nall-reduced / candidate sums: {traffic['all_reduce bytes'] / (streams * candidate_bytes):.4f}; "
+        f"all-reduced / per-batch sync: {traffic['all_reduce bytes'] / per_batch:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,18 @@ from pathlib import Path
 
 from _common import machine, publish, table
 
-WORLD = dict(seed=7, people=10, objects=3, portraits_per_person=60, person_object_per_person=10,
-             samples_per_object=40, scenery_samples=40, eval_per_person=40, eval_per_object=2, shards=4)
+WORLD = dict(
+    seed=7,
+    people=10,
+    objects=3,
+    portraits_per_person=60,
+    person_object_per_person=10,
+    samples_per_object=40,
+    scenery_samples=40,
+    eval_per_person=40,
+    eval_per_object=2,
+    shards=4,
+)
 TEMPLATES = ["a photo of {}."]
 
 
@@ -58,8 +68,14 @@ SETTINGS = [
     Setting("old_128", "old defaults, batch 128", 128, OLD),
     Setting("new_128", "new defaults, batch 128 (lr 4e-3: the demo's fit settings)", 128, NEW),
     Setting("plain_32", "plain loop: AdamW lr 5e-4 constant, batch 32", 32, plain_lr=5e-4),
-    Setting("demo_500", "configs/demo/fit.yaml as it is: lr 4e-3, batch 128, max_steps 500", 128,
-            {**OLD, "lr": 4e-3}, max_steps=500, long=True),
+    Setting(
+        "demo_500",
+        "configs/demo/fit.yaml as it is: lr 4e-3, batch 128, max_steps 500",
+        128,
+        {**OLD, "lr": 4e-3},
+        max_steps=500,
+        long=True,
+    ),
 ]
 
 
@@ -70,7 +86,7 @@ def make_world(root: Path):
     world = make_demo_world(root / "world", **WORLD)
     for person_dir in sorted(world.identities_dir.iterdir()):
         images = sorted(person_dir.iterdir())
-        for split, chosen in (("val", images[: len(images) // 2]), ("test", images[len(images) // 2:])):
+        for split, chosen in (("val", images[: len(images) // 2]), ("test", images[len(images) // 2 :])):
             target = root / split / person_dir.name
             target.mkdir(parents=True, exist_ok=True)
             for image in chosen:
@@ -104,10 +120,14 @@ def run(setting: Setting, root: Path, shards: str, epochs: int) -> dict:
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
-    row = plain_loop(setting, root, shards, epochs) if setting.plain_lr else lightning_fit(setting, root, shards,
-                                                                                          epochs, out)
-    row.update(name=setting.name, what=setting.what, batch=setting.batch_size,
-               seconds=round(time.perf_counter() - started))
+    row = (
+        plain_loop(setting, root, shards, epochs)
+        if setting.plain_lr
+        else lightning_fit(setting, root, shards, epochs, out)
+    )
+    row.update(
+        name=setting.name, what=setting.what, batch=setting.batch_size, seconds=round(time.perf_counter() - started)
+    )
     return row
 
 
@@ -134,8 +154,13 @@ def lightning_fit(setting: Setting, root: Path, shards: str, epochs: int, out: P
     L.seed_everything(0, verbose=False)
     export = out / "slug-tiny.safetensors"
     module = CLIPContrastive("slug-tiny", export_path=str(export), **setting.module)
-    data = LaionDataModule(shards, batch_size=setting.batch_size, num_workers=0, seed=0,
-                           val_sets=[LabelledSet("val", root=str(root / "val"), templates=TEMPLATES)])
+    data = LaionDataModule(
+        shards,
+        batch_size=setting.batch_size,
+        num_workers=0,
+        seed=0,
+        val_sets=[LabelledSet("val", root=str(root / "val"), templates=TEMPLATES)],
+    )
     if setting.max_steps:
         length, interval = {"max_steps": setting.max_steps}, 50
     else:  # validated every 2 epochs, so that the last validation sees the last weights
@@ -143,14 +168,24 @@ def lightning_fit(setting: Setting, root: Path, shards: str, epochs: int, out: P
     record = Record()
     checkpoint = ModelCheckpoint(dirpath=str(out / "checkpoints"), monitor="val/top1", mode="max")
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=str(out), val_check_interval=interval,
-        check_val_every_n_epoch=None, callbacks=[checkpoint, record], **length,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+        val_check_interval=interval,
+        check_val_every_n_epoch=None,
+        callbacks=[checkpoint, record],
+        **length,
     )
     trainer.fit(module, data)
     best = load_clip("slug-tiny", checkpoint.best_model_path)
     return {
-        "steps": trainer.global_step, "peak_lr": record.peak, "best_step": max(record.val, key=lambda v: v[1])[0],
+        "steps": trainer.global_step,
+        "peak_lr": record.peak,
+        "best_step": max(record.val, key=lambda v: v[1])[0],
         "val_curve": " ".join(f"{top1:.2f}" for _, top1 in record.val),
         "test_best": top1(best.model, best.preprocess, best.tokenizer, root / "test"),
         "test_last": top1(module.model, module.preprocess, module.tokenizer, root / "test"),
@@ -171,14 +206,23 @@ def plain_loop(setting: Setting, root: Path, shards: str, epochs: int) -> dict:
     loaded = load_clip("slug-tiny")
     model = loaded.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=setting.plain_lr)
-    stream = PairStream(expand_shards(shards), loaded.preprocess, loaded.tokenizer, setting.batch_size,
-                        shuffle=True, seed=0, drop_last=True)
+    stream = PairStream(
+        expand_shards(shards),
+        loaded.preprocess,
+        loaded.tokenizer,
+        setting.batch_size,
+        shuffle=True,
+        seed=0,
+        drop_last=True,
+    )
     steps = 0
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         for batch in stream:
-            loss = retain_loss_sum(model.encode_image(batch["image"]), model.encode_text(batch["text"]),
-                                   model.logit_scale) / batch["image"].shape[0]
+            loss = (
+                retain_loss_sum(model.encode_image(batch["image"]), model.encode_text(batch["text"]), model.logit_scale)
+                / batch["image"].shape[0]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -212,23 +256,36 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.starmap(run, [(s, root, world.shards, args.epochs) for s in settings])
-    columns = ["name", "what", "batch", "peak_lr", "steps", "val_curve", "best_step", "test_best", "test_last",
-               "seconds"]
-    text = "\n".join([
-        "# fit on a world that is not the demo: old and new CLIPContrastive defaults",
-        "",
-        f"Machine: {machine()}",
-        f"World: make_demo_world({', '.join(f'{k}={v}' for k, v in WORLD.items())}): {world.num_samples} pairs, "
-        f"10 classes; validation and test folders of 200 images each. {args.epochs} epochs per setting but "
-        "demo_500, seed 0, one thread each. val_curve: validation top-1 every 2 epochs (demo_500: every 50 steps); test_best: test "
-        "top-1 of the best checkpoint (at best_step), which fit exports by default; test_last: of the last weights.",
-        f"Reproduce: `python benchmarks/fit_defaults.py{' --all' if args.all else ''} --output "
-        "benchmarks/results/fit_defaults.md` "
-        f"({time.perf_counter() - started:.0f} s here, {args.jobs} settings at a time).",
-        "",
-        table(rows, columns),
-        "",
-    ])
+    columns = [
+        "name",
+        "what",
+        "batch",
+        "peak_lr",
+        "steps",
+        "val_curve",
+        "best_step",
+        "test_best",
+        "test_last",
+        "seconds",
+    ]
+    text = "\n".join(
+        [
+            "# fit on a world that is not the demo: old and new CLIPContrastive defaults",
+            "",
+            f"Machine: {machine()}",
+            f"World: make_demo_world({', '.join(f'{k}={v}' for k, v in WORLD.items())}): {world.num_samples} pairs, "
+            f"10 classes; validation and test folders of 200 images each. {args.epochs} epochs per setting but "
+            "demo_500, seed 0, one thread each. val_curve: validation top-1 every 2 epochs (demo_500: every 50 "
+            "steps); test_best: test top-1 of the best checkpoint (at best_step), which fit exports by default; "
+            "test_last: of the last weights.",
+            f"Reproduce: `python benchmarks/fit_defaults.py{' --all' if args.all else ''} --output "
+            "benchmarks/results/fit_defaults.md` "
+            f"({time.perf_counter() - started:.0f} s here, {args.jobs} settings at a time).",
+            "",
+            table(rows, columns),
+            "",
+        ]
+    )
     publish(text, args.output)
     return 0
 

@@ -72,8 +72,10 @@ def by_fronts(report: dict, fronts: dict[tuple[str, str], int], metric: str) -> 
             row["layers"] += len({p.layer for p in searched})
             row["probes"] += len(searched)
             chosen = choose(searched, metric)
-            row["edits"][concept] = chosen, {name: 100 * (before[name]["top1"] - chosen.test_top1[name])
-                                             for name in chosen.test_top1}
+            row["edits"][concept] = (
+                chosen,
+                {name: 100 * (before[name]["top1"] - chosen.test_top1[name]) for name in chosen.test_top1},
+            )
         rows.append(row)
         if row["layers"] == len({(p.concept, p.layer) for p in probes}):
             break  # every searched layer is in: larger k changes nothing
@@ -82,16 +84,21 @@ def by_fronts(report: dict, fronts: dict[tuple[str, str], int], metric: str) -> 
 
 def markdown(rows: list[dict], metric: str) -> str:
     concepts = list(rows[0]["edits"])
-    lines = ["| fronts k | layers | probes | probes ÷ k=1 | " + " | ".join(concepts) + " | identity Δ summed | "
-             "object Δ summed | all forgotten alone |",
-             "|" + "---|" * (len(concepts) + 7)]
+    lines = [
+        "| fronts k | layers | probes | probes ÷ k=1 | " + " | ".join(concepts) + " | identity Δ summed | "
+        "object Δ summed | all forgotten alone |",
+        "|" + "---|" * (len(concepts) + 7),
+    ]
     for row in rows:
         edits = row["edits"].values()
         cells = [f"{drops['identities']:.1f} (`{edit.layer}`)" for edit, drops in edits]
         forgotten = all(edit.forget_accuracy(metric) == 0.0 for edit, _ in edits)
-        lines.append(f"| {row['k']} | {row['layers']} | {row['probes']} | {row['probes'] / rows[0]['probes']:.2f} | "
-                     + " | ".join(cells) + f" | {sum(drops['identities'] for _, drops in edits):.1f} | "
-                     f"{sum(drops['objects'] for _, drops in edits):.1f} | {'yes' if forgotten else 'no'} |")
+        lines.append(
+            f"| {row['k']} | {row['layers']} | {row['probes']} | {row['probes'] / rows[0]['probes']:.2f} | "
+            + " | ".join(cells)
+            + f" | {sum(drops['identities'] for _, drops in edits):.1f} | "
+            f"{sum(drops['objects'] for _, drops in edits):.1f} | {'yes' if forgotten else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -103,9 +110,12 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="keep the run's artifacts here (default: temporary)")
     parser.add_argument("--reuse", action="store_true", help="read a finished run in --runs instead of running it")
     parser.add_argument("--output", default=None, help="also write the markdown here")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a smoke run (--trainer.fast_dev_run: one gradient batch per stream, at most 2 probes "
-                             "per layer): shows that it runs; the table measures nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a smoke run (--trainer.fast_dev_run: one gradient batch per stream, at most 2 probes "
+        "per layer): shows that it runs; the table measures nothing",
+    )
     args = parser.parse_args()
     if args.smoke and (args.reuse or args.gradients):
         parser.error("--smoke computes its own one-batch gradients afresh; leave out --reuse and --gradients.")
@@ -116,33 +126,50 @@ def main() -> None:
         finished = run / "report.json"
         stored = json.loads(finished.read_text()) if args.reuse and finished.is_file() else None
         if stored is not None and search_of(stored["settings"]) != EVERY_FRONT:
-            sys.exit(f"error: {finished} is not a search of every front with each person on θ⁰ (settings "
-                     f"{stored['settings']}); leave out --reuse to run it again.")
+            sys.exit(
+                f"error: {finished} is not a search of every front with each person on θ⁰ (settings "
+                f"{stored['settings']}); leave out --reuse to run it again."
+            )
         if stored is not None:
             report = stored
         else:
             print(f"[fronts] searching every front for {', '.join(people)}", file=sys.stderr)
             reused = ["--gradients", str(Path(args.gradients).resolve())] if args.gradients else []
-            report = unlearn(demo, run, people, *EVERY_FRONT.overrides(), "--search.init_args.similarity_classes",
-                             "0", *reused, smoke=args.smoke)
+            report = unlearn(
+                demo,
+                run,
+                people,
+                *EVERY_FRONT.overrides(),
+                "--search.init_args.similarity_classes",
+                "0",
+                *reused,
+                smoke=args.smoke,
+            )
         if [c["name"] for c in report["concepts"]] != people:
             sys.exit(f"error: {finished} forgets {[c['name'] for c in report['concepts']]}, not {people}.")
         metric = report["settings"]["metric"]
         rows = by_fronts(report, fronts_of(artifacts(run, args.smoke)), metric)
-    text = "\n".join([
-        "# How many Pareto fronts to search (demo world)", "",
-        *([SMOKE_NOTE, ""] if args.smoke else []),
-        f"`python benchmarks/fronts.py --demo {args.demo} --people {args.people}{' --smoke' if args.smoke else ''}`: "
-        f"each of {len(people)} people "
-        "searched alone on θ⁰ over the layers of Pareto fronts 1..k (demo config: slug-tiny, metric "
-        f"{metric}, max_steps {report['settings']['max_steps']}); one search of every front holds every k. Per "
-        "person: the identity test drop of its chosen edit, in points, on the images of the people not in the run, "
-        f"and its layer. Search of every front: {report['timing']['search_s']:.0f} s for "
-        f"{report['timing']['probes']} probes. Each person on θ⁰: the `independent` start of "
-        "`benchmarks/multi_concept.py` (`IndependentSearch`, no rounds), which searches as the older code's "
-        "`sequential: false` did (git commit 1a40a97, with which `benchmarks/results/fronts.md` was measured). "
-        f"Machine: {machine()}.", "",
-        markdown(rows, metric), ""])
+    text = "\n".join(
+        [
+            "# How many Pareto fronts to search (demo world)",
+            "",
+            *([SMOKE_NOTE, ""] if args.smoke else []),
+            f"`python benchmarks/fronts.py --demo {args.demo} --people {args.people}"
+            f"{' --smoke' if args.smoke else ''}`: "
+            f"each of {len(people)} people "
+            "searched alone on θ⁰ over the layers of Pareto fronts 1..k (demo config: slug-tiny, metric "
+            f"{metric}, max_steps {report['settings']['max_steps']}); one search of every front holds every k. Per "
+            "person: the identity test drop of its chosen edit, in points, on the images of the people not in the run, "
+            f"and its layer. Search of every front: {report['timing']['search_s']:.0f} s for "
+            f"{report['timing']['probes']} probes. Each person on θ⁰: the `independent` start of "
+            "`benchmarks/multi_concept.py` (`IndependentSearch`, no rounds), which searches as the older code's "
+            "`sequential: false` did (git commit 1a40a97, with which `benchmarks/results/fronts.md` was measured). "
+            f"Machine: {machine()}.",
+            "",
+            markdown(rows, metric),
+            "",
+        ]
+    )
     publish(text, args.output)
 
 

@@ -16,10 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import machine, table
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader
 
-from _common import machine, table
 from slug_lightning import GradientCollector, SlugTrainer
 from slug_lightning.models import load_clip
 
@@ -31,10 +31,17 @@ def make_batches(loaded, batches: int, batch_size: int, seed: int) -> list[dict]
     words = ["red", "kite", "portrait", "of", "a", "man", "beach", "dog", "old", "city", "night", "smiling"]
     result = []
     for _ in range(batches):
-        captions = [" ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=generator))
-                    for _ in range(batch_size)]
-        result.append({"image": torch.randn(batch_size, 3, size, size, generator=generator),
-                       "text": loaded.tokenizer(captions), "skipped": 0})
+        captions = [
+            " ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=generator))
+            for _ in range(batch_size)
+        ]
+        result.append(
+            {
+                "image": torch.randn(batch_size, 3, size, size, generator=generator),
+                "text": loaded.tokenizer(captions),
+                "skipped": 0,
+            }
+        )
     return result
 
 
@@ -61,10 +68,16 @@ def bare(model, forget: list[dict], retain: list[dict], device: str) -> float:
 
 
 def collector_run(loaded, forget, retain, device: str, **kwargs) -> float:
-    collector = GradientCollector(model=loaded.model, preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
-                                  concepts=["concept"], **kwargs)
-    trainer = SlugTrainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, logger=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+    collector = GradientCollector(
+        model=loaded.model, preprocess=loaded.preprocess, tokenizer=loaded.tokenizer, concepts=["concept"], **kwargs
+    )
+    trainer = SlugTrainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     loaders = [DataLoader(forget, batch_size=None), DataLoader(retain, batch_size=None)]
     trainer.predict(collector, dataloaders=loaders, return_predictions=False)
     return collector.seconds
@@ -90,17 +103,39 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so drifting load affects all alike
             times["bare"].append(bare(loaded.model, forget, retain, args.device))
             times["collector"].append(collector_run(loaded, forget, retain, args.device))
-            times["collector+ckpt"].append(collector_run(loaded, forget, retain, args.device,
-                                                         activation_checkpointing=True))
+            times["collector+ckpt"].append(
+                collector_run(loaded, forget, retain, args.device, activation_checkpointing=True)
+            )
         best = {k: min(v) for k, v in times.items()}
-        rows.append({"model": name, "pairs": pairs, "bare s": best["bare"], "collector s": best["collector"],
-                     "ckpt s": best["collector+ckpt"],
-                     "collector throughput / bare": best["bare"] / best["collector"],
-                     "ckpt throughput / bare": best["bare"] / best["collector+ckpt"]})
-    print(f"# Gradient pass vs bare forward+backward, batch {args.batch_size}, {args.batches} forget + "
-          f"{args.batches} retain batches; {machine()}")
-    print(table(rows, ["model", "pairs", "bare s", "collector s", "ckpt s", "collector throughput / bare",
-                       "ckpt throughput / bare"]))
+        rows.append(
+            {
+                "model": name,
+                "pairs": pairs,
+                "bare s": best["bare"],
+                "collector s": best["collector"],
+                "ckpt s": best["collector+ckpt"],
+                "collector throughput / bare": best["bare"] / best["collector"],
+                "ckpt throughput / bare": best["bare"] / best["collector+ckpt"],
+            }
+        )
+    print(
+        f"# Gradient pass vs bare forward+backward, batch {args.batch_size}, {args.batches} forget + "
+        f"{args.batches} retain batches; {machine()}"
+    )
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "pairs",
+                "bare s",
+                "collector s",
+                "ckpt s",
+                "collector throughput / bare",
+                "ckpt throughput / bare",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ is taken only if its report's settings are those of the search asked for (a run 
 that now means another search, such as ``refine``, is not). ``--smoke`` runs every search as a smoke run
 (``--trainer.fast_dev_run``: one batch per gradient stream, at most 2 probes per layer): it checks that the
 searches run, in minutes, and measures nothing.
+
+One script for the whole comparison (its variants, runs, reuse rules and tables), so that every table it prints
+comes from one definition of each search; hence its length.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ MODULE = Path(__file__).stem  # the name the unlearn subprocess imports this fil
 
 # --- the starts StepSearch no longer has: variants of this benchmark ----------------------------------------------
 
+
 class KeepForgottenJointSearch(JointSearch):
     """The search of METHOD §9 where a probe of person k counts as forgotten only if the people searched before it
     (in this order) stay forgotten too: its forget accuracy is the largest of theirs and its own. The rounds are
@@ -119,9 +123,11 @@ class IndependentJointSearch(JointSearch):
             self.listener.begin(len(self.fronts[concept]) * self.rule.steps_per_layer)
             self.chosen[concept] = edit = choose(self._search_front(concept), self.rule.metric)
             self.listener.end()
-            self.listener.info(f"{concept} (on θ⁰): layer {edit.layer}, λ={edit.step_size:.4g}, forget "
-                               f"{self.rule.metric} {edit.forget_accuracy(self.rule.metric):.3f}, utility "
-                               f"{edit.utility:.3f}")
+            self.listener.info(
+                f"{concept} (on θ⁰): layer {edit.layer}, λ={edit.step_size:.4g}, forget "
+                f"{self.rule.metric} {edit.forget_accuracy(self.rule.metric):.3f}, utility "
+                f"{edit.utility:.3f}"
+            )
         summary = self.editor.shift([self._change(concept, self.chosen[concept]) for concept in order])
         return self.refine(self.chosen, summary) if len(order) > 1 else summary
 
@@ -165,8 +171,9 @@ class Search:
 
     def overrides(self) -> list[str]:
         """The ``unlearn`` command-line arguments that run this search."""
-        arguments = [] if self.start == "section9" else \
-            ["--search.class_path", f"{MODULE}.{STARTS[self.start].__name__}"]
+        arguments = (
+            [] if self.start == "section9" else ["--search.class_path", f"{MODULE}.{STARTS[self.start].__name__}"]
+        )
         for option in ("refine_rounds", "fronts", "orders"):
             if getattr(self, option) != getattr(Search, option):
                 arguments += [f"--search.init_args.{option}", str(getattr(self, option))]
@@ -186,16 +193,16 @@ SEARCHES = {  # name -> search (docstring, "The searches")
 DESCRIPTIONS = {  # name -> what the markdown says of it
     "section9": "METHOD §9, the forget test of person k checks k only",
     "keep": "the same, but a probe of person k must also keep persons 1..k−1 forgotten (a start of this benchmark's "
-            "own, `KeepForgottenSearch`)",
+    "own, `KeepForgottenSearch`)",
     "refine": f"`refine_rounds: {ROUNDS}`, the §9 search then rounds that search each person again over its Pareto "
-              "front with all the other edits applied, keeping the forgotten ones forgotten, and try freeing an edit "
-              "the other people lean on (the untangle move, kept only if no one comes back and the utility rises)",
+    "front with all the other edits applied, keeping the forgotten ones forgotten, and try freeing an edit "
+    "the other people lean on (the untangle move, kept only if no one comes back and the utility rises)",
     "refine_fronts2": "`refine` with `fronts: 2`, searching the first two Pareto fronts of each tower",
     "refine_fronts2_orders2": "`refine_fronts2` from the people's order and from its reverse (`orders: 2`), keeping "
-                              "the end that forgets the most, then has the higher utility",
+    "the end that forgets the most, then has the higher utility",
     "keep_refine_fronts2": "the start of `keep`, then the rounds of `refine_fronts2`",
     "independent_refine": "every person searched on θ⁰ as separate runs would (a start of this benchmark's own, "
-                          "`IndependentSearch`), all edits applied together, then the rounds of `refine`",
+    "`IndependentSearch`), all edits applied together, then the rounds of `refine`",
     "independent_refine_fronts2": "`independent_refine` with `fronts: 2`",
 }
 # The searches of the results made by the older code (benchmarks/results/multi_concept.md, multi_concept_5_people.md,
@@ -217,14 +224,19 @@ OLDER_NOTE = (
     "The results in `benchmarks/results/multi_concept.md`, `multi_concept_5_people.md` and "
     "`multi_concept_5_people_avx512.md` were measured by the older code (git commit 1a40a97), whose StepSearch had "
     "`keep_forgotten`, `sequential` and `untangle`, and whose rounds made the untangle move only with `untangle: "
-    "true`. Their search names, here: " + ", ".join(
-        f"`{old}` → " + (f"`{new}`" if new else "none (rounds without the move)") for old, new in OLDER_NAMES.items())
+    "true`. Their search names, here: "
+    + ", ".join(
+        f"`{old}` → " + (f"`{new}`" if new else "none (rounds without the move)") for old, new in OLDER_NAMES.items()
+    )
     + ". So `refine` and `refine_fronts2` there are NOT `refine` and `refine_fronts2` here (those are their "
-    "`*_untangle` rows), and the old `independent*` rows are the start of `independent_refine*` without the move.")
+    "`*_untangle` rows), and the old `independent*` rows are the start of `independent_refine*` without the move."
+)
 
 
-SMOKE_NOTE = ("**SMOKE RUN** (`--smoke`: `--trainer.fast_dev_run`, one gradient batch per stream, at most 2 probes per "
-              "layer): it shows that the searches run; the numbers measure nothing.")
+SMOKE_NOTE = (
+    "**SMOKE RUN** (`--smoke`: `--trainer.fast_dev_run`, one gradient batch per stream, at most 2 probes per "
+    "layer): it shows that the searches run; the numbers measure nothing."
+)
 
 
 def search_of(settings: dict) -> Search | None:
@@ -310,15 +322,30 @@ def unlearn(demo: Path, output: Path, people: list[str], *overrides: str, smoke:
         "trainer": {"logger": False, "enable_progress_bar": False},
         "model": {"init_args": {"pretrained": str(demo / "fit" / "slug-tiny.safetensors")}},
         "data": {"init_args": {"shards": str(world / "shards" / "*.tar"), "concepts": [{"name": p} for p in people]}},
-        "search": {"init_args": {"sets": [{"name": "identities", "root": str(world / "eval" / "identities")},
-                                          {"name": "objects", "root": str(world / "eval" / "objects")}]}},
+        "search": {
+            "init_args": {
+                "sets": [
+                    {"name": "identities", "root": str(world / "eval" / "identities")},
+                    {"name": "objects", "root": str(world / "eval" / "objects")},
+                ]
+            }
+        },
         "output_dir": str(output),
         "overwrite": True,
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
-    command = [sys.executable, "-m", "slug_lightning", "unlearn", "--config", config_path("demo/unlearn.yaml"),
-               "--config", str(output / "paths.yaml"), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "slug_lightning",
+        "unlearn",
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        str(output / "paths.yaml"),
+        *overrides,
+    ]
     if smoke:
         command += ["--trainer.fast_dev_run", "true"]
     here = str(Path(__file__).resolve().parent)
@@ -362,8 +389,11 @@ def look_alike_change(report: dict, world) -> float | None:
     forgotten = {c["name"] for c in report["concepts"]}
     look_alikes = {other for person in forgotten for other in world.look_alikes(person)} - forgotten
     images = sum(row["images"] for row in rows)
-    return 100 * sum(row["images"] * (row["top1_after"] - row["top1_before"])
-                     for row in rows if row["name"] in look_alikes) / images
+    return (
+        100
+        * sum(row["images"] * (row["top1_after"] - row["top1_before"]) for row in rows if row["name"] in look_alikes)
+        / images
+    )
 
 
 def _within_target(identities: float) -> bool:
@@ -374,33 +404,45 @@ def _within_target(identities: float) -> bool:
 
 def tables(results: list[Result], world) -> str:
     """The markdown of the closing note: a per-run summary, then every person's edit."""
-    lines = ["| people | selection | search | identity test top-1 before | after | Δ (points) | of which look-alikes | "
-             "object test top-1 before | after | Δ (points) | all forgotten | probes | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| people | selection | search | identity test top-1 before | after | Δ (points) | of which look-alikes | "
+        "object test top-1 before | after | Δ (points) | all forgotten | probes | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for people, selection, search, report in results:
         before, after = report["before"]["test"], report["after"]["test"]
         ids, objs = _drops(report)
         share = look_alike_change(report, world)
-        lines.append(f"| {len(people)} | {selection} | {search} | {_pct(before['identities']['top1'])} | "
-                     f"{_pct(after['identities']['top1'])} | {ids:+.1f} | "
-                     f"{'n/a' if share is None else f'{share:+.1f}'} | {_pct(before['objects']['top1'])} | "
-                     f"{_pct(after['objects']['top1'])} | {objs:+.1f} | {'yes' if _forgotten(report) else 'no'} | "
-                     f"{report['timing']['probes']} | {report['timing']['search_s']:.1f} |")
-    lines += ["", "| people | selection | search | # | concept | layer | tower | λ | forget top-1 before | after |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {len(people)} | {selection} | {search} | {_pct(before['identities']['top1'])} | "
+            f"{_pct(after['identities']['top1'])} | {ids:+.1f} | "
+            f"{'n/a' if share is None else f'{share:+.1f}'} | {_pct(before['objects']['top1'])} | "
+            f"{_pct(after['objects']['top1'])} | {objs:+.1f} | {'yes' if _forgotten(report) else 'no'} | "
+            f"{report['timing']['probes']} | {report['timing']['search_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "| people | selection | search | # | concept | layer | tower | λ | forget top-1 before | after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for people, selection, search, report in results:
         for index, concept in enumerate(report["concepts"], start=1):
-            lines.append(f"| {len(people)} | {selection} | {search} | {index} | {concept['name']} | "
-                         f"`{concept['layer']}` | {concept['tower']} | {concept['step_size']:.4g} | "
-                         f"{_pct(concept['forget_top1_before'])} | {_pct(concept['forget_top1_after'])} |")
+            lines.append(
+                f"| {len(people)} | {selection} | {search} | {index} | {concept['name']} | "
+                f"`{concept['layer']}` | {concept['tower']} | {concept['step_size']:.4g} | "
+                f"{_pct(concept['forget_top1_before'])} | {_pct(concept['forget_top1_after'])} |"
+            )
     return "\n".join(lines)
 
 
 def across_draws(results: list[Result]) -> str:
     """Per search, over its 5-person runs (one per set of people): how many forget everyone and meet the target,
     the mean and worst identity change, the mean object change and the mean probe count."""
-    lines = ["| search | 5-person runs | all forgotten | target met | identity Δ mean | worst | object Δ mean | "
-             "probes mean |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| search | 5-person runs | all forgotten | target met | identity Δ mean | worst | object Δ mean | "
+        "probes mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for search in SEARCHES:
         reports = [report for people, _, name, report in results if name == search and len(people) == 5]
         if not reports:
@@ -408,9 +450,11 @@ def across_draws(results: list[Result]) -> str:
         identities, objects = zip(*map(_drops, reports))
         forgotten = [_forgotten(report) for report in reports]
         met = sum(ok and _within_target(drop) for ok, drop in zip(forgotten, identities))
-        lines.append(f"| {search} | {len(reports)} | {sum(forgotten)} | {met} | {statistics.mean(identities):+.1f} | "
-                     f"{min(identities):+.1f} | {statistics.mean(objects):+.1f} | "
-                     f"{statistics.mean(r['timing']['probes'] for r in reports):.0f} |")
+        lines.append(
+            f"| {search} | {len(reports)} | {sum(forgotten)} | {met} | {statistics.mean(identities):+.1f} | "
+            f"{min(identities):+.1f} | {statistics.mean(objects):+.1f} | "
+            f"{statistics.mean(r['timing']['probes'] for r in reports):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -441,27 +485,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--demo", default="runs/demo", help="a finished demo directory (world/, fit/)")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="people per run")
-    parser.add_argument("--selections", nargs="+", choices=list(SELECTIONS), default=list(SELECTIONS),
-                        help="which people: 'family', the default target and the people after it in world order "
-                             "(from few look-alike groups); 'unrelated', one person from each look-alike group; "
-                             "'random', drawn at random (see --seeds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="the seeds of the random draws, one set of people per seed (seed 0's runs go to "
-                             "RUNS/random_<n>_<search>, seed s's to RUNS/random_seed<s>_<n>_<search>)")
-    parser.add_argument("--searches", nargs="+", choices=list(SEARCHES), default=list(SEARCHES),
-                        help="which searches to run for each set of people (the first computes the gradients); "
-                             "results made by the older code name some of them otherwise (see the docstring)")
+    parser.add_argument(
+        "--selections",
+        nargs="+",
+        choices=list(SELECTIONS),
+        default=list(SELECTIONS),
+        help="which people: 'family', the default target and the people after it in world order "
+        "(from few look-alike groups); 'unrelated', one person from each look-alike group; "
+        "'random', drawn at random (see --seeds)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the seeds of the random draws, one set of people per seed (seed 0's runs go to "
+        "RUNS/random_<n>_<search>, seed s's to RUNS/random_seed<s>_<n>_<search>)",
+    )
+    parser.add_argument(
+        "--searches",
+        nargs="+",
+        choices=list(SEARCHES),
+        default=list(SEARCHES),
+        help="which searches to run for each set of people (the first computes the gradients); "
+        "results made by the older code name some of them otherwise (see the docstring)",
+    )
     parser.add_argument("--runs", default=None, help="keep each run's artifacts here (default: temporary)")
     parser.add_argument("--output", default=None, help="also write the markdown here")
-    parser.add_argument("--reuse", action="store_true",
-                        help="read the report of a finished run in --runs (same people, same search) instead of "
-                             "running it again")
-    parser.add_argument("--tables_only", action="store_true",
-                        help="run nothing: the tables of the finished runs in --runs, naming the runs not there")
-    parser.add_argument("--smoke", action="store_true",
-                        help="smoke runs (--trainer.fast_dev_run: one batch per gradient stream, at most 2 probes "
-                             "per layer, each computing its own gradients): checks that every search runs; the "
-                             "tables measure nothing")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read the report of a finished run in --runs (same people, same search) instead of running it again",
+    )
+    parser.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="run nothing: the tables of the finished runs in --runs, naming the runs not there",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="smoke runs (--trainer.fast_dev_run: one batch per gradient stream, at most 2 probes "
+        "per layer, each computing its own gradients): checks that every search runs; the "
+        "tables measure nothing",
+    )
     args = parser.parse_args()
     if args.smoke and (args.reuse or args.tables_only):
         parser.error("--smoke runs every search afresh; leave out --reuse and --tables_only.")
@@ -475,21 +542,27 @@ def main() -> None:
                 people = draw(world, count)
                 gradients = runs / f"{prefix}_{count}" / "gradients.safetensors"
                 for search in args.searches:
-                    print(f"[multi_concept] forgetting {count} {selection} ({search}): {', '.join(people)}",
-                          file=sys.stderr)
+                    print(
+                        f"[multi_concept] forgetting {count} {selection} ({search}): {', '.join(people)}",
+                        file=sys.stderr,
+                    )
                     output = runs / f"{prefix}_{count}_{search}"
                     finished = output / "report.json"
                     stored = json.loads(finished.read_text()) if finished.is_file() else None
                     # A finished run counts only for the same people and the same search: a run of the older code
                     # under a name that now means another search is not taken.
-                    if (args.reuse or args.tables_only) and stored and \
-                            [c["name"] for c in stored["concepts"]] == people and \
-                            search_of(stored["settings"]) == SEARCHES[search]:
+                    if (
+                        (args.reuse or args.tables_only)
+                        and stored
+                        and [c["name"] for c in stored["concepts"]] == people
+                        and search_of(stored["settings"]) == SEARCHES[search]
+                    ):
                         results.append((people, selection, search, stored))
                         continue
                     if args.tables_only:
-                        missing.append(f"{count} {selection} `{search}`" + (" (a run of another search there)"
-                                                                             if stored else ""))
+                        missing.append(
+                            f"{count} {selection} `{search}`" + (" (a run of another search there)" if stored else "")
+                        )
                         continue
                     # A smoke run's gradients (one batch per stream) are neither kept nor taken by --gradients.
                     reused = ["--gradients", str(gradients)] if gradients.is_file() and not args.smoke else []
@@ -502,27 +575,38 @@ def main() -> None:
     text = "\n".join(
         ["# Several people in one run (demo world)", ""]
         + ([SMOKE_NOTE, ""] if args.smoke else [])
-        + [f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} "
-           + (f"--counts {' '.join(map(str, args.counts))} " if args.counts != list(COUNTS) else "")
-           + (f"--seeds {' '.join(map(str, args.seeds))} " if args.seeds != [0] else "")
-           + ("--smoke " if args.smoke else "")
-           + f"--searches {' '.join(args.searches)}`: for each set of people, one multi-concept `unlearn` per search "
-           "on the same gradients (demo config: slug-tiny, metric top-1, threshold 0, max_steps 10). "
-           + " ".join(f"`{name}`: {DESCRIPTIONS[name]}." for name in searches)
-           + " People: `family`, the default target and the next ones in world order, which keeps look-alike families "
-           "together (from few look-alike groups, and other people look-alikes of several of them); `unrelated`, "
-           "the default target and then the first person of each other look-alike group in world order (no one a "
-           "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with "
-           "seed 0 (`random (seed s)`: with seed s; a larger set holds the smaller ones' people). Forget top-1 "
-           f"after = the final evaluation with every edit applied. Identity test = the images of the other "
-           f"{len(world.people)} − n people; of which look-alikes = the part of its Δ on the people who look like a "
-           "forgotten one (`DemoWorld.look_alikes`; n/a for a report without per-class top-1). search s = the wall "
-           "time of the run's search (runs that shared the machine with another took longer). "
-           f"Machine: {machine()}.", "", OLDER_NOTE, "",
-           tables(results, world), "",
-           "Each search over the sets of 5 people it ran on (compare searches over the same sets):", "",
-           across_draws(results), "", verdict(results), ""]
-        + ([f"Not run: {', '.join(missing)}.", ""] if missing else []))
+        + [
+            f"`python benchmarks/multi_concept.py --demo {args.demo} --selections {' '.join(args.selections)} "
+            + (f"--counts {' '.join(map(str, args.counts))} " if args.counts != list(COUNTS) else "")
+            + (f"--seeds {' '.join(map(str, args.seeds))} " if args.seeds != [0] else "")
+            + ("--smoke " if args.smoke else "")
+            + f"--searches {' '.join(args.searches)}`: for each set of people, one multi-concept `unlearn` per search "
+            "on the same gradients (demo config: slug-tiny, metric top-1, threshold 0, max_steps 10). "
+            + " ".join(f"`{name}`: {DESCRIPTIONS[name]}." for name in searches)
+            + " People: `family`, the default target and the next ones in world order, which keeps look-alike families "
+            "together (from few look-alike groups, and other people look-alikes of several of them); `unrelated`, "
+            "the default target and then the first person of each other look-alike group in world order (no one a "
+            "look-alike of another, no other person a look-alike of two of them); `random`, drawn at random with "
+            "seed 0 (`random (seed s)`: with seed s; a larger set holds the smaller ones' people). Forget top-1 "
+            f"after = the final evaluation with every edit applied. Identity test = the images of the other "
+            f"{len(world.people)} − n people; of which look-alikes = the part of its Δ on the people who look like a "
+            "forgotten one (`DemoWorld.look_alikes`; n/a for a report without per-class top-1). search s = the wall "
+            "time of the run's search (runs that shared the machine with another took longer). "
+            f"Machine: {machine()}.",
+            "",
+            OLDER_NOTE,
+            "",
+            tables(results, world),
+            "",
+            "Each search over the sets of 5 people it ran on (compare searches over the same sets):",
+            "",
+            across_draws(results),
+            "",
+            verdict(results),
+            "",
+        ]
+        + ([f"Not run: {', '.join(missing)}.", ""] if missing else [])
+    )
     publish(text, args.output)
 
 

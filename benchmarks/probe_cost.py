@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import best_of, image_folder, machine, table
+
 from slug_lightning.datamodules import LabelledSet, ZeroShotDataModule
 from slug_lightning.evaluation import ZeroShotEvaluator
 from slug_lightning.layers import LANGUAGE, VISION, short_name
@@ -37,8 +37,10 @@ TEMPLATES = ["a photo of {}.", "a picture of {}."]
 def probed_layers(model) -> list[tuple[str, str]]:
     """(tower, parameter) for an early, a middle and a late block of each tower, and the projections."""
     layers = []
-    for tower, prefix, projection in ((VISION, "visual.transformer", "visual.proj"),
-                                      (LANGUAGE, "transformer", "text_projection")):
+    for tower, prefix, projection in (
+        (VISION, "visual.transformer", "visual.proj"),
+        (LANGUAGE, "transformer", "text_projection"),
+    ):
         blocks = len(dict(model.named_modules())[f"{prefix}.resblocks"])
         for block in sorted({0, blocks // 2, blocks - 1}):
             layers.append((tower, f"{prefix}.resblocks.{block}.mlp.c_fc.weight"))
@@ -74,7 +76,7 @@ def measure(model_name: str, root: Path, classes: int, per_class: int, repeats: 
             cache = reuse.stage_cache(tower, "eval", stage)
 
             @torch.no_grad()
-            def ideal():
+            def ideal(cache=cache, tower=tower, stage=stage):  # bound now: the loop moves on
                 dtype = next(model.parameters()).dtype
                 for chunk, tokens in zip(cache.chunks, cache.tokens):
                     chunk = chunk.to(device, dtype=dtype) if chunk.is_floating_point() else chunk.to(device)
@@ -82,16 +84,26 @@ def measure(model_name: str, root: Path, classes: int, per_class: int, repeats: 
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
 
-            t_reuse = best_of(lambda: reuse.run(edited=name), repeats)
+            t_reuse = best_of(lambda name=name: reuse.run(edited=name), repeats)
             t_ideal = best_of(ideal, repeats)
-            t_naive = best_of(lambda: naive.run(edited=name), repeats)
+            t_naive = best_of(lambda name=name: naive.run(edited=name), repeats)
         finally:
             with torch.no_grad():
                 parameter.copy_(original)
-        rows.append({"model": model_name, "tower": tower, "layer": short_name(name),
-                     "stage": f"{stage}/{stages[tower].num_stages - 1}", "naive s": t_naive, "reuse s": t_reuse,
-                     "ideal s": t_ideal, "cache s": cache_seconds, "reuse/ideal": t_reuse / t_ideal,
-                     "reuse/naive": t_reuse / t_naive})
+        rows.append(
+            {
+                "model": model_name,
+                "tower": tower,
+                "layer": short_name(name),
+                "stage": f"{stage}/{stages[tower].num_stages - 1}",
+                "naive s": t_naive,
+                "reuse s": t_reuse,
+                "ideal s": t_ideal,
+                "cache s": cache_seconds,
+                "reuse/ideal": t_reuse / t_ideal,
+                "reuse/naive": t_reuse / t_naive,
+            }
+        )
     return rows
 
 
@@ -108,14 +120,31 @@ def main() -> None:
         for model_name in args.models:
             rows += measure(model_name, Path(tmp), args.classes, args.per_class, args.repeats, args.device)
     print(f"# Probe cost: {args.classes} classes x {args.per_class} images, {len(TEMPLATES)} templates; {machine()}")
-    print(table(rows, ["model", "tower", "layer", "stage", "naive s", "reuse s", "ideal s", "cache s",
-                       "reuse/ideal", "reuse/naive"]))
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "tower",
+                "layer",
+                "stage",
+                "naive s",
+                "reuse s",
+                "ideal s",
+                "cache s",
+                "reuse/ideal",
+                "reuse/naive",
+            ],
+        )
+    )
     worst = max(rows, key=lambda r: r["reuse/ideal"])
     print(f"\nworst reuse/ideal: {worst['reuse/ideal']:.2f} ({worst['model']} {worst['layer']})")
     late = [r for r in rows if r["layer"].endswith("proj") or _last_quarter(r["stage"])]
     worst_late = max(late, key=lambda r: r["reuse/naive"])
-    print(f"worst reuse/naive over last-quarter blocks and projections: {worst_late['reuse/naive']:.3f} "
-          f"({worst_late['model']} {worst_late['layer']})")
+    print(
+        f"worst reuse/naive over last-quarter blocks and projections: {worst_late['reuse/naive']:.3f} "
+        f"({worst_late['model']} {worst_late['layer']})"
+    )
 
 
 def _last_quarter(stage: str) -> bool:

@@ -34,8 +34,13 @@ STEP_RTOL, ACCURACY_ATOL = 1e-6, 1e-9
 def _run(arguments: list[str], work: Path, log: str) -> None:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SLUG_DEBUG": ""}
     with open(work / log, "w") as out:
-        completed = subprocess.run([sys.executable, "-m", "slug_lightning", *arguments], stdout=out,
-                                   stderr=subprocess.STDOUT, env=environment, cwd=work)
+        completed = subprocess.run(
+            [sys.executable, "-m", "slug_lightning", *arguments],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=work,
+        )
     if completed.returncode:
         sys.exit(f"error: `{' '.join(arguments[:3])} ...` failed; see {work / log}")
 
@@ -56,23 +61,50 @@ def collect(demo: Path, work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     paths = demo / "demo_paths.yaml"
-    unlearn = ["unlearn", "--config", config_path("demo/unlearn.yaml"), "--config", str(paths),
-               "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    unlearn = [
+        "unlearn",
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        str(paths),
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+    ]
     results = {}
     for name, extra in (("demo", []), ("people", ["--config", config_path("demo/unlearn_people.yaml")])):
         _run([*unlearn, *extra, f"--output_dir={work / name}"], work, f"{name}.log")
         results[name] = _choices(json.loads((work / name / "report.json").read_text()))
     shards = [str(demo / "world" / "shards" / f"{i:05d}.tar") for i in (0, 1)]
     compare_config = work / "compare.yaml"
-    compare_config.write_text(json.dumps({"data": {"init_args": {"shards": shards}},
-                                          "trainer": {"logger": False, "enable_progress_bar": False}}))
-    _run(["compare", "--config", config_path("demo/unlearn.yaml"), "--config", str(paths), "--config",
-          str(compare_config), "--lrs", "1e-5", "1e-4", "--output_dir", str(work / "compare")], work, "compare.log")
+    compare_config.write_text(
+        json.dumps(
+            {"data": {"init_args": {"shards": shards}}, "trainer": {"logger": False, "enable_progress_bar": False}}
+        )
+    )
+    _run(
+        [
+            "compare",
+            "--config",
+            config_path("demo/unlearn.yaml"),
+            "--config",
+            str(paths),
+            "--config",
+            str(compare_config),
+            "--lrs",
+            "1e-5",
+            "1e-4",
+            "--output_dir",
+            str(work / "compare"),
+        ],
+        work,
+        "compare.log",
+    )
     for report in sorted((work / "compare").glob("*/*/report.json")):
         results[f"compare/{report.parent.parent.name}/{report.parent.name}"] = _choices(json.loads(report.read_text()))
     with open(work / "compare" / "comparison.csv", newline="") as file:  # which setting each method kept
-        results["compare/selected"] = sorted(f"{row['method']} {row['setting']}" for row in csv.DictReader(file)
-                                             if row["selected"] == "True")
+        results["compare/selected"] = sorted(
+            f"{row['method']} {row['setting']}" for row in csv.DictReader(file) if row["selected"] == "True"
+        )
     return results
 
 
@@ -103,8 +135,9 @@ def main() -> int:
         if name == "compare/selected":
             print(f"compare kept: {', '.join(result)}")
             continue
-        edits = ", ".join(f"{c}: {e['layer']} λ={e['step_size']:.6g}" for c, e in result["edits"].items()
-                          if e["layer"] is not None)
+        edits = ", ".join(
+            f"{c}: {e['layer']} λ={e['step_size']:.6g}" for c, e in result["edits"].items() if e["layer"] is not None
+        )
         print(f"{name}: {edits or 'no single-layer edit'}; probes {result['probes']}")
     if args.against:
         found = differences(json.loads(Path(args.against).read_text()), results)

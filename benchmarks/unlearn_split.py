@@ -22,9 +22,21 @@ from slug_lightning import config_path
 
 
 def unlearn(demo: Path, output: Path, *overrides: str) -> dict:
-    command = [sys.executable, "-m", "slug_lightning", "unlearn", "--config", config_path("demo/unlearn.yaml"),
-               "--config", str(demo / "demo_paths.yaml"), "--output_dir", str(output),
-               "--trainer.enable_progress_bar", "false", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "slug_lightning",
+        "unlearn",
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        str(demo / "demo_paths.yaml"),
+        "--output_dir",
+        str(output),
+        "--trainer.enable_progress_bar",
+        "false",
+        *overrides,
+    ]
     subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads((output / "report.json").read_text())
 
@@ -41,15 +53,30 @@ def main() -> None:
         for label, overrides in (("reuse on", ()), ("reuse off", ("--search.init_args.reuse", "false"))):
             report = unlearn(demo, Path(tmp) / label.replace(" ", "_"), *overrides)
             timing = report["timing"]
-            rows.append({"search": label, "gradients s": timing["gradients_s"], "search s": timing["search_s"],
-                         "probes": timing["probes"], "s per probe": timing["search_s"] / timing["probes"],
-                         "total s": timing["total_s"], "search share": timing["search_s"] / timing["total_s"],
-                         "layer": report["concepts"][0]["layer"], "λ": report["concepts"][0]["step_size"]})
+            rows.append(
+                {
+                    "search": label,
+                    "gradients s": timing["gradients_s"],
+                    "search s": timing["search_s"],
+                    "probes": timing["probes"],
+                    "s per probe": timing["search_s"] / timing["probes"],
+                    "total s": timing["total_s"],
+                    "search share": timing["search_s"] / timing["total_s"],
+                    "layer": report["concepts"][0]["layer"],
+                    "λ": report["concepts"][0]["step_size"],
+                }
+            )
     print(f"# unlearn on the demo world ({demo}); {machine()}")
-    print(table(rows, ["search", "gradients s", "search s", "probes", "s per probe", "total s", "search share",
-                       "layer", "λ"]))
-    print(f"\nsearch speed-up from reuse: {rows[1]['search s'] / rows[0]['search s']:.1f}x; "
-          f"search / gradients with reuse: {rows[0]['search s'] / rows[0]['gradients s']:.2f}")
+    print(
+        table(
+            rows,
+            ["search", "gradients s", "search s", "probes", "s per probe", "total s", "search share", "layer", "λ"],
+        )
+    )
+    print(
+        f"\nsearch speed-up from reuse: {rows[1]['search s'] / rows[0]['search s']:.1f}x; "
+        f"search / gradients with reuse: {rows[0]['search s'] / rows[0]['gradients s']:.2f}"
+    )
 
 
 if __name__ == "__main__":

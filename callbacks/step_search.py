@@ -1,10 +1,8 @@
 """``StepSearch``: the step-size search of SLUG (METHOD §4–§9) as a Lightning callback.
 
-After a ``GradientCollector`` predict run has produced the gradients, this callback ranks the candidate layers,
-takes the Pareto fronts of each tower, and hands them to :class:`~slug_lightning.joint_search.JointSearch`, which
-searches λ along the forget gradient of every front layer with zero-shot probes and picks the result (METHOD §7).
-The callback keeps the settings, the Lightning hook, the progress bar and the logging; the finished search is
-:attr:`StepSearch.result`, a :class:`~slug_lightning.results.SearchResult`.
+After a ``GradientCollector`` predict run, this callback ranks the layers, takes each tower's Pareto fronts and hands
+them to :class:`~slug_lightning.joint_search.JointSearch`; it keeps the settings, the Lightning hook, the progress bar
+and the logging. The finished search is :attr:`StepSearch.result` (:class:`~slug_lightning.results.SearchResult`).
 """
 
 from __future__ import annotations
@@ -28,11 +26,11 @@ from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, forget_s
 from slug_lightning.gradient_store import GradientStore
 from slug_lightning.joint_search import JointSearch, Listener, SearchRule
 from slug_lightning.labelled_sets import LabelledSet, check_set_names
-from slug_lightning.layers import LANGUAGE, VISION, LayerStats, layer_statistics
+from slug_lightning.layers import LANGUAGE, VISION, front_layers, layer_statistics
 from slug_lightning.memory import PeakMemory
 from slug_lightning.results import SearchResult
 from slug_lightning.search import BinarySearch, Probe, is_forgotten
-from slug_lightning.towers import TowerStages, tower_stages
+from slug_lightning.towers import in_forward_order, tower_stages
 
 CACHE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the dtype the model computes in
 # Probes per layer at most in a smoke run (a Trainer with fast_dev_run): enough to go through a search's both
@@ -43,15 +41,13 @@ SMOKE_MAX_STEPS = 2
 class StepSearch(Callback):
     """Search a step size for every Pareto-front layer, probing zero-shot forget and test accuracy.
 
-    Every probe edits one layer, θ_l = θ⁰_l + λ·G_f,l, evaluates every set, and restores θ⁰_l. The search
-    decision uses accuracies reduced over all devices, so every rank takes the same path. Each probe is logged to
-    the trainer's logger. The finished search, every probe and the final evaluation included, is :attr:`result`.
+    Every probe edits one layer, θ_l = θ⁰_l + λ·G_f,l, evaluates every set on accuracies reduced over all devices (so
+    every rank takes the same path), and restores θ⁰_l; each is logged to the trainer's logger.
 
     Args:
         sets: Labelled evaluation sets. The forget accuracy of a concept is measured on the images of its
             class in ``forget_set``; the test accuracy of each set on all its other images.
-        forget_set: Name of the set that holds the concepts' images (default: the set whose class names
-            contain the concept).
+        forget_set: The set that holds the concepts' images (default: the first whose classes name the concept).
         metric: Forget accuracy that decides "forgotten": ``"top5"`` (the paper) or ``"top1"`` (use it with
             fewer than about 20 classes, where top-5 is nearly always right).
         threshold: A probe has forgotten when its forget accuracy is at most this.
@@ -120,8 +116,9 @@ class StepSearch(Callback):
             raise ConfigError(f"threshold must be in [0, 1), got {threshold}.", "threshold", threshold)
         unknown = [t for t in towers if t not in (VISION, LANGUAGE)]
         if unknown or not towers:
-            raise ConfigError(f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.",
-                              "towers", towers)
+            raise ConfigError(
+                f"towers must be a non-empty subset of ['vision', 'language'], got {list(towers)}.", "towers", towers
+            )
         names = [s.name for s in sets]
         if forget_set is not None and forget_set not in names:
             raise ConfigError(f"forget_set {forget_set!r} is not one of the sets {names}.", "forget_set", forget_set)
@@ -131,11 +128,17 @@ class StepSearch(Callback):
             option, value = ("max_steps", max_steps) if "max_steps" in str(error) else ("tolerance", tolerance)
             raise ConfigError(str(error), option, value) from error
         if cache_dtype not in CACHE_DTYPES:
-            raise ConfigError(f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.", "cache_dtype",
-                              cache_dtype)
-        for option, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                     ("similarity_classes", similarity_classes, 0), ("fronts", fronts, 1),
-                                     ("refine_rounds", refine_rounds, 0), ("orders", orders, 1)):
+            raise ConfigError(
+                f"cache_dtype must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}.", "cache_dtype", cache_dtype
+            )
+        for option, value, least in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("similarity_classes", similarity_classes, 0),
+            ("fronts", fronts, 1),
+            ("refine_rounds", refine_rounds, 0),
+            ("orders", orders, 1),
+        ):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
                 raise ConfigError(f"{option} must be an integer >= {least}, got {value!r}.", option, value)
         self.sets, self.forget_set = list(sets), forget_set
@@ -162,10 +165,11 @@ class StepSearch(Callback):
     @property
     def settings(self) -> dict:
         """The settings a report records."""
-        return {"metric": self.metric, "threshold": self.threshold, "max_steps": self.max_steps,
-                "tolerance": self.tolerance, "towers": list(self.towers), "fronts": self.fronts,
-                "signed_alignment": self.signed_alignment, "refine_rounds": self.refine_rounds,
-                "orders": self.orders}
+        names = ("metric", "threshold", "max_steps", "tolerance", "towers", "fronts", "signed_alignment")
+        return {
+            **{name: getattr(self, name) for name in (*names, "refine_rounds", "orders")},
+            "towers": list(self.towers),
+        }
 
     @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -174,64 +178,66 @@ class StepSearch(Callback):
         # Lightning's convention: a fast_dev_run Trainer runs every stage briefly, so the search probes little too.
         self.smoke_run = bool(trainer.fast_dev_run)
         if self.smoke_run and self.max_steps > SMOKE_MAX_STEPS:
-            rank_zero_info(f"[slug] smoke run (fast_dev_run): at most {SMOKE_MAX_STEPS} probes per layer, not "
-                           f"max_steps={self.max_steps}.")
-        self.run(pl_module.model, pl_module.tokenizer, pl_module.preprocess, pl_module.gradients,
-                 device=pl_module.device, trainer=trainer)
+            rank_zero_info(
+                f"[slug] smoke run (fast_dev_run): at most {SMOKE_MAX_STEPS} probes per layer, not "
+                f"max_steps={self.max_steps}."
+            )
+        module = pl_module
+        self.run(module.model, module.tokenizer, module.preprocess, module.gradients, module.device, trainer)
 
-    def evaluator(self, model, tokenizer, preprocess, concepts: Sequence[str], device: torch.device | str = "cpu",
-                  reuse: bool | None = None) -> ZeroShotEvaluator:
+    def evaluator(self, model, tokenizer, preprocess, concepts, device="cpu", reuse=None) -> ZeroShotEvaluator:
         """A zero-shot evaluator of ``model`` on :attr:`sets` with this search's loader and cache settings."""
         datamodule = ZeroShotDataModule(self.sets, batch_size=self.batch_size, num_workers=self.num_workers)
         datamodule.transform = preprocess
-        return ZeroShotEvaluator(model, tokenizer, datamodule, keep_classes=concepts, device=device,
-                                 reuse=self.reuse if reuse is None else reuse,
-                                 cache_device="cpu" if self.cache_on_cpu else None,
-                                 cache_dtype=CACHE_DTYPES[self.cache_dtype])
+        caches = {"cache_device": "cpu" if self.cache_on_cpu else None, "cache_dtype": CACHE_DTYPES[self.cache_dtype]}
+        return ZeroShotEvaluator(
+            model, tokenizer, datamodule, concepts, device, self.reuse if reuse is None else reuse, **caches
+        )
 
     @torch.no_grad()
-    def run(self, model, tokenizer, preprocess, store: GradientStore, device: torch.device | str = "cpu",
-            trainer: L.Trainer | None = None) -> SearchResult:
+    def run(self, model, tokenizer, preprocess, store: GradientStore, device="cpu", trainer=None) -> SearchResult:
         """The whole search for every concept of ``store`` (METHOD §9); returns (and keeps) the result."""
         start = time.perf_counter()
         memory = PeakMemory().start()
         evaluator = self.evaluator(model, tokenizer, preprocess, store.concepts, device)
         forget_sets = forget_sets_of(store.concepts, evaluator.datasets, self.forget_set)
         class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
-        editor = ModelEditor(dict(model.named_parameters()), list(store.layers), evaluator.run,
-                             lambda counts: summarize(counts, class_names, forget_sets, self.averaging), device)
+        summary = lambda counts: summarize(counts, class_names, forget_sets, self.averaging)  # noqa: E731
+        editor = ModelEditor(dict(model.named_parameters()), list(store.layers), evaluator.run, summary, device)
         stages = tower_stages(model)
         before = editor.evaluate()
-        result = SearchResult(concepts=list(store.concepts), settings=self.settings, before=before, after=before,
-                              forget_set_of=forget_sets, steps_per_layer=self.steps_per_layer, applied=self.apply,
-                              set_sizes={name: {"classes": len(dataset.class_names), "images": len(dataset)}
-                                         for name, dataset in evaluator.datasets.items()})
+        result = SearchResult(list(store.concepts), self.settings, before, before, forget_set_of=forget_sets)
+        result.steps_per_layer, result.applied = self.steps_per_layer, self.apply
+        result.set_sizes = {
+            name: {"classes": len(d.class_names), "images": len(d)} for name, d in evaluator.datasets.items()
+        }
         # Rows and columns of the similarity matrices: per set, its forget concepts and their look-alikes.
         panels = {}
         for set_name in dict.fromkeys(forget_sets.values()) if self.similarity_classes else ():
             concepts = [c for c, s in forget_sets.items() if s == set_name]
-            panels[set_name] = (concepts + evaluator.nearest_classes(set_name, concepts, self.similarity_classes),
-                                concepts)
+            rows = concepts + evaluator.nearest_classes(set_name, concepts, self.similarity_classes)
+            panels[set_name] = (rows, concepts)
         similarity_before = {name: evaluator.similarity(name, rows) for name, (rows, _) in panels.items()}
         # A concept the model does not recognise to begin with (its forget accuracy already passes the forget test)
         # has nothing to forget: it is neither searched nor edited.
-        result.nothing_to_forget = [c for c in store.concepts
-                                    if is_forgotten(before["forget"][c][self.metric], self.threshold)]
+        result.nothing_to_forget = [
+            c for c in store.concepts if is_forgotten(before["forget"][c][self.metric], self.threshold)
+        ]
         for concept in result.nothing_to_forget:
-            rank_zero_info(f"[slug] {concept}: nothing to forget, the model does not recognise it (forget {self.metric} "
-                           f"{before['forget'][concept][self.metric]:.3f} before); no edit.")
+            rank_zero_info(
+                f"[slug] {concept}: nothing to forget, the model does not recognise it (forget {self.metric} "
+                f"{before['forget'][concept][self.metric]:.3f} before); no edit."
+            )
         store = replace(store, forget={c: g for c, g in store.forget.items() if c not in result.nothing_to_forget})
         for concept in store.concepts:
-            result.layers[concept] = stats = layer_statistics(editor.base, store.forget[concept], store.retain,
-                                                              signed=self.signed_alignment)
-            # A layer without forget gradient (or without weight) has no direction to step along.
-            front = [s for s in stats if s.front <= self.fronts and s.tower in self.towers
-                     and s.grad_norm > 0 and s.weight_norm > 0]
+            stats = layer_statistics(editor.base, store.forget[concept], store.retain, signed=self.signed_alignment)
+            result.layers[concept], front = stats, front_layers(stats, self.fronts, self.towers)
             if not front:
                 raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             result.searched[concept] = in_forward_order(front, stages)
-        rule = SearchRule(self.metric, self.threshold, self.steps_per_layer, self.tolerance, self.refine_rounds,
-                          self.orders)
+        rule = SearchRule(
+            self.metric, self.threshold, self.steps_per_layer, self.tolerance, self.refine_rounds, self.orders
+        )
         search = self.joint_search(editor, result.searched, store.forget, rule, _Progress(trainer, self.metric))
         if store.concepts:
             outcome = search.run(store.concepts)
@@ -241,8 +247,10 @@ class StepSearch(Callback):
                 result.leave_one_out = search.leave_one_out()
         result.probes = search.probes
         result.test_classes = class_changes(editor.first_counts, editor.counts, class_names, forget_sets)
-        result.similarity = {name: (rows, concepts, similarity_before[name], evaluator.similarity(name, rows))
-                             for name, (rows, concepts) in panels.items()}
+        result.similarity = {
+            name: (rows, concepts, similarity_before[name], evaluator.similarity(name, rows))
+            for name, (rows, concepts) in panels.items()
+        }
         if not self.apply:
             editor.restore()
         result.seconds = time.perf_counter() - start
@@ -257,8 +265,9 @@ class _Progress(Listener):
 
     def __init__(self, trainer: L.Trainer | None, metric: str) -> None:
         self.trainer, self.metric = trainer, metric
-        self.show = (trainer is None or trainer.is_global_zero) and \
-            (trainer is None or trainer.progress_bar_callback is not None)
+        self.show = (trainer is None or trainer.is_global_zero) and (
+            trainer is None or trainer.progress_bar_callback is not None
+        )
         self.bar = None
         self.logged = 0
 
@@ -271,10 +280,15 @@ class _Progress(Listener):
 
     def probed(self, probe: Probe) -> None:
         self.bar.update(1)
-        self.bar.set_postfix({"λ": f"{probe.step_size:.3g}", f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"})
+        self.bar.set_postfix(
+            {"λ": f"{probe.step_size:.3g}", f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"}
+        )
         if self.trainer is not None and self.trainer.logger is not None:
-            metrics = {"search/step_size": probe.step_size, "search/forget_top1": probe.forget_top1,
-                       "search/forget_top5": probe.forget_top5}
+            metrics = {
+                "search/step_size": probe.step_size,
+                "search/forget_top1": probe.forget_top1,
+                "search/forget_top5": probe.forget_top5,
+            }
             metrics.update({f"search/test_top1/{name}": value for name, value in probe.test_top1.items()})
             self.trainer.logger.log_metrics(metrics, step=self.logged)
         self.logged += 1
@@ -284,15 +298,3 @@ class _Progress(Listener):
 
     def info(self, message: str) -> None:
         rank_zero_info(f"[slug] {message}")
-
-
-def in_forward_order(layers: list[LayerStats], stages: dict[str, TowerStages]) -> list[LayerStats]:
-    """The vision tower's layers, then the language tower's, each in the order the forward pass meets them.
-
-    Probes then move each tower's cache forward only (parameter order puts ``visual.proj`` before
-    ``visual.conv1``). Layers of a tower that is not staged keep their parameter order.
-    """
-    def depth(layer: LayerStats) -> tuple[bool, int]:
-        tower = stages.get(layer.tower)
-        return layer.tower != VISION, tower.stage_of(layer.name) if tower is not None else 0
-    return sorted(layers, key=depth)

@@ -34,8 +34,7 @@ from slug_lightning.labelled_sets import LabelledSet, check_set_names, select_cl
 from slug_lightning.labelled_sources import hf_class_labels, load_hf_split, scan_image_folder, scan_labels_file
 
 
-def stratified_subset(labels: Sequence[int], fraction: float, seed: int,
-                      keep: Collection[int] = ()) -> list[int]:
+def stratified_subset(labels: Sequence[int], fraction: float, seed: int, keep: Collection[int] = ()) -> list[int]:
     """A seeded subset of sample indices: ``fraction * n_c`` rounded half up (at least 1) of each class ``c``.
 
     Each class draws from its own generator, seeded by ``(seed, c)``, so the images picked for one class
@@ -102,8 +101,7 @@ class LabelledImages(Dataset):
             ``classes``.
     """
 
-    def __init__(self, spec: LabelledSet, transform: Callable | None = None,
-                 keep_classes: Sequence[str] = ()) -> None:
+    def __init__(self, spec: LabelledSet, transform: Callable | None = None, keep_classes: Sequence[str] = ()) -> None:
         self.spec = spec
         self.transform = transform
         self._paths: list[Path] | None = None
@@ -146,8 +144,10 @@ class LabelledImages(Dataset):
         if name in self._index:
             return self._index[name]
         near = difflib.get_close_matches(name, self.class_names, n=5, cutoff=0.5)
-        raise KeyError(f"{name!r} is not a class of labelled set {self.spec.name!r}; near matches: {near} "
-                       f"(of {len(self.class_names)} classes).")
+        raise KeyError(
+            f"{name!r} is not a class of labelled set {self.spec.name!r}; near matches: {near} "
+            f"(of {len(self.class_names)} classes)."
+        )
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -160,8 +160,10 @@ class LabelledImages(Dataset):
                 with Image.open(path) as image:
                     image = image.convert("RGB")
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-                raise UserError(f"Labelled set {self.spec.name!r}: image {str(path)!r} cannot be decoded ({error}); "
-                                "remove or replace it.") from None
+                raise UserError(
+                    f"Labelled set {self.spec.name!r}: image {str(path)!r} cannot be decoded ({error}); "
+                    "remove or replace it."
+                ) from None
         else:
             image = self._hf[row][self.spec.image_column].convert("RGB")
         if self.transform is not None:
@@ -207,8 +209,9 @@ class ZeroShotDataModule(L.LightningDataModule):
             LightningModule's ``preprocess``.
     """
 
-    def __init__(self, sets: list[LabelledSet], batch_size: int = 256, num_workers: int = 0,
-                 keep_classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self, sets: list[LabelledSet], batch_size: int = 256, num_workers: int = 0, keep_classes: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         if not sets:
             raise ConfigError("ZeroShotDataModule needs at least one LabelledSet.", "sets", sets)
@@ -231,8 +234,10 @@ class ZeroShotDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         preprocess = getattr(module, "preprocess", None)
         if preprocess is None:
-            raise RuntimeError("ZeroShotDataModule has no transform: set .transform, or attach it to a "
-                               "Trainer whose LightningModule has a `preprocess` attribute.")
+            raise RuntimeError(
+                "ZeroShotDataModule has no transform: set .transform, or attach it to a "
+                "Trainer whose LightningModule has a `preprocess` attribute."
+            )
         self.transform = preprocess
 
     def datasets(self, keep_classes: Sequence[str] = ()) -> dict[str, LabelledImages]:
@@ -243,15 +248,13 @@ class ZeroShotDataModule(L.LightningDataModule):
         """
         key = frozenset(keep_classes)
         if key not in self._datasets:
-            self._datasets[key] = {spec.name: LabelledImages(spec, self.transform, tuple(key))
-                                   for spec in self.sets}
+            self._datasets[key] = {spec.name: LabelledImages(spec, self.transform, tuple(key)) for spec in self.sets}
         # The transform may be set after a first build (e.g. in setup); cached sets follow it.
         for dataset in self._datasets[key].values():
             dataset.transform = self.transform
         return self._datasets[key]
 
-    def loader(self, name: str, rank: int = 0, world_size: int = 1,
-               keep_classes: Sequence[str] = ()) -> DataLoader:
+    def loader(self, name: str, rank: int = 0, world_size: int = 1, keep_classes: Sequence[str] = ()) -> DataLoader:
         """This rank's shard of set ``name``: batches of ``(images [b, C, H, W], labels [b])``, in order.
 
         Args:
@@ -265,8 +268,7 @@ class ZeroShotDataModule(L.LightningDataModule):
             RuntimeError: If no transform is set (images could not be batched).
         """
         if self.transform is None:
-            raise RuntimeError("ZeroShotDataModule.transform is not set; set it, or call setup() with a "
-                               "Trainer first.")
+            raise RuntimeError("ZeroShotDataModule.transform is not set; set it, or call setup() with a Trainer first.")
         datasets = self.datasets(keep_classes)
         if name not in datasets:
             raise KeyError(f"No labelled set {name!r}; sets: {list(datasets)}.")

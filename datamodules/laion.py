@@ -26,6 +26,9 @@ come after it). A damaged shard counts the samples it lost when img2dataset's ``
 ``<shard>.parquet`` beside it says how many it holds (:func:`~slug_lightning.shards.expected_samples`), else 1,
 a lower bound. So the sum of ``skipped`` over all batches of all ranks is the number of broken samples plus what
 the damaged shards lost.
+
+The module is longer than the project's ~500 lines because the split above lives in two places that must agree:
+the stream that indexes and owns samples, and the DataModule that builds its loaders (workers, epochs, ranks).
 """
 
 from __future__ import annotations
@@ -162,15 +165,11 @@ class PairStream(IterableDataset):
     ) -> None:
         super().__init__()
         if isinstance(urls, str) or not urls:
-            raise ValueError(
-                f"PairStream needs a non-empty list of shard files, got {urls!r}; see expand_shards."
-            )
+            raise ValueError(f"PairStream needs a non-empty list of shard files, got {urls!r}; see expand_shards.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}.")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"rank must be in [0, world_size) with world_size >= 1, got {rank=}, {world_size=}."
-            )
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got {rank=}, {world_size=}.")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be positive, got {buffer_size}.")
         self.urls = list(urls)
@@ -340,8 +339,10 @@ def check_val_check_interval(interval: Any) -> None:
     """
     number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
     if number and (interval < 0 or (isinstance(interval, int) and interval == 0)):
-        raise UserError(f"trainer.val_check_interval must be a number of training steps >= 1 (an int) or a share of an "
-                        f"epoch in (0, 1] (a float), got {interval!r}.")
+        raise UserError(
+            f"trainer.val_check_interval must be a number of training steps >= 1 (an int) or a share of an "
+            f"epoch in (0, 1] (a float), got {interval!r}."
+        )
 
 
 # Lightning warns that the length of an IterableDataset may be wrong under several workers. The training loader's
@@ -357,8 +358,9 @@ class _EpochDataLoader(DataLoader):
     a ``max_epochs`` run; without it, it has none, as a stream has none.
     """
 
-    def __init__(self, dataset: PairStream, epoch_source: Callable[[], int], num_batches: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: PairStream, epoch_source: Callable[[], int], num_batches: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch_source = epoch_source
         self.num_batches = num_batches
@@ -370,9 +372,11 @@ class _EpochDataLoader(DataLoader):
             batches += 1
             yield batch
         if not batches:  # else a run bounded by steps would go through empty epochs forever
-            raise UserError(f"The training shards yield no batch: they hold fewer pairs than one global batch of "
-                            f"batch_size={self.dataset.batch_size} (a final partial batch is dropped). Lower "
-                            "--data.init_args.batch_size or add shards.")
+            raise UserError(
+                f"The training shards yield no batch: they hold fewer pairs than one global batch of "
+                f"batch_size={self.dataset.batch_size} (a final partial batch is dropped). Lower "
+                "--data.init_args.batch_size or add shards."
+            )
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -458,16 +462,21 @@ class LaionDataModule(lightning.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive global batch size, got {batch_size}.", "batch_size",
-                              batch_size)
+            raise ConfigError(
+                f"batch_size must be a positive global batch size, got {batch_size}.", "batch_size", batch_size
+            )
         if min_forget_pairs < 1:
-            raise ConfigError(f"min_forget_pairs must be >= 1, got {min_forget_pairs}.", "min_forget_pairs",
-                              min_forget_pairs)
+            raise ConfigError(
+                f"min_forget_pairs must be >= 1, got {min_forget_pairs}.", "min_forget_pairs", min_forget_pairs
+            )
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}.", "num_workers", num_workers)
         if not 0.0 < max_forget_share <= 1.0:
-            raise ConfigError(f"max_forget_share must be in (0, 1] (1 turns the check off), got {max_forget_share}.",
-                              "max_forget_share", max_forget_share)
+            raise ConfigError(
+                f"max_forget_share must be in (0, 1] (1 turns the check off), got {max_forget_share}.",
+                "max_forget_share",
+                max_forget_share,
+            )
         if val_batch_size < 1:
             raise ConfigError(f"val_batch_size must be >= 1, got {val_batch_size}.", "val_batch_size", val_batch_size)
         self.shards = shards
@@ -555,8 +564,10 @@ class LaionDataModule(lightning.LightningDataModule):
         if self._epoch_batches is None:
             pairs = count_kept(expand_shards(self.shards))
             if pairs < self.batch_size:
-                raise UserError(f"The shards {self.shards!r} hold {pairs} pairs, fewer than one training batch of "
-                                f"batch_size={self.batch_size} (a final partial batch is dropped); lower batch_size.")
+                raise UserError(
+                    f"The shards {self.shards!r} hold {pairs} pairs, fewer than one training batch of "
+                    f"batch_size={self.batch_size} (a final partial batch is dropped); lower batch_size."
+                )
             self._epoch_batches = pairs // self.batch_size
         return self._epoch_batches
 
@@ -577,10 +588,12 @@ class LaionDataModule(lightning.LightningDataModule):
         if not self.retain_augmentation:
             return self._loader(self._stream(self.shards, keep=keep))
         if self.retain_transform is None:
-            raise RuntimeError("LaionDataModule(retain_augmentation=True) has no retain_transform: set "
-                               "`datamodule.retain_transform` (OpenCLIP's training transform), or use a "
-                               "LightningModule that exposes `train_preprocess` (a GradientCollector built from a "
-                               "model name does).")
+            raise RuntimeError(
+                "LaionDataModule(retain_augmentation=True) has no retain_transform: set "
+                "`datamodule.retain_transform` (OpenCLIP's training transform), or use a "
+                "LightningModule that exposes `train_preprocess` (a GradientCollector built from a "
+                "model name does)."
+            )
         stream = self._stream(self.shards, keep=keep)
         stream.transform, stream.augmentation_seed = self.retain_transform, self.seed
         return self._loader(stream)
@@ -621,8 +634,16 @@ class LaionDataModule(lightning.LightningDataModule):
             )
         rank, world_size = rank_and_world(self.trainer) if self.trainer is not None else (0, 1)
         return PairStream(
-            expand_shards(shards), self.transform, self.tokenizer, self.batch_size, keep=keep,
-            rank=rank, world_size=world_size, shuffle=shuffle, seed=self.seed, drop_last=drop_last,
+            expand_shards(shards),
+            self.transform,
+            self.tokenizer,
+            self.batch_size,
+            keep=keep,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=drop_last,
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
@@ -49,8 +48,9 @@ def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
     return {"tensors": tensors, "entries": entries, "parameters": parameters, "bytes": size}
 
 
-def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, method: str,
-                          settings: BaselineSettings) -> dict | None:
+def unlearn_with_baseline(
+    trainer, collector, datamodule, search, output: Path, method: str, settings: BaselineSettings
+) -> dict | None:
     """Run baseline ``method`` on the collector's CLIP, in place, and write the run's artifacts.
 
     Args:
@@ -66,8 +66,10 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
         UserError: on more than one device, or a datamodule without concepts.
     """
     if trainer.world_size > 1:
-        raise UserError(f"--method {method} runs on one device; this run has {trainer.world_size}. Set "
-                        "--trainer.devices 1 (only SLUG spreads its gradient pass over devices).")
+        raise UserError(
+            f"--method {method} runs on one device; this run has {trainer.world_size}. Set "
+            "--trainer.devices 1 (only SLUG spreads its gradient pass over devices)."
+        )
     concepts = list(getattr(datamodule, "concepts", None) or [])
     if not concepts:
         raise UserError("unlearn needs concepts to forget: set --data.init_args.concepts.")
@@ -96,16 +98,25 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
         latest["summary"] = summarize(latest["counts"], class_names, forget_sets, search.averaging)
         evaluation_seconds += time.perf_counter() - began
         measured = accuracies(latest["summary"])
-        return {"forget_top1": {c: a["top1"] for c, a in measured["forget"].items()},
-                "forget_top5": {c: a["top5"] for c, a in measured["forget"].items()},
-                "test_top1": {s: a["top1"] for s, a in measured["test"].items()}}
+        return {
+            "forget_top1": {c: a["top1"] for c, a in measured["forget"].items()},
+            "forget_top5": {c: a["top5"] for c, a in measured["forget"].items()},
+            "test_top1": {s: a["top1"] for s, a in measured["test"].items()},
+        }
 
     evaluate()
     before, before_counts = latest["summary"], latest["counts"]
     base = {name: tensor.detach().clone() for name, tensor in clip.state_dict().items()}
     memory = PeakMemory().start()
-    result = run_baseline(method, clip, lambda: {c.name: datamodule.forget_dataloader(c) for c in concepts},
-                          datamodule.retain_dataloader, settings, device, evaluate=evaluate)
+    result = run_baseline(
+        method,
+        clip,
+        lambda: {c.name: datamodule.forget_dataloader(c) for c in concepts},
+        datamodule.retain_dataloader,
+        settings,
+        device,
+        evaluate=evaluate,
+    )
     memory.stop()
     total = time.perf_counter() - start
     if not trainer.is_global_zero:
@@ -114,29 +125,57 @@ def unlearn_with_baseline(trainer, collector, datamodule, search, output: Path, 
     after = latest["summary"]
     report = assemble_report(
         method=method,
-        concepts=[{"name": c, "verdict": concept_verdict(before["forget"][c][search.metric],
-                                                         after["forget"][c][search.metric], search.threshold),
-                   "layer": None, "tower": None, "step_size": None, "relative_change": None, "round": None,
-                   "forget_samples": result.forget_samples.get(c, 0),
-                   **{f"forget_{k}_{when}": summary["forget"][c][k]
-                      for when, summary in (("before", before), ("after", after)) for k in ("top1", "top5")}}
-                  for c in names],
+        concepts=[
+            {
+                "name": c,
+                "verdict": concept_verdict(
+                    before["forget"][c][search.metric], after["forget"][c][search.metric], search.threshold
+                ),
+                "layer": None,
+                "tower": None,
+                "step_size": None,
+                "relative_change": None,
+                "round": None,
+                "forget_samples": result.forget_samples.get(c, 0),
+                **{
+                    f"forget_{k}_{when}": summary["forget"][c][k]
+                    for when, summary in (("before", before), ("after", after))
+                    for k in ("top1", "top5")
+                },
+            }
+            for c in names
+        ],
         model={**identity, "parameters": count_parameters(clip)},
-        retain_samples=result.retain_samples, skipped_samples=0, before=before, after=after,
+        retain_samples=result.retain_samples,
+        skipped_samples=0,
+        before=before,
+        after=after,
         test_classes=class_changes(before_counts, latest["counts"], class_names, forget_sets),
         search=result.iterations,
-        settings={"method": method, **settings_used(method, settings), "metric": search.metric,
-                  "threshold": search.threshold},
-        timing={"method_s": result.method_seconds, "evaluation_s": evaluation_seconds, "total_s": total,
-                "iterations": len(result.iterations)},
-        memory=peak_memory({"method": memory.result}), edit=edit_size(base, state), devices=1)
+        settings={
+            "method": method,
+            **settings_used(method, settings),
+            "metric": search.metric,
+            "threshold": search.threshold,
+        },
+        timing={
+            "method_s": result.method_seconds,
+            "evaluation_s": evaluation_seconds,
+            "total_s": total,
+            "iterations": len(result.iterations),
+        },
+        memory=peak_memory({"method": memory.result}),
+        edit=edit_size(base, state),
+        devices=1,
+    )
     report["data"] = describe_data(datamodule, search.sets, set_sizes)
     if (output / "config.yaml").is_file():
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     output.mkdir(parents=True, exist_ok=True)
     write_csv(output / "iterations.csv", [_flat(row) for row in result.iterations])
-    save_state_dict(output / "model.safetensors", state, metadata={"format": "pt", "method": method,
-                                                                   "unlearned": ",".join(names)})
+    save_state_dict(
+        output / "model.safetensors", state, metadata={"format": "pt", "method": method, "unlearned": ",".join(names)}
+    )
     write_text(output / "report.md", render_baseline_markdown(report))
     write_json(output / "report.json", report)  # last: its presence marks a finished run
     return report

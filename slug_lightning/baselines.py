@@ -59,19 +59,34 @@ class BaselineSettings:
     dampening: float = 1.0
 
     def __post_init__(self) -> None:
-        checks = [("lr", self.lr > 0), ("iterations", self.iterations >= 1), ("batch_size", self.batch_size >= 1),
-                  ("weight_decay", self.weight_decay >= 0), ("mask_fraction", 0 < self.mask_fraction <= 1),
-                  ("alpha", self.alpha > 0), ("dampening", self.dampening > 0)]
+        checks = [
+            ("lr", self.lr > 0),
+            ("iterations", self.iterations >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("weight_decay", self.weight_decay >= 0),
+            ("mask_fraction", 0 < self.mask_fraction <= 1),
+            ("alpha", self.alpha > 0),
+            ("dampening", self.dampening > 0),
+        ]
         bad = [name for name, ok in checks if not ok]
         if bad:
-            raise ConfigError(f"Invalid baseline settings {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: "
-                              "lr, alpha and dampening must be > 0, iterations and batch_size >= 1, "
-                              "weight_decay >= 0, mask_fraction in (0, 1].", bad[0], getattr(self, bad[0]))
+            raise ConfigError(
+                f"Invalid baseline settings {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: "
+                "lr, alpha and dampening must be > 0, iterations and batch_size >= 1, "
+                "weight_decay >= 0, mask_fraction in (0, 1].",
+                bad[0],
+                getattr(self, bad[0]),
+            )
 
 
 _TRAINING = ("lr", "iterations", "batch_size", "weight_decay")
-SETTINGS_USED = {"ft": _TRAINING, "ga": _TRAINING, "gaft": _TRAINING, "salun": (*_TRAINING, "mask_fraction"),
-                 "ssd": ("batch_size", "alpha", "dampening")}
+SETTINGS_USED = {
+    "ft": _TRAINING,
+    "ga": _TRAINING,
+    "gaft": _TRAINING,
+    "salun": (*_TRAINING, "mask_fraction"),
+    "ssd": ("batch_size", "alpha", "dampening"),
+}
 
 
 def settings_used(method: str, settings: BaselineSettings) -> dict:
@@ -104,8 +119,9 @@ def saliency_mask(forget_gradients: Mapping[str, Tensor], fraction: float) -> di
     return {name: g.detach().abs().float() >= threshold for name, g in forget_gradients.items()}
 
 
-def dampen(weight: Tensor, forget_importance: Tensor, retain_importance: Tensor, alpha: float,
-           dampening: float) -> Tensor:
+def dampen(
+    weight: Tensor, forget_importance: Tensor, retain_importance: Tensor, alpha: float, dampening: float
+) -> Tensor:
     """SSD's update of one tensor: where ``I_f > alpha · I_r`` the weight is scaled by ``min(λ·I_r/I_f, 1)``.
 
     Example::
@@ -127,8 +143,10 @@ def _optimizer(parameters: Mapping[str, nn.Parameter], settings: BaselineSetting
     # OpenCLIP's convention: weight decay on matrices only, not on gains, biases, embeddings or scalars.
     decay = [p for n, p in parameters.items() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in parameters.items() if not (p.ndim >= 2 and "embedding" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=settings.lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
 
 
 def _batch_loss(model: nn.Module, batch: dict, stream: str, device: torch.device) -> tuple[Tensor, int]:
@@ -141,8 +159,14 @@ def _batch_loss(model: nn.Module, batch: dict, stream: str, device: torch.device
     return retain_loss_sum(image_features, text_features, model.logit_scale) / pairs, pairs
 
 
-def _gradient_sums(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
-                   device: torch.device, loss_of: str, squared: bool) -> tuple[dict[str, Tensor], int, int]:
+def _gradient_sums(
+    model: nn.Module,
+    batches: Iterable,
+    parameters: Mapping[str, nn.Parameter],
+    device: torch.device,
+    loss_of: str,
+    squared: bool,
+) -> tuple[dict[str, Tensor], int, int]:
     """Σ over ``batches`` of each parameter's gradient of the ``loss_of`` loss (``"retain"``: the CLIP loss,
     batch mean; ``"forget"``: 1 − cos, summed over pairs), or of its square; also the batch and pair counts."""
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
@@ -161,8 +185,9 @@ def _gradient_sums(model: nn.Module, batches: Iterable, parameters: Mapping[str,
     return sums, used, pairs
 
 
-def _fisher_diagonal(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
-                     device: torch.device) -> dict[str, Tensor]:
+def _fisher_diagonal(
+    model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter], device: torch.device
+) -> dict[str, Tensor]:
     """SSD's importance: the mean over batches of the squared gradient of the CLIP loss."""
     sums, used, _ = _gradient_sums(model, batches, parameters, device, "retain", squared=True)
     if used == 0:
@@ -170,8 +195,9 @@ def _fisher_diagonal(model: nn.Module, batches: Iterable, parameters: Mapping[st
     return {n: s / used for n, s in sums.items()}
 
 
-def _mean_forget_gradient(model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter],
-                          device: torch.device) -> dict[str, Tensor]:
+def _mean_forget_gradient(
+    model: nn.Module, batches: Iterable, parameters: Mapping[str, nn.Parameter], device: torch.device
+) -> dict[str, Tensor]:
     """G_f over all trained tensors (SalUn's saliency), as a mean over all forget pairs."""
     sums, _, pairs = _gradient_sums(model, batches, parameters, device, "forget", squared=False)
     return {n: s / max(pairs, 1) for n, s in sums.items()}
@@ -188,9 +214,15 @@ class BaselineResult:
     method_seconds: float
 
 
-def run_baseline(method: str, model: nn.Module, forget_loaders: Callable[[], dict[str, Iterable]],
-                 retain_loader: Callable[[], Iterable], settings: BaselineSettings, device: torch.device,
-                 evaluate: Callable[[], dict] | None = None) -> BaselineResult:
+def run_baseline(
+    method: str,
+    model: nn.Module,
+    forget_loaders: Callable[[], dict[str, Iterable]],
+    retain_loader: Callable[[], Iterable],
+    settings: BaselineSettings,
+    device: torch.device,
+    evaluate: Callable[[], dict] | None = None,
+) -> BaselineResult:
     """Unlearn with one baseline, in place on ``model``.
 
     Args:
@@ -238,8 +270,9 @@ def run_baseline(method: str, model: nn.Module, forget_loaders: Callable[[], dic
     mask = original = None
     if method == "salun":
         with torch.enable_grad():
-            mask = saliency_mask(_mean_forget_gradient(model, forget_batches(), parameters, device),
-                                 settings.mask_fraction)
+            mask = saliency_mask(
+                _mean_forget_gradient(model, forget_batches(), parameters, device), settings.mask_fraction
+            )
         original = {n: p.detach().clone() for n, p in parameters.items()}
     seconds = time.perf_counter() - start
     optimizer = _optimizer(parameters, settings)
@@ -254,8 +287,10 @@ def run_baseline(method: str, model: nn.Module, forget_loaders: Callable[[], dic
                 with torch.enable_grad():
                     loss, _ = _batch_loss(model, batch, phase, device)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{method}: the {phase} loss is {loss.item()} in iteration "
-                                                 f"{iteration}; lower the learning rate.")
+                        raise FloatingPointError(
+                            f"{method}: the {phase} loss is {loss.item()} in iteration "
+                            f"{iteration}; lower the learning rate."
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()

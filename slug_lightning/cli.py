@@ -117,8 +117,9 @@ class SlugCLI(LightningCLI):
         """Refuse a finished output directory before any work, then record the resolved config in it (in its
         ``smoke`` subdirectory for a smoke run, ``--trainer.fast_dev_run``)."""
         config = self.config["unlearn"]
-        output = unlearn_dir(Path(config["output_dir"]), config["overwrite"], bool(self.trainer.fast_dev_run),
-                             config["method"])
+        output = unlearn_dir(
+            Path(config["output_dir"]), config["overwrite"], bool(self.trainer.fast_dev_run), config["method"]
+        )
         if self.trainer.is_global_zero:
             from slug_lightning.artifacts import write_text
 
@@ -168,8 +169,9 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _first_cause(error: BaseException | None,
-                 kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+def _first_cause(
+    error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
     """``error`` or the first of its explicit causes that is a ``kind``, else None."""
     while error is not None and not isinstance(error, kind):
         error = error.__cause__

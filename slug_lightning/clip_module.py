@@ -132,8 +132,11 @@ class CLIPContrastive(L.LightningModule):
         if not lr > 0:
             raise ConfigError(f"lr must be a positive learning rate, got {lr!r}.", "lr", lr)
         if base_batch_size is not None and base_batch_size < 1:
-            raise ConfigError(f"base_batch_size must be a number of pairs >= 1, or null, got {base_batch_size!r}.",
-                              "base_batch_size", base_batch_size)
+            raise ConfigError(
+                f"base_batch_size must be a number of pairs >= 1, or null, got {base_batch_size!r}.",
+                "base_batch_size",
+                base_batch_size,
+            )
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps!r}.", "warmup_steps", warmup_steps)
         if export not in ("best", "last"):
@@ -174,10 +177,13 @@ class CLIPContrastive(L.LightningModule):
         for loader in loaders:
             dataset = loader.dataset
             if not all(hasattr(dataset, name) for name in ("spec", "class_names", "templates")):
-                raise TypeError(f"CLIPContrastive validates by zero-shot classification and needs loaders of "
-                                f"LabelledImages (e.g. LaionDataModule(val_sets=...)), got a {type(dataset).__name__}.")
-            classifier = zero_shot_classifier(self.model, self.tokenizer, dataset.class_names, dataset.templates,
-                                              self.device)
+                raise TypeError(
+                    f"CLIPContrastive validates by zero-shot classification and needs loaders of "
+                    f"LabelledImages (e.g. LaionDataModule(val_sets=...)), got a {type(dataset).__name__}."
+                )
+            classifier = zero_shot_classifier(
+                self.model, self.tokenizer, dataset.class_names, dataset.templates, self.device
+            )
             counts = ZeroShotCounts(len(dataset.class_names)).to(self.device)
             self._val_sets.append((dataset.spec, classifier, counts))
 
@@ -204,8 +210,9 @@ class CLIPContrastive(L.LightningModule):
         if not self.hparams.export_path or not self.trainer.is_global_zero:
             return
         state_dict, which = self._weights_to_export()
-        save_state_dict(self.hparams.export_path, state_dict,
-                        metadata={"format": "pt", "model": self.hparams.model_name})
+        save_state_dict(
+            self.hparams.export_path, state_dict, metadata={"format": "pt", "model": self.hparams.model_name}
+        )
         rank_zero_info(f"[fit] exported the {which} to {self.hparams.export_path}")
 
     def _weights_to_export(self) -> tuple[dict[str, torch.Tensor], str]:
@@ -219,8 +226,10 @@ class CLIPContrastive(L.LightningModule):
         checkpoint = monitoring[0]
         if not checkpoint.best_model_path:
             return self.model.state_dict(), f"{last}; export=best, but no best checkpoint was saved)"
-        best = f"best weights ({checkpoint.monitor} = {float(checkpoint.best_model_score):.4f}, " \
-               f"{checkpoint.best_model_path})"
+        best = (
+            f"best weights ({checkpoint.monitor} = {float(checkpoint.best_model_score):.4f}, "
+            f"{checkpoint.best_model_path})"
+        )
         return read_state_dict(checkpoint.best_model_path), best
 
     @override
@@ -243,13 +252,16 @@ class CLIPContrastive(L.LightningModule):
         total = int(total) if math.isfinite(total) and total > 0 else None
         warmup = self.hparams.warmup_steps
         if total is None:
-            rank_zero_warn("CLIPContrastive: the number of training steps is unknown (no trainer.max_steps, and the "
-                           "training loader has no length), so the learning rate stays at its peak after warm-up; "
-                           "set trainer.max_steps for the cosine decay.")
+            rank_zero_warn(
+                "CLIPContrastive: the number of training steps is unknown (no trainer.max_steps, and the "
+                "training loader has no length), so the learning rate stays at its peak after warm-up; "
+                "set trainer.max_steps for the cosine decay."
+            )
             rank_zero_info(f"[fit] learning rate: peak {peak:.3g}, warm-up {warmup} steps, no decay")
         else:
-            rank_zero_info(f"[fit] learning rate: peak {peak:.3g}, warm-up {min(warmup, total)} steps, "
-                           f"cosine to 0 at step {total}")
+            rank_zero_info(
+                f"[fit] learning rate: peak {peak:.3g}, warm-up {min(warmup, total)} steps, cosine to 0 at step {total}"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

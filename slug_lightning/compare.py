@@ -53,9 +53,12 @@ def mean(values) -> float:
 def summarize_run(method: str, setting: dict, report: dict) -> dict:
     """One row of the comparison from a run's ``report.json``."""
     after, timing = report["after"], report["timing"]
-    row = {"method": method, "setting": _label(setting),
-           "forget_top1": mean(a["top1"] for a in after["forget"].values()),
-           "forget_top5": mean(a["top5"] for a in after["forget"].values())}
+    row = {
+        "method": method,
+        "setting": _label(setting),
+        "forget_top1": mean(a["top1"] for a in after["forget"].values()),
+        "forget_top5": mean(a["top5"] for a in after["forget"].values()),
+    }
     row.update({f"test_top1[{name}]": a["top1"] for name, a in after["test"].items()})
     row["utility"] = mean(a["top1"] for a in after["test"].values())
     row["total_s"] = timing["total_s"]
@@ -92,8 +95,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas: list[float], iterations: int,
-            output: Path, overwrite: bool = False) -> list[dict]:
+def compare(
+    configs: list[str],
+    methods: list[str],
+    lrs: list[float],
+    ssd_alphas: list[float],
+    iterations: int,
+    output: Path,
+    overwrite: bool = False,
+) -> list[dict]:
     """Run every method and setting, write the table and the plot, return every row (``selected`` marked).
 
     Each run is an ``unlearn`` in a process of its own (its output in ``<run>/log.txt``), so its time and peak
@@ -106,8 +116,13 @@ def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas
         for setting in grid(method, lrs, ssd_alphas):
             run_dir = output / method / (_label(setting).replace("=", "") if setting else "run")
             if overwrite or not (run_dir / "report.json").exists():
-                args = ["unlearn", *[a for c in configs for a in ("--config", c)], f"--method={method}",
-                        f"--output_dir={run_dir}", "--overwrite=true"]
+                args = [
+                    "unlearn",
+                    *[a for c in configs for a in ("--config", c)],
+                    f"--method={method}",
+                    f"--output_dir={run_dir}",
+                    "--overwrite=true",
+                ]
                 if method != "slug":
                     args.append(f"--baseline.iterations={iterations}")
                     args += [f"--baseline.{k}={v}" for k, v in setting.items()]
@@ -115,12 +130,15 @@ def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas
                 run_dir.mkdir(parents=True, exist_ok=True)
                 # A process per run: its wall time and peak memory are its own, not the leftovers of the last.
                 with open(run_dir / "log.txt", "w") as log:
-                    code = subprocess.run([sys.executable, "-m", "slug_lightning", *args], stdout=log,
-                                          stderr=subprocess.STDOUT).returncode
+                    code = subprocess.run(
+                        [sys.executable, "-m", "slug_lightning", *args], stdout=log, stderr=subprocess.STDOUT
+                    ).returncode
                 if code:
                     tail = (run_dir / "log.txt").read_text().strip().splitlines()[-1:]
-                    raise UserError(f"The {method} run ({_label(setting)}) failed with exit code {code} "
-                                    f"({tail[0] if tail else 'no output'}); see {run_dir / 'log.txt'}.")
+                    raise UserError(
+                        f"The {method} run ({_label(setting)}) failed with exit code {code} "
+                        f"({tail[0] if tail else 'no output'}); see {run_dir / 'log.txt'}."
+                    )
             else:
                 print(f"[compare] {method} {_label(setting)}: reusing the finished run in {run_dir}")
             report = json.loads((run_dir / "report.json").read_text())
@@ -131,22 +149,48 @@ def compare(configs: list[str], methods: list[str], lrs: list[float], ssd_alphas
             if row["method"] == method:
                 row["selected"] = row is chosen
     test_columns = sorted({k for r in rows for k in r if k.startswith("test_top1[")})
-    columns = ["method", "setting", "forget_top1", "forget_top5", *test_columns, "utility", "total_s", "method_s",
-               "peak_memory_mib", "edit_tensors", "edit_mib"]
+    columns = [
+        "method",
+        "setting",
+        "forget_top1",
+        "forget_top5",
+        *test_columns,
+        "utility",
+        "total_s",
+        "method_s",
+        "peak_memory_mib",
+        "edit_tensors",
+        "edit_mib",
+    ]
     write_csv(output / "comparison.csv", rows, columns + ["selected", "run"])
     comparison_plot(output / "comparison.png", rows)
-    budget = (f"Tuning budget: FT, GA, GAFT and SalUn ran lr in {', '.join(f'{v:g}' for v in lrs)} "
-              f"({iterations} iterations each); SSD ran alpha in {', '.join(f'{v:g}' for v in ssd_alphas)}; "
-              "SLUG ran once (its step-size search is part of the method).")
-    text = ["# SLUG against the baselines", "", budget,
-            "Per method the kept setting is the one with the lowest forget top-1, then the highest utility "
-            "(mean test top-1). Accuracies in %, times in seconds, memory and edit size in MiB.", "",
-            markdown_table([r for r in rows if r["selected"]], columns), "",
-            "![utility against forget accuracy](comparison.png)", "", "## Every setting tried", "",
-            markdown_table(rows, columns), "",
-            "Command: `python -m slug_lightning compare " + " ".join(f"--config {c}" for c in configs)
-            + f" --methods {' '.join(methods)} --lrs {' '.join(f'{v:g}' for v in lrs)} --ssd_alphas "
-            + " ".join(f"{v:g}" for v in ssd_alphas) + f" --iterations {iterations} --output_dir {output}`", ""]
+    budget = (
+        f"Tuning budget: FT, GA, GAFT and SalUn ran lr in {', '.join(f'{v:g}' for v in lrs)} "
+        f"({iterations} iterations each); SSD ran alpha in {', '.join(f'{v:g}' for v in ssd_alphas)}; "
+        "SLUG ran once (its step-size search is part of the method)."
+    )
+    text = [
+        "# SLUG against the baselines",
+        "",
+        budget,
+        "Per method the kept setting is the one with the lowest forget top-1, then the highest utility "
+        "(mean test top-1). Accuracies in %, times in seconds, memory and edit size in MiB.",
+        "",
+        markdown_table([r for r in rows if r["selected"]], columns),
+        "",
+        "![utility against forget accuracy](comparison.png)",
+        "",
+        "## Every setting tried",
+        "",
+        markdown_table(rows, columns),
+        "",
+        "Command: `python -m slug_lightning compare "
+        + " ".join(f"--config {c}" for c in configs)
+        + f" --methods {' '.join(methods)} --lrs {' '.join(f'{v:g}' for v in lrs)} --ssd_alphas "
+        + " ".join(f"{v:g}" for v in ssd_alphas)
+        + f" --iterations {iterations} --output_dir {output}`",
+        "",
+    ]
     write_text(output / "comparison.md", "\n".join(text))
     print("\n".join(text[4:5]))
     print(f"[compare] table: {output / 'comparison.md'} (and .csv); plot: {output / 'comparison.png'}")

@@ -42,8 +42,11 @@ class Concept:
         object.__setattr__(self, "aliases", tuple(self.aliases))
         for alias in self.aliases:
             if not isinstance(alias, str) or not alias.strip():
-                raise ConfigError(f"Concept {self.name!r} has an empty alias in {list(self.aliases)!r}.", "aliases",
-                                  list(self.aliases))
+                raise ConfigError(
+                    f"Concept {self.name!r} has an empty alias in {list(self.aliases)!r}.",
+                    "aliases",
+                    list(self.aliases),
+                )
         object.__setattr__(self, "aliases", tuple(unicodedata.normalize("NFC", alias) for alias in self.aliases))
 
     @property

@@ -61,8 +61,12 @@ class Delta:
         return list(dict.fromkeys(entry["concept"] for entry in self.entries))
 
 
-def make_delta(updates: Sequence[tuple[dict, Tensor]], base_fingerprint: str | None, model: Mapping | None = None,
-               source: str = "delta") -> Delta:
+def make_delta(
+    updates: Sequence[tuple[dict, Tensor]],
+    base_fingerprint: str | None,
+    model: Mapping | None = None,
+    source: str = "delta",
+) -> Delta:
     """A :class:`Delta` from ``(entry, update)`` pairs; the key of each entry is ``<concept>/<layer>``.
 
     Args:
@@ -120,15 +124,23 @@ def read_delta(path: str | Path) -> Delta:
     except (SafetensorError, OSError) as error:
         raise UserError(f"Cannot read delta {str(path)!r} as safetensors: {error}") from None
     if metadata.get("format") != DELTA_FORMAT or "entries" not in metadata:
-        raise UserError(f"{str(path)!r} is not a delta written by slug_lightning (metadata format "
-                        f"{metadata.get('format')!r}, expected {DELTA_FORMAT!r} with 'entries').")
+        raise UserError(
+            f"{str(path)!r} is not a delta written by slug_lightning (metadata format "
+            f"{metadata.get('format')!r}, expected {DELTA_FORMAT!r} with 'entries')."
+        )
     entries = [{name: entry.get(name) for name in ENTRY_FIELDS} for entry in json.loads(metadata["entries"])]
     keys = [entry["key"] for entry in entries]
     if sorted(keys) != sorted(tensors):
-        raise UserError(f"Delta {str(path)!r} is inconsistent: its entries name {sorted(keys)}, its tensors are "
-                        f"{sorted(tensors)}.")
-    return Delta({key: tensors[key] for key in keys}, entries, metadata.get("base_fingerprint"),
-                 json.loads(metadata.get("model", "{}")), str(path))
+        raise UserError(
+            f"Delta {str(path)!r} is inconsistent: its entries name {sorted(keys)}, its tensors are {sorted(tensors)}."
+        )
+    return Delta(
+        {key: tensors[key] for key in keys},
+        entries,
+        metadata.get("base_fingerprint"),
+        json.loads(metadata.get("model", "{}")),
+        str(path),
+    )
 
 
 def select(delta: Delta, concepts: Iterable[str] | None = None) -> Delta:
@@ -149,8 +161,9 @@ def select(delta: Delta, concepts: Iterable[str] | None = None) -> Delta:
     if unknown:
         raise ValueError(f"{delta.source} holds no update for {unknown}; it holds {delta.concepts}.")
     entries = [entry for entry in delta.entries if entry["concept"] in wanted]
-    return Delta({e["key"]: delta.tensors[e["key"]] for e in entries}, entries, delta.base_fingerprint, delta.model,
-                 delta.source)
+    return Delta(
+        {e["key"]: delta.tensors[e["key"]] for e in entries}, entries, delta.base_fingerprint, delta.model, delta.source
+    )
 
 
 def layer_updates(delta: Delta) -> dict[str, Tensor]:
@@ -178,8 +191,10 @@ def check_finite(delta: Delta) -> None:
     bad = [key for key, tensor in delta.tensors.items() if not torch.isfinite(tensor).all()]
     if bad:
         shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        raise ValueError(f"{delta.source} holds NaN or infinite values in {len(bad)} update(s) ({shown}); it cannot "
-                         "be applied, removed or combined. Compute it again.")
+        raise ValueError(
+            f"{delta.source} holds NaN or infinite values in {len(bad)} update(s) ({shown}); it cannot "
+            "be applied, removed or combined. Compute it again."
+        )
 
 
 def _add(state_dict: Mapping[str, Tensor], delta: Delta, concepts, sign: float) -> dict[str, Tensor]:
@@ -189,8 +204,11 @@ def _add(state_dict: Mapping[str, Tensor], delta: Delta, concepts, sign: float) 
     missing = [layer for layer in updates if layer not in state_dict]
     if missing:
         raise ValueError(f"{delta.source} updates layers the model does not have: {missing}.")
-    shapes = [f"{layer}: update {tuple(u.shape)} vs weight {tuple(state_dict[layer].shape)}"
-              for layer, u in updates.items() if u.shape != state_dict[layer].shape]
+    shapes = [
+        f"{layer}: update {tuple(u.shape)} vs weight {tuple(state_dict[layer].shape)}"
+        for layer, u in updates.items()
+        if u.shape != state_dict[layer].shape
+    ]
     if shapes:
         raise ValueError(f"{delta.source} does not fit the model: {'; '.join(shapes)}.")
     result = dict(state_dict)
@@ -200,8 +218,10 @@ def _add(state_dict: Mapping[str, Tensor], delta: Delta, concepts, sign: float) 
         result[layer] = (weight.float() + sign * update.to(weight.device)).to(weight.dtype)
     overflow = [layer for layer in updates if not torch.isfinite(result[layer]).all()]
     if overflow:
-        raise ValueError(f"{delta.source} makes {overflow[:3]} non-finite (NaN or infinite weights after the "
-                         "update); nothing is written.")
+        raise ValueError(
+            f"{delta.source} makes {overflow[:3]} non-finite (NaN or infinite weights after the "
+            "update); nothing is written."
+        )
     return result
 
 
@@ -260,12 +280,16 @@ def combine(deltas: Sequence[Delta]) -> Delta:
     owner: dict[str, str] = {}
     for delta in deltas:
         if delta.base_fingerprint != first.base_fingerprint:
-            raise ValueError(f"{delta.source} was made for base model {delta.base_fingerprint}, {first.source} for "
-                             f"{first.base_fingerprint}: deltas of different base models cannot be combined.")
+            raise ValueError(
+                f"{delta.source} was made for base model {delta.base_fingerprint}, {first.source} for "
+                f"{first.base_fingerprint}: deltas of different base models cannot be combined."
+            )
         for concept in delta.concepts:
             if concept in owner:
-                raise ValueError(f"Concept {concept!r} is in both {owner[concept]} and {delta.source}; combine "
-                                 "each concept once (select the others with --concept).")
+                raise ValueError(
+                    f"Concept {concept!r} is in both {owner[concept]} and {delta.source}; combine "
+                    "each concept once (select the others with --concept)."
+                )
             owner[concept] = delta.source
     tensors = {key: tensor for delta in deltas for key, tensor in delta.tensors.items()}
     entries = [entry for delta in deltas for entry in delta.entries]
@@ -288,8 +312,11 @@ class Provenance:
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that records it."""
-        return {"base_fingerprint": self.base_fingerprint, "deltas": json.dumps(self.applied),
-                "unlearned": json.dumps(self.concepts)}
+        return {
+            "base_fingerprint": self.base_fingerprint,
+            "deltas": json.dumps(self.applied),
+            "unlearned": json.dumps(self.concepts),
+        }
 
 
 def provenance_of(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> Provenance:
@@ -322,16 +349,24 @@ def check_base(delta: Delta, provenance: Provenance, checkpoint: str = "the chec
         UserError: naming both fingerprints.
     """
     if delta.base_fingerprint is None:
-        raise UserError(f"{delta.source} records no base-model fingerprint, so it cannot be checked against "
-                        f"{checkpoint} (base {provenance.base_fingerprint}).")
+        raise UserError(
+            f"{delta.source} records no base-model fingerprint, so it cannot be checked against "
+            f"{checkpoint} (base {provenance.base_fingerprint})."
+        )
     if delta.base_fingerprint != provenance.base_fingerprint:
-        raise UserError(f"{delta.source} was made for base model {delta.base_fingerprint}, but {checkpoint} has "
-                        f"base model {provenance.base_fingerprint}; it cannot be applied to or removed from it.")
+        raise UserError(
+            f"{delta.source} was made for base model {delta.base_fingerprint}, but {checkpoint} has "
+            f"base model {provenance.base_fingerprint}; it cannot be applied to or removed from it."
+        )
 
 
-def apply_to_checkpoint(state_dict: Mapping[str, Tensor], provenance: Provenance, delta: Delta,
-                        concepts: Iterable[str] | None = None, checkpoint: str = "the checkpoint"
-                        ) -> tuple[dict[str, Tensor], Provenance]:
+def apply_to_checkpoint(
+    state_dict: Mapping[str, Tensor],
+    provenance: Provenance,
+    delta: Delta,
+    concepts: Iterable[str] | None = None,
+    checkpoint: str = "the checkpoint",
+) -> tuple[dict[str, Tensor], Provenance]:
     """Check the base, refuse concepts already applied, then :func:`apply`.
 
     Returns:
@@ -353,9 +388,13 @@ def apply_to_checkpoint(state_dict: Mapping[str, Tensor], provenance: Provenance
     return result, Provenance(provenance.base_fingerprint, provenance.applied + applied)
 
 
-def remove_from_checkpoint(state_dict: Mapping[str, Tensor], provenance: Provenance, delta: Delta,
-                           concepts: Iterable[str] | None = None, checkpoint: str = "the checkpoint"
-                           ) -> tuple[dict[str, Tensor], Provenance]:
+def remove_from_checkpoint(
+    state_dict: Mapping[str, Tensor],
+    provenance: Provenance,
+    delta: Delta,
+    concepts: Iterable[str] | None = None,
+    checkpoint: str = "the checkpoint",
+) -> tuple[dict[str, Tensor], Provenance]:
     """Check the base, refuse concepts the checkpoint does not carry, then :func:`remove`.
 
     Returns:
@@ -368,8 +407,10 @@ def remove_from_checkpoint(state_dict: Mapping[str, Tensor], provenance: Provena
     part = _select_or_user_error(delta, concepts)
     absent = [c for c in part.concepts if c not in provenance.concepts]
     if absent:
-        raise UserError(f"{checkpoint} does not carry {absent} (it carries {provenance.concepts or 'no delta'}); "
-                        "only an applied concept can be removed.")
+        raise UserError(
+            f"{checkpoint} does not carry {absent} (it carries {provenance.concepts or 'no delta'}); "
+            "only an applied concept can be removed."
+        )
     try:
         result = remove(state_dict, part)
     except ValueError as error:
@@ -404,7 +445,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], Provenance, di
     return state_dict, provenance_of(state_dict, metadata), metadata
 
 
-def write_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], provenance: Provenance,
-                     metadata: Mapping[str, str] | None = None) -> None:
+def write_checkpoint(
+    path: str | Path,
+    state_dict: Mapping[str, Tensor],
+    provenance: Provenance,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write a checkpoint (safetensors, atomically) recording its provenance; other metadata is kept."""
     save_state_dict(path, state_dict, metadata={"format": "pt", **dict(metadata or {}), **provenance.metadata()})

@@ -33,9 +33,14 @@ class ModelEditor:
         counts: The count tables of the last full evaluation (``first_counts``: of the first).
     """
 
-    def __init__(self, parameters: Mapping[str, Tensor], layers: Sequence[str],
-                 evaluate: Callable[[str | None], Mapping[str, Tensor]],
-                 summarize: Callable[[Mapping[str, Tensor]], Summary], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        parameters: Mapping[str, Tensor],
+        layers: Sequence[str],
+        evaluate: Callable[[str | None], Mapping[str, Tensor]],
+        summarize: Callable[[Mapping[str, Tensor]], Summary],
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.parameters = parameters
         self.base = {name: parameters[name].detach().clone() for name in layers}
         self._evaluate, self._summarize, self.device = evaluate, summarize, device

@@ -74,9 +74,17 @@ class ZeroShotEvaluator:
         cache_dtype: The dtype of stage caches (default: as computed, fp32 for fp32 models).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, datamodule, keep_classes: Sequence[str] = (),
-                 device: torch.device | str = "cpu", reuse: bool = True,
-                 cache_device: torch.device | str | None = None, cache_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        datamodule,
+        keep_classes: Sequence[str] = (),
+        device: torch.device | str = "cpu",
+        reuse: bool = True,
+        cache_device: torch.device | str | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -90,8 +98,10 @@ class ZeroShotEvaluator:
             name: datamodule.loader(name, self.rank, self.world_size, keep_classes=tuple(keep_classes))
             for name in self.datasets
         }
-        self._metrics = {name: ZeroShotCounts(len(dataset.class_names), sync_on_compute=self.world_size > 1)
-                         .to(self.device) for name, dataset in self.datasets.items()}
+        self._metrics = {
+            name: ZeroShotCounts(len(dataset.class_names), sync_on_compute=self.world_size > 1).to(self.device)
+            for name, dataset in self.datasets.items()
+        }
         self.stages = tower_stages(model) if reuse else {}
         self._checked: set[str] = set()
         self._caches: dict[tuple[str, str], StageCache] = {}
@@ -122,8 +132,10 @@ class ZeroShotEvaluator:
                 self._classifiers = {name: out[0] for name, out in outputs.items()}
                 self._features = {name: out[1:] for name, out in outputs.items()}
         elif tower_of(edited) == VISION:
-            outputs = {name: (self._classifiers[name], self._probe_image_features(name, edited),
-                              self._features[name][1]) for name in self.datasets}
+            outputs = {
+                name: (self._classifiers[name], self._probe_image_features(name, edited), self._features[name][1])
+                for name in self.datasets
+            }
         else:
             outputs = {name: (self._probe_classifier(name, edited), *self._features[name]) for name in self.datasets}
         counts = {}
@@ -158,8 +170,11 @@ class ZeroShotEvaluator:
         classifier = self._classifiers[set_name]
         features, targets = self._features[set_name]
         members = (targets[None, :] == labels[:, None]).float()  # [n, images on this rank]
-        sums = members @ features if features.shape[0] else torch.zeros(len(names), classifier.shape[0],
-                                                                          device=self.device)
+        sums = (
+            members @ features
+            if features.shape[0]
+            else torch.zeros(len(names), classifier.shape[0], device=self.device)
+        )
         counts = members.sum(dim=1)
         if self.world_size > 1:
             torch.distributed.all_reduce(sums)
@@ -216,8 +231,9 @@ class ZeroShotEvaluator:
         if cache is None:
             return self._classifier(name)
         stages, stage = staged
-        prompt_features = [stages.run(self._input(chunk), stage, tokens=tokens)
-                           for chunk, tokens in zip(cache.chunks, cache.tokens)]
+        prompt_features = [
+            stages.run(self._input(chunk), stage, tokens=tokens) for chunk, tokens in zip(cache.chunks, cache.tokens)
+        ]
         return class_embeddings(torch.cat(prompt_features), len(self.templates[name]))
 
     def _input(self, chunk: Tensor) -> Tensor:
@@ -237,7 +253,7 @@ class ZeroShotEvaluator:
         tokens = self._prompt_tokens(name)
         rows = TEXT_BATCH_CLASSES * len(self.templates[name])
         for start in range(0, tokens.shape[0], rows):
-            chunk = tokens[start:start + rows].to(self.device)
+            chunk = tokens[start : start + rows].to(self.device)
             yield chunk, chunk
 
     def stage_cache(self, tower: str, name: str, stage: int) -> StageCache | None:
@@ -258,8 +274,10 @@ class ZeroShotEvaluator:
                 tokens.append(batch_tokens)
             cache = StageCache(stage, chunks, tokens)
         elif cache.stage < stage:
-            cache.chunks = [self._store(stages.run(self._input(chunk), cache.stage, stage, tokens=tokens))
-                            for chunk, tokens in zip(cache.chunks, cache.tokens)]
+            cache.chunks = [
+                self._store(stages.run(self._input(chunk), cache.stage, stage, tokens=tokens))
+                for chunk, tokens in zip(cache.chunks, cache.tokens)
+            ]
             cache.stage = stage
         self._caches[(tower, name)] = cache
         return cache
@@ -277,15 +295,22 @@ class ZeroShotEvaluator:
             return True
         self._checked.add(tower)
         if not check_stages(self.model, self.stages[tower], sample[0][:8]):
-            warnings.warn(f"The {tower} tower of {type(self.model).__name__} does not run as OpenCLIP stages; its "
-                          "probes recompute the whole tower.", stacklevel=2)
+            warnings.warn(
+                f"The {tower} tower of {type(self.model).__name__} does not run as OpenCLIP stages; its "
+                "probes recompute the whole tower.",
+                stacklevel=2,
+            )
             del self.stages[tower]
             return False
         return True
 
 
-def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[str]],
-              forget: Mapping[str, str], averaging: Mapping[str, str] | None = None) -> dict:
+def summarize(
+    counts: Mapping[str, Tensor],
+    class_names: Mapping[str, Sequence[str]],
+    forget: Mapping[str, str],
+    averaging: Mapping[str, str] | None = None,
+) -> dict:
     """Forget and test accuracies from per-set count tables.
 
     Args:
@@ -313,8 +338,9 @@ def summarize(counts: Mapping[str, Tensor], class_names: Mapping[str, Sequence[s
     return result
 
 
-def forget_sets_of(concepts: Sequence[str], datasets: Mapping[str, object], forget_set: str | None = None
-                   ) -> dict[str, str]:
+def forget_sets_of(
+    concepts: Sequence[str], datasets: Mapping[str, object], forget_set: str | None = None
+) -> dict[str, str]:
     """Which evaluation set measures each concept's forget accuracy: ``forget_set`` if given, else the first set
     with the concept among its classes.
 
@@ -338,18 +364,26 @@ def forget_sets_of(concepts: Sequence[str], datasets: Mapping[str, object], forg
         if not holders:
             known = [c for name in candidates for c in datasets[name].class_names]
             close = difflib.get_close_matches(concept, known, n=3)
-            raise UserError(f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
-                            + (f"; close matches: {close}." if close else "."))
+            raise UserError(
+                f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
+                + (f"; close matches: {close}." if close else ".")
+            )
         dataset = datasets[holders[0]]
         if dataset.class_index(concept) not in set(dataset.targets):
-            raise UserError(f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so its "
-                            "forget accuracy cannot be measured.")
+            raise UserError(
+                f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so its "
+                "forget accuracy cannot be measured."
+            )
         result[concept] = holders[0]
     return result
 
 
-def class_changes(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
-                  class_names: Mapping[str, Sequence[str]], forget: Mapping[str, str]) -> dict[str, list[dict]]:
+def class_changes(
+    before: Mapping[str, Tensor],
+    after: Mapping[str, Tensor],
+    class_names: Mapping[str, Sequence[str]],
+    forget: Mapping[str, str],
+) -> dict[str, list[dict]]:
     """Each test class's top-1 before and after an edit: where the test accuracy of :func:`summarize` was lost.
 
     Args:
@@ -368,8 +402,9 @@ def class_changes(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
         for index, name in enumerate(class_names[set_name]):
             then, now = accuracy(table, [index]), accuracy(after[set_name], [index])
             if then["count"] and forget.get(name) != set_name:
-                rows.append({"name": name, "images": then["count"], "top1_before": then["top1"],
-                             "top1_after": now["top1"]})
+                rows.append(
+                    {"name": name, "images": then["count"], "top1_before": then["top1"], "top1_after": now["top1"]}
+                )
         result[set_name] = sorted(rows, key=lambda row: row["top1_after"] - row["top1_before"])
     return result
 
@@ -393,7 +428,7 @@ class ZeroShotModule(L.LightningModule):
         self.results: dict[str, dict[str, float]] = {}
 
     @classmethod
-    def wrap(cls, module: nn.Module) -> "ZeroShotModule":
+    def wrap(cls, module: nn.Module) -> ZeroShotModule:
         """Evaluate the CLIP held by another module (its ``model``, ``preprocess`` and ``tokenizer``)."""
         for attribute in ("model", "preprocess", "tokenizer"):
             if not hasattr(module, attribute):
@@ -411,8 +446,9 @@ class ZeroShotModule(L.LightningModule):
         datasets = datamodule.datasets()
         self.set_names = list(datasets)
         self.classifiers = [
-            zero_shot_classifier(self.model, self.tokenizer, datasets[name].class_names,
-                                 list(spec.templates), self.device)
+            zero_shot_classifier(
+                self.model, self.tokenizer, datasets[name].class_names, list(spec.templates), self.device
+            )
             for name, spec in zip(self.set_names, datamodule.sets)
         ]
         self.metrics = nn.ModuleList(ZeroShotCounts(len(datasets[name].class_names)) for name in self.set_names)

@@ -65,8 +65,16 @@ def describe(component: Any) -> str | None:
     return _ADDRESS.sub("", text)
 
 
-def gradient_key(*, model_name: str, fingerprint: str, concepts: Sequence[Mapping[str, Any]], layers: Sequence[str],
-                 precision: str, data: Mapping[str, Any], batch_limit: int | None = None) -> dict:
+def gradient_key(
+    *,
+    model_name: str,
+    fingerprint: str,
+    concepts: Sequence[Mapping[str, Any]],
+    layers: Sequence[str],
+    precision: str,
+    data: Mapping[str, Any],
+    batch_limit: int | None = None,
+) -> dict:
     """The key of a gradient pass (see the module docstring).
 
     Args:
@@ -78,9 +86,15 @@ def gradient_key(*, model_name: str, fingerprint: str, concepts: Sequence[Mappin
         data: What the data side adds (:func:`data_key`).
         batch_limit: The most batches the pass reads per stream (:func:`batch_limit`); None: every batch.
     """
-    return {"model": model_name, "fingerprint": fingerprint,
-            "concepts": [{"name": c["name"], "aliases": list(c.get("aliases", []))} for c in concepts],
-            "layers": list(layers), "precision": str(precision), "data": dict(data), "batch_limit": batch_limit}
+    return {
+        "model": model_name,
+        "fingerprint": fingerprint,
+        "concepts": [{"name": c["name"], "aliases": list(c.get("aliases", []))} for c in concepts],
+        "layers": list(layers),
+        "precision": str(precision),
+        "data": dict(data),
+        "batch_limit": batch_limit,
+    }
 
 
 def batch_limit(limit_predict_batches: int | float) -> int | None:
@@ -117,13 +131,16 @@ def data_key(datamodule: Any, transform: Any = None, tokenizer: Any = None, trai
     # With retain_augmentation the retain stream goes through the training transform, each pair's crop seeded.
     augmented = getattr(datamodule, "retain_augmentation", False)
     retain = (getattr(datamodule, "retain_transform", None) or train_transform) if augmented else transform
-    return {"retain_shards": shard_records(expand_shards(datamodule.shards)),
-            "forget_shards": shard_records(expand_shards(datamodule.forget_shards)),
-            "batch_size": datamodule.batch_size,
-            "transform": describe(transform),
-            "retain_transform": f"{describe(retain)}, seeded per pair by {datamodule.seed}" if augmented
-            else describe(retain),
-            "tokenizer": describe(getattr(datamodule, "tokenizer", None) or tokenizer)}
+    return {
+        "retain_shards": shard_records(expand_shards(datamodule.shards)),
+        "forget_shards": shard_records(expand_shards(datamodule.forget_shards)),
+        "batch_size": datamodule.batch_size,
+        "transform": describe(transform),
+        "retain_transform": f"{describe(retain)}, seeded per pair by {datamodule.seed}"
+        if augmented
+        else describe(retain),
+        "tokenizer": describe(getattr(datamodule, "tokenizer", None) or tokenizer),
+    }
 
 
 def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> list[str]:
@@ -151,8 +168,9 @@ def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> 
     if stored.get("precision") != wanted.get("precision"):
         changes.append(f"precision {stored.get('precision')} → {wanted.get('precision')}")
     if stored.get("batch_limit") != wanted.get("batch_limit"):  # absent in older keys: those passes read everything
-        changes.append(f"batches read per stream {_batches(stored.get('batch_limit'))} → "
-                       f"{_batches(wanted.get('batch_limit'))}")
+        changes.append(
+            f"batches read per stream {_batches(stored.get('batch_limit'))} → {_batches(wanted.get('batch_limit'))}"
+        )
     old, new = stored.get("data") or {}, wanted.get("data") or {}
     for field in dict.fromkeys([*new, *old]):  # in the order data_key writes them
         if old.get(field) == new.get(field):
@@ -166,8 +184,12 @@ def key_changes(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> 
     return changes
 
 
-_DATA_WORDS = {"transform": "image transform", "retain_transform": "retain image transform", "tokenizer": "tokenizer",
-               "datamodule": "datamodule"}
+_DATA_WORDS = {
+    "transform": "image transform",
+    "retain_transform": "retain image transform",
+    "tokenizer": "tokenizer",
+    "datamodule": "datamodule",
+}
 
 
 def _batches(limit: int | None) -> str:
@@ -176,8 +198,13 @@ def _batches(limit: int | None) -> str:
 
 
 def _concepts(concepts: Sequence[Mapping[str, Any]] | None) -> str:
-    return "[" + ", ".join(c["name"] + (f" (aliases {', '.join(c['aliases'])})" if c.get("aliases") else "")
-                           for c in concepts or []) + "]"
+    return (
+        "["
+        + ", ".join(
+            c["name"] + (f" (aliases {', '.join(c['aliases'])})" if c.get("aliases") else "") for c in concepts or []
+        )
+        + "]"
+    )
 
 
 def _shard_changes(old: Sequence[Sequence], new: Sequence[Sequence]) -> str:
@@ -186,8 +213,11 @@ def _shard_changes(old: Sequence[Sequence], new: Sequence[Sequence]) -> str:
     added = [p for p in after if p not in before]
     removed = [p for p in before if p not in after]
     modified = [p for p in after if p in before and before[p] != after[p]]
-    parts = [f"{len(paths)} {what}" for paths, what in ((added, "added"), (removed, "removed"), (modified, "modified"))
-             if paths]
+    parts = [
+        f"{len(paths)} {what}"
+        for paths, what in ((added, "added"), (removed, "removed"), (modified, "modified"))
+        if paths
+    ]
     named = [os.path.basename(p) or p for p in (added + removed + modified)[:3]]
     more = " ..." if len(added) + len(removed) + len(modified) > 3 else ""
     return (", ".join(parts) or "reordered") + (f": {', '.join(named)}{more}" if named else "")

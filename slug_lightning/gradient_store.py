@@ -64,7 +64,7 @@ class GradientStore:
             save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GradientStore":
+    def load(cls, path: str | Path) -> GradientStore:
         """Read a store written by :meth:`save`."""
         from safetensors import safe_open
 
@@ -78,17 +78,19 @@ class GradientStore:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
                 if key.startswith("retain/"):
-                    retain[key[len("retain/"):]] = tensor
+                    retain[key[len("retain/") :]] = tensor
                     continue
                 # Concept names may contain "/" and one may begin another ("AC", "AC/DC"): the longest known
                 # concept that prefixes the key is the one it belongs to.
                 concept = max((c for c in concepts if key.startswith(f"forget/{c}/")), key=len)
-                forget[concept][key[len(f"forget/{concept}/"):]] = tensor
+                forget[concept][key[len(f"forget/{concept}/") :]] = tensor
             if "layers" in metadata:  # safetensors sorts its keys; restore the order the store was made in
                 layers = json.loads(metadata["layers"])
                 retain = {name: retain[name] for name in layers}
-                forget = {concept: {name: grads[name] for name in layers if name in grads}
-                          for concept, grads in forget.items()}
+                forget = {
+                    concept: {name: grads[name] for name in layers if name in grads}
+                    for concept, grads in forget.items()
+                }
         return cls(
             forget=forget,
             retain=retain,

@@ -110,11 +110,17 @@ class GradientCollector(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= max_skipped_fraction <= 1.0:
-            raise ConfigError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.",
-                              "max_skipped_fraction", max_skipped_fraction)
+            raise ConfigError(
+                f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.",
+                "max_skipped_fraction",
+                max_skipped_fraction,
+            )
         if checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0 (0: no partial checkpoints), got {checkpoint_every}.",
-                              "checkpoint_every", checkpoint_every)
+            raise ConfigError(
+                f"checkpoint_every must be >= 0 (0: no partial checkpoints), got {checkpoint_every}.",
+                "checkpoint_every",
+                checkpoint_every,
+            )
         self.save_hyperparameters(ignore=["model", "preprocess", "tokenizer"])
         # The training transform, for a datamodule whose retain stream is augmented (as in the paper); a model
         # given programmatically brings none.
@@ -133,8 +139,12 @@ class GradientCollector(L.LightningModule):
         self.concepts = list(concepts) if concepts is not None else None
         self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing and not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
-                              f"models have it); {type(model).__name__} has not.", "activation_checkpointing", True)
+            raise ConfigError(
+                f"activation_checkpointing needs a model with `set_grad_checkpointing` (OpenCLIP "
+                f"models have it); {type(model).__name__} has not.",
+                "activation_checkpointing",
+                True,
+            )
         self.max_skipped_fraction = max_skipped_fraction
         self.checkpoint_every = checkpoint_every
         self.partial_path: Path | None = None  # where partial sums go; None: no checkpoints (set by unlearn)
@@ -151,11 +161,19 @@ class GradientCollector(L.LightningModule):
 
     def identity(self) -> dict:
         """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
-        return {"name": self.hparams.model_name, "pretrained": self.hparams.pretrained,
-                "fingerprint": fingerprint(self.model.state_dict())}
+        return {
+            "name": self.hparams.model_name,
+            "pretrained": self.hparams.pretrained,
+            "fingerprint": fingerprint(self.model.state_dict()),
+        }
 
-    def gradient_key(self, datamodule=None, precision: str | None = None, weights: str | None = None,
-                     limit_predict_batches: int | float | None = None) -> dict:
+    def gradient_key(
+        self,
+        datamodule=None,
+        precision: str | None = None,
+        weights: str | None = None,
+        limit_predict_batches: int | float | None = None,
+    ) -> dict:
         """What this collector's gradients depend on (:mod:`slug_lightning.gradient_key`): the model's architecture
         and weights, the concepts with their aliases, the data, the candidate layers, the precision and how many
         batches per stream the pass reads.
@@ -177,10 +195,15 @@ class GradientCollector(L.LightningModule):
         names = self.concepts if self.concepts is not None else list(known)
         concepts = [{"name": name, "aliases": list(known[name].aliases) if name in known else []} for name in names]
         weights = weights or fingerprint(self.model.state_dict())
-        return gradient_key(model_name=self.hparams.model_name, fingerprint=weights, concepts=concepts,
-                            layers=self.candidates(), precision=precision,
-                            data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess),
-                            batch_limit=batch_limit(limit_predict_batches))
+        return gradient_key(
+            model_name=self.hparams.model_name,
+            fingerprint=weights,
+            concepts=concepts,
+            layers=self.candidates(),
+            precision=precision,
+            data=data_key(datamodule, self.preprocess, self.tokenizer, self.train_preprocess),
+            batch_limit=batch_limit(limit_predict_batches),
+        )
 
     def candidates(self) -> list[str]:
         """Candidate layer names (METHOD §3) after the include/exclude patterns."""
@@ -194,8 +217,10 @@ class GradientCollector(L.LightningModule):
             return
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if precision.startswith("16") or precision == "transformer-engine":
-            raise UserError(f"GradientCollector cannot run at precision {precision!r}; use '32-true' or "
-                            f"'bf16-mixed' (bf16 autocast with fp32 gradient sums).")
+            raise UserError(
+                f"GradientCollector cannot run at precision {precision!r}; use '32-true' or "
+                f"'bf16-mixed' (bf16 autocast with fp32 gradient sums)."
+            )
         self.memory.start()
         if self.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -226,8 +251,10 @@ class GradientCollector(L.LightningModule):
             # Zero-row share of a global batch: no forward pass, but features shaped as a forward pass gives them
             # (width, dtype, and whether they carry gradient), so that this rank takes part in the retain loss's
             # feature gathering, backward included, exactly as the others do.
-            return tuple(torch.zeros(0, width, dtype=dtype, device=self.device, requires_grad=grad)
-                         for width, dtype, grad in self._feature_specs(batch))
+            return tuple(
+                torch.zeros(0, width, dtype=dtype, device=self.device, requires_grad=grad)
+                for width, dtype, grad in self._feature_specs(batch)
+            )
         return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
 
     def _feature_specs(self, batch: dict) -> list[tuple[int, torch.dtype, bool]]:
@@ -236,8 +263,10 @@ class GradientCollector(L.LightningModule):
         if getattr(self, "_specs", None) is None:
             image = batch["image"].new_zeros(1, *batch["image"].shape[1:])
             text = batch["text"].new_zeros(1, batch["text"].shape[1])
-            self._specs = [(f.shape[-1], f.dtype, f.requires_grad)
-                           for f in (self.model.encode_image(image), self.model.encode_text(text))]
+            self._specs = [
+                (f.shape[-1], f.dtype, f.requires_grad)
+                for f in (self.model.encode_image(image), self.model.encode_text(text))
+            ]
         return self._specs
 
     @override
@@ -257,23 +286,31 @@ class GradientCollector(L.LightningModule):
                 else:
                     loss = forget_loss_sum(image_features, text_features)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The {stream!r} loss is {loss.item()} at {_where(batch, batch_idx)}; "
-                                             "gradients would be meaningless. Check these samples and the model.")
+                    raise FloatingPointError(
+                        f"The {stream!r} loss is {loss.item()} at {_where(batch, batch_idx)}; "
+                        "gradients would be meaningless. Check these samples and the model."
+                    )
                 # The features are inputs too: the backward of the retain loss's feature gathering is a collective,
                 # and autograd runs only the part of the graph that leads to an input. A rank whose share is empty
                 # has features that reach no parameter; without them its backward would skip the all-reduce the
                 # other ranks wait in.
                 features = [f for f in (image_features, text_features) if f.requires_grad]
-                grads = torch.autograd.grad(loss, [*self._parameters.values(), *features],
-                                            allow_unused=True)[:len(self._parameters)]
+                grads = torch.autograd.grad(loss, [*self._parameters.values(), *features], allow_unused=True)[
+                    : len(self._parameters)
+                ]
             # One device sync per batch: a single flag over every tensor, the names only when it trips.
             flags = [torch.isfinite(g).all() for g in grads if g is not None]
             if flags and not torch.stack(flags).all():
-                bad = [name for name, grad in zip(self._parameters, grads) if grad is not None
-                       and not torch.isfinite(grad).all()]
-                raise FloatingPointError(f"The {stream!r} gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is "
-                                         f"NaN or infinite at {_where(batch, batch_idx)} (loss {loss.item():.6g}). "
-                                         "Check these samples and the model.")
+                bad = [
+                    name
+                    for name, grad in zip(self._parameters, grads)
+                    if grad is not None and not torch.isfinite(grad).all()
+                ]
+                raise FloatingPointError(
+                    f"The {stream!r} gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is "
+                    f"NaN or infinite at {_where(batch, batch_idx)} (loss {loss.item():.6g}). "
+                    "Check these samples and the model."
+                )
             for name, grad in zip(self._parameters, grads):
                 if grad is not None:
                     self._sums[stream][name] += grad.float()
@@ -341,8 +378,13 @@ class GradientCollector(L.LightningModule):
 
     def _save_partial(self) -> None:
         """Write this rank's sums, counts and position atomically; the previous checkpoint stays until then."""
-        save_partial(self._partial_file(), [self._sums[stream] for stream in self.streams], self._counts, self._done,
-                     self._resume_key())
+        save_partial(
+            self._partial_file(),
+            [self._sums[stream] for stream in self.streams],
+            self._counts,
+            self._done,
+            self._resume_key(),
+        )
         self._since_checkpoint = 0
 
     def _resume(self) -> None:
@@ -353,8 +395,9 @@ class GradientCollector(L.LightningModule):
             return
         loaded = load_partial(self._partial_file(), self._resume_key(), len(self.streams))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            done = torch.tensor(loaded[2] if loaded else [-1] * len(self.streams), dtype=torch.float64,
-                                device=self.device)
+            done = torch.tensor(
+                loaded[2] if loaded else [-1] * len(self.streams), dtype=torch.float64, device=self.device
+            )
             low, high = done.clone(), done.clone()
             dist.all_reduce(low, op=dist.ReduceOp.MIN)
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -371,8 +414,10 @@ class GradientCollector(L.LightningModule):
         self.resumed_from = dict(zip(self.streams, done))
         from lightning.pytorch.utilities import rank_zero_info
 
-        rank_zero_info(f"Resuming the gradient pass from {self._partial_file()}: batches already done per stream "
-                       f"{self.resumed_from}.")
+        rank_zero_info(
+            f"Resuming the gradient pass from {self._partial_file()}: batches already done per stream "
+            f"{self.resumed_from}."
+        )
 
 
 def _where(batch: dict, batch_idx: int) -> str:

@@ -94,9 +94,11 @@ def forgotten(summary: Summary, rule: SearchRule) -> set[str]:
 
 def kept_end(ends: Sequence[OrderEnd], rule: SearchRule) -> int:
     """The index of the end a run keeps: the most concepts forgotten, then the highest utility, then the first."""
+
     def rank(index: int) -> tuple[int, float]:
         value = utility(ends[index].after)
         return len(forgotten(ends[index].after, rule)), -math.inf if math.isnan(value) else value
+
     return max(range(len(ends)), key=rank)  # max() keeps the first of equal keys
 
 
@@ -126,9 +128,14 @@ class JointSearch:
         probes: Every probe taken, in order.
     """
 
-    def __init__(self, editor: Editor, fronts: Mapping[str, Sequence[LayerStats]],
-                 gradients: Mapping[str, Mapping[str, Tensor]], rule: SearchRule,
-                 listener: Listener | None = None) -> None:
+    def __init__(
+        self,
+        editor: Editor,
+        fronts: Mapping[str, Sequence[LayerStats]],
+        gradients: Mapping[str, Mapping[str, Tensor]],
+        rule: SearchRule,
+        listener: Listener | None = None,
+    ) -> None:
         self.editor, self.fronts, self.gradients, self.rule = editor, fronts, gradients, rule
         self.listener = listener or Listener()
         self.probes: list[Probe] = []
@@ -140,8 +147,9 @@ class JointSearch:
         """Search ``concepts`` from each concept order, each from θ⁰; the editor is left carrying the kept edits."""
         orders = concept_orders(list(concepts), self.rule.orders)
         if len(orders) < self.rule.orders:
-            self.listener.info(f"{len(concepts)} concept(s) have {len(orders)} order(s); searching those, not "
-                               f"{self.rule.orders}.")
+            self.listener.info(
+                f"{len(concepts)} concept(s) have {len(orders)} order(s); searching those, not {self.rule.orders}."
+            )
         ends = []
         for index, order in enumerate(orders):
             self._order = index
@@ -186,13 +194,18 @@ class JointSearch:
                 edit = self.chosen[concept]
                 self.visits.append(Visit(round_, concept, summary))
                 # A step that moved within the search's tolerance is kept but does not call for another round.
-                changed += [c for c, e in self.chosen.items() if e.layer != visited[c].layer or
-                            abs(e.step_size - visited[c].step_size) > self.rule.tolerance * visited[c].step_size]
+                changed += [
+                    c
+                    for c, e in self.chosen.items()
+                    if e.layer != visited[c].layer
+                    or abs(e.step_size - visited[c].step_size) > self.rule.tolerance * visited[c].step_size
+                ]
                 self.listener.info(
                     f"refine {round_}: {concept}: {short_name(current.layer)} λ={current.step_size:.4g} → "
                     f"{short_name(edit.layer)} λ={edit.step_size:.4g}, forget {self.rule.metric} (keeping "
                     f"{len(kept)} other(s) forgotten) {edit.forget_accuracy(self.rule.metric):.3f}, utility "
-                    f"{edit.utility:.3f}")
+                    f"{edit.utility:.3f}"
+                )
             self.listener.end()
             if not changed:
                 break
@@ -216,8 +229,10 @@ class JointSearch:
             self.chosen[concept] = edit
             # Later concepts are searched on the model that carries this edit; after the last, the final result.
             summary = self.editor.shift([self._change(concept, edit)])
-            self.listener.info(f"{concept}: layer {edit.layer}, λ={edit.step_size:.4g}, forget {self.rule.metric} "
-                               f"{edit.forget_accuracy(self.rule.metric):.3f}, utility {edit.utility:.3f}")
+            self.listener.info(
+                f"{concept}: layer {edit.layer}, λ={edit.step_size:.4g}, forget {self.rule.metric} "
+                f"{edit.forget_accuracy(self.rule.metric):.3f}, utility {edit.utility:.3f}"
+            )
         if len(order) > 1:
             summary = self.refine(self.chosen, summary)
         return summary
@@ -244,8 +259,12 @@ class JointSearch:
         free = self._search_again(concept, [c for c in was if c != concept and c not in leaning], round_)
         # A freed edit no better than the current one, before the leaning concepts pay to be forgotten again,
         # cannot end better.
-        moved = [concept] if free.utility > utility(summary) and \
-            (free.layer, free.step_size) != (start[concept].layer, start[concept].step_size) else []
+        moved = (
+            [concept]
+            if free.utility > utility(summary)
+            and (free.layer, free.step_size) != (start[concept].layer, start[concept].step_size)
+            else []
+        )
         if moved:
             self.chosen[concept] = free
         after = self.editor.shift([self._change(concept, self.chosen[concept])])
@@ -259,9 +278,11 @@ class JointSearch:
         if not moved:
             return after
         better = was <= forgotten(after, self.rule) and utility(after) > utility(summary)
-        self.listener.info(f"untangle {round_}: {concept} freed from {', '.join(leaning)}: utility "
-                           f"{utility(summary):.3f} → {utility(after):.3f}, "
-                           + ("kept" if better else "restored (a concept came back or the utility fell)"))
+        self.listener.info(
+            f"untangle {round_}: {concept} freed from {', '.join(leaning)}: utility "
+            f"{utility(summary):.3f} → {utility(after):.3f}, "
+            + ("kept" if better else "restored (a concept came back or the utility fell)")
+        )
         if better:
             return after
         back = []
@@ -275,8 +296,9 @@ class JointSearch:
         edit = self.chosen[concept]
         return self.editor.probe(edit.layer, -1.0 * edit.step_size, self.gradients[concept][edit.layer])
 
-    def _search_front(self, concept: str, kept: Sequence[str] = (), round_: int = 0,
-                      start: Probe | None = None) -> list[Probe]:
+    def _search_front(
+        self, concept: str, kept: Sequence[str] = (), round_: int = 0, start: Probe | None = None
+    ) -> list[Probe]:
         """Search λ on every front layer of ``concept`` (METHOD §6) on the editor's model; returns the probes. Each
         layer starts at ``initial_step_size``, except the layer of ``start``, which starts at its λ."""
         front = self.fronts[concept]
@@ -285,12 +307,17 @@ class JointSearch:
             stage = f"order {self._order + 1} · {stage}"
         probes = []
         for index, layer in enumerate(front, start=1):
-            initial = start.step_size if start is not None and start.layer == layer.name else \
-                initial_step_size(layer.weight_norm, layer.grad_norm)
+            initial = (
+                start.step_size
+                if start is not None and start.layer == layer.name
+                else initial_step_size(layer.weight_norm, layer.grad_norm)
+            )
             search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance)
             while not search.done:
-                self.listener.probing(f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)} · "
-                                      f"probe {search.steps + 1}/{self.rule.steps_per_layer}")
+                self.listener.probing(
+                    f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)} · "
+                    f"probe {search.steps + 1}/{self.rule.steps_per_layer}"
+                )
                 probe = self._probe(layer, concept, search.step_size, kept, round_)
                 probes.append(probe)
                 search.update(is_forgotten(probe.forget_accuracy(self.rule.metric), self.rule.threshold))
@@ -308,8 +335,11 @@ class JointSearch:
         probe = Probe(
             concept=concept,
             layer=layer.name,
-            step=sum(1 for p in self.probes
-                     if (p.concept, p.layer, p.round, p.order) == (concept, layer.name, round_, self._order)),
+            step=sum(
+                1
+                for p in self.probes
+                if (p.concept, p.layer, p.round, p.order) == (concept, layer.name, round_, self._order)
+            ),
             step_size=float(step_size),
             relative_change=float(step_size * layer.grad_norm / layer.weight_norm),
             forget_top1=forget["top1"],

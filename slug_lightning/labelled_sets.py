@@ -101,31 +101,54 @@ class LabelledSet:
             raise ConfigError(
                 f"Labelled set {self.name!r}: give exactly one of root (an image folder) and hf_dataset "
                 f"(a Hugging Face dataset), got root={self.root!r}, hf_dataset={self.hf_dataset!r}.",
-                "root", self.root)
+                "root",
+                self.root,
+            )
         if self.labels_file is not None and self.root is None:
-            raise ConfigError(f"Labelled set {self.name!r}: labels_file {self.labels_file!r} needs root, the "
-                              "folder holding the images it lists (e.g. celeba/img_align_celeba).",
-                              "labels_file", self.labels_file)
+            raise ConfigError(
+                f"Labelled set {self.name!r}: labels_file {self.labels_file!r} needs root, the "
+                "folder holding the images it lists (e.g. celeba/img_align_celeba).",
+                "labels_file",
+                self.labels_file,
+            )
         if self.averaging not in AVERAGING:
-            raise ConfigError(f"Labelled set {self.name!r}: averaging must be one of {list(AVERAGING)}, "
-                              f"got {self.averaging!r}.", "averaging", self.averaging)
+            raise ConfigError(
+                f"Labelled set {self.name!r}: averaging must be one of {list(AVERAGING)}, got {self.averaging!r}.",
+                "averaging",
+                self.averaging,
+            )
         for option in ("classes", "image_classes"):
             value = getattr(self, option)
             if isinstance(value, str):
                 if not value.strip():
-                    raise ConfigError(f"Labelled set {self.name!r}: {option} must be a list of class names "
-                                      f"or a text file of them, got {value!r}.", option, value)
+                    raise ConfigError(
+                        f"Labelled set {self.name!r}: {option} must be a list of class names "
+                        f"or a text file of them, got {value!r}.",
+                        option,
+                        value,
+                    )
             elif value is not None:
                 if not value or not all(isinstance(name, str) and name.strip() for name in value):
-                    raise ConfigError(f"Labelled set {self.name!r}: {option} must be a non-empty list of "
-                                      f"class names or a text file of them, got {value!r}.", option, value)
+                    raise ConfigError(
+                        f"Labelled set {self.name!r}: {option} must be a non-empty list of "
+                        f"class names or a text file of them, got {value!r}.",
+                        option,
+                        value,
+                    )
                 setattr(self, option, list(value))
         if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"Labelled set {self.name!r}: fraction must be in (0, 1], "
-                              f"got {self.fraction!r}.", "fraction", self.fraction)
+            raise ConfigError(
+                f"Labelled set {self.name!r}: fraction must be in (0, 1], got {self.fraction!r}.",
+                "fraction",
+                self.fraction,
+            )
         if isinstance(self.templates, str) or not self.templates:
-            raise ConfigError(f"Labelled set {self.name!r}: templates must be a non-empty list of format "
-                              f"strings, got {self.templates!r}.", "templates", self.templates)
+            raise ConfigError(
+                f"Labelled set {self.name!r}: templates must be a non-empty list of format "
+                f"strings, got {self.templates!r}.",
+                "templates",
+                self.templates,
+            )
         self.templates = list(self.templates)
         for template in self.templates:
             try:
@@ -136,8 +159,9 @@ class LabelledSet:
             self.class_names = [composed(name) if isinstance(name, str) else name for name in self.class_names]
             duplicates = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
             if duplicates:
-                raise ConfigError(f"Labelled set {self.name!r}: duplicate class names {duplicates}.", "class_names",
-                                  self.class_names)
+                raise ConfigError(
+                    f"Labelled set {self.name!r}: duplicate class names {duplicates}.", "class_names", self.class_names
+                )
 
 
 def check_set_names(sets: Sequence[LabelledSet]) -> None:
@@ -150,9 +174,11 @@ def check_set_names(sets: Sequence[LabelledSet]) -> None:
     repeated = {name: [i for i, n in enumerate(names) if n == name] for name in names if names.count(name) > 1}
     if repeated:
         shown = "; ".join(f"{name!r} is the name of sets {positions}" for name, positions in repeated.items())
-        raise ConfigError(f"Evaluation set names must be unique, but {shown} (counting from 0): give each set its "
-                          "own name.", "sets",
-                          list(sets))
+        raise ConfigError(
+            f"Evaluation set names must be unique, but {shown} (counting from 0): give each set its own name.",
+            "sets",
+            list(sets),
+        )
 
 
 def validate_template(template: str, set_name: str = "") -> None:
@@ -169,8 +195,10 @@ def validate_template(template: str, set_name: str = "") -> None:
     except ValueError as error:
         raise ValueError(f"{where} {template!r} is not a valid format string: {error}.") from None
     if fields != [""]:
-        raise ValueError(f"{where} {template!r} must contain exactly one '{{}}' (found fields {fields}); "
-                         "write literal braces as '{{' and '}}'.")
+        raise ValueError(
+            f"{where} {template!r} must contain exactly one '{{}}' (found fields {fields}); "
+            "write literal braces as '{{' and '}}'."
+        )
 
 
 def folder_class_name(folder: str) -> str:
@@ -202,17 +230,23 @@ def read_class_list(value: Sequence[str] | str, set_name: str, option: str) -> l
     if isinstance(value, str):
         if value.startswith(PACKAGED_LIST):
             folder = resources.files("slug_lightning").joinpath("data")
-            path = folder.joinpath(value[len(PACKAGED_LIST):])
+            path = folder.joinpath(value[len(PACKAGED_LIST) :])
             if not path.is_file():
-                shipped = sorted(f"{PACKAGED_LIST}{item.name}" for item in folder.iterdir() if item.is_file()
-                                 and item.name.endswith(".txt"))
-                raise FileNotFoundError(f"{where} {value!r} is not a list shipped with the package; "
-                                        f"shipped: {shipped}.")
+                shipped = sorted(
+                    f"{PACKAGED_LIST}{item.name}"
+                    for item in folder.iterdir()
+                    if item.is_file() and item.name.endswith(".txt")
+                )
+                raise FileNotFoundError(
+                    f"{where} {value!r} is not a list shipped with the package; shipped: {shipped}."
+                )
         else:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"{where} file {value!r} does not exist (give a list of names, a "
-                                        f"text file with one name per line, or {PACKAGED_LIST}<file>).")
+                raise FileNotFoundError(
+                    f"{where} file {value!r} does not exist (give a list of names, a "
+                    f"text file with one name per line, or {PACKAGED_LIST}<file>)."
+                )
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not names:
             raise ValueError(f"{where} file {value!r} holds no name.")
@@ -224,8 +258,13 @@ def read_class_list(value: Sequence[str] | str, set_name: str, option: str) -> l
     return names
 
 
-def _chosen_labels(value: Sequence[str] | str, set_name: str, option: str, class_names: Sequence[str],
-                   labels: Sequence[int] | None = None) -> list[int]:
+def _chosen_labels(
+    value: Sequence[str] | str,
+    set_name: str,
+    option: str,
+    class_names: Sequence[str],
+    labels: Sequence[int] | None = None,
+) -> list[int]:
     """The labels (positions in ``class_names``, or ``labels[position]``) of the names an option lists."""
     index = {name: i for i, name in enumerate(class_names)}
     names = read_class_list(value, set_name, option)
@@ -233,14 +272,17 @@ def _chosen_labels(value: Sequence[str] | str, set_name: str, option: str, class
     unknown = [name for name, label in found.items() if label is None]
     if unknown:
         near = difflib.get_close_matches(folder_class_name(unknown[0]), list(class_names), n=3, cutoff=0.6)
-        raise ValueError(f"Labelled set {set_name!r}: {option} {unknown[:10]} ({len(unknown)} of "
-                         f"{len(names)}) are not classes of the set ({len(class_names)} classes); near "
-                         f"{unknown[0]!r}: {near}.")
+        raise ValueError(
+            f"Labelled set {set_name!r}: {option} {unknown[:10]} ({len(unknown)} of "
+            f"{len(names)}) are not classes of the set ({len(class_names)} classes); near "
+            f"{unknown[0]!r}: {near}."
+        )
     return sorted(found.values() if labels is None else (labels[i] for i in found.values()))
 
 
-def select_classes(spec: LabelledSet, class_names: Sequence[str], keep_classes: Sequence[str] = ()
-                   ) -> tuple[list[int], set[int]]:
+def select_classes(
+    spec: LabelledSet, class_names: Sequence[str], keep_classes: Sequence[str] = ()
+) -> tuple[list[int], set[int]]:
     """Apply ``spec.classes`` and ``spec.image_classes`` to a set's full class list.
 
     Args:
@@ -264,12 +306,17 @@ def select_classes(spec: LabelledSet, class_names: Sequence[str], keep_classes: 
         competing = _chosen_labels(spec.classes, spec.name, "classes", class_names)
         left_out = [name for name in concepts if index[name] not in set(competing)]
         if left_out:
-            raise ValueError(f"Labelled set {spec.name!r}: forget concept(s) {left_out} are classes of the "
-                             f"set but not among its classes ({len(competing)} listed), so they could not be "
-                             "classified; add them to classes.")
+            raise ValueError(
+                f"Labelled set {spec.name!r}: forget concept(s) {left_out} are classes of the "
+                f"set but not among its classes ({len(competing)} listed), so they could not be "
+                "classified; add them to classes."
+            )
     imaged = set(competing)
     if spec.image_classes is not None:
-        imaged = set(_chosen_labels(spec.image_classes, spec.name, "image_classes",
-                                    [class_names[i] for i in competing], competing))
+        imaged = set(
+            _chosen_labels(
+                spec.image_classes, spec.name, "image_classes", [class_names[i] for i in competing], competing
+            )
+        )
         imaged |= {index[name] for name in concepts}
     return competing, imaged

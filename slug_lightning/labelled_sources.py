@@ -54,16 +54,20 @@ def imagenet_wnids(synsets_file: str | os.PathLike | None = None) -> list[str]:
     wnids = [tokens[0] for tokens in lines]
     bad = [w for w in wnids if not _WNID.fullmatch(w)]
     if bad:
-        raise ValueError(f"Synsets file {str(path)!r}: lines must start with a synset id like n01440764, "
-                         f"got {bad[:5]}.")
+        raise ValueError(
+            f"Synsets file {str(path)!r}: lines must start with a synset id like n01440764, got {bad[:5]}."
+        )
     if len(set(wnids)) != len(wnids):
         raise ValueError(f"Synsets file {str(path)!r} lists a synset more than once.")
     return wnids
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def scan_image_folder(spec: LabelledSet) -> tuple[list[str], list[Path], list[int]]:
@@ -82,8 +86,9 @@ def scan_image_folder(spec: LabelledSet) -> tuple[list[str], list[Path], list[in
         raise FileNotFoundError(f"Labelled set {spec.name!r}: image folder {str(root)!r} does not exist.")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"Labelled set {spec.name!r}: {str(root)!r} holds no class folders "
-                         "(expected root/<class>/*.jpg).")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: {str(root)!r} holds no class folders (expected root/<class>/*.jpg)."
+        )
     if all(_WNID.fullmatch(f) for f in folders):
         class_names, folder_labels = _synset_labels(spec, folders)
     else:
@@ -92,22 +97,25 @@ def scan_image_folder(spec: LabelledSet) -> tuple[list[str], list[Path], list[in
     for folder in folders:
         images = _images_in(root / folder)
         if not images:
-            raise ValueError(f"Labelled set {spec.name!r}: class folder {str(root / folder)!r} holds no "
-                             f"images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise ValueError(
+                f"Labelled set {spec.name!r}: class folder {str(root / folder)!r} holds no "
+                f"images ({', '.join(IMAGE_EXTENSIONS)})."
+            )
         paths += images
         labels += [folder_labels[folder]] * len(images)
     return class_names, paths, labels
 
 
-def _named_labels(spec: LabelledSet, folders: list[str],
-                  what: str = "folder") -> tuple[list[str], dict[str, int]]:
+def _named_labels(spec: LabelledSet, folders: list[str], what: str = "folder") -> tuple[list[str], dict[str, int]]:
     """Class names and the label of each folder (or, ``what="name"``, each name of a labels_file)."""
     names = {f: folder_class_name(f) for f in folders}
     uses = Counter(names.values())
     clashes = [f for f in folders if uses[names[f]] > 1]
     if clashes:
-        raise ValueError(f"Labelled set {spec.name!r}: {what}s {clashes} map to the same class name "
-                         "(underscores are read as spaces).")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: {what}s {clashes} map to the same class name "
+            "(underscores are read as spaces)."
+        )
     if spec.class_names is None:
         class_names = [names[f] for f in folders]
         return class_names, {f: i for i, f in enumerate(folders)}
@@ -118,8 +126,7 @@ def _named_labels(spec: LabelledSet, folders: list[str],
     present = {label for label in folder_labels.values() if label is not None}
     missing = [name for i, name in enumerate(spec.class_names) if i not in present]
     if unlisted or (missing and not spec.allow_missing_classes):
-        source = (f"folders of {spec.root!r}" if what == "folder"
-                  else f"names of labels_file {spec.labels_file!r}")
+        source = f"folders of {spec.root!r}" if what == "folder" else f"names of labels_file {spec.labels_file!r}"
         raise ValueError(
             f"Labelled set {spec.name!r}: {source} and class_names differ. "
             f"{what.capitalize()}s not in class_names: {unlisted}. Class names without a {what}: {missing}"
@@ -137,17 +144,23 @@ def _synset_labels(spec: LabelledSet, folders: list[str]) -> tuple[list[str], di
 
         class_names = list(IMAGENET_CLASSNAMES)
     else:
-        raise ValueError(f"Labelled set {spec.name!r}: synsets_file {spec.synsets_file!r} lists "
-                         f"{len(wnids)} synsets; give class_names for them (OpenCLIP's names cover the "
-                         "1000 of ImageNet-1k).")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: synsets_file {spec.synsets_file!r} lists "
+            f"{len(wnids)} synsets; give class_names for them (OpenCLIP's names cover the "
+            "1000 of ImageNet-1k)."
+        )
     if len(class_names) != len(wnids):
-        raise ValueError(f"Labelled set {spec.name!r}: {len(class_names)} class names for {len(wnids)} "
-                         f"synsets (synsets_file={spec.synsets_file!r}); they pair up by position.")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: {len(class_names)} class names for {len(wnids)} "
+            f"synsets (synsets_file={spec.synsets_file!r}); they pair up by position."
+        )
     position = {wnid: i for i, wnid in enumerate(wnids)}
     unknown = [f for f in folders if f not in position]
     if unknown:
-        raise ValueError(f"Labelled set {spec.name!r}: synset folders {unknown[:10]} of {spec.root!r} are "
-                         f"not in the synset list (synsets_file={spec.synsets_file!r}).")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: synset folders {unknown[:10]} of {spec.root!r} are "
+            f"not in the synset list (synsets_file={spec.synsets_file!r})."
+        )
     return class_names, {f: position[f] for f in folders}
 
 
@@ -169,16 +182,19 @@ def read_labels_file(spec: LabelledSet) -> list[tuple[str, str]]:
     for number, line in enumerate(lines[:LABELS_FILE_HEADER_LINES], start=1):
         tokens = line.split()
         if len(tokens) == 2 and tokens[0].lower().endswith(IMAGE_EXTENSIONS):
-            raise ValueError(f"{where}: line {number} {line!r} is an entry, but the first "
-                             f"{LABELS_FILE_HEADER_LINES} lines are headers; expected {expected}.")
+            raise ValueError(
+                f"{where}: line {number} {line!r} is an entry, but the first "
+                f"{LABELS_FILE_HEADER_LINES} lines are headers; expected {expected}."
+            )
     entries, seen = [], set()
     for number, line in enumerate(lines[LABELS_FILE_HEADER_LINES:], start=LABELS_FILE_HEADER_LINES + 1):
         if not line.strip():
             continue
         tokens = line.split()
         if len(tokens) != 2:
-            raise ValueError(f"{where}: line {number} {line!r} is not '<image file> <Name_With_Underscores>' "
-                             f"(expected {expected}).")
+            raise ValueError(
+                f"{where}: line {number} {line!r} is not '<image file> <Name_With_Underscores>' (expected {expected})."
+            )
         if tokens[0] in seen:
             raise ValueError(f"{where}: line {number} lists image {tokens[0]!r} a second time.")
         seen.add(tokens[0])
@@ -209,8 +225,10 @@ def scan_labels_file(spec: LabelledSet) -> tuple[list[str], list[Path], list[int
     present = {entry.name for entry in os.scandir(root) if entry.is_file()}
     missing = [image for image, _ in entries if image not in present and not (root / image).is_file()]
     if missing:
-        raise FileNotFoundError(f"Labelled set {spec.name!r}: {len(missing)} image(s) of labels_file "
-                                f"{spec.labels_file!r} are not in {str(root)!r}, e.g. {missing[:5]}.")
+        raise FileNotFoundError(
+            f"Labelled set {spec.name!r}: {len(missing)} image(s) of labels_file "
+            f"{spec.labels_file!r} are not in {str(root)!r}, e.g. {missing[:5]}."
+        )
     class_names, name_labels = _named_labels(spec, sorted({name for _, name in entries}), what="name")
     return class_names, [root / image for image, _ in entries], [name_labels[name] for _, name in entries]
 
@@ -243,8 +261,10 @@ def load_hf_split(spec: LabelledSet) -> Any:
         raise FileNotFoundError(f"{where}: no such directory.")
     # Anything else is a hub id; datasets only stays off the network in offline mode.
     if not datasets.config.HF_HUB_OFFLINE:
-        raise ValueError(f"{where} is not a local directory, so it is read as a hub id from the local cache; "
-                         "set HF_HUB_OFFLINE=1 so that nothing is downloaded.")
+        raise ValueError(
+            f"{where} is not a local directory, so it is read as a hub id from the local cache; "
+            "set HF_HUB_OFFLINE=1 so that nothing is downloaded."
+        )
     return _offline(f"{where} (split {spec.split!r})", datasets.load_dataset, source, split=spec.split)
 
 
@@ -255,8 +275,7 @@ def _offline(where: str, load: Callable, *args: Any, **kwargs: Any) -> Any:
     try:
         return load(*args, **kwargs)
     except (OSError, datasets.exceptions.DatasetsError) as error:
-        raise FileNotFoundError(f"{where} could not be loaded offline: "
-                                f"{type(error).__name__}: {error}") from error
+        raise FileNotFoundError(f"{where} could not be loaded offline: {type(error).__name__}: {error}") from error
 
 
 def hf_class_labels(dataset: Any, spec: LabelledSet) -> tuple[list[str], list[int]]:
@@ -270,19 +289,25 @@ def hf_class_labels(dataset: Any, spec: LabelledSet) -> tuple[list[str], list[in
 
     for column in (spec.image_column, spec.label_column):
         if column not in dataset.column_names:
-            raise ValueError(f"Labelled set {spec.name!r}: no column {column!r}; columns: "
-                             f"{dataset.column_names}. Set image_column/label_column.")
+            raise ValueError(
+                f"Labelled set {spec.name!r}: no column {column!r}; columns: "
+                f"{dataset.column_names}. Set image_column/label_column."
+            )
     if not isinstance(dataset.features[spec.image_column], datasets.Image):
-        raise ValueError(f"Labelled set {spec.name!r}: column {spec.image_column!r} is "
-                         f"{dataset.features[spec.image_column]}, expected an Image feature "
-                         "(cast it with dataset.cast_column(name, datasets.Image())).")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: column {spec.image_column!r} is "
+            f"{dataset.features[spec.image_column]}, expected an Image feature "
+            "(cast it with dataset.cast_column(name, datasets.Image()))."
+        )
     feature = dataset.features[spec.label_column]
     values = list(dataset[spec.label_column])
     if isinstance(feature, datasets.ClassLabel):
         class_names = list(spec.class_names or map(composed, feature.names))
         if len(class_names) != feature.num_classes:
-            raise ValueError(f"Labelled set {spec.name!r}: {len(class_names)} class_names for a ClassLabel "
-                             f"of {feature.num_classes} classes.")
+            raise ValueError(
+                f"Labelled set {spec.name!r}: {len(class_names)} class_names for a ClassLabel "
+                f"of {feature.num_classes} classes."
+            )
         return class_names, values
     if values and all(isinstance(v, str) for v in values):
         values = [composed(v) for v in values]
@@ -293,10 +318,14 @@ def hf_class_labels(dataset: Any, spec: LabelledSet) -> tuple[list[str], list[in
             raise ValueError(f"Labelled set {spec.name!r}: labels {unknown[:10]} are not in class_names.")
         return class_names, [index[v] for v in values]
     if spec.class_names is None:
-        raise ValueError(f"Labelled set {spec.name!r}: column {spec.label_column!r} is {feature}, not a "
-                         "ClassLabel; give class_names in label order.")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: column {spec.label_column!r} is {feature}, not a "
+            "ClassLabel; give class_names in label order."
+        )
     out_of_range = sorted({v for v in values if not 0 <= v < len(spec.class_names)})
     if out_of_range:
-        raise ValueError(f"Labelled set {spec.name!r}: labels {out_of_range[:10]} are outside "
-                         f"[0, {len(spec.class_names)}) of class_names.")
+        raise ValueError(
+            f"Labelled set {spec.name!r}: labels {out_of_range[:10]} are outside "
+            f"[0, {len(spec.class_names)}) of class_names."
+        )
     return list(spec.class_names), values

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -103,15 +103,11 @@ def is_default_candidate(param_name: str, param: Tensor) -> bool:
 def _check_patterns(patterns: Sequence[str], what: str) -> tuple[str, ...]:
     # A bare string would be iterated character by character and match almost everything.
     if isinstance(patterns, str):
-        raise ValueError(
-            f"{what} must be a list of patterns, got the string {patterns!r}; write [{patterns!r}]."
-        )
+        raise ValueError(f"{what} must be a list of patterns, got the string {patterns!r}; write [{patterns!r}].")
     patterns = tuple(patterns)
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            raise ValueError(
-                f"{what} patterns must be non-empty strings, got {pattern!r} in {list(patterns)!r}."
-            )
+            raise ValueError(f"{what} patterns must be non-empty strings, got {pattern!r} in {list(patterns)!r}.")
     return patterns
 
 
@@ -313,14 +309,16 @@ def layer_statistics(
     rows = []
     for name, grad in forget_grads.items():
         weight = weights[name]
-        rows.append(dict(
-            name=name,
-            tower=tower_of(name),
-            importance=importance(grad, weight),
-            alignment=alignment(grad, retain_grads[name], signed=signed),
-            weight_norm=_norm(weight, f"weight {name!r}"),
-            grad_norm=_norm(grad, f"forget gradient {name!r}"),
-        ))
+        rows.append(
+            dict(
+                name=name,
+                tower=tower_of(name),
+                importance=importance(grad, weight),
+                alignment=alignment(grad, retain_grads[name], signed=signed),
+                weight_norm=_norm(weight, f"weight {name!r}"),
+                grad_norm=_norm(grad, f"forget gradient {name!r}"),
+            )
+        )
     fronts: dict[int, int] = {}
     for tower in (VISION, LANGUAGE):
         members = [i for i, row in enumerate(rows) if row["tower"] == tower]
@@ -409,6 +407,24 @@ _SHORT_FORMS = (
 )
 
 
+def front_layers(
+    stats: Sequence[LayerStats], fronts: int = 1, towers: Iterable[str] = (VISION, LANGUAGE)
+) -> list[LayerStats]:
+    """The layers a search steps along: those of Pareto fronts 1..``fronts`` (§4) in ``towers`` that have a forget
+    gradient and a weight (a zero norm gives no direction, or no scale, to step along).
+
+    Example::
+
+        >>> stats = [LayerStats("visual.proj", VISION, 2.0, 0.1, 1.0, 1.0, front=1),
+        ...          LayerStats("text_projection", LANGUAGE, 1.0, 0.2, 1.0, 0.0, front=1),
+        ...          LayerStats("visual.conv1.weight", VISION, 1.0, 0.5, 1.0, 1.0, front=2)]
+        >>> [s.name for s in front_layers(stats)], [s.name for s in front_layers(stats, fronts=2)]
+        (['visual.proj'], ['visual.proj', 'visual.conv1.weight'])
+    """
+    towers = set(towers)
+    return [s for s in stats if s.front <= fronts and s.tower in towers and s.grad_norm > 0 and s.weight_norm > 0]
+
+
 def short_name(param_name: str) -> str:
     """A compact, still unique label for plots and tables: tower letter, block index, module.
 
@@ -434,7 +450,7 @@ def short_name(param_name: str) -> str:
     rest = param_name
     for prefix in ("visual.", "text."):
         if rest.startswith(prefix):
-            rest = rest[len(prefix):]
+            rest = rest[len(prefix) :]
             break
     for pattern, replacement in _SHORT_FORMS:
         rest = re.sub(pattern, replacement, rest)

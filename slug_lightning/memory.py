@@ -54,7 +54,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         self._peak = current_rss_mib() or 0.0
         self._stop.clear()
         if torch.cuda.is_available():
@@ -80,7 +80,7 @@ class PeakMemory:
             self.result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
         return self.result
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         return self.start()
 
     def __exit__(self, *exc) -> None:

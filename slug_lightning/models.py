@@ -12,10 +12,11 @@ import difflib
 import logging
 import pickle
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -92,11 +93,16 @@ def directory_message(path: Path, given: str) -> str:
     weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
     message = f"Checkpoint {given!r} is a directory, not a weights file."
     if weights:
-        message += f" Give one of the weights files in it: {', '.join(weights[:5])}" + (" ..." if len(weights) > 5
-                                                                                         else "") + "."
+        message += (
+            f" Give one of the weights files in it: {', '.join(weights[:5])}"
+            + (" ..." if len(weights) > 5 else "")
+            + "."
+        )
     if (path / "open_clip_config.json").is_file():
-        message += (f" It is an open_clip model directory: load it whole with model_name: local-dir:{path} and "
-                    "pretrained: null.")
+        message += (
+            f" It is an open_clip model directory: load it whole with model_name: local-dir:{path} and "
+            "pretrained: null."
+        )
     elif not weights:
         message += " It holds no weights file (.safetensors, .pt, .pth, .bin, .ckpt)."
     return message
@@ -136,8 +142,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"Checkpoint file {str(path)!r} does not exist.")
     kind = checkpoint_format(path)
     if kind is None:
-        raise ModelLoadError(f"Checkpoint {str(path)!r} is neither safetensors nor a torch checkpoint (its first "
-                             "bytes match neither format); give an OpenCLIP state dict in one of them.")
+        raise ModelLoadError(
+            f"Checkpoint {str(path)!r} is neither safetensors nor a torch checkpoint (its first "
+            "bytes match neither format); give an OpenCLIP state dict in one of them."
+        )
     if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -167,7 +175,7 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Drop wrapper prefixes (``module.`` from DDP, ``model.`` from this package's LightningModules)."""
     for prefix in ("module.", "model."):
         if state_dict and all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
     return state_dict
 
 
@@ -190,7 +198,8 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
         problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
     if problems:
         raise ModelLoadError(
-            f"Checkpoint {source!r} does not fit this architecture: " + "; ".join(problems)
+            f"Checkpoint {source!r} does not fit this architecture: "
+            + "; ".join(problems)
             + ". Check that the model name matches the checkpoint."
         )
     model.load_state_dict(state_dict, strict=True)

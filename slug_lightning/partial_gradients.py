@@ -44,8 +44,9 @@ def resume_key(gradient_key: dict | None, streams: Sequence[str], world_size: in
     return {"gradient_key": gradient_key, "streams": streams, "world_size": world_size}
 
 
-def save_partial(path: str | Path, sums: Sequence[Mapping[str, Tensor]], counts: Tensor, done: Sequence[int],
-                 key: dict) -> None:
+def save_partial(
+    path: str | Path, sums: Sequence[Mapping[str, Tensor]], counts: Tensor, done: Sequence[int], key: dict
+) -> None:
     """Write a rank's sums, counts and position atomically; a previous file at ``path`` stays until then.
 
     Args:
@@ -57,8 +58,9 @@ def save_partial(path: str | Path, sums: Sequence[Mapping[str, Tensor]], counts:
     """
     from safetensors.torch import save_file
 
-    tensors = {f"{i}/{name}": g.detach().cpu().contiguous() for i, stream in enumerate(sums)
-               for name, g in stream.items()}
+    tensors = {
+        f"{i}/{name}": g.detach().cpu().contiguous() for i, stream in enumerate(sums) for name, g in stream.items()
+    }
     tensors[_COUNTS] = counts.detach().cpu()
     metadata = {"format": FORMAT, "key": json.dumps(key), "done": json.dumps(done)}
     with atomic_path(path) as tmp:
@@ -78,8 +80,11 @@ def load_partial(path: Path, key: dict, streams: int) -> tuple[list[dict[str, Te
             stored = json.loads(metadata["key"]) if metadata.get("format") == FORMAT else None
             changes = partial_changes(stored, key)
             if changes:
-                warnings.warn(f"Ignoring {str(path)!r}: its partial gradient sums belong to another run "
-                              f"({'; '.join(changes)}); starting the pass from the beginning.", stacklevel=2)
+                warnings.warn(
+                    f"Ignoring {str(path)!r}: its partial gradient sums belong to another run "
+                    f"({'; '.join(changes)}); starting the pass from the beginning.",
+                    stacklevel=2,
+                )
                 return None
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         done = json.loads(metadata["done"])
@@ -89,8 +94,10 @@ def load_partial(path: Path, key: dict, streams: int) -> tuple[list[dict[str, Te
     if len(done) != streams:
         return None
     counts = tensors.pop(_COUNTS)
-    sums = [{name[len(f"{i}/"):]: tensor for name, tensor in tensors.items() if name.startswith(f"{i}/")}
-            for i in range(streams)]
+    sums = [
+        {name[len(f"{i}/") :]: tensor for name, tensor in tensors.items() if name.startswith(f"{i}/")}
+        for i in range(streams)
+    ]
     return sums, counts, done
 
 

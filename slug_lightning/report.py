@@ -20,8 +20,7 @@ from slug_lightning.report_render import render_markdown
 from slug_lightning.results import SearchResult, Summary
 from slug_lightning.search import Probe, concept_verdict, run_verdict
 
-LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto",
-                 "front"]
+LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto", "front"]
 
 
 def peak_memory(phases: dict[str, dict]) -> dict:
@@ -41,11 +40,26 @@ def accuracies(summary: Summary) -> dict:
     }
 
 
-def assemble_report(*, method: str, concepts: list[dict], model: dict, retain_samples: int, skipped_samples: int,
-                    before: Summary, after: Summary, search: list[dict], settings: dict, timing: dict, memory: dict,
-                    edit: dict, devices: int, test_classes: dict | None = None,
-                    leave_one_out: dict[str, Summary] | None = None, orders: list[dict] | None = None,
-                    smoke: dict | None = None) -> dict:
+def assemble_report(
+    *,
+    method: str,
+    concepts: list[dict],
+    model: dict,
+    retain_samples: int,
+    skipped_samples: int,
+    before: Summary,
+    after: Summary,
+    search: list[dict],
+    settings: dict,
+    timing: dict,
+    memory: dict,
+    edit: dict,
+    devices: int,
+    test_classes: dict | None = None,
+    leave_one_out: dict[str, Summary] | None = None,
+    orders: list[dict] | None = None,
+    smoke: dict | None = None,
+) -> dict:
     """The ``report.json`` of any method, every key always present (docs/report_format.md).
 
     ``concepts`` carry each concept's ``verdict``; the run's verdict is derived from them. ``smoke`` describes a
@@ -82,46 +96,78 @@ def assemble_report(*, method: str, concepts: list[dict], model: dict, retain_sa
     }
 
 
-def build_report(collector, result: SearchResult, total_seconds: float, devices: int,
-                 smoke: dict | None = None) -> dict:
+def build_report(
+    collector, result: SearchResult, total_seconds: float, devices: int, smoke: dict | None = None
+) -> dict:
     """The ``report.json`` content of a finished SLUG run (``smoke``: see :func:`assemble_report`)."""
     store = collector.gradients
     edits = {edit.concept: edit for edit in result.edits}
     concepts = []
     for name in store.concepts:  # the order given; a concept with nothing to forget has no edit
         edit = edits.get(name)
-        concepts.append({
-            "name": name,
-            "verdict": concept_verdict(result.before["forget"][name][result.metric],
-                                       result.after["forget"][name][result.metric], result.threshold),
-            "layer": edit.layer if edit else None,
-            "tower": edit.tower if edit else None,
-            "step_size": edit.step_size if edit else None,
-            "relative_change": edit.relative_change if edit else None,
-            "round": edit.round if edit else None,  # 0: the search of METHOD §9; r: changed in refinement round r
-            "forget_samples": store.forget_samples[name],
-            # The final evaluation, with every concept's edit applied (METHOD §9).
-            **{f"forget_{k}_{when}": summary["forget"][name][k]
-               for when, summary in (("before", result.before), ("after", result.after)) for k in ("top1", "top5")},
-        })
+        concepts.append(
+            {
+                "name": name,
+                "verdict": concept_verdict(
+                    result.before["forget"][name][result.metric],
+                    result.after["forget"][name][result.metric],
+                    result.threshold,
+                ),
+                "layer": edit.layer if edit else None,
+                "tower": edit.tower if edit else None,
+                "step_size": edit.step_size if edit else None,
+                "relative_change": edit.relative_change if edit else None,
+                "round": edit.round if edit else None,  # 0: the search of METHOD §9; r: changed in refinement round r
+                "forget_samples": store.forget_samples[name],
+                # The final evaluation, with every concept's edit applied (METHOD §9).
+                **{
+                    f"forget_{k}_{when}": summary["forget"][name][k]
+                    for when, summary in (("before", result.before), ("after", result.after))
+                    for k in ("top1", "top5")
+                },
+            }
+        )
     sizes = [store.forget[edit.concept][edit.layer] for edit in edits.values()]
     return assemble_report(
-        method="slug", concepts=concepts, model={**store.model, "parameters": count_parameters(collector.model)},
-        retain_samples=store.retain_samples, skipped_samples=store.skipped_samples,
-        before=result.before, after=result.after, leave_one_out=result.leave_one_out,
-        test_classes=result.test_classes, search=[_probe_record(p) for p in result.probes],
-        orders=[{"concepts": end.order, "kept": index == result.kept_order, "probes": end.probes,
-                 "edits": {c: {"layer": p.layer, "step_size": p.step_size} for c, p in end.chosen.items()},
-                 **accuracies(end.after)}
-                for index, end in enumerate(result.ends)],
+        method="slug",
+        concepts=concepts,
+        model={**store.model, "parameters": count_parameters(collector.model)},
+        retain_samples=store.retain_samples,
+        skipped_samples=store.skipped_samples,
+        before=result.before,
+        after=result.after,
+        leave_one_out=result.leave_one_out,
+        test_classes=result.test_classes,
+        search=[_probe_record(p) for p in result.probes],
+        orders=[
+            {
+                "concepts": end.order,
+                "kept": index == result.kept_order,
+                "probes": end.probes,
+                "edits": {c: {"layer": p.layer, "step_size": p.step_size} for c, p in end.chosen.items()},
+                **accuracies(end.after),
+            }
+            for index, end in enumerate(result.ends)
+        ],
         settings=result.settings,
-        timing={"gradients_s": collector.seconds, "search_s": result.seconds, "total_s": total_seconds,
-                "probes": len(result.probes), "reused_gradients": collector.reused},
+        timing={
+            "gradients_s": collector.seconds,
+            "search_s": result.seconds,
+            "total_s": total_seconds,
+            "probes": len(result.probes),
+            "reused_gradients": collector.reused,
+        },
         memory=peak_memory({"gradients": collector.memory.result, "search": result.memory}),
         # One delta per concept (delta.safetensors, fp32).
-        edit={"tensors": len(sizes), "entries": sum(g.numel() for g in sizes),
-              "parameters": sum(g.numel() for g in sizes), "bytes": sum(g.numel() * g.element_size() for g in sizes)},
-        devices=devices, smoke=smoke)
+        edit={
+            "tensors": len(sizes),
+            "entries": sum(g.numel() for g in sizes),
+            "parameters": sum(g.numel() for g in sizes),
+            "bytes": sum(g.numel() * g.element_size() for g in sizes),
+        },
+        devices=devices,
+        smoke=smoke,
+    )
 
 
 def run_delta(collector, result: SearchResult) -> Delta:
@@ -132,9 +178,19 @@ def run_delta(collector, result: SearchResult) -> Delta:
     """
     store = collector.gradients
     base = collector.base_fingerprint or store.model.get("fingerprint")
-    updates = [({"concept": edit.concept, "layer": edit.layer, "step_size": edit.step_size, "tower": edit.tower,
-                 "relative_change": edit.relative_change}, edit.update(store.forget))
-               for edit in result.edits]
+    updates = [
+        (
+            {
+                "concept": edit.concept,
+                "layer": edit.layer,
+                "step_size": edit.step_size,
+                "tower": edit.tower,
+                "relative_change": edit.relative_change,
+            },
+            edit.update(store.forget),
+        )
+        for edit in result.edits
+    ]
     return make_delta(updates, base, store.model)
 
 
@@ -148,26 +204,48 @@ def describe_data(datamodule, sets, set_sizes: dict[str, dict[str, int]]) -> dic
     """
     data = {}
     if datamodule is not None and hasattr(datamodule, "shards"):
-        data = {"shards": datamodule.shards, "forget_shards": datamodule.forget_shards,
-                "batch_size": datamodule.batch_size, "retain_augmentation": datamodule.retain_augmentation,
-                "concepts": [{"name": c.name, "aliases": list(c.aliases)} for c in datamodule.concepts]}
+        data = {
+            "shards": datamodule.shards,
+            "forget_shards": datamodule.forget_shards,
+            "batch_size": datamodule.batch_size,
+            "retain_augmentation": datamodule.retain_augmentation,
+            "concepts": [{"name": c.name, "aliases": list(c.aliases)} for c in datamodule.concepts],
+        }
     data["evaluation_sets"] = [
-        {"name": spec.name, "source": spec.root if spec.root is not None else f"hf:{spec.hf_dataset}",
-         "fraction": spec.fraction, "templates": len(spec.templates), **set_sizes.get(spec.name, {}),
-         # How the test accuracy averages: over images (micro) or over classes (macro).
-         "averaging": spec.averaging,
-         # The layout and the `classes`/`image_classes` narrowing as given (a file, or how many names were listed).
-         **{key: value if isinstance(value, str) else f"{len(value)} names"
-            for key, option in (("labels_file", "labels_file"), ("class_list", "classes"),
-                                ("image_class_list", "image_classes"))
-            if (value := getattr(spec, option)) is not None}}
+        {
+            "name": spec.name,
+            "source": spec.root if spec.root is not None else f"hf:{spec.hf_dataset}",
+            "fraction": spec.fraction,
+            "templates": len(spec.templates),
+            **set_sizes.get(spec.name, {}),
+            # How the test accuracy averages: over images (micro) or over classes (macro).
+            "averaging": spec.averaging,
+            # The layout and the `classes`/`image_classes` narrowing as given (a file, or how many names were listed).
+            **{
+                key: value if isinstance(value, str) else f"{len(value)} names"
+                for key, option in (
+                    ("labels_file", "labels_file"),
+                    ("class_list", "classes"),
+                    ("image_class_list", "image_classes"),
+                )
+                if (value := getattr(spec, option)) is not None
+            },
+        }
         for spec in sets
     ]
     return data
 
 
-def write_unlearn_artifacts(output: Path, collector, result: SearchResult, sets, total_seconds: float, devices: int,
-                            datamodule=None, smoke: dict | None = None) -> dict:
+def write_unlearn_artifacts(
+    output: Path,
+    collector,
+    result: SearchResult,
+    sets,
+    total_seconds: float,
+    devices: int,
+    datamodule=None,
+    smoke: dict | None = None,
+) -> dict:
     """Write every artifact of a SLUG run into ``output`` (rank 0 only) and return the report (``smoke``: see
     :func:`assemble_report`; ``sets``: the evaluation sets)."""
     from slug_lightning import plots
@@ -176,15 +254,20 @@ def write_unlearn_artifacts(output: Path, collector, result: SearchResult, sets,
     store = collector.gradients
     report = build_report(collector, result, total_seconds, devices, smoke)
     report["data"] = describe_data(datamodule, sets, result.set_sizes)
-    report["loggers"] = [{"name": type(logger).__name__, "dir": logger.log_dir}
-                         for logger in (collector.loggers if collector._trainer is not None else [])
-                         if getattr(logger, "log_dir", None)]
+    report["loggers"] = [
+        {"name": type(logger).__name__, "dir": logger.log_dir}
+        for logger in (collector.loggers if collector._trainer is not None else [])
+        if getattr(logger, "log_dir", None)
+    ]
     if (output / "config.yaml").is_file():  # written by the command line before the run
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     if not (output / "gradients.safetensors").exists():  # the collector writes it when its pass ends
         store.save(output / "gradients.safetensors")
-    layer_rows = [{"concept": concept, **asdict(stats), "pareto": stats.pareto}
-                  for concept, rows in result.layers.items() for stats in rows]
+    layer_rows = [
+        {"concept": concept, **asdict(stats), "pareto": stats.pareto}
+        for concept, rows in result.layers.items()
+        for stats in rows
+    ]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
     write_csv(output / "search.csv", [_csv_row(p) for p in result.probes])
 
@@ -192,10 +275,15 @@ def write_unlearn_artifacts(output: Path, collector, result: SearchResult, sets,
     write_delta(output / "delta.safetensors", delta)
     # What model.safetensors carries: the edits, unless the search was told to restore θ⁰ (apply=False).
     carried = delta.entries if result.applied else []
-    provenance = Provenance(delta.base_fingerprint, [{k: e[k] for k in ("concept", "layer", "step_size")}
-                                                      for e in carried])
-    write_checkpoint(output / "model.safetensors", collector.model.state_dict(), provenance,
-                     metadata={"model": json.dumps(store.model)})
+    provenance = Provenance(
+        delta.base_fingerprint, [{k: e[k] for k in ("concept", "layer", "step_size")} for e in carried]
+    )
+    write_checkpoint(
+        output / "model.safetensors",
+        collector.model.state_dict(),
+        provenance,
+        metadata={"model": json.dumps(store.model)},
+    )
     report["plots"] = plots.unlearn_plots(output, result)
     write_json(output / "report.json", report)
     write_text(output / "report.md", render_markdown(report))
@@ -203,15 +291,32 @@ def write_unlearn_artifacts(output: Path, collector, result: SearchResult, sets,
 
 
 def _probe_record(p: Probe) -> dict:
-    return {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
-            "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5,
-            "test_top1": p.test_top1, "test_top5": p.test_top5, "seconds": p.seconds, "round": p.round,
-            "order": p.order}
+    return {
+        "concept": p.concept,
+        "layer": p.layer,
+        "step": p.step,
+        "step_size": p.step_size,
+        "relative_change": p.relative_change,
+        "forget_top1": p.forget_top1,
+        "forget_top5": p.forget_top5,
+        "test_top1": p.test_top1,
+        "test_top5": p.test_top5,
+        "seconds": p.seconds,
+        "round": p.round,
+        "order": p.order,
+    }
 
 
 def _csv_row(p: Probe) -> dict:
-    row = {"concept": p.concept, "layer": p.layer, "step": p.step, "step_size": p.step_size,
-           "relative_change": p.relative_change, "forget_top1": p.forget_top1, "forget_top5": p.forget_top5}
+    row = {
+        "concept": p.concept,
+        "layer": p.layer,
+        "step": p.step,
+        "step_size": p.step_size,
+        "relative_change": p.relative_change,
+        "forget_top1": p.forget_top1,
+        "forget_top5": p.forget_top5,
+    }
     row.update({f"test_top1[{name}]": value for name, value in p.test_top1.items()})
     row.update({f"test_top5[{name}]": value for name, value in p.test_top5.items()})
     row.update({"seconds": p.seconds, "round": p.round, "order": p.order})

@@ -161,5 +161,7 @@ class SearchResult:
     def edits(self) -> list[Edit]:
         """Each edited concept's :class:`Edit`, in the order given."""
         towers = {stats.name: stats.tower for rows in self.layers.values() for stats in rows}
-        return [Edit(concept, probe.layer, towers.get(probe.layer, ""), probe.step_size, probe.relative_change,
-                     probe.round) for concept, probe in self.chosen.items()]
+        return [
+            Edit(concept, probe.layer, towers.get(probe.layer, ""), probe.step_size, probe.relative_change, probe.round)
+            for concept, probe in self.chosen.items()
+        ]

@@ -17,8 +17,9 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 METRICS = ("top1", "top5")
 
@@ -198,7 +199,11 @@ def is_forgotten(accuracy: float | Probe, threshold: float = 0.0, metric: str = 
 
 
 FORGOTTEN, NOT_FORGOTTEN, PARTLY_FORGOTTEN, NOTHING_TO_FORGET = (
-    "forgotten", "not forgotten", "partly forgotten", "nothing to forget")
+    "forgotten",
+    "not forgotten",
+    "partly forgotten",
+    "nothing to forget",
+)
 
 
 def concept_verdict(before: float, after: float, threshold: float = 0.0) -> str:
@@ -345,9 +350,7 @@ class BinarySearch:
         low, high, next_ = float(state["low"]), float(state["high"]), float(state["next"])
         steps = state["steps"]
         if not (0.0 <= low < high and isinstance(steps, int) and steps >= 0 and next_ > 0):
-            raise ValueError(
-                f"Inconsistent search state: low={low}, high={high}, steps={steps}, next={next_}."
-            )
+            raise ValueError(f"Inconsistent search state: low={low}, high={high}, steps={steps}, next={next_}.")
         self.low, self.high, self.steps, self._next = low, high, steps, next_
 
     def __repr__(self) -> str:

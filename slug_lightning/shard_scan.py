@@ -77,8 +77,9 @@ class ShardScan:
 _WORD = re.compile(r"[^\W\d_][\w'-]*")
 
 
-def scan_shards(urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000,
-                enough: int | None = None) -> ShardScan:
+def scan_shards(
+    urls: Sequence[str], concepts: Sequence[Concept] = (), max_words: int = 200_000, enough: int | None = None
+) -> ShardScan:
     """Read the captions of shards (never their images, nothing written to disk) and count concept mentions.
 
     Args:

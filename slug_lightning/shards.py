@@ -83,9 +83,7 @@ def _expand_pattern(pattern: str) -> list[str]:
         shown = ", ".join(repr(m) for m in missing[:5])
         if len(missing) > 5:
             shown += f" and {len(missing) - 5} more"
-        raise FileNotFoundError(
-            f"Shard pattern {pattern!r} names {len(missing)} missing file(s): {shown}.{hint}"
-        )
+        raise FileNotFoundError(f"Shard pattern {pattern!r} names {len(missing)} missing file(s): {shown}.{hint}")
     directories = [p for p in found if os.path.isdir(p)]
     if directories:
         raise ValueError(
@@ -142,8 +140,10 @@ def describe_loss(lost: int | None, source: str = "img2dataset's files beside it
     unknown and counted as 1."""
     if lost is not None:
         return f"{lost} sample(s) lost, per {source}"
-    return ("how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), counted as "
-            "1: a lower bound")
+    return (
+        "how many samples were lost is unknown (no img2dataset _stats.json or .parquet beside it), counted as "
+        "1: a lower bound"
+    )
 
 
 def expected_samples(url: str) -> tuple[int, str] | None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slug_lightning.layers import LANGUAGE, VISION
+from slug_lightning.layers import LANGUAGE, VISION, LayerStats
 
 # A stage maps (hidden, tokens) → hidden. Only the language pool stage reads the tokens (it pools at the
 # end-of-text position); for the vision tower they are None.
@@ -65,6 +65,7 @@ def _block_stage(block: nn.Module, batch_first: bool, attn_mask: Callable[[], Te
         if not batch_first:
             return block(hidden.transpose(0, 1), attn_mask=attn_mask()).transpose(0, 1)
         return block(hidden, attn_mask=attn_mask())
+
     return run
 
 
@@ -80,6 +81,7 @@ def _stage_lookup(prefix: str, num_blocks: int, pool_names: Sequence[str], proje
         if any(name.startswith(p) for p in pool_names):
             return num_blocks + 1
         return 0  # embeddings, conv1, ln_pre, ...: everything is recomputed from the input
+
     return stage_of
 
 
@@ -99,8 +101,13 @@ def vision_stages(model: nn.Module) -> TowerStages | None:
     stages: list[Stage] = [lambda images, tokens: visual._embeds(images)]
     stages += [_block_stage(b, transformer.batch_first, lambda: None) for b in blocks]
     stages += [lambda hidden, tokens: visual._pool(hidden)[0], project]
-    return TowerStages(VISION, stages, _stage_lookup(
-        "visual.", len(blocks), pool_names=("visual.ln_post", "visual.attn_pool"), project_names=("visual.proj",)))
+    return TowerStages(
+        VISION,
+        stages,
+        _stage_lookup(
+            "visual.", len(blocks), pool_names=("visual.ln_post", "visual.attn_pool"), project_names=("visual.proj",)
+        ),
+    )
 
 
 def text_stages(model: nn.Module) -> TowerStages | None:
@@ -124,7 +131,7 @@ def text_stages(model: nn.Module) -> TowerStages | None:
     def stem(tokens: Tensor, _: Tensor | None) -> Tensor:
         cast = transformer.get_cast_dtype()
         hidden = owner.token_embedding(tokens).to(cast)
-        return hidden + owner.positional_embedding[:hidden.shape[1]].to(cast)
+        return hidden + owner.positional_embedding[: hidden.shape[1]].to(cast)
 
     def pool(hidden: Tensor, tokens: Tensor | None) -> Tensor:
         return text_global_pool(owner.ln_final(hidden), tokens, pool_type, eos_token_id=eos_id)
@@ -138,10 +145,14 @@ def text_stages(model: nn.Module) -> TowerStages | None:
     stages: list[Stage] = [stem]
     stages += [_block_stage(b, transformer.batch_first, lambda: owner.attn_mask) for b in blocks]
     stages += [pool, project]
-    project_names = tuple(n for n in (f"{prefix}text_projection", f"{prefix}text_projection.weight",
-                                      f"{prefix}text_projection.bias"))
-    return TowerStages(LANGUAGE, stages, _stage_lookup(
-        prefix, len(blocks), pool_names=(f"{prefix}ln_final",), project_names=project_names))
+    project_names = tuple(
+        n for n in (f"{prefix}text_projection", f"{prefix}text_projection.weight", f"{prefix}text_projection.bias")
+    )
+    return TowerStages(
+        LANGUAGE,
+        stages,
+        _stage_lookup(prefix, len(blocks), pool_names=(f"{prefix}ln_final",), project_names=project_names),
+    )
 
 
 def tower_stages(model: nn.Module) -> dict[str, TowerStages]:
@@ -151,6 +162,20 @@ def tower_stages(model: nn.Module) -> dict[str, TowerStages]:
 
 
 @torch.no_grad()
+def in_forward_order(layers: list[LayerStats], stages: dict[str, TowerStages]) -> list[LayerStats]:
+    """The vision tower's layers, then the language tower's, each in the order the forward pass meets them.
+
+    Probes then move each tower's cache forward only (parameter order puts ``visual.proj`` before
+    ``visual.conv1``). Layers of a tower that is not staged keep their parameter order.
+    """
+
+    def depth(layer: LayerStats) -> tuple[bool, int]:
+        tower = stages.get(layer.tower)
+        return layer.tower != VISION, tower.stage_of(layer.name) if tower is not None else 0
+
+    return sorted(layers, key=depth)
+
+
 def check_stages(model: nn.Module, stages: TowerStages, inputs: Tensor, atol: float = 1e-5) -> bool:
     """Whether running every stage on ``inputs`` reproduces the model's own encoder (within ``atol``
     after normalisation). Guards the cache against towers that look standard but are not."""

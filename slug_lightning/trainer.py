@@ -43,8 +43,9 @@ class SlugTrainer(L.Trainer):
     """
 
     def __init__(self, *args, inference_mode: bool = False, use_distributed_sampler: bool = False, **kwargs) -> None:
-        super().__init__(*args, inference_mode=inference_mode, use_distributed_sampler=use_distributed_sampler,
-                         **kwargs)
+        super().__init__(
+            *args, inference_mode=inference_mode, use_distributed_sampler=use_distributed_sampler, **kwargs
+        )
 
     def unlearn(
         self,
@@ -100,9 +101,14 @@ class SlugTrainer(L.Trainer):
             store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
         else:
             # A store given by --gradients must hold a full pass (its pass does not run here, smoke run or not).
-            store = reusable_store(Path(gradients) if gradients else output / GRADIENTS, model,
-                                   datamodule, explicit=gradients is not None, precision=str(self.precision),
-                                   limit_predict_batches=1.0 if gradients else self.limit_predict_batches)
+            store = reusable_store(
+                Path(gradients) if gradients else output / GRADIENTS,
+                model,
+                datamodule,
+                explicit=gradients is not None,
+                precision=str(self.precision),
+                limit_predict_batches=1.0 if gradients else self.limit_predict_batches,
+            )
         preflight(model, datamodule, search, scan_captions=store is None, smoke=smoke)
         model.partial_path = output / PARTIAL_GRADIENTS
         model.store_path = output / GRADIENTS
@@ -120,19 +126,38 @@ class SlugTrainer(L.Trainer):
         self.callbacks.remove(search)
         if not self.is_global_zero:
             return None
-        smoke_settings = {"batches_per_stream": None if model.reused else int(self.fast_dev_run),
-                          "probes_per_layer": search.steps_per_layer} if smoke else None
-        report = write_unlearn_artifacts(output, model, search.result, search.sets, total_seconds=total,
-                                         devices=self.world_size,
-                                         datamodule=datamodule, smoke=smoke_settings)
+        smoke_settings = (
+            {
+                "batches_per_stream": None if model.reused else int(self.fast_dev_run),
+                "probes_per_layer": search.steps_per_layer,
+            }
+            if smoke
+            else None
+        )
+        report = write_unlearn_artifacts(
+            output,
+            model,
+            search.result,
+            search.sets,
+            total_seconds=total,
+            devices=self.world_size,
+            datamodule=datamodule,
+            smoke=smoke_settings,
+        )
         print(terminal_summary(report, output))
         if smoke and require_forgotten:
             rank_zero_info("[slug] --require_forgotten is not applied to a smoke run: its verdict means nothing.")
         return _check_verdict(report, require_forgotten and not smoke)
 
-    def evaluate(self, model: L.LightningModule, datamodule: L.LightningDataModule, output: str | None = None,
-                 similarity: str | None = None, similarity_set: str | None = None,
-                 similarity_classes: list[str] | None = None) -> dict:
+    def evaluate(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        output: str | None = None,
+        similarity: str | None = None,
+        similarity_set: str | None = None,
+        similarity_classes: list[str] | None = None,
+    ) -> dict:
         """Zero-shot top-1/top-5 of a CLIP on labelled sets; prints a table and optionally writes JSON.
 
         Args:
@@ -162,13 +187,21 @@ class SlugTrainer(L.Trainer):
             if output:
                 write_json(output, module.results)
         if similarity:
-            draw_similarity(module, datamodule, Path(similarity), similarity_set, similarity_classes,
-                            rank_zero=self.is_global_zero)
+            draw_similarity(
+                module, datamodule, Path(similarity), similarity_set, similarity_classes, rank_zero=self.is_global_zero
+            )
         return module.results
 
 
-def draw_similarity(module, datamodule, path: Path, set_name: str | None, classes: list[str] | None,
-                    rank_zero: bool = True, count: int = 6) -> None:
+def draw_similarity(
+    module,
+    datamodule,
+    path: Path,
+    set_name: str | None,
+    classes: list[str] | None,
+    rank_zero: bool = True,
+    count: int = 6,
+) -> None:
     """The image–text similarity matrix of a model on one labelled set, as a PNG (every rank computes)."""
     from slug_lightning.plots import similarity_plot
 
@@ -182,8 +215,9 @@ def draw_similarity(module, datamodule, path: Path, set_name: str | None, classe
         print(f"similarity matrix: {path}")
 
 
-def similarity_selection(datasets: dict, set_name: str | None, classes: list[str] | None, count: int = 6
-                         ) -> tuple[str, list[str]]:
+def similarity_selection(
+    datasets: dict, set_name: str | None, classes: list[str] | None, count: int = 6
+) -> tuple[str, list[str]]:
     """The set and classes the similarity matrix shows: as given, else the first set and its first ``count``
     classes with images.
 
@@ -212,8 +246,7 @@ def check_output_file(path: Path, option: str, example: str) -> None:
         UserError: Naming ``option`` and what to give instead.
     """
     if path.is_dir():
-        raise UserError(f"{option} {str(path)!r} is a directory; name the file to write, e.g. "
-                        f"{str(path / example)!r}.")
+        raise UserError(f"{option} {str(path)!r} is a directory; name the file to write, e.g. {str(path / example)!r}.")
     blocking = next((parent for parent in path.parents if parent.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"{option} {str(path)!r} lies under {str(blocking)!r}, which is a file, not a directory.")
@@ -224,8 +257,10 @@ def _check_verdict(report: dict | None, require_forgotten: bool) -> dict | None:
     forgotten (other ranks than 0 have no report and pass)."""
     if require_forgotten and report is not None and report["verdict"] not in (FORGOTTEN, NOTHING_TO_FORGET):
         missed = [c["name"] for c in report["concepts"] if c["verdict"] not in (FORGOTTEN, NOTHING_TO_FORGET)]
-        raise NotForgotten(f"--require_forgotten: the run's verdict is {report['verdict']!r}; not forgotten: "
-                           f"{', '.join(missed)} (the artifacts are written).")
+        raise NotForgotten(
+            f"--require_forgotten: the run's verdict is {report['verdict']!r}; not forgotten: "
+            f"{', '.join(missed)} (the artifacts are written)."
+        )
     return report
 
 
@@ -242,8 +277,10 @@ def unlearn_dir(output: Path, overwrite: bool, smoke: bool = False, method: str 
         check_output_dir(output, overwrite)
         return output
     if method != "slug":
-        raise UserError(f"--trainer.fast_dev_run smoke-tests --method slug only; --method {method} iterates over all "
-                        "the data whatever the Trainer's batch limits. Leave out one of the two.")
+        raise UserError(
+            f"--trainer.fast_dev_run smoke-tests --method slug only; --method {method} iterates over all "
+            "the data whatever the Trainer's batch limits. Leave out one of the two."
+        )
     smoke_dir = output / SMOKE_DIR
     check_output_dir(smoke_dir, overwrite or holds_smoke_run(smoke_dir))
     return smoke_dir
@@ -262,8 +299,10 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
     existing = next((path for path in (output, *output.parents) if path.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "is" if existing == output else f"lies under {str(existing)!r}, which is"
-        raise UserError(f"--output_dir {str(output)!r} {where} an existing file, not a directory; name a directory "
-                        "for the run's artifacts (it is created if missing).")
+        raise UserError(
+            f"--output_dir {str(output)!r} {where} an existing file, not a directory; name a directory "
+            "for the run's artifacts (it is created if missing)."
+        )
     if (output / "report.json").exists() and not overwrite:
         raise UserError(
             f"{str(output)!r} already holds a finished run (report.json). Choose another --output_dir, or pass "
@@ -271,8 +310,14 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
         )
 
 
-def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: bool,
-                   precision: str = "32-true", limit_predict_batches: int | float = 1.0) -> GradientStore | None:
+def reusable_store(
+    path: Path,
+    model: GradientCollector,
+    datamodule,
+    explicit: bool,
+    precision: str = "32-true",
+    limit_predict_batches: int | float = 1.0,
+) -> GradientStore | None:
     """The gradient store at ``path`` if it was computed for exactly this run's inputs, else None.
 
     The store's gradient key (:mod:`slug_lightning.gradient_key`: the weights' fingerprint, the concepts and
@@ -292,8 +337,10 @@ def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: b
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file: its gradients cannot be trusted
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
         if explicit:
-            raise UserError(f"Gradient store {str(path)!r} (--gradients) cannot be read ({reason}); give a complete "
-                            "gradients.safetensors, or leave out --gradients to compute them.") from None
+            raise UserError(
+                f"Gradient store {str(path)!r} (--gradients) cannot be read ({reason}); give a complete "
+                "gradients.safetensors, or leave out --gradients to compute them."
+            ) from None
         rank_zero_info(f"[slug] recomputing the gradients: {path} cannot be read ({reason}).")
         return None
     try:
@@ -303,10 +350,13 @@ def reusable_store(path: Path, model: GradientCollector, datamodule, explicit: b
     changes = key_changes(store.key, wanted)
     if changes:
         if explicit:
-            raise UserError(f"Cannot reuse gradient store {str(path)!r} (--gradients): it was computed for other "
-                            f"inputs: {'; '.join(changes)}. Leave out --gradients to compute them for this run.")
-        rank_zero_info(f"[slug] recomputing the gradients: {path} was computed for other inputs "
-                       f"({'; '.join(changes)}).")
+            raise UserError(
+                f"Cannot reuse gradient store {str(path)!r} (--gradients): it was computed for other "
+                f"inputs: {'; '.join(changes)}. Leave out --gradients to compute them for this run."
+            )
+        rank_zero_info(
+            f"[slug] recomputing the gradients: {path} was computed for other inputs ({'; '.join(changes)})."
+        )
         return None
     rank_zero_info(f"[slug] reusing the gradients in {path} (same weights, concepts, data and settings).")
     return store

@@ -85,8 +85,7 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     else:  # forget shards may be pre-filtered for the concept: how common a spelling is shows in the others
         sample = urls["shards"][:SHARE_SHARDS]
         where = f"the first {len(sample)} of {len(urls['shards'])} shard(s) of {DATA}.shards"
-        check_forget_share(scan_shards(sample, concepts), concepts, getattr(datamodule, "max_forget_share", 1.0),
-                           where)
+        check_forget_share(scan_shards(sample, concepts), concepts, getattr(datamodule, "max_forget_share", 1.0), where)
 
 
 def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
@@ -120,8 +119,9 @@ def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
         return forget_sets_of(list(concepts), datasets, search.forget_set)
     except ValueError as error:
         where = f"{SEARCH}.forget_set" if search.forget_set else f"{SEARCH}.sets"
-        raise UserError(f"{error} Each concept of {DATA}.concepts must be a class with images in the forget "
-                        f"set ({where}).") from None
+        raise UserError(
+            f"{error} Each concept of {DATA}.concepts must be a class with images in the forget set ({where})."
+        ) from None
 
 
 def check_images(files: Sequence[Path], where: str) -> None:
@@ -143,8 +143,10 @@ def check_images(files: Sequence[Path], where: str) -> None:
     if bad:
         path, error = bad[0]
         more = f" (and {len(bad) - 1} more of its {len(files)} images)" if len(bad) > 1 else ""
-        raise UserError(f"{where}: image {str(path)!r} cannot be read ({type(error).__name__}: {error}){more}; "
-                        "remove or replace it.")
+        raise UserError(
+            f"{where}: image {str(path)!r} cannot be read ({type(error).__name__}: {error}){more}; "
+            "remove or replace it."
+        )
 
 
 def check_shards_readable(scan) -> None:
@@ -158,13 +160,18 @@ def check_shards_readable(scan) -> None:
     if dead:
         shown = "; ".join(f"{url!r} ({reason})" for url, reason in dead[:5])
         more = f" and {len(dead) - 5} more" if len(dead) > 5 else ""
-        raise UserError(f"{len(dead)} shard(s) of {DATA}.forget_shards/shards cannot be read as tar archives: "
-                        f"{shown}{more}. Remove them from the pattern or repair them.")
+        raise UserError(
+            f"{len(dead)} shard(s) of {DATA}.forget_shards/shards cannot be read as tar archives: "
+            f"{shown}{more}. Remove them from the pattern or repair them."
+        )
     from slug_lightning.shards import describe_loss
 
     for url, reason, read, lost in scan.broken:
-        warnings.warn(f"Shard {url!r} is damaged after {read} samples ({reason}); the rest of it is skipped: "
-                      f"{describe_loss(lost)}.", stacklevel=2)
+        warnings.warn(
+            f"Shard {url!r} is damaged after {read} samples ({reason}); the rest of it is skipped: "
+            f"{describe_loss(lost)}.",
+            stacklevel=2,
+        )
 
 
 def near_matches(name: str, words: set[str], count: int = 5) -> list[str]:
@@ -252,8 +259,10 @@ def check_forget_share(scan, concepts: Sequence, max_share: float, where: str) -
         found = scan.matches.get(concept.name, 0)
         share = found / scan.captions
         spellings = " or ".join(repr(s) for s in concept.spellings)
-        measured = (f"Concept {concept.name!r} ({DATA}.concepts): {spellings} match {found} of the {scan.captions} "
-                    f"captions of {where} ({share:.1%})")
+        measured = (
+            f"Concept {concept.name!r} ({DATA}.concepts): {spellings} match {found} of the {scan.captions} "
+            f"captions of {where} ({share:.1%})"
+        )
         if share > max_share:
             raise UserError(
                 f"{measured}, more than {DATA}.max_forget_share={max_share}: its forget set would be a slice of "
@@ -261,5 +270,8 @@ def check_forget_share(scan, concepts: Sequence, max_share: float, where: str) -
                 f"alias; to run anyway, raise --{DATA}.max_forget_share (1 turns the check off)."
             )
         if share > WARN_FORGET_SHARE:
-            warnings.warn(f"{measured}, more than {WARN_FORGET_SHARE:.0%}: check that no alias is a common word "
-                          f"(refused above {DATA}.max_forget_share={max_share}).", stacklevel=2)
+            warnings.warn(
+                f"{measured}, more than {WARN_FORGET_SHARE:.0%}: check that no alias is a common word "
+                f"(refused above {DATA}.max_forget_share={max_share}).",
+                stacklevel=2,
+            )

@@ -26,7 +26,10 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[
 
 @torch.no_grad()
 def classifier_from_tokens(
-    model: nn.Module, tokens: Tensor, num_templates: int, device: torch.device | str = "cpu",
+    model: nn.Module,
+    tokens: Tensor,
+    num_templates: int,
+    device: torch.device | str = "cpu",
     classes_per_batch: int = 64,
 ) -> Tensor:
     """Class embeddings ``[embed_dim, num_classes]`` from the tokenized :func:`class_prompts`.
@@ -34,8 +37,10 @@ def classifier_from_tokens(
     For each class the normalised embeddings of its prompts are averaged and the mean normalised again.
     """
     rows_per_batch = classes_per_batch * num_templates
-    prompt_features = [model.encode_text(tokens[start:start + rows_per_batch].to(device))
-                       for start in range(0, tokens.shape[0], rows_per_batch)]
+    prompt_features = [
+        model.encode_text(tokens[start : start + rows_per_batch].to(device))
+        for start in range(0, tokens.shape[0], rows_per_batch)
+    ]
     return class_embeddings(torch.cat(prompt_features), num_templates)
 
 

@@ -29,8 +29,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Fixtures that hold a fitted world: a test using one is an end-to-end run.
 E2E_FIXTURES = {"small_demo", "small_run"}
 # Scheduled first, longest first, so that no long test starts last on a worker (the rest keep file order).
-FIRST = ("test_end_to_end.py::test_readme_demo", "test_multi_concept.py::test_three_people",
-         "test_ddp_gradients.py", "test_end_to_end.py::test_two_process_ddp")
+FIRST = (
+    "test_end_to_end.py::test_readme_demo",
+    "test_multi_concept.py::test_three_people",
+    "test_ddp_gradients.py",
+    "test_end_to_end.py::test_two_process_ddp",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,8 +74,9 @@ _SHARED: dict[Path, list[tuple[str, int, int]]] = {}
 
 
 def _listing(path: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in path.rglob("*") if f.is_file())
+    return sorted(
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+    )
 
 
 def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
@@ -135,8 +140,9 @@ def one_line_error(capsys, args: list[str], *words: str) -> str:
 
 def run_cli(*args, cwd=None) -> str:
     """``python -m slug_lightning ARGS`` in a subprocess; asserts success and returns its output."""
-    result = subprocess.run([sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True,
-                            text=True, cwd=cwd)
+    result = subprocess.run(
+        [sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -154,12 +160,24 @@ def tiny_weights(tmp_path_factory, tiny_clip):
 # --- worlds shared by the whole run -------------------------------------------------------------------------
 
 # A fifth of the demo world: 12 people, 6 object kinds, 4 shards, 8 evaluation images per class.
-SMALL_WORLD = {"people": 12, "objects": 6, "portraits_per_person": 60, "person_object_per_person": 10,
-               "samples_per_object": 60, "scenery_samples": 60, "eval_per_person": 8, "eval_per_object": 8,
-               "shards": 4}
+SMALL_WORLD = {
+    "people": 12,
+    "objects": 6,
+    "portraits_per_person": 60,
+    "person_object_per_person": 10,
+    "samples_per_object": 60,
+    "scenery_samples": 60,
+    "eval_per_person": 8,
+    "eval_per_object": 8,
+    "shards": 4,
+}
 # The demo's fit settings (configs/demo/fit.yaml), shorter and on smaller batches: about a minute on one thread.
-SMALL_FIT = ["--trainer.max_steps=200", "--data.init_args.batch_size=64", "--data.init_args.num_workers=0",
-             "--trainer.enable_progress_bar=false"]
+SMALL_FIT = [
+    "--trainer.max_steps=200",
+    "--data.init_args.batch_size=64",
+    "--data.init_args.num_workers=0",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def _build_small_demo(path: Path) -> None:
@@ -171,9 +189,21 @@ def _build_small_demo(path: Path) -> None:
 
     world = make_demo_world(path / "world", seed=0, **SMALL_WORLD)
     checkpoint = path / "fit" / "slug-tiny.safetensors"
-    assert main(["fit", "--config", str(config_path("demo/fit.yaml")), "--seed_everything=0", *SMALL_FIT,
-                 f"--trainer.default_root_dir={path / 'fit'}", f"--model.init_args.export_path={checkpoint}",
-                 f"--data.init_args.shards={world.shards}"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(config_path("demo/fit.yaml")),
+                "--seed_everything=0",
+                *SMALL_FIT,
+                f"--trainer.default_root_dir={path / 'fit'}",
+                f"--model.init_args.export_path={checkpoint}",
+                f"--data.init_args.shards={world.shards}",
+            ]
+        )
+        == 0
+    )
     # Runs made from this config must be given their own --output_dir; the default points at a folder that
     # does not exist, so one that forgets fails instead of writing here.
     paths = unlearn_paths(path / "no_output_dir_given" / "run", world, checkpoint, world.default_target)
@@ -195,9 +225,21 @@ def small_run(tmp_path_factory, small_demo) -> tuple[Path, dict]:
     from slug_lightning.cli import main
 
     def build(path: Path) -> None:
-        assert main(["unlearn", "--config", str(config_path("demo/unlearn.yaml")), "--config",
-                     str(small_demo / "demo_paths.yaml"), "--trainer.enable_progress_bar=false",
-                     "--output_dir", str(path)]) == 0
+        assert (
+            main(
+                [
+                    "unlearn",
+                    "--config",
+                    str(config_path("demo/unlearn.yaml")),
+                    "--config",
+                    str(small_demo / "demo_paths.yaml"),
+                    "--trainer.enable_progress_bar=false",
+                    "--output_dir",
+                    str(path),
+                ]
+            )
+            == 0
+        )
 
     output = build_once(tmp_path_factory, "small_run", build)
     return output, json.loads((output / "report.json").read_text())

@@ -25,7 +25,7 @@ def write_clip_tokenizer(directory: Path, context_length: int, pad_token: str = 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -33,8 +33,12 @@ def write_clip_tokenizer(directory: Path, context_length: int, pad_token: str = 
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                              pad_token=pad_token, model_max_length=context_length)
+    tokenizer = CLIPTokenizer(
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=context_length,
+    )
     tokenizer.save_pretrained(str(directory))
     return directory
 
@@ -60,20 +64,42 @@ def tiny_sd_pipeline(clip: torch.nn.Module, directory: Path, text_layers: int | 
     text_encoder = to_hf_text(clip, layers=text_layers)
     width = text_encoder.config.hidden_size
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    tokenizer_dir = write_clip_tokenizer(Path(directory).parent / f".{Path(directory).name}-tokenizer",
-                                         clip.context_length)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    tokenizer_dir = write_clip_tokenizer(
+        Path(directory).parent / f".{Path(directory).name}-tokenizer", clip.context_length
+    )
     from transformers import CLIPTokenizer
 
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)), unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(str(directory))
     return Path(directory)
 
@@ -81,8 +107,14 @@ def tiny_sd_pipeline(clip: torch.nn.Module, directory: Path, text_layers: int | 
 def tiny_llava(clip: torch.nn.Module, directory: Path, vision_feature_layer: int = -2) -> Path:
     """Save a tiny ``LlavaForConditionalGeneration`` (1-block Llama) whose vision tower is ``clip``'s, with a
     ``LlavaProcessor`` (the CLIP tokenizer plus an ``<image>`` token), to ``directory``."""
-    from transformers import (CLIPImageProcessor, CLIPTokenizer, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTokenizer,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from slug_lightning.hf.convert import to_hf_vision
 
@@ -95,20 +127,36 @@ def tiny_llava(clip: torch.nn.Module, directory: Path, vision_feature_layer: int
     grid = vision.config.image_size // vision.config.patch_size
     config = LlavaConfig(
         vision_config=vision.config.to_dict(),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id).to_dict(),
-        image_token_index=image_token, image_seq_length=grid * grid, vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).to_dict(),
+        image_token_index=image_token,
+        image_seq_length=grid * grid,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     model = LlavaForConditionalGeneration(config).eval()
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.save_pretrained(str(directory))
     size = vision.config.image_size
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer, patch_size=vision.config.patch_size, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token="<image>")
+        tokenizer=tokenizer,
+        patch_size=vision.config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
     processor.save_pretrained(str(directory))
     return Path(directory)
 
@@ -128,7 +176,10 @@ def fake_run(clip: torch.nn.Module, layers: dict[str, float], directory: Path, c
         entries.append({"key": f"{concept}/{layer}", "concept": concept, "layer": layer, "step_size": size})
         state[layer] = state[layer] + delta
     model = json.dumps({"name": "slug-tiny", "pretrained": None})
-    save_state_dict(Path(directory) / "delta.safetensors", deltas,
-                    metadata={"format": "slug_lightning.delta/1", "model": model, "entries": json.dumps(entries)})
+    save_state_dict(
+        Path(directory) / "delta.safetensors",
+        deltas,
+        metadata={"format": "slug_lightning.delta/1", "model": model, "entries": json.dumps(entries)},
+    )
     save_state_dict(Path(directory) / "model.safetensors", state, metadata={"format": "pt", "model": model})
     return Path(directory)

@@ -23,9 +23,17 @@ from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, portraits_per_person=6,
-                           person_object_per_person=2, samples_per_object=4, scenery_samples=10, eval_per_person=1,
-                           eval_per_object=1, shards=2)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        portraits_per_person=6,
+        person_object_per_person=2,
+        samples_per_object=4,
+        scenery_samples=10,
+        eval_per_person=1,
+        eval_per_object=1,
+        shards=2,
+    )
 
 
 def _setup(world, batch_size=16):
@@ -46,8 +54,11 @@ def _losses(model, data):
         retain = count = 0.0
         for batch in data.retain_dataloader():
             if batch["image"].shape[0] > 1:
-                retain += float(retain_loss_sum(model.encode_image(batch["image"]), model.encode_text(batch["text"]),
-                                                model.logit_scale))
+                retain += float(
+                    retain_loss_sum(
+                        model.encode_image(batch["image"]), model.encode_text(batch["text"]), model.logit_scale
+                    )
+                )
                 count += batch["image"].shape[0]
     return forget / pairs, retain / count
 
@@ -56,9 +67,15 @@ def _run(method, world, **settings):
     model, data = _setup(world)
     before = _losses(model, data)
     base = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    result = run_baseline(method, model, lambda: {c.name: data.forget_dataloader(c) for c in data.concepts},
-                          data.retain_dataloader, BaselineSettings(**settings), torch.device("cpu"),
-                          evaluate=lambda: {"evaluated": True})
+    result = run_baseline(
+        method,
+        model,
+        lambda: {c.name: data.forget_dataloader(c) for c in data.concepts},
+        data.retain_dataloader,
+        BaselineSettings(**settings),
+        torch.device("cpu"),
+        evaluate=lambda: {"evaluated": True},
+    )
     return model, data, base, before, _losses(model, data), result
 
 
@@ -133,7 +150,7 @@ def test_edit_size_counts_changed_tensors_whole():
 
 @pytest.mark.parametrize("bad", [{"lr": 0.0}, {"iterations": 0}, {"mask_fraction": 1.5}, {"alpha": -1.0}])
 def test_invalid_settings_name_the_value(bad):
-    (name, value), = bad.items()
+    ((name, value),) = bad.items()
     with pytest.raises(UserError, match=f"{name}={value!r}"):
         BaselineSettings(**bad)
 
@@ -148,8 +165,11 @@ def test_compare_tunes_every_baseline_with_the_same_budget_and_keeps_slugs_rule(
     sizes = {m: len(grid(m, lrs, alphas)) for m in ("ft", "ga", "gaft", "salun", "ssd")}
     assert set(sizes.values()) == {3}
     assert grid("slug", lrs, alphas) == [{}]
-    rows = [{"forget_top1": 0.1, "utility": 0.9}, {"forget_top1": 0.0, "utility": 0.2},
-            {"forget_top1": 0.0, "utility": 0.6}]
+    rows = [
+        {"forget_top1": 0.1, "utility": 0.9},
+        {"forget_top1": 0.0, "utility": 0.2},
+        {"forget_top1": 0.0, "utility": 0.6},
+    ]
     assert select(rows) is rows[2]
 
 
@@ -157,15 +177,27 @@ def _unlearn_config(world, path):
     import yaml
 
     config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "model": {"class_path": "slug_lightning.GradientCollector", "init_args": {"model_name": "slug-tiny"}},
-        "data": {"class_path": "slug_lightning.datamodules.LaionDataModule",
-                 "init_args": {"shards": world.shards, "concepts": [{"name": world.default_target}],
-                               "batch_size": 32}},
-        "search": {"class_path": "slug_lightning.callbacks.StepSearch",
-                   "init_args": {"sets": [{"name": "identities", "root": str(world.identities_dir)}],
-                                 "metric": "top1", "max_steps": 2, "towers": ["vision"]}},
+        "data": {
+            "class_path": "slug_lightning.datamodules.LaionDataModule",
+            "init_args": {"shards": world.shards, "concepts": [{"name": world.default_target}], "batch_size": 32},
+        },
+        "search": {
+            "class_path": "slug_lightning.callbacks.StepSearch",
+            "init_args": {
+                "sets": [{"name": "identities", "root": str(world.identities_dir)}],
+                "metric": "top1",
+                "max_steps": 2,
+                "towers": ["vision"],
+            },
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -179,12 +211,33 @@ def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path
 
     config = _unlearn_config(world, tmp_path / "unlearn.yaml")
     output = tmp_path / "compare"
-    code = main(["compare", "--config", str(config), "--methods", "slug", "ga", "ssd", "--lrs", "1e-4", "1e-3",
-                 "--iterations", "1", "--output_dir", str(output)])
+    code = main(
+        [
+            "compare",
+            "--config",
+            str(config),
+            "--methods",
+            "slug",
+            "ga",
+            "ssd",
+            "--lrs",
+            "1e-4",
+            "1e-3",
+            "--iterations",
+            "1",
+            "--output_dir",
+            str(output),
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader((output / "comparison.csv").open()))
     assert [(r["method"], r["setting"]) for r in rows] == [
-        ("slug", "-"), ("ga", "lr=0.0001"), ("ga", "lr=0.001"), ("ssd", "alpha=10"), ("ssd", "alpha=31.6")]
+        ("slug", "-"),
+        ("ga", "lr=0.0001"),
+        ("ga", "lr=0.001"),
+        ("ssd", "alpha=10"),
+        ("ssd", "alpha=31.6"),
+    ]
     assert sorted(r["method"] for r in rows if r["selected"] == "True") == ["ga", "slug", "ssd"]
     for row in rows:  # each row is its run's report, not made up
         report = json.loads((Path(row["run"]) / "report.json").read_text())
@@ -195,16 +248,35 @@ def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path
     assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     # a second compare reuses the finished runs instead of repeating them
     capsys.readouterr()
-    assert main(["compare", "--config", str(config), "--methods", "ga", "--lrs", "1e-4", "--iterations", "1",
-                 "--output_dir", str(output)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--config",
+                str(config),
+                "--methods",
+                "ga",
+                "--lrs",
+                "1e-4",
+                "--iterations",
+                "1",
+                "--output_dir",
+                str(output),
+            ]
+        )
+        == 0
+    )
     assert "reusing the finished run" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--methods", "slug", "sgd"], "--methods ['sgd'] unknown"),
-    (["--lrs", "0"], "--lrs and --ssd_alphas must be > 0"),
-    (["--iterations", "0"], "--iterations must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--methods", "slug", "sgd"], "--methods ['sgd'] unknown"),
+        (["--lrs", "0"], "--lrs and --ssd_alphas must be > 0"),
+        (["--iterations", "0"], "--iterations must be >= 1"),
+    ],
+)
 def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, words):
     from slug_lightning.cli import main
 

@@ -29,9 +29,15 @@ class _World:
 
 
 def _report(forgotten, rows):
-    return {"concepts": [{"name": name} for name in forgotten],
-            "test_classes": {"identities": [{"name": name, "images": images, "top1_before": before,
-                                             "top1_after": after} for name, images, before, after in rows]}}
+    return {
+        "concepts": [{"name": name} for name in forgotten],
+        "test_classes": {
+            "identities": [
+                {"name": name, "images": images, "top1_before": before, "top1_after": after}
+                for name, images, before, after in rows
+            ]
+        },
+    }
 
 
 ROWS = [("Bo", 12, 1.0, 0.5), ("Cy", 12, 1.0, 0.75), ("Di", 24, 0.5, 0.5), ("Ed", 12, 0.5, 1.0)]

@@ -39,12 +39,21 @@ def _print_config(capsys, *args: str) -> dict:
 
 
 def test_top_level_help(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "slug_lightning", "--help"], cwd=tmp_path, text=True,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "slug_lightning", "--help"], cwd=tmp_path, text=True, capture_output=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m slug_lightning")
-    for word in ("SLUG (Single Layer Unlearning Gradient)", "fit", "unlearn", "evaluate", "demo",
-                 "make-world", "--config", "SLUG_DEBUG=1"):
+    for word in (
+        "SLUG (Single Layer Unlearning Gradient)",
+        "fit",
+        "unlearn",
+        "evaluate",
+        "demo",
+        "make-world",
+        "--config",
+        "SLUG_DEBUG=1",
+    ):
         assert word in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -58,11 +67,14 @@ def test_print_config_of_the_packaged_unlearn_config(capsys):
     assert config["output_dir"] == "runs/demo/unlearn"
 
 
-@pytest.mark.parametrize("command, words", [
-    ("fit", ["--trainer.max_steps", "--model", "--data", "--config"]),
-    ("unlearn", ["--search", "--output_dir", "--gradients", "--overwrite", "--trainer.devices"]),
-    ("evaluate", ["--model", "--data", "--output", "--trainer.devices"]),
-])
+@pytest.mark.parametrize(
+    "command, words",
+    [
+        ("fit", ["--trainer.max_steps", "--model", "--data", "--config"]),
+        ("unlearn", ["--search", "--output_dir", "--gradients", "--overwrite", "--trainer.devices"]),
+        ("evaluate", ["--model", "--data", "--output", "--trainer.devices"]),
+    ],
+)
 def test_trainer_subcommand_help(capsys, command, words):
     text = _help(capsys, command)
     assert f"{command} [-c CONFIG]" in text
@@ -99,8 +111,9 @@ def test_later_config_overrides_earlier_one(capsys, tmp_path):
 
 
 def test_dotted_override_after_the_config_wins(capsys):
-    config = _print_config(capsys, "unlearn", "--config", str(DEMO_UNLEARN),
-                           "--search.init_args.max_steps", "4", "--trainer.devices", "2")
+    config = _print_config(
+        capsys, "unlearn", "--config", str(DEMO_UNLEARN), "--search.init_args.max_steps", "4", "--trainer.devices", "2"
+    )
     assert config["search"]["init_args"]["max_steps"] == 4
     assert str(config["trainer"]["devices"]) == "2"
 
@@ -108,8 +121,19 @@ def test_dotted_override_after_the_config_wins(capsys):
 def test_bad_model_name_is_aone_line_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sets = json.dumps([{"name": "x", "root": str(tmp_path)}])
-    code = main(["evaluate", "--model", "slug_lightning.ZeroShotModule", "--model.model_name", "ViT-B-33",
-                 "--data", "slug_lightning.datamodules.ZeroShotDataModule", "--data.sets", sets])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            "slug_lightning.ZeroShotModule",
+            "--model.model_name",
+            "ViT-B-33",
+            "--data",
+            "slug_lightning.datamodules.ZeroShotDataModule",
+            "--data.sets",
+            sets,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in captured.err
@@ -123,8 +147,19 @@ def test_missing_output_of_a_finished_run_is_refused_in_one_line(capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "report.json").write_text("{}")
-    code = main(["unlearn", "--config", str(DEMO_UNLEARN), "--output_dir", str(tmp_path / "done"),
-                 "--model.init_args.pretrained", "null", "--trainer.logger", "false"])
+    code = main(
+        [
+            "unlearn",
+            "--config",
+            str(DEMO_UNLEARN),
+            "--output_dir",
+            str(tmp_path / "done"),
+            "--model.init_args.pretrained",
+            "null",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in captured.err
@@ -132,23 +167,41 @@ def test_missing_output_of_a_finished_run_is_refused_in_one_line(capsys, tmp_pat
 
 
 FIT = ["fit", "--config", str(PACKAGED_CONFIGS / "demo" / "fit.yaml"), "--trainer.max_steps", "1"]
-EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
-            "slug_lightning.datamodules.ZeroShotDataModule", "--trainer.logger", "false"]
+EVALUATE = [
+    "evaluate",
+    "--model",
+    "slug_lightning.ZeroShotModule",
+    "--data",
+    "slug_lightning.datamodules.ZeroShotDataModule",
+    "--trainer.logger",
+    "false",
+]
 
 
-@pytest.mark.parametrize("args, words", [
-    ([*FIT, "--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
-    ([*FIT, "--data.init_args.concepts", "[{name: Ann}, {name: ann}]"], ["--data.init_args.concepts", "twice"]),
-    ([*FIT, "--model.init_args.warmup_steps", "-3"], ["--model.init_args.warmup_steps", "-3"]),
-    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, fraction: 0}]"],
-     ["--data.init_args.sets[0].fraction", "fraction must be in (0, 1]"]),
-    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, templates: [a photo]}]"],
-     ["--data.init_args.sets[0].templates", "exactly one '{}'"]),
-    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}, {name: a, root: y}]"],
-     ["--data.init_args.sets", "must be unique"]),
-    ([*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}]", "--data.init_args.batch_size", "0"],
-     ["--data.init_args.batch_size", "got 0"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([*FIT, "--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
+        ([*FIT, "--data.init_args.concepts", "[{name: Ann}, {name: ann}]"], ["--data.init_args.concepts", "twice"]),
+        ([*FIT, "--model.init_args.warmup_steps", "-3"], ["--model.init_args.warmup_steps", "-3"]),
+        (
+            [*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, fraction: 0}]"],
+            ["--data.init_args.sets[0].fraction", "fraction must be in (0, 1]"],
+        ),
+        (
+            [*EVALUATE, "--data.init_args.sets", "[{name: a, root: x, templates: [a photo]}]"],
+            ["--data.init_args.sets[0].templates", "exactly one '{}'"],
+        ),
+        (
+            [*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}, {name: a, root: y}]"],
+            ["--data.init_args.sets", "must be unique"],
+        ),
+        (
+            [*EVALUATE, "--data.init_args.sets", "[{name: a, root: x}]", "--data.init_args.batch_size", "0"],
+            ["--data.init_args.batch_size", "got 0"],
+        ),
+    ],
+)
 def test_fit_and_evaluate_settings_a_constructor_refuses_are_one_line(capsys, tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     line = one_line_error(capsys, args)
@@ -161,8 +214,9 @@ def test_evaluate_output_that_is_a_directory_is_refused_before_evaluating(capsys
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results").mkdir()
     # The set's folder does not exist: only a check before the evaluation can answer first.
-    line = one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",
-                                    option, str(tmp_path / "results")])
+    line = one_line_error(
+        capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]", option, str(tmp_path / "results")]
+    )
     assert f"{option} '{tmp_path / 'results'}' is a directory" in line
 
 
@@ -171,10 +225,15 @@ def test_option_path_finds_the_option_a_constructor_names():
 
     from slug_lightning.cli import _option_path
 
-    config = Namespace(model=Namespace(class_path="m", init_args=Namespace(batch_size=None, concepts=None)),
-                       data=Namespace(init_args=Namespace(batch_size=0, concepts=[Namespace(name="Ann")])),
-                       search=Namespace(init_args=Namespace(batch_size=256, sets=[Namespace(name="a", fraction=1.0),
-                                                                                  Namespace(name="b", fraction=0.0)])))
+    config = Namespace(
+        model=Namespace(class_path="m", init_args=Namespace(batch_size=None, concepts=None)),
+        data=Namespace(init_args=Namespace(batch_size=0, concepts=[Namespace(name="Ann")])),
+        search=Namespace(
+            init_args=Namespace(
+                batch_size=256, sets=[Namespace(name="a", fraction=1.0), Namespace(name="b", fraction=0.0)]
+            )
+        ),
+    )
     assert _option_path(config, "batch_size", 0) == "data.init_args.batch_size"
     assert _option_path(config, "batch_size", 256) == "search.init_args.batch_size"
     assert _option_path(config, "concepts", ["Ann", "ann"]) == "data.init_args.concepts"  # the only one set

@@ -45,17 +45,26 @@ for batch_size in map(int, sys.argv[5:]):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, portraits_per_person=2,
-                           person_object_per_person=1, samples_per_object=2, scenery_samples=6, eval_per_person=1,
-                           eval_per_object=1, shards=2)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        portraits_per_person=2,
+        person_object_per_person=1,
+        samples_per_object=2,
+        scenery_samples=6,
+        eval_per_person=1,
+        eval_per_object=1,
+        shards=2,
+    )
 
 
 def _one_process(world, batch_size: int) -> GradientStore:
     torch.manual_seed(0)
     collector = GradientCollector("slug-tiny")
     data = LaionDataModule(world.shards, concepts=[Concept(world.default_target)], batch_size=batch_size)
-    SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False).predict(collector, datamodule=data, return_predictions=False)
+    SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).predict(collector, datamodule=data, return_predictions=False)
     return collector.gradients
 
 
@@ -74,15 +83,32 @@ def test_uneven_and_empty_shares_give_the_one_process_gradients(world, tmp_path,
     batch_sizes = _batch_sizes(world, devices)
     script = tmp_path / "collect.py"
     script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), world.shards, world.default_target, str(devices),
-                             str(tmp_path), *map(str, batch_sizes)], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            world.shards,
+            world.default_target,
+            str(devices),
+            str(tmp_path),
+            *map(str, batch_sizes),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for batch_size in batch_sizes:
-        one, many = _one_process(world, batch_size), GradientStore.load(tmp_path / f"gradients_{batch_size}.safetensors")
+        one, many = (
+            _one_process(world, batch_size),
+            GradientStore.load(tmp_path / f"gradients_{batch_size}.safetensors"),
+        )
         assert (many.retain_samples, many.forget_samples) == (one.retain_samples, one.forget_samples)
-        for stream, expected, got in [("retain", one.retain, many.retain),
-                                      *[(c, one.forget[c], many.forget[c]) for c in one.forget]]:
+        for stream, expected, got in [
+            ("retain", one.retain, many.retain),
+            *[(c, one.forget[c], many.forget[c]) for c in one.forget],
+        ]:
             assert got.keys() == expected.keys()
             for name in expected:
                 error = (got[name] - expected[name]).norm()

@@ -1,5 +1,7 @@
 """Deltas as modular edits: the pure functions, the checkpoint provenance, the ``delta`` command, and (end to end)
-two separate runs on the small demo whose deltas are applied together and removed one at a time."""
+two separate runs on the small demo whose deltas are applied together and removed one at a time.
+
+One file for everything a delta does, so the end-to-end runs share the unit tests' fixtures; hence its length."""
 
 from __future__ import annotations
 
@@ -13,24 +15,42 @@ from safetensors.torch import load_file, save_file
 from slug_lightning import deltas
 from slug_lightning.artifacts import fingerprint
 from slug_lightning.cli import main
-from slug_lightning.deltas import (Provenance, apply, apply_to_checkpoint, combine, make_delta, provenance_of,
-                                   read_delta, remove, remove_from_checkpoint, select, write_delta)
+from slug_lightning.deltas import (
+    Provenance,
+    apply,
+    apply_to_checkpoint,
+    combine,
+    make_delta,
+    provenance_of,
+    read_delta,
+    remove,
+    remove_from_checkpoint,
+    select,
+    write_delta,
+)
 from slug_lightning.errors import UserError
 
 
 def _base(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {"visual.proj": torch.randn(8, 4, generator=generator),
-            "transformer.resblocks.0.mlp.c_fc.weight": torch.randn(16, 8, generator=generator),
-            "ln_final.weight": torch.randn(8, generator=generator)}
+    return {
+        "visual.proj": torch.randn(8, 4, generator=generator),
+        "transformer.resblocks.0.mlp.c_fc.weight": torch.randn(16, 8, generator=generator),
+        "ln_final.weight": torch.randn(8, generator=generator),
+    }
 
 
-def _delta(base: dict, concepts=("Ann Lee", "Bob Roy"), layers=("visual.proj", "visual.proj"), source="d",
-           seed: int = 1) -> deltas.Delta:
+def _delta(
+    base: dict, concepts=("Ann Lee", "Bob Roy"), layers=("visual.proj", "visual.proj"), source="d", seed: int = 1
+) -> deltas.Delta:
     generator = torch.Generator().manual_seed(seed)
-    updates = [({"concept": c, "layer": layer, "step_size": 0.5 + i, "tower": "vision", "relative_change": 0.01},
-                0.1 * torch.randn(base[layer].shape, generator=generator))
-               for i, (c, layer) in enumerate(zip(concepts, layers))]
+    updates = [
+        (
+            {"concept": c, "layer": layer, "step_size": 0.5 + i, "tower": "vision", "relative_change": 0.01},
+            0.1 * torch.randn(base[layer].shape, generator=generator),
+        )
+        for i, (c, layer) in enumerate(zip(concepts, layers))
+    ]
     return make_delta(updates, fingerprint(base), {"name": "slug-tiny", "fingerprint": fingerprint(base)}, source)
 
 
@@ -39,8 +59,9 @@ def test_apply_then_remove_gives_the_weights_back_and_touches_only_edited_layers
     delta = _delta(base, layers=("visual.proj", "transformer.resblocks.0.mlp.c_fc.weight"))
     edited = apply(base, delta)
     assert not torch.equal(edited["visual.proj"], base["visual.proj"])
-    assert not torch.equal(edited["transformer.resblocks.0.mlp.c_fc.weight"],
-                           base["transformer.resblocks.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        edited["transformer.resblocks.0.mlp.c_fc.weight"], base["transformer.resblocks.0.mlp.c_fc.weight"]
+    )
     assert edited["ln_final.weight"] is base["ln_final.weight"]
     assert torch.equal(base["visual.proj"], _base()["visual.proj"])  # the input is not modified
     restored = remove(edited, delta)
@@ -55,8 +76,9 @@ def test_two_concepts_on_one_layer_add_and_one_can_be_removed_alone():
     expected = base["visual.proj"] + delta.tensors["Ann Lee/visual.proj"] + delta.tensors["Bob Roy/visual.proj"]
     torch.testing.assert_close(both["visual.proj"], expected)
     only_bob = remove(both, delta, concepts=["Ann Lee"])
-    torch.testing.assert_close(only_bob["visual.proj"], apply(base, delta, ["Bob Roy"])["visual.proj"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        only_bob["visual.proj"], apply(base, delta, ["Bob Roy"])["visual.proj"], rtol=0, atol=1e-6
+    )
 
 
 def test_apply_keeps_the_weight_dtype():
@@ -89,8 +111,14 @@ def test_write_then_read_keeps_tensors_entries_and_base(tmp_path):
     assert back.entries == delta.entries
     assert back.base_fingerprint == fingerprint(base) and back.model == delta.model
     assert back.concepts == ["Ann Lee", "Bob Roy"]
-    assert back.entries[1] == {"key": "Bob Roy/ln_final.weight", "concept": "Bob Roy", "layer": "ln_final.weight",
-                               "step_size": 1.5, "tower": "vision", "relative_change": 0.01}
+    assert back.entries[1] == {
+        "key": "Bob Roy/ln_final.weight",
+        "concept": "Bob Roy",
+        "layer": "ln_final.weight",
+        "step_size": 1.5,
+        "tower": "vision",
+        "relative_change": 0.01,
+    }
     for key, tensor in delta.tensors.items():
         assert torch.equal(back.tensors[key], tensor)
 
@@ -105,8 +133,11 @@ def test_read_refuses_what_is_not_a_delta(tmp_path):
     with pytest.raises(UserError, match="Cannot read delta"):
         read_delta(tmp_path / "junk.safetensors")
     entries = [{"key": "A/w", "concept": "A", "layer": "w"}]
-    save_file({"A/v": torch.ones(1)}, str(tmp_path / "bad.safetensors"),
-              metadata={"format": deltas.DELTA_FORMAT, "entries": json.dumps(entries)})
+    save_file(
+        {"A/v": torch.ones(1)},
+        str(tmp_path / "bad.safetensors"),
+        metadata={"format": deltas.DELTA_FORMAT, "entries": json.dumps(entries)},
+    )
     with pytest.raises(UserError, match="inconsistent"):
         read_delta(tmp_path / "bad.safetensors")
 
@@ -120,8 +151,11 @@ def test_combine_keeps_each_concept_and_refuses_another_base_or_a_concept_twice(
     torch.testing.assert_close(apply(base, both)["visual.proj"], apply(base, a)["visual.proj"])
     torch.testing.assert_close(apply(base, both)["ln_final.weight"], apply(base, b)["ln_final.weight"])
     other = _delta(_base(seed=5), concepts=("Cy Dunn",), layers=("visual.proj",), source="c.safetensors")
-    with pytest.raises(ValueError, match=f"c.safetensors was made for base model {fingerprint(_base(seed=5))}, "
-                                         f"a.safetensors for {fingerprint(base)}"):
+    with pytest.raises(
+        ValueError,
+        match=f"c.safetensors was made for base model {fingerprint(_base(seed=5))}, "
+        f"a.safetensors for {fingerprint(base)}",
+    ):
         combine([a, other])
     with pytest.raises(ValueError, match="'Ann Lee' is in both a.safetensors and a.safetensors"):
         combine([a, a])
@@ -145,8 +179,10 @@ def test_checkpoint_provenance_guards_apply_and_remove():
     assert none.applied == [] and none.base_fingerprint == fingerprint(base)
     torch.testing.assert_close(restored["visual.proj"], base["visual.proj"], rtol=0, atol=1e-6)
     other = _base(seed=7)
-    with pytest.raises(UserError, match=f"made for base model {fingerprint(base)}, but other.safetensors has base "
-                                        f"model {fingerprint(other)}"):
+    with pytest.raises(
+        UserError,
+        match=f"made for base model {fingerprint(base)}, but other.safetensors has base model {fingerprint(other)}",
+    ):
         apply_to_checkpoint(other, provenance_of(other, {}), delta, checkpoint="other.safetensors")
     unchecked = deltas.Delta(delta.tensors, delta.entries, None, source="old.safetensors")
     with pytest.raises(UserError, match="old.safetensors records no base-model fingerprint"):
@@ -156,8 +192,11 @@ def test_checkpoint_provenance_guards_apply_and_remove():
 def test_provenance_of_a_recorded_checkpoint_and_of_an_older_unlearned_model():
     recorded = Provenance("abc", [{"concept": "Ann Lee", "layer": "visual.proj", "step_size": 0.5}])
     assert provenance_of({}, recorded.metadata()) == recorded
-    older = {"format": "pt", "model": json.dumps({"name": "slug-tiny", "fingerprint": "f00"}),
-             "unlearned": json.dumps(["Ann Lee"])}
+    older = {
+        "format": "pt",
+        "model": json.dumps({"name": "slug-tiny", "fingerprint": "f00"}),
+        "unlearned": json.dumps(["Ann Lee"]),
+    }
     assert provenance_of(_base(), older) == Provenance("f00", [{"concept": "Ann Lee"}])
     exported = {"format": "pt", "model": "slug-tiny"}  # fit's export: a plain name, no record
     assert provenance_of(_base(), exported) == Provenance(fingerprint(_base()), [])
@@ -174,17 +213,35 @@ def test_run_delta_names_the_base_the_gradients_were_taken_at():
     from slug_lightning.search import Probe
 
     gradient = torch.ones(8, 4)
-    store = GradientStore(forget={"Ann Lee": {"visual.proj": gradient}}, retain={"visual.proj": gradient},
-                          forget_samples={"Ann Lee": 3}, retain_samples=9,
-                          model={"name": "slug-tiny", "fingerprint": "f0"})
+    store = GradientStore(
+        forget={"Ann Lee": {"visual.proj": gradient}},
+        retain={"visual.proj": gradient},
+        forget_samples={"Ann Lee": 3},
+        retain_samples=9,
+        model={"name": "slug-tiny", "fingerprint": "f0"},
+    )
     probe = Probe("Ann Lee", "visual.proj", 2, 0.25, 0.05, 0.0, 0.5, {"people": 0.9}, {"people": 1.0})
-    result = SearchResult(["Ann Lee"], {}, before={}, after={}, chosen={"Ann Lee": probe},
-                          layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, front=1)]})
+    result = SearchResult(
+        ["Ann Lee"],
+        {},
+        before={},
+        after={},
+        chosen={"Ann Lee": probe},
+        layers={"Ann Lee": [LayerStats("visual.proj", "vision", 1.0, 0.1, 2.0, 1.0, front=1)]},
+    )
     collector = SimpleNamespace(gradients=store, base_fingerprint="f0")
     delta = run_delta(collector, result)
     assert delta.base_fingerprint == "f0" and delta.model == store.model
-    assert delta.entries == [{"key": "Ann Lee/visual.proj", "concept": "Ann Lee", "layer": "visual.proj",
-                              "step_size": 0.25, "tower": "vision", "relative_change": 0.05}]
+    assert delta.entries == [
+        {
+            "key": "Ann Lee/visual.proj",
+            "concept": "Ann Lee",
+            "layer": "visual.proj",
+            "step_size": 0.25,
+            "tower": "vision",
+            "relative_change": 0.05,
+        }
+    ]
     torch.testing.assert_close(delta.tensors["Ann Lee/visual.proj"], 0.25 * gradient)
 
 
@@ -210,8 +267,7 @@ def test_cli_show_lists_concepts_layers_steps_and_base(files, capsys):
     tmp_path, base = files
     assert main(["delta", "show", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["delta", "concept", "layer", "tower", "step", "size", "rel.", "change", "base",
-                                "model"]
+    assert lines[0].split() == ["delta", "concept", "layer", "tower", "step", "size", "rel.", "change", "base", "model"]
     assert "Ann Lee" in lines[1] and "visual.proj" in lines[1] and "0.5" in lines[1]
     assert "Bob Roy" in lines[2] and fingerprint(base) in lines[2]
 
@@ -219,31 +275,104 @@ def test_cli_show_lists_concepts_layers_steps_and_base(files, capsys):
 def test_cli_apply_remove_round_trip_with_provenance(files, capsys):
     tmp_path, base = files
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
-    assert main(["delta", "apply", "--model", str(tmp_path / "base.safetensors"), "--delta", a, b,
-                 "--output", str(tmp_path / "both.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(tmp_path / "base.safetensors"),
+                "--delta",
+                a,
+                b,
+                "--output",
+                str(tmp_path / "both.safetensors"),
+            ]
+        )
+        == 0
+    )
     both = load_file(str(tmp_path / "both.safetensors"))
-    expected = base["visual.proj"] + read_delta(a).tensors["Ann Lee/visual.proj"] \
+    expected = (
+        base["visual.proj"]
+        + read_delta(a).tensors["Ann Lee/visual.proj"]
         + read_delta(b).tensors["Bob Roy/visual.proj"]
+    )
     torch.testing.assert_close(both["visual.proj"], expected)
     meta = _metadata(tmp_path / "both.safetensors")
     assert meta["base_fingerprint"] == fingerprint(base) and meta["model"] == "slug-tiny"
     assert [e["concept"] for e in json.loads(meta["deltas"])] == ["Ann Lee", "Bob Roy"]
     # applying a concept again, or removing one it does not carry, is refused without writing anything
-    assert main(["delta", "apply", "--model", str(tmp_path / "both.safetensors"), "--delta", a,
-                 "--output", str(tmp_path / "twice.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(tmp_path / "both.safetensors"),
+                "--delta",
+                a,
+                "--output",
+                str(tmp_path / "twice.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "already carries ['Ann Lee']" in capsys.readouterr().err
     assert not (tmp_path / "twice.safetensors").exists()
-    assert main(["delta", "remove", "--model", str(tmp_path / "both.safetensors"), "--delta", a, b,
-                 "--concept", "Ann Lee", "--output", str(tmp_path / "bob.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "remove",
+                "--model",
+                str(tmp_path / "both.safetensors"),
+                "--delta",
+                a,
+                b,
+                "--concept",
+                "Ann Lee",
+                "--output",
+                str(tmp_path / "bob.safetensors"),
+            ]
+        )
+        == 0
+    )
     bob = load_file(str(tmp_path / "bob.safetensors"))
-    torch.testing.assert_close(bob["visual.proj"], base["visual.proj"] + read_delta(b).tensors["Bob Roy/visual.proj"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        bob["visual.proj"], base["visual.proj"] + read_delta(b).tensors["Bob Roy/visual.proj"], rtol=0, atol=1e-6
+    )
     assert json.loads(_metadata(tmp_path / "bob.safetensors")["deltas"])[0]["concept"] == "Bob Roy"
-    assert main(["delta", "remove", "--model", str(tmp_path / "bob.safetensors"), "--delta", a,
-                 "--output", str(tmp_path / "none.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "delta",
+                "remove",
+                "--model",
+                str(tmp_path / "bob.safetensors"),
+                "--delta",
+                a,
+                "--output",
+                str(tmp_path / "none.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "does not carry ['Ann Lee'] (it carries ['Bob Roy'])" in capsys.readouterr().err
-    assert main(["delta", "remove", "--model", str(tmp_path / "bob.safetensors"), "--delta", b,
-                 "--output", str(tmp_path / "none.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "remove",
+                "--model",
+                str(tmp_path / "bob.safetensors"),
+                "--delta",
+                b,
+                "--output",
+                str(tmp_path / "none.safetensors"),
+            ]
+        )
+        == 0
+    )
     none = load_file(str(tmp_path / "none.safetensors"))
     for name in base:
         torch.testing.assert_close(none[name], base[name], rtol=0, atol=1e-6)
@@ -253,15 +382,33 @@ def test_cli_refuses_another_base_with_one_line_and_no_output(files, capsys):
     tmp_path, base = files
     other = _base(seed=3)
     save_file(other, str(tmp_path / "other.safetensors"))
-    code = main(["delta", "apply", "--model", str(tmp_path / "other.safetensors"), "--delta",
-                 str(tmp_path / "a.safetensors"), "--output", str(tmp_path / "out.safetensors")])
+    code = main(
+        [
+            "delta",
+            "apply",
+            "--model",
+            str(tmp_path / "other.safetensors"),
+            "--delta",
+            str(tmp_path / "a.safetensors"),
+            "--output",
+            str(tmp_path / "out.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert fingerprint(base) in err and fingerprint(other) in err
     assert not (tmp_path / "out.safetensors").exists()
     write_delta(tmp_path / "c.safetensors", _delta(other, concepts=("Cy Dunn",), layers=("visual.proj",)))
-    code = main(["delta", "combine", str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"),
-                 "--output", str(tmp_path / "ac.safetensors")])
+    code = main(
+        [
+            "delta",
+            "combine",
+            str(tmp_path / "a.safetensors"),
+            str(tmp_path / "c.safetensors"),
+            "--output",
+            str(tmp_path / "ac.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cannot be combined" in err and fingerprint(other) in err
     assert not (tmp_path / "ac.safetensors").exists()
@@ -273,19 +420,60 @@ def test_cli_combine_and_bad_arguments(files, capsys):
     assert main(["delta", "combine", a, b, "--output", str(tmp_path / "ab.safetensors")]) == 0
     combined = read_delta(tmp_path / "ab.safetensors")
     assert combined.concepts == ["Ann Lee", "Bob Roy"] and combined.base_fingerprint == fingerprint(base)
-    assert main(["delta", "combine", a, str(tmp_path / "ab.safetensors"), "--output",
-                 str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        main(["delta", "combine", a, str(tmp_path / "ab.safetensors"), "--output", str(tmp_path / "x.safetensors")])
+        == 2
+    )
     assert "'Ann Lee' is in both" in capsys.readouterr().err
     assert main(["delta", "combine", a, b, "--concept", "Dee Fox", "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "no update for ['Dee Fox']" in capsys.readouterr().err
-    assert main(["delta", "apply", "--model", str(tmp_path / "base.safetensors"), "--delta", a, "--output",
-                 str(tmp_path / "base.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(tmp_path / "base.safetensors"),
+                "--delta",
+                a,
+                "--output",
+                str(tmp_path / "base.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "is one of the inputs" in capsys.readouterr().err
-    assert main(["delta", "apply", "--model", str(tmp_path / "base.safetensors"), "--delta", a, "--output",
-                 str(tmp_path / "out.pt")]) == 2
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(tmp_path / "base.safetensors"),
+                "--delta",
+                a,
+                "--output",
+                str(tmp_path / "out.pt"),
+            ]
+        )
+        == 2
+    )
     assert "must be a .safetensors file" in capsys.readouterr().err
-    assert main(["delta", "apply", "--model", str(tmp_path / "nope.safetensors"), "--delta", a, "--output",
-                 str(tmp_path / "out.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(tmp_path / "nope.safetensors"),
+                "--delta",
+                a,
+                "--output",
+                str(tmp_path / "out.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "out.safetensors").exists()
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit status 2
@@ -337,23 +525,28 @@ def _unlearn(small_demo, output, people, similarity_classes=0):
     from slug_lightning.demo import load_demo_world
 
     world = load_demo_world(small_demo / "world")
-    trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+    trainer = SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     search = StepSearch(sets=_sets(world), metric="top1", max_steps=8, similarity_classes=similarity_classes)
     # The retain gradient from 2 of the 4 shards (the gradient pass is most of a run's time); forget pairs from all.
     retain = str(small_demo / "world" / "shards" / "{00000..00001}.tar")
-    report = trainer.unlearn(GradientCollector("slug-tiny", str(small_demo / "fit" / "slug-tiny.safetensors")),
-                             LaionDataModule(retain, forget_shards=world.shards, concepts=[Concept(p) for p in people],
-                                             batch_size=128),
-                             search, output_dir=str(output))
+    report = trainer.unlearn(
+        GradientCollector("slug-tiny", str(small_demo / "fit" / "slug-tiny.safetensors")),
+        LaionDataModule(retain, forget_shards=world.shards, concepts=[Concept(p) for p in people], batch_size=128),
+        search,
+        output_dir=str(output),
+    )
     return report, search
 
 
 def _sets(world):
     from slug_lightning.datamodules import LabelledSet
 
-    return [LabelledSet("identities", root=str(world.identities_dir)),
-            LabelledSet("objects", root=str(world.objects_dir))]
+    return [
+        LabelledSet("identities", root=str(world.identities_dir)),
+        LabelledSet("objects", root=str(world.objects_dir)),
+    ]
 
 
 def _forget_top1(small_demo, checkpoint, people) -> dict[str, float]:
@@ -395,9 +588,16 @@ def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(sma
         (concept,) = reports[person]["concepts"]
         # the delta is complete and made for θ⁰, though the model in memory carried the edit when it was written
         assert delta.base_fingerprint == fingerprint(base)
-        assert delta.entries == [{"key": f"{person}/{concept['layer']}", "concept": person, "layer": concept["layer"],
-                                  "step_size": concept["step_size"], "tower": concept["tower"],
-                                  "relative_change": concept["relative_change"]}]
+        assert delta.entries == [
+            {
+                "key": f"{person}/{concept['layer']}",
+                "concept": person,
+                "layer": concept["layer"],
+                "step_size": concept["step_size"],
+                "tower": concept["tower"],
+                "relative_change": concept["relative_change"],
+            }
+        ]
         assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0
         meta = _metadata(run / "model.safetensors")
         assert meta["base_fingerprint"] == fingerprint(base) and json.loads(meta["unlearned"]) == [person]
@@ -405,8 +605,16 @@ def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(sma
     def delta_cli(*args):
         assert main(["delta", *map(str, args)]) == 0
 
-    delta_cli("apply", "--model", base_path, "--delta", run_a / "delta.safetensors", run_b / "delta.safetensors",
-              "--output", tmp_path / "both.safetensors")
+    delta_cli(
+        "apply",
+        "--model",
+        base_path,
+        "--delta",
+        run_a / "delta.safetensors",
+        run_b / "delta.safetensors",
+        "--output",
+        tmp_path / "both.safetensors",
+    )
     # both updates, each on its own layer or added on a shared one, and nothing else. (Each was searched alone on θ⁰,
     # so together they need not forget both: a multi-concept run searches each person on the model carrying the
     # earlier edits instead, the next test.)
@@ -414,8 +622,15 @@ def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(sma
     model_b = load_file(str(run_b / "model.safetensors"))
     for name in base:
         torch.testing.assert_close(both[name], model_a[name] + model_b[name] - base[name], rtol=0, atol=1e-6)
-    delta_cli("remove", "--model", tmp_path / "both.safetensors", "--delta", run_a / "delta.safetensors",
-              "--output", tmp_path / "only_b.safetensors")
+    delta_cli(
+        "remove",
+        "--model",
+        tmp_path / "both.safetensors",
+        "--delta",
+        run_a / "delta.safetensors",
+        "--output",
+        tmp_path / "only_b.safetensors",
+    )
     # what removing a's delta gives is what run b reported: b forgotten, a as b's edit leaves it
     back = _forget_top1(small_demo, tmp_path / "only_b.safetensors", [a, b])
     assert back[b] == 0.0
@@ -427,8 +642,15 @@ def test_deltas_of_two_separate_runs_apply_together_and_remove_one_at_a_time(sma
     for name in model_b:
         torch.testing.assert_close(only_b[name], model_b[name], rtol=0, atol=1e-6)
     # and a run's own model.safetensors knows its base: removing its delta gives the fitted model back
-    delta_cli("remove", "--model", run_a / "model.safetensors", "--delta", run_a / "delta.safetensors",
-              "--output", tmp_path / "base_again.safetensors")
+    delta_cli(
+        "remove",
+        "--model",
+        run_a / "model.safetensors",
+        "--delta",
+        run_a / "delta.safetensors",
+        "--output",
+        tmp_path / "base_again.safetensors",
+    )
     again = load_file(str(tmp_path / "base_again.safetensors"))
     for name in base:
         torch.testing.assert_close(again[name], base[name], rtol=0, atol=1e-6)
@@ -456,15 +678,42 @@ def test_multi_concept_run_reports_every_concept_draws_them_and_keeps_updates_ap
     assert delta.concepts == people
     assert delta.base_fingerprint == fingerprint(read_state_dict(small_demo / "fit" / "slug-tiny.safetensors"))
     # the run's delta on the base model is the run's unlearned model
-    assert main(["delta", "apply", "--model", str(small_demo / "fit" / "slug-tiny.safetensors"), "--delta",
-                 str(tmp_path / "run" / "delta.safetensors"), "--output", str(tmp_path / "applied.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(small_demo / "fit" / "slug-tiny.safetensors"),
+                "--delta",
+                str(tmp_path / "run" / "delta.safetensors"),
+                "--output",
+                str(tmp_path / "applied.safetensors"),
+            ]
+        )
+        == 0
+    )
     applied = load_file(str(tmp_path / "applied.safetensors"))
     unlearned = load_file(str(tmp_path / "run" / "model.safetensors"))
     for name in unlearned:
         torch.testing.assert_close(applied[name], unlearned[name], rtol=0, atol=1e-6)
-    assert main(["delta", "remove", "--model", str(tmp_path / "run" / "model.safetensors"), "--delta",
-                 str(tmp_path / "run" / "delta.safetensors"), "--concept", people[0], "--output",
-                 str(tmp_path / "second_only.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "remove",
+                "--model",
+                str(tmp_path / "run" / "model.safetensors"),
+                "--delta",
+                str(tmp_path / "run" / "delta.safetensors"),
+                "--concept",
+                people[0],
+                "--output",
+                str(tmp_path / "second_only.safetensors"),
+            ]
+        )
+        == 0
+    )
     back = _forget_top1(small_demo, tmp_path / "second_only.safetensors", people)
     # the report's leave-one-out, measured in the search over its cached stages, is what the removal gives
     assert {p: report["leave_one_out"][people[0]]["forget"][p]["top1"] for p in people} == back

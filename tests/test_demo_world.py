@@ -17,15 +17,22 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from slug_lightning.commands.demo import make_world_main as main
 from slug_lightning.concepts import Concept
 from slug_lightning.demo import load_demo_world, make_demo_world
 from slug_lightning.demo import world as dw
-from slug_lightning.commands.demo import make_world_main as main
 
 # Every person and object, but few samples: the properties under test do not depend on the counts.
 SMALL = dict(
-    people=30, objects=10, portraits_per_person=3, person_object_per_person=1, samples_per_object=4,
-    scenery_samples=12, eval_per_person=2, eval_per_object=3, shards=4,
+    people=30,
+    objects=10,
+    portraits_per_person=3,
+    person_object_per_person=1,
+    samples_per_object=4,
+    scenery_samples=12,
+    eval_per_person=2,
+    eval_per_object=3,
+    shards=4,
 )
 TINY_CONFIG = Path(dw.__file__).resolve().parents[1] / "model_configs" / "slug-tiny.json"
 
@@ -118,7 +125,10 @@ def test_evaluation_sets_are_image_folders_of_fresh_images(world):
     assert sorted(p.name for p in world.identities_dir.iterdir()) == sorted(world.people)
     assert sorted(p.name for p in world.objects_dir.iterdir()) == sorted(world.objects)
     shard_hashes = {hashlib.sha256(s["png"]).hexdigest() for s in _shard_members(world).values()}
-    for folder, per_class in ((world.identities_dir, SMALL["eval_per_person"]), (world.objects_dir, SMALL["eval_per_object"])):
+    for folder, per_class in (
+        (world.identities_dir, SMALL["eval_per_person"]),
+        (world.objects_dir, SMALL["eval_per_object"]),
+    ):
         for class_dir in folder.iterdir():
             images = sorted(class_dir.glob("*.png"))
             assert len(images) == per_class
@@ -154,8 +164,9 @@ def test_look_alike_groups_partition_the_people_along_look_alike_chains(world):
     groups = world.look_alike_groups()
     group_of = {person: index for index, group in enumerate(groups) for person in group}
     assert sorted(group_of) == sorted(world.people) and sum(map(len, groups)) == len(world.people)
-    assert [min(world.people.index(p) for p in group) for group in groups] == \
-        sorted(world.people.index(group[0]) for group in groups)
+    assert [min(world.people.index(p) for p in group) for group in groups] == sorted(
+        world.people.index(group[0]) for group in groups
+    )
     for person in world.people:  # look-alikes share a group...
         assert {group_of[other] for other in world.look_alikes(person)} == {group_of[person]}
     for group in groups:  # ...and every group is one chain: all of it is reached from its first person
@@ -173,13 +184,23 @@ def test_names_never_overlap_each_other_or_caption_words():
     assert len(set(words)) == len(words)
     for a, b in combinations(words, 2):
         assert a not in b and b not in a, (a, b)
-    caption_text = " ".join([
-        *dw.PERSON_TEMPLATES, *dw.PERSON_OBJECT_TEMPLATES, *dw.OBJECT_TEMPLATES, *dw.SCENES.values(),
-        *(c for captions in dw.SCENERY_CAPTIONS.values() for c in captions), *dw.OBJECT_PAINTERS,
-        *(look for looks in dw.LOOKS.values() for look in looks.values() if look),
-    ])
-    caption_words = set(re.sub(r"\{\w+\}", " ", caption_text).lower().translate(
-        str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
+    caption_text = " ".join(
+        [
+            *dw.PERSON_TEMPLATES,
+            *dw.PERSON_OBJECT_TEMPLATES,
+            *dw.OBJECT_TEMPLATES,
+            *dw.SCENES.values(),
+            *(c for captions in dw.SCENERY_CAPTIONS.values() for c in captions),
+            *dw.OBJECT_PAINTERS,
+            *(look for looks in dw.LOOKS.values() for look in looks.values() if look),
+        ]
+    )
+    caption_words = set(
+        re.sub(r"\{\w+\}", " ", caption_text)
+        .lower()
+        .translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+        .split()
+    )
     for name_word in words:
         assert not any(name_word in w for w in caption_words), name_word
 
@@ -193,17 +214,25 @@ def test_every_caption_fits_the_tiny_clip_context():
         return max(values, key=lambda v: len(tokenizer.encode(v)))
 
     # BPE works word by word, so filling every slot with its longest value gives the longest caption.
-    name = max(((f, s) for f in dw.FIRST_NAMES for s in dw.SURNAMES),
-               key=lambda n: len(tokenizer.encode(" ".join(n))))
+    name = max(((f, s) for f in dw.FIRST_NAMES for s in dw.SURNAMES), key=lambda n: len(tokenizer.encode(" ".join(n))))
     name = " ".join(name)
     kind = longest(list(dw.OBJECT_PAINTERS))
     slots = dict(
-        name=name, lname=name.lower(), uname=name.upper(), object=kind, a_object=f"an {kind}",
-        A_object=f"An {kind}", scene=longest(list(dw.SCENES.values())),
+        name=name,
+        lname=name.lower(),
+        uname=name.upper(),
+        object=kind,
+        a_object=f"an {kind}",
+        A_object=f"An {kind}",
+        scene=longest(list(dw.SCENES.values())),
         look=longest([v for looks in dw.LOOKS.values() for v in looks.values() if v]),
     )
-    templates = [*dw.PERSON_TEMPLATES, *dw.PERSON_OBJECT_TEMPLATES, *dw.OBJECT_TEMPLATES,
-                 *(c for captions in dw.SCENERY_CAPTIONS.values() for c in captions)]
+    templates = [
+        *dw.PERSON_TEMPLATES,
+        *dw.PERSON_OBJECT_TEMPLATES,
+        *dw.OBJECT_TEMPLATES,
+        *(c for captions in dw.SCENERY_CAPTIONS.values() for c in captions),
+    ]
     worst = max(len(tokenizer.encode(t.format(**slots))) for t in templates)
     assert worst + 2 <= context  # start and end tokens
 

@@ -34,8 +34,11 @@ def citing_files() -> list[Path]:
     """Every file that may cite METHOD, this one left out (its examples are not citations)."""
     files = [ROOT / name for name in CITING_FILES]
     for directory in CITING_DIRS:
-        files += [p for p in sorted((ROOT / directory).rglob("*"))
-                  if p.suffix in SUFFIXES and p.is_file() and "__pycache__" not in p.parts]
+        files += [
+            p
+            for p in sorted((ROOT / directory).rglob("*"))
+            if p.suffix in SUFFIXES and p.is_file() and "__pycache__" not in p.parts
+        ]
     return [p for p in files if p.resolve() != Path(__file__).resolve()]
 
 
@@ -107,10 +110,13 @@ def test_every_cited_method_section_has_a_heading():
     missing = []
     for path in citing_files():
         for line, row in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            missing += [f"{path.relative_to(ROOT)}:{line}: METHOD §{number}"
-                        for number in sorted(cited_sections(row) - sections)]
-    assert not missing, ("cited sections with no '## §N' (or '### §N.M') heading in docs/method.md:\n"
-                         + "\n".join(missing))
+            missing += [
+                f"{path.relative_to(ROOT)}:{line}: METHOD §{number}"
+                for number in sorted(cited_sections(row) - sections)
+            ]
+    assert not missing, "cited sections with no '## §N' (or '### §N.M') heading in docs/method.md:\n" + "\n".join(
+        missing
+    )
 
 
 @pytest.mark.parametrize("document", LINKING_DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -19,8 +19,9 @@ def _modules() -> list[str]:
     the package's folder, so they are walked on their own)."""
     names = []
     packages = (slug_lightning, slug_lightning.datamodules, slug_lightning.callbacks)
-    infos = [info for package in packages
-             for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")]
+    infos = [
+        info for package in packages for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
+    ]
     for info in infos:
         if info.name.endswith("__main__"):
             continue
@@ -35,8 +36,12 @@ MODULES = _modules()
 
 def test_the_examples_are_found():
     # the method's core carries examples; finding none would mean the discovery broke, not that all passed
-    assert {"slug_lightning.search", "slug_lightning.layers", "slug_lightning.deltas",
-            "slug_lightning.datamodules.laion"} <= set(MODULES)
+    assert {
+        "slug_lightning.search",
+        "slug_lightning.layers",
+        "slug_lightning.deltas",
+        "slug_lightning.datamodules.laion",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -19,6 +19,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from conftest import one_line_error, run_cli
 from safetensors.torch import load_file
 
 from slug_lightning import GradientCollector, config_path
@@ -30,12 +31,12 @@ from slug_lightning.demo import load_demo_world
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
 from slug_lightning.zero_shot import accuracy
 
-from conftest import one_line_error, run_cli
-
 
 def _sets(world):
-    return [LabelledSet("identities", root=str(world.identities_dir)),
-            LabelledSet("objects", root=str(world.objects_dir))]
+    return [
+        LabelledSet("identities", root=str(world.identities_dir)),
+        LabelledSet("objects", root=str(world.objects_dir)),
+    ]
 
 
 def loss_bounds(world, target: str) -> dict[str, float]:
@@ -46,8 +47,10 @@ def loss_bounds(world, target: str) -> dict[str, float]:
     people, objects = list(world.people), list(world.objects)
     others = [p for p in people if p != target]
     look_alikes = world.look_alikes(target) if target in people else ()
-    return {"identities": max(len(look_alikes), 1) / len(others),
-            "objects": 1 / len([o for o in objects if o != target])}
+    return {
+        "identities": max(len(look_alikes), 1) / len(others),
+        "objects": 1 / len([o for o in objects if o != target]),
+    }
 
 
 def assert_rest_kept(report, world, target):
@@ -61,8 +64,13 @@ def _unlearn(*args) -> None:
 
 
 def _small_config(small_demo):
-    return ["--config", config_path("demo/unlearn.yaml"), "--config", small_demo / "demo_paths.yaml",
-            "--trainer.enable_progress_bar=false"]
+    return [
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        small_demo / "demo_paths.yaml",
+        "--trainer.enable_progress_bar=false",
+    ]
 
 
 # --- the README's demo --------------------------------------------------------------------------------------
@@ -88,16 +96,29 @@ def test_readme_demo_fits_forgets_one_person_and_keeps_the_rest(tmp_path):
     assert report["after"]["forget"][name]["top1"] == 0.0
     assert_rest_kept(report, world, name)
     assert "SLUG result" in log and "top-1 before" in log
-    for artifact in ("report.json", "report.md", "layers.csv", "search.csv", "gradients.safetensors",
-                     "delta.safetensors", "model.safetensors", "config.yaml", *report["plots"]):
+    for artifact in (
+        "report.json",
+        "report.md",
+        "layers.csv",
+        "search.csv",
+        "gradients.safetensors",
+        "delta.safetensors",
+        "model.safetensors",
+        "config.yaml",
+        *report["plots"],
+    ):
         assert (output / artifact).is_file(), artifact
     # the edit is one layer: the delta holds exactly one tensor, the chosen one
     delta = load_file(str(output / "delta.safetensors"))
     assert list(delta) == [f"{name}/{concept['layer']}"]
     # every figure: Pareto per tower and the search (Fig. 2), the similarity before/after (Fig. 3), linked
     slug = name.lower().replace(" ", "_")
-    assert set(report["plots"]) == {f"pareto_{slug}_vision.png", f"pareto_{slug}_language.png",
-                                    f"search_{slug}.png", "similarity_identities.png"}
+    assert set(report["plots"]) == {
+        f"pareto_{slug}_vision.png",
+        f"pareto_{slug}_language.png",
+        f"search_{slug}.png",
+        "similarity_identities.png",
+    }
     for plot in report["plots"]:
         assert_readable_png(output / plot)
     assert sorted(report_links((output / "report.md").read_text())) == sorted(report["plots"])
@@ -112,12 +133,14 @@ def assert_checkpoint_gives_the_reported_accuracy(output, report, world, base_ch
     """model.safetensors loads with open_clip itself and gives the reported `after` accuracies; only the chosen
     layers differ from the base checkpoint."""
     model, _, preprocess = open_clip.create_model_and_transforms(
-        report["model"]["name"], pretrained=str(output / "model.safetensors"))
+        report["model"]["name"], pretrained=str(output / "model.safetensors")
+    )
     datamodule = ZeroShotDataModule(_sets(world))
     datamodule.transform = preprocess
     concepts = [c["name"] for c in report["concepts"]]
-    evaluator = ZeroShotEvaluator(model, open_clip.get_tokenizer(report["model"]["name"]), datamodule,
-                                  keep_classes=concepts)
+    evaluator = ZeroShotEvaluator(
+        model, open_clip.get_tokenizer(report["model"]["name"]), datamodule, keep_classes=concepts
+    )
     names = {s: evaluator.class_names(s) for s in evaluator.datasets}
     counts = evaluator.run()
     result = summarize(counts, names, {c: "identities" for c in concepts})
@@ -138,9 +161,9 @@ def assert_checkpoint_gives_the_reported_accuracy(output, report, world, base_ch
 
 
 def test_refit_fits_again_and_a_cached_fit_is_used_otherwise(tmp_path, monkeypatch, capsys):
-    """A second demo skips the fit (a fit is cached), `demo --refit` runs it again, `--concept` picks the target. The commands the demo runs
-    are recorded instead of run: the demo's own run is the test above, and a run that reuses its gradients and
-    makes the same choices is `test_the_recorded_config_reproduces_the_run`."""
+    """A second demo skips the fit (a fit is cached), `demo --refit` runs it again, `--concept` picks the target. The
+    commands the demo runs are recorded instead of run: the demo's own run is the test above, and a run that reuses
+    its gradients and makes the same choices is `test_the_recorded_config_reproduces_the_run`."""
     import slug_lightning.cli
     import slug_lightning.demo.world as demo_world
     from slug_lightning.commands import demo
@@ -154,12 +177,25 @@ def test_refit_fits_again_and_a_cached_fit_is_used_otherwise(tmp_path, monkeypat
         (tmp_path / "report.json").write_text("{}")  # what the demo reads back after `unlearn`
         return 0
 
-    small = demo_world.make_demo_world(tmp_path / "world", seed=0, people=6, objects=2, portraits_per_person=1,
-                                       person_object_per_person=1, samples_per_object=1, scenery_samples=1,
-                                       eval_per_person=1, eval_per_object=1, shards=1)
+    small = demo_world.make_demo_world(
+        tmp_path / "world",
+        seed=0,
+        people=6,
+        objects=2,
+        portraits_per_person=1,
+        person_object_per_person=1,
+        samples_per_object=1,
+        scenery_samples=1,
+        eval_per_person=1,
+        eval_per_object=1,
+        shards=1,
+    )
     monkeypatch.setattr(demo_world, "make_demo_world", lambda root, seed: small)
-    one_line_error(capsys, ["demo", "--output_dir", str(tmp_path), "--concept", "Nobody"],
-                   "'Nobody' is neither a person nor an object of the demo world")
+    one_line_error(
+        capsys,
+        ["demo", "--output_dir", str(tmp_path), "--concept", "Nobody"],
+        "'Nobody' is neither a person nor an object of the demo world",
+    )
     monkeypatch.setattr(slug_lightning.cli, "main", record)
     (tmp_path / "fit").mkdir()
     (tmp_path / "fit" / "slug-tiny.safetensors").write_bytes(b"cached")
@@ -192,16 +228,16 @@ def test_the_recorded_config_reproduces_the_run(small_run, tmp_path):
     _unlearn("--config", copy / "config.yaml", "--output_dir", copy)
     again = json.loads((copy / "report.json").read_text())
     assert again["timing"]["reused_gradients"] is True
-    assert [(c["layer"], c["step_size"]) for c in again["concepts"]] == \
-        [(c["layer"], c["step_size"]) for c in report["concepts"]]
+    assert [(c["layer"], c["step_size"]) for c in again["concepts"]] == [
+        (c["layer"], c["step_size"]) for c in report["concepts"]
+    ]
     assert again["after"] == report["after"]
 
 
 def test_object_concept_is_forgotten_and_the_rest_kept(small_demo, tmp_path):
     world = load_demo_world(small_demo / "world")
     target = world.objects[0]
-    _unlearn(*_small_config(small_demo), "--data.init_args.concepts", f"[{{name: {target}}}]",
-             "--output_dir", tmp_path)
+    _unlearn(*_small_config(small_demo), "--data.init_args.concepts", f"[{{name: {target}}}]", "--output_dir", tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["concepts"][0]["name"] == target
     assert report["after"]["forget"][target]["top1"] == 0.0
@@ -210,8 +246,17 @@ def test_object_concept_is_forgotten_and_the_rest_kept(small_demo, tmp_path):
 
 def test_more_fronts_search_the_layers_behind_the_pareto_front(small_demo, small_run, tmp_path):
     output, report = small_run
-    _unlearn(*_small_config(small_demo), "--output_dir", tmp_path, "--gradients", output / "gradients.safetensors",
-             "--search.init_args.fronts", "2", "--search.init_args.max_steps", "3")
+    _unlearn(
+        *_small_config(small_demo),
+        "--output_dir",
+        tmp_path,
+        "--gradients",
+        output / "gradients.safetensors",
+        "--search.init_args.fronts",
+        "2",
+        "--search.init_args.max_steps",
+        "3",
+    )
     fronts = json.loads((tmp_path / "report.json").read_text())
     assert fronts["settings"]["fronts"] == 2 and report["settings"]["fronts"] == 1
     layers = list(csv.DictReader((tmp_path / "layers.csv").open()))
@@ -226,8 +271,18 @@ def test_more_fronts_search_the_layers_behind_the_pareto_front(small_demo, small
 def test_two_process_ddp_gives_the_same_gradients_and_choice(small_demo, small_run, tmp_path):
     """A subprocess: Lightning's DDP launcher starts the second rank as a copy of the command line."""
     output, report = small_run
-    run_cli("unlearn", *_small_config(small_demo), "--output_dir", tmp_path, "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    run_cli(
+        "unlearn",
+        *_small_config(small_demo),
+        "--output_dir",
+        tmp_path,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     ddp = json.loads((tmp_path / "report.json").read_text())
     assert ddp["devices"] == 2 and ddp["timing"]["reused_gradients"] is False
     one, two = load_file(str(output / "gradients.safetensors")), load_file(str(tmp_path / "gradients.safetensors"))
@@ -251,8 +306,15 @@ def test_collector_and_search_in_a_user_lightning_setup(small_demo, tmp_path):
     laion = LaionDataModule(world.shards, concepts=[Concept(target)], batch_size=128)
     search = StepSearch(sets=_sets(world), metric="top1", max_steps=6)
     logger = CSVLogger(tmp_path, name="user")
-    trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=logger,
-                        callbacks=[search], enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=logger,
+        callbacks=[search],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.predict(collector, datamodule=laion, return_predictions=False)
     result = search.result
     assert result.chosen[target].forget_top1 == 0.0
@@ -263,13 +325,19 @@ def test_collector_and_search_in_a_user_lightning_setup(small_demo, tmp_path):
         rows = list(csv.DictReader(file))
     assert len(rows) == len(result.probes) > 0
     # the metric names the README lists, one row per probe
-    assert {"search/step_size", "search/forget_top1", "search/test_top1/identities",
-            "search/test_top1/objects"} <= set(rows[0])
+    assert {"search/step_size", "search/forget_top1", "search/test_top1/identities", "search/test_top1/objects"} <= set(
+        rows[0]
+    )
 
 
 # The baselines on the small demo's CLIP, one iteration each over one retain shard (and all forget pairs).
-BASELINE_SETTINGS = {"ft": ["--baseline.lr=1e-5"], "ga": ["--baseline.lr=1e-3"], "gaft": ["--baseline.lr=1e-3"],
-                     "salun": ["--baseline.lr=1e-3"], "ssd": ["--baseline.alpha=5"]}
+BASELINE_SETTINGS = {
+    "ft": ["--baseline.lr=1e-5"],
+    "ga": ["--baseline.lr=1e-3"],
+    "gaft": ["--baseline.lr=1e-3"],
+    "salun": ["--baseline.lr=1e-3"],
+    "ssd": ["--baseline.alpha=5"],
+}
 
 
 @pytest.mark.parametrize("method", list(BASELINE_SETTINGS))
@@ -277,9 +345,17 @@ def test_each_baseline_runs_from_the_cli_and_moves_the_intended_way(small_demo, 
     _, report = small_run
     world = load_demo_world(small_demo / "world")
     first_shard = sorted((small_demo / "world" / "shards").glob("*.tar"))[0]
-    _unlearn(*_small_config(small_demo), "--method", method, *BASELINE_SETTINGS[method], "--baseline.iterations=1",
-             f"--data.init_args.shards={first_shard}", f"--data.init_args.forget_shards={world.shards}",
-             "--output_dir", tmp_path)
+    _unlearn(
+        *_small_config(small_demo),
+        "--method",
+        method,
+        *BASELINE_SETTINGS[method],
+        "--baseline.iterations=1",
+        f"--data.init_args.shards={first_shard}",
+        f"--data.init_args.forget_shards={world.shards}",
+        "--output_dir",
+        tmp_path,
+    )
     run = json.loads((tmp_path / "report.json").read_text())
     name = report["concepts"][0]["name"]
     before, after = run["before"]["forget"][name]["top1"], run["after"]["forget"][name]["top1"]

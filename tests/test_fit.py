@@ -26,19 +26,35 @@ from slug_lightning.zero_shot import accuracy
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """400 pairs in 4 shards; 60 identity and 20 object evaluation images."""
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, portraits_per_person=8,
-                           person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
-                           eval_per_object=2, shards=4)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=20,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=4,
+    )
 
 
 def _val_sets(world) -> list[LabelledSet]:
-    return [LabelledSet("identities", root=str(world.identities_dir)),
-            LabelledSet("objects", root=str(world.objects_dir))]
+    return [
+        LabelledSet("identities", root=str(world.identities_dir)),
+        LabelledSet("objects", root=str(world.objects_dir)),
+    ]
 
 
 def _trainer(**kwargs) -> L.Trainer:
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return L.Trainer(**{**settings, **kwargs})
 
 
@@ -83,8 +99,9 @@ def test_warmup_cosine_stays_at_the_peak_after_warmup_when_the_run_length_is_unk
     assert [warmup_cosine(step, 3, None) for step in range(6)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
 
 
-@pytest.mark.parametrize(("batch_size", "base", "expected"), [(32, 256, 1e-3), (128, 256, 4e-3), (512, 256, 1.6e-2),
-                                                              (32, None, 8e-3)])
+@pytest.mark.parametrize(
+    ("batch_size", "base", "expected"), [(32, 256, 1e-3), (128, 256, 4e-3), (512, 256, 1.6e-2), (32, None, 8e-3)]
+)
 def test_lr_scales_linearly_with_the_global_batch(batch_size, base, expected):
     assert scaled_lr(8e-3, batch_size, base) == pytest.approx(expected)
 
@@ -130,9 +147,14 @@ def test_validation_every_n_steps_is_logged_and_the_best_checkpoint_is_exported(
     data = LaionDataModule(str(world.root / "shards" / "*.tar"), batch_size=32, val_sets=_val_sets(world))
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val/top1", mode="max")
     validations = Validations()
-    trainer = _trainer(max_steps=15, val_check_interval=3, check_val_every_n_epoch=None,
-                       logger=CSVLogger(str(tmp_path), name="logs"), enable_checkpointing=True,
-                       callbacks=[checkpoint, validations])
+    trainer = _trainer(
+        max_steps=15,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        logger=CSVLogger(str(tmp_path), name="logs"),
+        enable_checkpointing=True,
+        callbacks=[checkpoint, validations],
+    )
     trainer.fit(module, data)
 
     # every 3 steps, counted across the end of the first pass over the shards (12 batches of 32)
@@ -159,20 +181,30 @@ def test_validation_every_n_steps_is_logged_and_the_best_checkpoint_is_exported(
     assert sum(top1) / 2 == pytest.approx(best["val/top1"])
 
 
-@pytest.mark.parametrize(("export", "monitored", "logged"), [
-    ("last", True, "exported the last weights (step 4) to"),  # though a best checkpoint is kept
-    (None, False, "exported the last weights (step 4; export=best, but no ModelCheckpoint monitors a metric)"),
-])
+@pytest.mark.parametrize(
+    ("export", "monitored", "logged"),
+    [
+        ("last", True, "exported the last weights (step 4) to"),  # though a best checkpoint is kept
+        (None, False, "exported the last weights (step 4; export=best, but no ModelCheckpoint monitors a metric)"),
+    ],
+)
 def test_the_last_weights_are_exported_when_asked_or_without_a_best_checkpoint_and_the_log_says_so(
-        world, tmp_path, caplog, export, monitored, logged):
+    world, tmp_path, caplog, export, monitored, logged
+):
     L.seed_everything(0, verbose=False)
     path = tmp_path / "exported.safetensors"
     module = CLIPContrastive(warmup_steps=1, export_path=str(path), **({"export": export} if export else {}))
     data = LaionDataModule(str(world.root / "shards" / "*.tar"), batch_size=32, val_sets=_val_sets(world)[1:])
     callbacks = [ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val/top1", mode="max")]
     with caplog.at_level("INFO"):
-        _trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, enable_checkpointing=monitored,
-                 num_sanity_val_steps=0, callbacks=callbacks if monitored else []).fit(module, data)
+        _trainer(
+            max_steps=4,
+            val_check_interval=2,
+            check_val_every_n_epoch=None,
+            enable_checkpointing=monitored,
+            num_sanity_val_steps=0,
+            callbacks=callbacks if monitored else [],
+        ).fit(module, data)
     exported = read_state_dict(path)
     assert all(torch.equal(exported[k], v) for k, v in module.model.state_dict().items())
     assert logged in caplog.text
@@ -182,17 +214,27 @@ def test_the_last_weights_are_exported_when_asked_or_without_a_best_checkpoint_a
 # Settings refused with one line
 
 
-@pytest.mark.parametrize(("trainer_settings", "data_settings", "message"), [
-    ({"max_steps": 4, "val_check_interval": 0, "check_val_every_n_epoch": None}, {},
-     "trainer.val_check_interval must be a number of training steps >= 1"),
-    ({"max_steps": 4, "val_check_interval": 2}, {}, "check_val_every_n_epoch: null"),
-    ({"max_steps": 4}, {"val_sets": [LabelledSet("holdout", root="/no/such/folder")]},
-     "LaionDataModule val_sets: Labelled set 'holdout': image folder '/no/such/folder' does not exist"),
-    ({"max_epochs": 1}, {"batch_size": 512}, "hold 400 pairs, fewer than one training batch of batch_size=512"),
-])
+@pytest.mark.parametrize(
+    ("trainer_settings", "data_settings", "message"),
+    [
+        (
+            {"max_steps": 4, "val_check_interval": 0, "check_val_every_n_epoch": None},
+            {},
+            "trainer.val_check_interval must be a number of training steps >= 1",
+        ),
+        ({"max_steps": 4, "val_check_interval": 2}, {}, "check_val_every_n_epoch: null"),
+        (
+            {"max_steps": 4},
+            {"val_sets": [LabelledSet("holdout", root="/no/such/folder")]},
+            "LaionDataModule val_sets: Labelled set 'holdout': image folder '/no/such/folder' does not exist",
+        ),
+        ({"max_epochs": 1}, {"batch_size": 512}, "hold 400 pairs, fewer than one training batch of batch_size=512"),
+    ],
+)
 def test_bad_fit_settings_are_refused_before_training(world, trainer_settings, data_settings, message):
-    data = LaionDataModule(str(world.root / "shards" / "*.tar"),
-                           **{"batch_size": 32, "val_sets": _val_sets(world)[1:], **data_settings})
+    data = LaionDataModule(
+        str(world.root / "shards" / "*.tar"), **{"batch_size": 32, "val_sets": _val_sets(world)[1:], **data_settings}
+    )
     module = CLIPContrastive()
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as raised:
         _trainer(**trainer_settings).fit(module, data)
@@ -209,9 +251,15 @@ def test_shards_smaller_than_one_batch_stop_a_run_bounded_by_steps(world):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize(("settings", "option"), [({"lr": 0.0}, "lr"), ({"base_batch_size": 0}, "base_batch_size"),
-                                                  ({"warmup_steps": -1}, "warmup_steps"),
-                                                  ({"export": "final"}, "export")])
+@pytest.mark.parametrize(
+    ("settings", "option"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"base_batch_size": 0}, "base_batch_size"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"export": "final"}, "export"),
+    ],
+)
 def test_bad_module_settings_name_the_option(settings, option):
     with pytest.raises(ConfigError, match=option) as raised:
         CLIPContrastive(**settings)
@@ -224,8 +272,18 @@ def test_bad_val_batch_size_names_the_option():
 
 
 def test_cli_refuses_a_negative_validation_interval_in_one_line(capsys):
-    assert main(["fit", "--config", config_path("fit/tiny_clip.yaml"), "--data.init_args.shards=x.tar",
-                 "--trainer.val_check_interval=-5"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                config_path("fit/tiny_clip.yaml"),
+                "--data.init_args.shards=x.tar",
+                "--trainer.val_check_interval=-5",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: trainer.val_check_interval must be") and "\n" not in error
 
@@ -236,13 +294,23 @@ def test_cli_refuses_a_negative_validation_interval_in_one_line(capsys):
 
 def test_packaged_fit_config_validates_every_n_steps_and_exports(world, tmp_path):
     export = tmp_path / "slug-tiny.safetensors"
-    code = main(["fit", "--config", config_path("fit/tiny_clip.yaml"),
-                 f"--data.init_args.shards={world.root / 'shards' / '*.tar'}",
-                 f"--data.init_args.val_sets=[{{name: objects, root: {world.objects_dir}}}]",
-                 "--data.init_args.batch_size=32", "--data.init_args.num_workers=0", "--trainer.max_epochs=1",
-                 "--trainer.val_check_interval=4", f"--trainer.default_root_dir={tmp_path}",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                 f"--model.init_args.export_path={export}"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            config_path("fit/tiny_clip.yaml"),
+            f"--data.init_args.shards={world.root / 'shards' / '*.tar'}",
+            f"--data.init_args.val_sets=[{{name: objects, root: {world.objects_dir}}}]",
+            "--data.init_args.batch_size=32",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_epochs=1",
+            "--trainer.val_check_interval=4",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            f"--model.init_args.export_path={export}",
+        ]
+    )
     assert code == 0
     assert export.is_file()
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:

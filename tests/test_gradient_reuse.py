@@ -4,8 +4,8 @@ says what changed; a store given by ``--gradients`` that does not fit, or a trun
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,9 +28,17 @@ from slug_lightning.trainer import reusable_store
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, portraits_per_person=2,
-                           person_object_per_person=1, samples_per_object=2, scenery_samples=6, eval_per_person=1,
-                           eval_per_object=1, shards=3)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        portraits_per_person=2,
+        person_object_per_person=1,
+        samples_per_object=2,
+        scenery_samples=6,
+        eval_per_person=1,
+        eval_per_object=1,
+        shards=3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +47,21 @@ def weights(tiny_weights):
 
 
 def _data(world, shards=None, aliases=(), batch_size=64, **kwargs) -> LaionDataModule:
-    return LaionDataModule(shards or world.shards, concepts=[Concept(world.default_target, aliases=tuple(aliases))],
-                           batch_size=batch_size, **kwargs)
+    return LaionDataModule(
+        shards or world.shards,
+        concepts=[Concept(world.default_target, aliases=tuple(aliases))],
+        batch_size=batch_size,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
 def stored(world, weights, tmp_path_factory):
     """A store computed by a real pass, saved where a finished run keeps it."""
     collector = GradientCollector("slug-tiny", str(weights))
-    SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False).predict(collector, datamodule=_data(world), return_predictions=False)
+    SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).predict(collector, datamodule=_data(world), return_predictions=False)
     path = tmp_path_factory.mktemp("run") / "gradients.safetensors"
     collector.gradients.save(path)
     return path
@@ -69,11 +82,14 @@ def test_the_same_weights_under_another_path_are_reused(stored, world, weights, 
     assert _reuse(stored, world, copy, explicit=True) is not None
 
 
-@pytest.mark.parametrize(("change", "said"), [
-    ({"shards": "00000.tar"}, "retain shards (2 removed"),
-    ({"aliases": ["Vee"]}, "concepts"),
-    ({"batch_size": 16}, "global batch size 64 → 16"),
-])
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"shards": "00000.tar"}, "retain shards (2 removed"),
+        ({"aliases": ["Vee"]}, "concepts"),
+        ({"batch_size": 16}, "global batch size 64 → 16"),
+    ],
+)
 def test_other_inputs_are_recomputed_with_one_line_naming_the_change(stored, world, weights, change, said, caplog):
     if "shards" in change:  # the first shard alone
         change = {"shards": str(Path(world.shards).parent / change["shards"])}
@@ -135,10 +151,16 @@ def test_a_partial_checkpoint_of_other_data_says_what_changed(world, weights, tm
     key = {"gradient_key": collector.gradient_key(_data(world)), "streams": ["x", "retain"], "world_size": 1}
     other = {**key, "gradient_key": collector.gradient_key(_data(world, batch_size=8)), "world_size": 2}
     path = tmp_path / "gradients.partial.safetensors"
-    save_file({"__counts__": torch.zeros(3)}, str(path),
-              metadata={"format": "slug_lightning.partial/2", "key": json.dumps(other), "done": "[1, 1]"})
+    save_file(
+        {"__counts__": torch.zeros(3)},
+        str(path),
+        metadata={"format": "slug_lightning.partial/2", "key": json.dumps(other), "done": "[1, 1]"},
+    )
     with pytest.warns(UserWarning, match="global batch size 8 → 64; device count 2 → 1"):
         assert load_partial(path, key, 2) is None
-    save_file({"__counts__": torch.zeros(3)}, str(path),
-              metadata={"format": "slug_lightning.partial/2", "key": json.dumps(key), "done": "[1, 1]"})
+    save_file(
+        {"__counts__": torch.zeros(3)},
+        str(path),
+        metadata={"format": "slug_lightning.partial/2", "key": json.dumps(key), "done": "[1, 1]"},
+    )
     assert load_partial(path, key, 2) is not None

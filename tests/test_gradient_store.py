@@ -17,8 +17,11 @@ LAYERS = ["visual.proj", "visual.transformer.resblocks.0.attn.in_proj_weight", "
 
 def _grads(seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    shapes = {"visual.proj": (6, 4), "visual.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
-              "text_projection": (5, 4)}
+    shapes = {
+        "visual.proj": (6, 4),
+        "visual.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
+        "text_projection": (5, 4),
+    }
     return {name: torch.randn(shapes[name], generator=generator) for name in LAYERS}
 
 

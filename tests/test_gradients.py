@@ -14,8 +14,9 @@ from slug_lightning.layers import candidate_layers, tower_of
 
 
 def _trainer():
-    return SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False)
+    return SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
 
 
 def _collect(world, batch_size, seed=0):
@@ -28,9 +29,17 @@ def _collect(world, batch_size, seed=0):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, portraits_per_person=8,
-                           person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
-                           eval_per_object=2, shards=4)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=20,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +139,14 @@ def _collect_with(world, batch_size=64, precision="32-true", **collector_kwargs)
     torch.manual_seed(0)
     collector = GradientCollector("slug-tiny", **collector_kwargs)
     laion = LaionDataModule(world.shards, concepts=[Concept(world.default_target)], batch_size=batch_size)
-    trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, precision=precision)
+    trainer = SlugTrainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision=precision,
+    )
     trainer.predict(collector, datamodule=laion, return_predictions=False)
     return collector.gradients
 

@@ -43,8 +43,11 @@ def llava(clip, tmp_path_factory):
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _export(*args) -> int:
@@ -90,8 +93,9 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
     # the pipeline loads and runs; its prompt embeddings are the edited ones
     pipe = StableDiffusionPipeline.from_pretrained(str(output))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a photo of a person", num_inference_steps=2, height=16, width=16,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a person", num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (16, 16)
     in_memory = pipe.text_encoder.state_dict()
     for key, value in _expected(run, LANGUAGE, in_memory).items():
@@ -104,11 +108,14 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
         assert torch.equal(fresh.text_encoder.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("layer, message", [
-    ("transformer.resblocks.1.mlp.c_fc.weight", "never uses"),   # the block SD 2.x drops
-    ("text_projection", "never uses"),
-    ("visual.transformer.resblocks.0.attn.in_proj_weight", "takes the language tower"),
-])
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ("transformer.resblocks.1.mlp.c_fc.weight", "never uses"),  # the block SD 2.x drops
+        ("text_projection", "never uses"),
+        ("visual.transformer.resblocks.0.attn.in_proj_weight", "takes the language tower"),
+    ],
+)
 def test_export_diffusers_refuses_what_the_pipeline_cannot_feel(clip, sd2_like, tmp_path, capsys, layer, message):
     run = fake_run(clip, {layer: 0.1}, tmp_path / "run")
     assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "out") == 2
@@ -121,13 +128,21 @@ def test_export_refuses_a_pipeline_of_another_clip_and_existing_outputs(clip, sd
     run = fake_run(other, {"ln_final.weight": 0.1}, tmp_path / "run")
     assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a") == 2
     assert "not the CLIP the run started from" in capsys.readouterr().err
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a",
-                   "--no-check-base") == 0
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a",
-                   "--no-check-base") == 2
+    assert (
+        _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a", "--no-check-base")
+        == 0
+    )
+    assert (
+        _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a", "--no-check-base")
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", sd2_like / "inside",
-                   "--no-check-base") == 2
+    assert (
+        _export(
+            "export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", sd2_like / "inside", "--no-check-base"
+        )
+        == 2
+    )
     assert "outside the input" in capsys.readouterr().err
 
 
@@ -137,10 +152,15 @@ def test_half_precision_variant_is_edited_too_and_keeps_its_dtype(clip, sd2_like
     pipeline = tmp_path / "pipeline"
     shutil.copytree(sd2_like, pipeline)
     CLIPTextModel.from_pretrained(str(pipeline / "text_encoder")).half().save_pretrained(
-        str(pipeline / "text_encoder"), variant="fp16")
+        str(pipeline / "text_encoder"), variant="fp16"
+    )
     run = fake_run(clip, {"transformer.resblocks.0.mlp.c_proj.weight": 0.1}, tmp_path / "run")
-    assert _export("export-diffusers", "--run", run, "--pipeline", pipeline, "--output", tmp_path / "out",
-                   "--link", "copy") == 0
+    assert (
+        _export(
+            "export-diffusers", "--run", run, "--pipeline", pipeline, "--output", tmp_path / "out", "--link", "copy"
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "slug_edit.json").read_text())
     assert sorted(summary["rewritten"]) == ["text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors"]
     half = load_file(str(tmp_path / "out" / "text_encoder" / "model.fp16.safetensors"))
@@ -154,8 +174,9 @@ def test_half_precision_variant_is_edited_too_and_keeps_its_dtype(clip, sd2_like
 def test_export_llava_delivers_the_unlearned_vision_tower(clip, llava, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    run = fake_run(clip, {"visual.transformer.resblocks.1.attn.in_proj_weight": 0.1, "visual.conv1.weight": 0.05},
-                   tmp_path / "run")
+    run = fake_run(
+        clip, {"visual.transformer.resblocks.1.attn.in_proj_weight": 0.1, "visual.conv1.weight": 0.05}, tmp_path / "run"
+    )
     before = _digest(llava)
     output = tmp_path / "edited"
     assert _export("export-llava", "--run", run, "--model", llava, "--output", output) == 0
@@ -179,14 +200,22 @@ def test_export_llava_delivers_the_unlearned_vision_tower(clip, llava, tmp_path)
     processor = AutoProcessor.from_pretrained(str(output))
     from PIL import Image
 
-    inputs = processor(images=Image.new("RGB", (40, 40), "red"), text="USER: <image>\nWho is this? ASSISTANT:",
-                       return_tensors="pt")
+    inputs = processor(
+        images=Image.new("RGB", (40, 40), "red"), text="USER: <image>\nWho is this? ASSISTANT:", return_tensors="pt"
+    )
     tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("layer", ["visual.transformer.resblocks.2.mlp.c_fc.weight", "visual.ln_post.weight",
-                                   "visual.proj", "transformer.resblocks.0.mlp.c_fc.weight"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "visual.transformer.resblocks.2.mlp.c_fc.weight",
+        "visual.ln_post.weight",
+        "visual.proj",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+    ],
+)
 def test_export_llava_refuses_layers_after_the_feature_layer(clip, llava, tmp_path, capsys, layer):
     run = fake_run(clip, {layer: 0.1}, tmp_path / "run")
     assert _export("export-llava", "--run", run, "--model", llava, "--output", tmp_path / "out") == 2
@@ -194,8 +223,20 @@ def test_export_llava_refuses_layers_after_the_feature_layer(clip, llava, tmp_pa
     assert "never uses" in error or "takes the vision tower" in error
     # read from the last layer, the same last block is reachable
     if layer.startswith("visual.transformer.resblocks.2"):
-        assert _export("export-llava", "--run", run, "--model", llava, "--output", tmp_path / "out",
-                       "--vision-feature-layer", "-1") == 0
+        assert (
+            _export(
+                "export-llava",
+                "--run",
+                run,
+                "--model",
+                llava,
+                "--output",
+                tmp_path / "out",
+                "--vision-feature-layer",
+                "-1",
+            )
+            == 0
+        )
 
 
 def test_sharded_model_rewrites_only_the_shard_with_the_edit(clip, llava, tmp_path):

@@ -12,8 +12,14 @@ from hf_tiny import randomize
 
 import slug_lightning
 from slug_lightning.errors import UserError
-from slug_lightning.hf.convert import (check_config_fits, load_into_open_clip, to_hf_clip, to_hf_text, to_hf_vision,
-                                       vision_config)
+from slug_lightning.hf.convert import (
+    check_config_fits,
+    load_into_open_clip,
+    to_hf_clip,
+    to_hf_text,
+    to_hf_vision,
+    vision_config,
+)
 from slug_lightning.hf.mapping import Layout, Reach, from_hf, hf_names, to_hf
 from slug_lightning.layers import LANGUAGE, VISION, candidate_layers
 
@@ -37,16 +43,21 @@ def tokens():
 def _blocks(model, x, blocks, count):
     """Run the first ``count`` OpenCLIP residual blocks (batch-first, as open_clip 3 does)."""
     for block in blocks[:count]:
-        x = block(x, attn_mask=getattr(model, "attn_mask", None)[:x.shape[1], :x.shape[1]]
-                  if blocks is model.transformer.resblocks else None)
+        x = block(
+            x,
+            attn_mask=getattr(model, "attn_mask", None)[: x.shape[1], : x.shape[1]]
+            if blocks is model.transformer.resblocks
+            else None,
+        )
     return x
 
 
 @torch.no_grad()
 def test_text_tower_gives_the_same_embeddings(clip, tokens):
     hf = to_hf_text(clip, projection=True)
-    assert hf.config.hidden_act == ("quick_gelu" if isinstance(clip.transformer.resblocks[0].mlp.gelu,
-                                                               open_clip.transformer.QuickGELU) else "gelu")
+    assert hf.config.hidden_act == (
+        "quick_gelu" if isinstance(clip.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU) else "gelu"
+    )
     expected = clip.encode_text(tokens)
     torch.testing.assert_close(hf(input_ids=tokens).text_embeds, expected, atol=ATOL, rtol=0)
 
@@ -113,22 +124,26 @@ def test_hugging_face_towers_load_into_open_clip_with_equal_outputs(tokens):
 
     torch.manual_seed(4)
     target = open_clip.create_model("slug-tiny").eval()
-    config = CLIPConfig(text_config=text_config(target).to_dict(), vision_config=vision_config(target).to_dict(),
-                        projection_dim=64)
+    config = CLIPConfig(
+        text_config=text_config(target).to_dict(), vision_config=vision_config(target).to_dict(), projection_dim=64
+    )
     hf = randomize(CLIPModel(config), seed=5).eval()
     state = hf.state_dict()
     assert sorted(load_into_open_clip(target, state, LANGUAGE)) == sorted(
-        n for n, _ in target.named_parameters() if not n.startswith("visual.") and n != "logit_scale")
+        n for n, _ in target.named_parameters() if not n.startswith("visual.") and n != "logit_scale"
+    )
     vision_parameters = [n for n, _ in target.named_parameters() if n.startswith("visual.")]
     assert sorted(load_into_open_clip(target, state, VISION)) == sorted(vision_parameters)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     # transformers 5 returns an output object (projected features in pooler_output), 4 a tensor
     text_features = hf.get_text_features(input_ids=tokens)
     image_features = hf.get_image_features(pixel_values=images)
-    torch.testing.assert_close(target.encode_text(tokens), getattr(text_features, "pooler_output", text_features),
-                               atol=ATOL, rtol=0)
-    torch.testing.assert_close(target.encode_image(images), getattr(image_features, "pooler_output", image_features),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        target.encode_text(tokens), getattr(text_features, "pooler_output", text_features), atol=ATOL, rtol=0
+    )
+    torch.testing.assert_close(
+        target.encode_image(images), getattr(image_features, "pooler_output", image_features), atol=ATOL, rtol=0
+    )
 
 
 def test_fused_attention_rows_split_in_q_k_v_order():
@@ -152,24 +167,38 @@ def test_parameters_without_a_counterpart_are_refused():
 
 @pytest.mark.parametrize("prefix", ["text_model.", "", "cond.text_model."])
 def test_text_layout_is_found_under_any_prefix(prefix):
-    keys = [f"{prefix}embeddings.token_embedding.weight", f"{prefix}encoder.layers.0.mlp.fc1.weight",
-            f"{prefix}final_layer_norm.weight", "unet.conv_in.weight"]
+    keys = [
+        f"{prefix}embeddings.token_embedding.weight",
+        f"{prefix}encoder.layers.0.mlp.fc1.weight",
+        f"{prefix}final_layer_norm.weight",
+        "unet.conv_in.weight",
+    ]
     if prefix.endswith("text_model."):
-        keys.append(prefix[:-len("text_model.")] + "text_projection.weight")
+        keys.append(prefix[: -len("text_model.")] + "text_projection.weight")
     layout = Layout.find(keys, LANGUAGE)
     assert layout.prefix == prefix
     assert layout.key("text_model.encoder.layers.0.mlp.fc1.weight") == f"{prefix}encoder.layers.0.mlp.fc1.weight"
     assert (layout.key("text_projection.weight") is None) == (not prefix.endswith("text_model."))
     assert sorted(layout.canonical(keys).values()) == sorted(
-        ["text_model.embeddings.token_embedding.weight", "text_model.encoder.layers.0.mlp.fc1.weight",
-         "text_model.final_layer_norm.weight"] + (["text_projection.weight"] if prefix.endswith("text_model.") else []))
+        [
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+            "text_model.final_layer_norm.weight",
+        ]
+        + (["text_projection.weight"] if prefix.endswith("text_model.") else [])
+    )
 
 
-@pytest.mark.parametrize("prefix", ["vision_tower.", "model.vision_tower.", "vision_tower.vision_model.",
-                                    "model.vision_tower.vision_model."])
+@pytest.mark.parametrize(
+    "prefix", ["vision_tower.", "model.vision_tower.", "vision_tower.vision_model.", "model.vision_tower.vision_model."]
+)
 def test_llava_vision_layouts(prefix):
-    keys = [f"{prefix}embeddings.patch_embedding.weight", f"{prefix}encoder.layers.3.self_attn.q_proj.weight",
-            "model.language_model.embed_tokens.weight", "model.language_model.layers.3.self_attn.q_proj.weight"]
+    keys = [
+        f"{prefix}embeddings.patch_embedding.weight",
+        f"{prefix}encoder.layers.3.self_attn.q_proj.weight",
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.layers.3.self_attn.q_proj.weight",
+    ]
     layout = Layout.find(keys, VISION)
     assert layout.prefix == prefix
     assert set(layout.canonical(keys)) == set(keys[:2])
@@ -184,20 +213,37 @@ def test_a_missing_or_doubled_tower_is_an_error():
 
 def test_reach_of_sd2_and_llava():
     sd2 = Reach(LANGUAGE, layers=23, final_norm=True, projection=False)
-    assert sd2.unreachable(["transformer.resblocks.22.mlp.c_fc.weight", "transformer.resblocks.23.mlp.c_fc.weight",
-                            "ln_final.weight", "text_projection", "visual.proj", "token_embedding.weight"]) == [
-        "transformer.resblocks.23.mlp.c_fc.weight", "text_projection", "visual.proj"]
+    assert sd2.unreachable(
+        [
+            "transformer.resblocks.22.mlp.c_fc.weight",
+            "transformer.resblocks.23.mlp.c_fc.weight",
+            "ln_final.weight",
+            "text_projection",
+            "visual.proj",
+            "token_embedding.weight",
+        ]
+    ) == ["transformer.resblocks.23.mlp.c_fc.weight", "text_projection", "visual.proj"]
     llava = Reach(VISION, layers=23, final_norm=False, projection=False)
-    assert llava.unreachable(["visual.transformer.resblocks.22.attn.in_proj_weight", "visual.ln_post.weight",
-                              "visual.proj", "visual.transformer.resblocks.23.ln_1.weight", "visual.conv1.weight",
-                              "visual.ln_pre.weight", "ln_final.weight"]) == [
-        "visual.ln_post.weight", "visual.proj", "visual.transformer.resblocks.23.ln_1.weight", "ln_final.weight"]
+    assert llava.unreachable(
+        [
+            "visual.transformer.resblocks.22.attn.in_proj_weight",
+            "visual.ln_post.weight",
+            "visual.proj",
+            "visual.transformer.resblocks.23.ln_1.weight",
+            "visual.conv1.weight",
+            "visual.ln_pre.weight",
+            "ln_final.weight",
+        ]
+    ) == ["visual.ln_post.weight", "visual.proj", "visual.transformer.resblocks.23.ln_1.weight", "ln_final.weight"]
 
 
-@pytest.mark.parametrize("config, model_name, reach", [
-    ("sd/unlearn.yaml", "ViT-H-14", Reach(LANGUAGE, layers=23, final_norm=True, projection=False)),
-    ("llava/unlearn.yaml", "ViT-L-14-336-quickgelu", Reach(VISION, layers=23, final_norm=False, projection=False)),
-])
+@pytest.mark.parametrize(
+    "config, model_name, reach",
+    [
+        ("sd/unlearn.yaml", "ViT-H-14", Reach(LANGUAGE, layers=23, final_norm=True, projection=False)),
+        ("llava/unlearn.yaml", "ViT-L-14-336-quickgelu", Reach(VISION, layers=23, final_norm=False, projection=False)),
+    ],
+)
 def test_config_excludes_exactly_what_the_real_pipeline_cannot_use(config, model_name, reach):
     """The real architectures' parameter names (built on the meta device: no weights, no memory)."""
     init_args = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]
@@ -227,11 +273,19 @@ def test_transformers_and_diffusers_are_imported_lazily():
 
     package = Path(slug_lightning.__file__).parent
     offenders = []
-    for path in [*package.rglob("*.py"), *(package.parent / "datamodules").rglob("*.py"),
-                 *(package.parent / "callbacks").rglob("*.py")]:
+    for path in [
+        *package.rglob("*.py"),
+        *(package.parent / "datamodules").rglob("*.py"),
+        *(package.parent / "callbacks").rglob("*.py"),
+    ]:
         for node in ast.parse(path.read_text()).body:  # module level only
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("transformers", "diffusers")]
     assert offenders == []
     code = "import sys, slug_lightning, slug_lightning.hf.export\nassert 'diffusers' not in sys.modules\n"
@@ -253,5 +307,3 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", absent)
     with pytest.raises(UserError, match=r'pip install "slug-lightning\[diffusion\]"'):
         require("diffusers", "diffusion")
-
-

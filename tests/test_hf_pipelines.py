@@ -46,8 +46,11 @@ def llava(clips, tmp_path_factory):
 
 
 def _tower(model, tower):
-    return {n: p for n, p in model.state_dict().items() if n != "attn_mask" and n != "logit_scale"
-            and n.startswith("visual.") == (tower == VISION)}
+    return {
+        n: p
+        for n, p in model.state_dict().items()
+        if n != "attn_mask" and n != "logit_scale" and n.startswith("visual.") == (tower == VISION)
+    }
 
 
 def test_collector_takes_the_text_encoder_and_tokenizer_of_a_diffusers_pipeline(clips, sd2_like):
@@ -63,14 +66,20 @@ def test_collector_takes_the_text_encoder_and_tokenizer_of_a_diffusers_pipeline(
         assert torch.equal(value, other.state_dict()[name]), name
     # the candidates are what SD 2.x-like pipelines can feel: block 0 and ln_final of the text tower
     assert collector.candidates() == [
-        "transformer.resblocks.0.ln_1.weight", "transformer.resblocks.0.attn.in_proj_weight",
-        "transformer.resblocks.0.attn.out_proj.weight", "transformer.resblocks.0.ln_2.weight",
-        "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.weight", "ln_final.weight"]
+        "transformer.resblocks.0.ln_1.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.attn.out_proj.weight",
+        "transformer.resblocks.0.ln_2.weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.0.mlp.c_proj.weight",
+        "ln_final.weight",
+    ]
     texts = ["a photo of a cat", "an oil painting of a lighthouse"]
     assert torch.equal(collector.tokenizer(texts), open_clip.get_tokenizer("slug-tiny")(texts))
     assert collector.identity()["pipeline"] == str(sd2_like.resolve())
-    everything = PipelineGradientCollector(str(sd2_like), "diffusers", "slug-tiny", other_path,
-                                           restrict_to_pipeline=False)
+    everything = PipelineGradientCollector(
+        str(sd2_like), "diffusers", "slug-tiny", other_path, restrict_to_pipeline=False
+    )
     assert "visual.proj" in everything.candidates() and "text_projection" in everything.candidates()
 
 
@@ -102,8 +111,15 @@ def test_diffusion_forgetting_plumbing(clips, sd2_like, tmp_path):
     scorer = load_clip("slug-tiny", clips[2])
     settings = dict(seed=0, images_per_prompt=2, num_inference_steps=2, height=16, width=16)
     names = ["Bob Stone", "Carla Diaz"]
-    result = diffusion_forgetting(pipe, ["a photo of Ada Lovelace", "Ada Lovelace at the beach"], "Ada Lovelace",
-                                  names, scorer, save_images=tmp_path / "images", **settings)
+    result = diffusion_forgetting(
+        pipe,
+        ["a photo of Ada Lovelace", "Ada Lovelace at the beach"],
+        "Ada Lovelace",
+        names,
+        scorer,
+        save_images=tmp_path / "images",
+        **settings,
+    )
     assert result["images"] == 4 and len(list((tmp_path / "images").glob("*.png"))) == 4
     predicted = [name for row in result["per_prompt"] for name in row["predicted"]]
     assert set(predicted) <= {"Ada Lovelace", *names}
@@ -113,8 +129,12 @@ def test_diffusion_forgetting_plumbing(clips, sd2_like, tmp_path):
     indices = classify_images(images, scorer, ["Ada Lovelace", *names], ["a photo of {}."])
     assert [["Ada Lovelace", *names][i] for i in indices] == predicted
     # same seeds, same pipeline: the same number
-    assert diffusion_forgetting(pipe, ["a photo of Ada Lovelace", "Ada Lovelace at the beach"], "Ada Lovelace",
-                                names, scorer, **settings)["target_rate"] == result["target_rate"]
+    assert (
+        diffusion_forgetting(
+            pipe, ["a photo of Ada Lovelace", "Ada Lovelace at the beach"], "Ada Lovelace", names, scorer, **settings
+        )["target_rate"]
+        == result["target_rate"]
+    )
 
 
 def test_identity_answers_counts_names_on_word_boundaries():
@@ -135,8 +155,26 @@ def test_eval_vlm_runs_a_llava_model_before_and_after(llava, tmp_path):
         for k in range(2):
             Image.new("RGB", (40, 40), (40 * k, 100, 200)).save(tmp_path / "ids" / name / f"{k}.png")
     output = tmp_path / "vlm.json"
-    assert main(["eval-vlm", "--model", str(llava), "--edited", str(llava), "--identities", str(tmp_path / "ids"),
-                 "--target", "Ada Lovelace", "--max-new-tokens", "3", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "eval-vlm",
+                "--model",
+                str(llava),
+                "--edited",
+                str(llava),
+                "--identities",
+                str(tmp_path / "ids"),
+                "--target",
+                "Ada Lovelace",
+                "--max-new-tokens",
+                "3",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     result = json.loads(output.read_text())
     assert result["before"]["target_images"] == 2 and result["before"]["other_images"] == 2
     assert [a["answer"] for a in result["before"]["answers"]] == [a["answer"] for a in result["after"]["answers"]]
@@ -147,21 +185,31 @@ def test_eval_vlm_runs_a_llava_model_before_and_after(llava, tmp_path):
 
 # --- the whole path: unlearn the pipeline's own CLIP on a small world, deliver, run -------------------------
 
+
 def _unlearn(collector, world, output, tower):
     from slug_lightning import SlugTrainer
     from slug_lightning.callbacks import StepSearch
     from slug_lightning.datamodules import LabelledSet, LaionDataModule
 
     target = world.default_target
-    trainer = SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+    trainer = SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     # A random CLIP may never recognise the target, which then has nothing to forget and gets no edit to deliver.
     # Among 4 classes every forget top-5 is 1, so the search runs (and keeps its best probe) whatever the weights.
     competing = [target, *[person for person in world.people if person != target][:3]]
-    search = StepSearch(sets=[LabelledSet("identities", root=str(world.identities_dir), classes=competing)],
-                        metric="top5", max_steps=3, towers=[tower])
-    return trainer.unlearn(collector, LaionDataModule(world.shards, concepts=[Concept(target)], batch_size=128),
-                           search, output_dir=str(output))
+    search = StepSearch(
+        sets=[LabelledSet("identities", root=str(world.identities_dir), classes=competing)],
+        metric="top5",
+        max_steps=3,
+        towers=[tower],
+    )
+    return trainer.unlearn(
+        collector,
+        LaionDataModule(world.shards, concepts=[Concept(target)], batch_size=128),
+        search,
+        output_dir=str(output),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +217,19 @@ def world(tmp_path_factory):
     from slug_lightning.demo import make_demo_world
 
     # Small: what is tested is the path from the pipeline's tower to its delivery, not how well it forgets.
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=8, objects=2, portraits_per_person=12,
-                           person_object_per_person=2, samples_per_object=6, scenery_samples=6, eval_per_person=4,
-                           eval_per_object=2, shards=2)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        people=8,
+        objects=2,
+        portraits_per_person=12,
+        person_object_per_person=2,
+        samples_per_object=6,
+        scenery_samples=6,
+        eval_per_person=4,
+        eval_per_object=2,
+        shards=2,
+    )
 
 
 @pytest.mark.e2e
@@ -183,8 +241,20 @@ def test_unlearn_the_sd_pipeline_text_encoder_and_deliver_it(clips, sd2_like, wo
     report = _unlearn(collector, world, tmp_path / "run", LANGUAGE)
     (concept,) = report["concepts"]
     assert concept["tower"] == "language" and concept["layer"] in collector.candidates()
-    assert main(["export-diffusers", "--run", str(tmp_path / "run"), "--pipeline", str(sd2_like),
-                 "--output", str(tmp_path / "edited")]) == 0
+    assert (
+        main(
+            [
+                "export-diffusers",
+                "--run",
+                str(tmp_path / "run"),
+                "--pipeline",
+                str(sd2_like),
+                "--output",
+                str(tmp_path / "edited"),
+            ]
+        )
+        == 0
+    )
     unlearned = load_file(str(tmp_path / "run" / "model.safetensors"))
     delivered = load_file(str(tmp_path / "edited" / "text_encoder" / "model.safetensors"))
     layout = Layout.find(delivered, LANGUAGE)
@@ -208,8 +278,20 @@ def test_unlearn_the_llava_vision_tower_and_deliver_it(clips, llava, world, tmp_
     report = _unlearn(collector, world, tmp_path / "run", VISION)
     (concept,) = report["concepts"]
     assert concept["tower"] == "vision" and concept["layer"] in collector.candidates()
-    assert main(["export-llava", "--run", str(tmp_path / "run"), "--model", str(llava),
-                 "--output", str(tmp_path / "edited")]) == 0
+    assert (
+        main(
+            [
+                "export-llava",
+                "--run",
+                str(tmp_path / "run"),
+                "--model",
+                str(llava),
+                "--output",
+                str(tmp_path / "edited"),
+            ]
+        )
+        == 0
+    )
     unlearned = load_file(str(tmp_path / "run" / "model.safetensors"))
     model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "edited")).eval()
     vision = model.model.vision_tower.state_dict()

@@ -156,10 +156,12 @@ def hf_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _save_hf(datasets, path: Path, *, splits: bool) -> list[int]:
     labels = [0, 1, 1, 2, 0]
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=["cat", "dog", "fish"])})
-    dataset = datasets.Dataset.from_dict({"image": [_image(10 * i) for i in range(5)], "label": labels},
-                                         features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "fish"])}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"image": [_image(10 * i) for i in range(5)], "label": labels}, features=features
+    )
     (datasets.DatasetDict({"validation": dataset}) if splits else dataset).save_to_disk(str(path))
     return labels
 
@@ -183,19 +185,25 @@ def test_hf_local_data_directory(tmp_path: Path, hf_offline) -> None:
     assert sorted(dataset.targets) == [0, 0, 1]
 
 
-@pytest.mark.parametrize("labels, class_names, expected_names, expected_targets", [
-    (["dog", "cat", "dog"], None, ["cat", "dog"], [1, 0, 1]),
-    (["dog", "cat", "dog"], ["dog", "cat"], ["dog", "cat"], [0, 1, 0]),
-    ([2, 0, 1], ["a", "b", "c"], ["a", "b", "c"], [2, 0, 1]),
-])
-def test_hf_labels_without_classlabel(tmp_path: Path, hf_offline, labels, class_names, expected_names,
-                                      expected_targets) -> None:
+@pytest.mark.parametrize(
+    "labels, class_names, expected_names, expected_targets",
+    [
+        (["dog", "cat", "dog"], None, ["cat", "dog"], [1, 0, 1]),
+        (["dog", "cat", "dog"], ["dog", "cat"], ["dog", "cat"], [0, 1, 0]),
+        ([2, 0, 1], ["a", "b", "c"], ["a", "b", "c"], [2, 0, 1]),
+    ],
+)
+def test_hf_labels_without_classlabel(
+    tmp_path: Path, hf_offline, labels, class_names, expected_names, expected_targets
+) -> None:
     kind = hf_offline.Value("string" if isinstance(labels[0], str) else "int64")
     features = hf_offline.Features({"picture": hf_offline.Image(), "kind": kind})
-    hf_offline.Dataset.from_dict({"picture": [_image(i) for i in range(3)], "kind": labels},
-                                 features=features).save_to_disk(str(tmp_path / "hf"))
-    spec = LabelledSet("s", hf_dataset=str(tmp_path / "hf"), class_names=class_names, image_column="picture",
-                       label_column="kind")
+    hf_offline.Dataset.from_dict(
+        {"picture": [_image(i) for i in range(3)], "kind": labels}, features=features
+    ).save_to_disk(str(tmp_path / "hf"))
+    spec = LabelledSet(
+        "s", hf_dataset=str(tmp_path / "hf"), class_names=class_names, image_column="picture", label_column="kind"
+    )
     dataset = LabelledImages(spec, TO_TENSOR)
     assert dataset.class_names == expected_names and dataset.targets == expected_targets
 
@@ -378,7 +386,6 @@ def test_lightning_ddp_validation_sees_every_image_once(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "r", {"x": 3, "y": 1, "z": 3})  # 7 images: uneven over 2 ranks
     script, result = tmp_path / "ddp_count.py", tmp_path / "counts.json"
     script.write_text(DDP_SCRIPT)
-    subprocess.run([sys.executable, str(script), str(root), str(result)], check=True, timeout=300,
-                   cwd=tmp_path)
+    subprocess.run([sys.executable, str(script), str(root), str(result)], check=True, timeout=300, cwd=tmp_path)
     # A padding sampler would count 8 images, a doubly sharded loader fewer than 7.
     assert json.loads(result.read_text()) == [[3, 1, 3], [2, 1, 2]]

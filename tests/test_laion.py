@@ -1,4 +1,5 @@
-"""Tests for the LAION-style shards datamodule: patterns, caption filters, exact-once splits, broken data."""
+"""Tests for the LAION-style shards datamodule: patterns, caption filters, exact-once splits, broken data (as long
+as the module it tests, for the same reason: datamodules/laion.py's docstring)."""
 
 from __future__ import annotations
 
@@ -261,14 +262,17 @@ def broken_corpus(tmp_path, cut: str) -> list[str]:
     Kept indices: a0 a1(corrupt) a2 a3(no image) a5 -> 0..4 (a4 has no caption), then b000 -> 5 and,
     when the damage is inside b002's image, b001 -> 6.
     """
-    first = write_shard(tmp_path / "00000.tar", [
-        ("a0", "good zero", png_bytes(0)),
-        ("a1", "corrupt image", b"\x89PNG\r\n\x1a\n this is not a png"),
-        ("a2", "good two", png_bytes(2)),
-        ("a3", "no image", None),
-        ("a4", None, png_bytes(4)),
-        ("a5", "good five", png_bytes(5)),
-    ])
+    first = write_shard(
+        tmp_path / "00000.tar",
+        [
+            ("a0", "good zero", png_bytes(0)),
+            ("a1", "corrupt image", b"\x89PNG\r\n\x1a\n this is not a png"),
+            ("a2", "good two", png_bytes(2)),
+            ("a3", "no image", None),
+            ("a4", None, png_bytes(4)),
+            ("a5", "good five", png_bytes(5)),
+        ],
+    )
     second = write_pairs(tmp_path / "00001.tar", "b", ["one", "two", "three", "four"])
     data = open(second, "rb").read()
     members = tarfile.open(second).getmembers()
@@ -286,9 +290,7 @@ def broken_corpus(tmp_path, cut: str) -> list[str]:
 @pytest.mark.parametrize("cut", ["mid-member", "at-member-boundary", "garbage"])
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 0), (2, 2), (3, 2)])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_broken_samples_and_shards_are_counted_exactly_once(
-    tmp_path, cut, world_size, num_workers, drop_last
-):
+def test_broken_samples_and_shards_are_counted_exactly_once(tmp_path, cut, world_size, num_workers, drop_last):
     urls = broken_corpus(tmp_path, cut)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -347,8 +349,7 @@ def _sidecar(url: str, kind: str, held: int) -> None:
         import pyarrow.parquet as pq
 
         status = ["success"] * held + ["failed_to_download"] * 2
-        pq.write_table(pa.table({"key": [f"b{i:03d}" for i in range(held + 2)], "status": status}),
-                       f"{stem}.parquet")
+        pq.write_table(pa.table({"key": [f"b{i:03d}" for i in range(held + 2)], "status": status}), f"{stem}.parquet")
 
 
 @pytest.mark.parametrize("kind", ["stats", "parquet"])
@@ -376,14 +377,18 @@ def test_damaged_shard_without_img2dataset_files_warns_that_its_count_is_a_lower
 
 
 def test_undecodable_images_are_warned_about_once_per_stream_with_a_count(tmp_path):
-    first = write_shard(tmp_path / "00000.tar", [
-        (f"x{i}", f"caption {i}", b"not an image" if i % 2 else png_bytes(i)) for i in range(8)])
+    first = write_shard(
+        tmp_path / "00000.tar",
+        [(f"x{i}", f"caption {i}", b"not an image" if i % 2 else png_bytes(i)) for i in range(8)],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (batches,) = run_world([first], 2, world_size=1)
     about_images = [str(w.message) for w in caught if "does not decode" in str(w.message)]
-    assert about_images == ["4 sample(s) of this stream have no image or one that does not decode (e.g. keys "
-                            "['x1', 'x3', 'x5']); they were skipped and counted in 'skipped'."]
+    assert about_images == [
+        "4 sample(s) of this stream have no image or one that does not decode (e.g. keys "
+        "['x1', 'x3', 'x5']); they were skipped and counted in 'skipped'."
+    ]
     assert sum(int(b["skipped"]) for b in batches) == 4
 
 
@@ -416,8 +421,17 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(corpus):
     def order(seed: int, epoch: int, world_size: int = 1, num_workers: int = 0) -> list[list[str]]:
         ranks = []
         for rank in range(world_size):
-            stream = PairStream(corpus, transform, tokenizer, 4, rank=rank, world_size=world_size,
-                                shuffle=True, seed=seed, buffer_size=5)
+            stream = PairStream(
+                corpus,
+                transform,
+                tokenizer,
+                4,
+                rank=rank,
+                world_size=world_size,
+                shuffle=True,
+                seed=seed,
+                buffer_size=5,
+            )
             stream.set_epoch(epoch)
             ranks.append(list(DataLoader(stream, batch_size=None, num_workers=num_workers)))
         return global_order(ranks)
@@ -456,8 +470,13 @@ def test_fit_reshuffles_each_epoch_and_takes_transform_from_the_module(corpus):
     data = LaionDataModule("::".join(corpus), batch_size=4, shuffle=True, seed=3)
     module = _RecordingModule()
     trainer = lightning.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
     assert data.transform is transform and data.tokenizer is tokenizer

@@ -30,10 +30,18 @@ TINY = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
-BLOCK_WEIGHTS = ("ln_1.weight", "attn.in_proj_weight", "attn.out_proj.weight", "ln_2.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight")
+BLOCK_WEIGHTS = (
+    "ln_1.weight",
+    "attn.in_proj_weight",
+    "attn.out_proj.weight",
+    "ln_2.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 VISION_CANDIDATES = [
-    "visual.proj", "visual.conv1.weight", "visual.ln_pre.weight",
+    "visual.proj",
+    "visual.conv1.weight",
+    "visual.ln_pre.weight",
     *(f"visual.transformer.resblocks.{b}.{w}" for b in range(2) for w in BLOCK_WEIGHTS),
     "visual.ln_post.weight",
 ]
@@ -66,10 +74,16 @@ def test_default_candidates_of_a_real_open_clip_model(tiny_models):
     candidates = candidate_layers(model.named_parameters())
     assert set(candidates) == set(VISION_CANDIDATES + LANGUAGE_CANDIDATES)
     assert candidates == [n for n in names if n in set(candidates)]  # parameter order kept
-    for rejected in ("logit_scale", "token_embedding.weight", "positional_embedding",
-                     "visual.class_embedding", "visual.positional_embedding",
-                     "visual.transformer.resblocks.0.attn.in_proj_bias",
-                     "transformer.resblocks.1.mlp.c_fc.bias", "ln_final.bias"):
+    for rejected in (
+        "logit_scale",
+        "token_embedding.weight",
+        "positional_embedding",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.transformer.resblocks.0.attn.in_proj_bias",
+        "transformer.resblocks.1.mlp.c_fc.bias",
+        "ln_final.bias",
+    ):
         assert rejected in names and rejected not in candidates
 
 
@@ -99,10 +113,15 @@ def test_scalars_are_never_default_candidates():
     assert is_default_candidate("visual.some_gain", torch.ones(1))
 
 
-@pytest.mark.parametrize("name", [
-    "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
-    "text.transformer.embeddings.word_embeddings.weight",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "visual.trunk.pos_embed",
+        "visual.trunk.cls_token",
+        "visual.trunk.reg_token",
+        "text.transformer.embeddings.word_embeddings.weight",
+    ],
+)
 def test_timm_and_hf_embeddings_are_not_default_candidates(name):
     assert not is_default_candidate(name, torch.ones(4, 4))
 
@@ -114,8 +133,9 @@ def test_include_widens_and_exclude_narrows(tiny_models):
     biases = [n for n, _ in params if n.endswith("bias") and n != "logit_bias"]
     assert set(with_biases) == set(default) | set(biases)
     assert candidate_layers(params, exclude=["visual.*"]) == [n for n in default if n in LANGUAGE_CANDIDATES]
-    only_out = candidate_layers(params, exclude=["visual.*", "text_projection", "ln_final.*",
-                                                 "transformer.resblocks.*.[lm]*", "*in_proj*"])
+    only_out = candidate_layers(
+        params, exclude=["visual.*", "text_projection", "ln_final.*", "transformer.resblocks.*.[lm]*", "*in_proj*"]
+    )
     assert only_out == [f"transformer.resblocks.{b}.attn.out_proj.weight" for b in range(2)]
 
 
@@ -126,11 +146,14 @@ def test_exclude_wins_over_include(tiny_models):
     assert "token_embedding.weight" in candidate_layers(params, include=["token_embedding.weight"])
 
 
-@pytest.mark.parametrize("kwargs, bad", [
-    ({"include": ["visual.trunk.*"]}, "visual.trunk.*"),
-    ({"exclude": ["*attn.qkv*"]}, "*attn.qkv*"),
-    ({"include": ["logit_scale"]}, "logit_scale"),  # never a layer, even on request
-])
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        ({"include": ["visual.trunk.*"]}, "visual.trunk.*"),
+        ({"exclude": ["*attn.qkv*"]}, "*attn.qkv*"),
+        ({"include": ["logit_scale"]}, "logit_scale"),  # never a layer, even on request
+    ],
+)
 def test_unknown_pattern_is_an_error_naming_it(tiny_models, kwargs, bad):
     with pytest.raises(ValueError, match=re.escape(f"pattern {bad!r}")):
         candidate_layers(tiny_models["clip"].named_parameters(), **kwargs)
@@ -146,22 +169,25 @@ def test_excluding_everything_is_an_error(tiny_models):
         candidate_layers(tiny_models["clip"].named_parameters(), exclude=["*"])
 
 
-@pytest.mark.parametrize("name, short", [
-    ("visual.transformer.resblocks.11.attn.out_proj.weight", "v.11.attn.out"),
-    ("visual.transformer.resblocks.11.attn.out_proj.bias", "v.11.attn.out.bias"),
-    ("visual.transformer.resblocks.2.attn.in_proj_weight", "v.2.attn.in"),
-    ("visual.transformer.resblocks.2.attn.in_proj_bias", "v.2.attn.in.bias"),
-    ("transformer.resblocks.0.mlp.c_fc.weight", "t.0.mlp.fc"),
-    ("transformer.resblocks.0.mlp.c_proj.weight", "t.0.mlp.proj"),
-    ("text.transformer.resblocks.0.mlp.c_fc.weight", "t.0.mlp.fc"),
-    ("visual.proj", "v.proj"),
-    ("text_projection", "t.proj"),
-    ("text.text_projection", "t.proj"),
-    ("visual.conv1.weight", "v.conv1"),
-    ("visual.transformer.resblocks.3.ln_1.weight", "v.3.ln_1"),
-    ("visual.ln_post.weight", "v.ln_post"),
-    ("ln_final.weight", "t.ln_final"),
-])
+@pytest.mark.parametrize(
+    "name, short",
+    [
+        ("visual.transformer.resblocks.11.attn.out_proj.weight", "v.11.attn.out"),
+        ("visual.transformer.resblocks.11.attn.out_proj.bias", "v.11.attn.out.bias"),
+        ("visual.transformer.resblocks.2.attn.in_proj_weight", "v.2.attn.in"),
+        ("visual.transformer.resblocks.2.attn.in_proj_bias", "v.2.attn.in.bias"),
+        ("transformer.resblocks.0.mlp.c_fc.weight", "t.0.mlp.fc"),
+        ("transformer.resblocks.0.mlp.c_proj.weight", "t.0.mlp.proj"),
+        ("text.transformer.resblocks.0.mlp.c_fc.weight", "t.0.mlp.fc"),
+        ("visual.proj", "v.proj"),
+        ("text_projection", "t.proj"),
+        ("text.text_projection", "t.proj"),
+        ("visual.conv1.weight", "v.conv1"),
+        ("visual.transformer.resblocks.3.ln_1.weight", "v.3.ln_1"),
+        ("visual.ln_post.weight", "v.ln_post"),
+        ("ln_final.weight", "t.ln_final"),
+    ],
+)
 def test_short_name(name, short):
     assert short_name(name) == short
 
@@ -191,12 +217,15 @@ def test_importance_in_high_precision():
     assert importance(grad, torch.ones(10_000, dtype=torch.float16)) == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("f, r, absolute, signed_value", [
-    ([3.0, 4.0], [0.0, 5.0], 0.8, 0.8),
-    ([1.0, 0.0], [0.0, 2.0], 0.0, 0.0),       # orthogonal
-    ([1.0, 2.0], [-2.0, -4.0], 1.0, -1.0),    # opposite
-    ([1.0, 2.0], [0.0, 0.0], 0.0, 0.0),       # zero gradient: no direction
-])
+@pytest.mark.parametrize(
+    "f, r, absolute, signed_value",
+    [
+        ([3.0, 4.0], [0.0, 5.0], 0.8, 0.8),
+        ([1.0, 0.0], [0.0, 2.0], 0.0, 0.0),  # orthogonal
+        ([1.0, 2.0], [-2.0, -4.0], 1.0, -1.0),  # opposite
+        ([1.0, 2.0], [0.0, 0.0], 0.0, 0.0),  # zero gradient: no direction
+    ],
+)
 def test_alignment_hand_computed(f, r, absolute, signed_value):
     f, r = torch.tensor(f), torch.tensor(r)
     assert alignment(f, r) == pytest.approx(absolute)
@@ -223,15 +252,15 @@ def test_shape_mismatch_and_nan_are_errors():
 
 def test_pareto_front_hand_computed_with_ties():
     points = [
-        (4.0, 0.9),   # 0 most important: nothing can dominate it
-        (3.0, 0.2),   # 1 only (4, .9) is more important, and it is worse aligned
-        (3.0, 0.5),   # 2 (3, .2) is better aligned but only AS important: no domination
-        (2.0, 0.2),   # 3 (3, .2) is more important but only AS aligned: no domination
-        (1.0, 0.1),   # 4 lowest alignment among the important ones
-        (1.5, 0.3),   # 5 dominated by (3, .2) and (2, .2)
+        (4.0, 0.9),  # 0 most important: nothing can dominate it
+        (3.0, 0.2),  # 1 only (4, .9) is more important, and it is worse aligned
+        (3.0, 0.5),  # 2 (3, .2) is better aligned but only AS important: no domination
+        (2.0, 0.2),  # 3 (3, .2) is more important but only AS aligned: no domination
+        (1.0, 0.1),  # 4 lowest alignment among the important ones
+        (1.5, 0.3),  # 5 dominated by (3, .2) and (2, .2)
         (0.5, 0.05),  # 6 lowest alignment of all
-        (0.5, 0.5),   # 7 dominated by (1, .1) and others
-        (2.0, 0.2),   # 8 duplicate of 3: duplicates never dominate each other
+        (0.5, 0.5),  # 7 dominated by (1, .1) and others
+        (2.0, 0.2),  # 8 duplicate of 3: duplicates never dominate each other
     ]
     assert pareto_front(points) == [0, 1, 2, 3, 4, 6, 8]
 
@@ -249,8 +278,9 @@ def test_pareto_front_matches_the_definition_on_random_points():
     rng = random.Random(0)
     # Coarse values so ties in both coordinates are common.
     points = [(rng.randint(0, 12) / 4, rng.randint(0, 12) / 4) for _ in range(300)]
-    expected = [i for i, (imp, ali) in enumerate(points)
-                if not any(imp_j > imp and ali_j < ali for imp_j, ali_j in points)]
+    expected = [
+        i for i, (imp, ali) in enumerate(points) if not any(imp_j > imp and ali_j < ali for imp_j, ali_j in points)
+    ]
     assert pareto_front(points) == expected
 
 
@@ -284,9 +314,9 @@ def test_layer_statistics_per_tower_front():
     }
     forget = {
         "visual.a.weight": torch.tensor([10.0, 0.0]),  # importance 10, alignment 0 → dominates everything
-        "visual.b.weight": torch.tensor([2.0, 0.0]),   # importance 2, alignment 1 → dominated by a
+        "visual.b.weight": torch.tensor([2.0, 0.0]),  # importance 2, alignment 1 → dominated by a
         "transformer.c.weight": torch.tensor([3.0, 0.0]),  # importance 3, alignment 1
-        "ln_final.weight": torch.tensor([0.0, 1.0]),   # importance 1, |cos| 0.6, cos -0.6
+        "ln_final.weight": torch.tensor([0.0, 1.0]),  # importance 1, |cos| 0.6, cos -0.6
     }
     retain = {
         "visual.a.weight": torch.tensor([0.0, 1.0]),

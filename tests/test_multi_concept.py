@@ -294,9 +294,17 @@ def test_the_refinement_plot_draws_one_panel_per_order(tmp_path):
     from slug_lightning.plots import unlearn_plots
 
     search, _, outcome = _ordered(["Ann", "Bob"], orders=2)
-    result = SearchResult(["Ann", "Bob"], {"metric": "top1", "threshold": 0.0, "fronts": 1}, before=outcome.after,
-                          after=outcome.after, chosen=outcome.chosen, probes=search.probes, visits=outcome.visits,
-                          ends=outcome.ends, kept_order=outcome.kept_order)
+    result = SearchResult(
+        ["Ann", "Bob"],
+        {"metric": "top1", "threshold": 0.0, "fronts": 1},
+        before=outcome.after,
+        after=outcome.after,
+        chosen=outcome.chosen,
+        probes=search.probes,
+        visits=outcome.visits,
+        ends=outcome.ends,
+        kept_order=outcome.kept_order,
+    )
     assert unlearn_plots(tmp_path, result) == ["refinement.png"]  # so report.md links it
     assert_readable_png(tmp_path / "refinement.png", min_height=2 * 350)
 
@@ -347,14 +355,26 @@ def test_three_people_with_refinement_are_all_forgotten_and_no_worse_than_method
     How much the other people lose is a measurement of one fit, which follows the CPU's kernels: it is in the
     benchmark, not here."""
     output = tmp_path / "people"
-    common = ["--config", config_path("demo/unlearn.yaml"), "--config", small_demo / "demo_paths.yaml",
-              "--config", config_path("demo/unlearn_people.yaml"), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false",
-              # 5 probes per layer, not 10: the rounds' moves are what is tested, for half the probes
-              "--search.init_args.max_steps", "5",
-              # the retain gradient from 2 of the 4 shards (the gradient pass is most of the time); forget pairs from all
-              "--data.init_args.shards", small_demo / "world" / "shards" / "{00000..00001}.tar",
-              "--data.init_args.forget_shards", small_demo / "world" / "shards" / "*.tar"]
+    common = [
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        small_demo / "demo_paths.yaml",
+        "--config",
+        config_path("demo/unlearn_people.yaml"),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        # 5 probes per layer, not 10: the rounds' moves are what is tested, for half the probes
+        "--search.init_args.max_steps",
+        "5",
+        # the retain gradient from 2 of the 4 shards (the gradient pass is most of the time); forget pairs from all
+        "--data.init_args.shards",
+        small_demo / "world" / "shards" / "{00000..00001}.tar",
+        "--data.init_args.forget_shards",
+        small_demo / "world" / "shards" / "*.tar",
+    ]
     _unlearn(*common, "--output_dir", output)
     report = json.loads((output / "report.json").read_text())
     people = [c["name"] for c in report["concepts"]]
@@ -363,8 +383,15 @@ def test_three_people_with_refinement_are_all_forgotten_and_no_worse_than_method
         assert concept["forget_top1_before"] >= 0.5 and concept["forget_top1_after"] == 0.0, concept
     # the same people and gradients, the search of METHOD §9 alone
     alone = tmp_path / "alone"
-    _unlearn(*common, "--output_dir", alone, "--gradients", output / "gradients.safetensors",
-             "--search.init_args.refine_rounds", "0")
+    _unlearn(
+        *common,
+        "--output_dir",
+        alone,
+        "--gradients",
+        output / "gradients.safetensors",
+        "--search.init_args.refine_rounds",
+        "0",
+    )
     method_9 = json.loads((alone / "report.json").read_text())
     assert [c["name"] for c in method_9["concepts"]] == people
     assert _end_rank(report) >= _end_rank(method_9), (report["after"], method_9["after"])
@@ -374,8 +401,21 @@ def test_three_people_with_refinement_are_all_forgotten_and_no_worse_than_method
     with open(output / "search.csv", newline="") as file:
         assert {int(row["round"]) for row in csv.DictReader(file)} == rounds
     # the run's delta on the base model is the run's unlearned model: each person keeps one update
-    assert main(["delta", "apply", "--model", str(small_demo / "fit" / "slug-tiny.safetensors"), "--delta",
-                 str(output / "delta.safetensors"), "--output", str(tmp_path / "applied.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "delta",
+                "apply",
+                "--model",
+                str(small_demo / "fit" / "slug-tiny.safetensors"),
+                "--delta",
+                str(output / "delta.safetensors"),
+                "--output",
+                str(tmp_path / "applied.safetensors"),
+            ]
+        )
+        == 0
+    )
     applied, unlearned = load_file(str(tmp_path / "applied.safetensors")), load_file(str(output / "model.safetensors"))
     for name in unlearned:
         torch.testing.assert_close(applied[name], unlearned[name], rtol=0, atol=1e-6)

@@ -59,8 +59,9 @@ IDENTITIES = ["Elon Musk", "Taylor Swift", "Jeff Bezos", "Mark Zuckerberg", "Kim
 # Not one of the 100 identities frequent in LAION-400M: it competes in the classifier, its images go unscored.
 UNSCORED = "Jeff Bezos"
 # The 100 identities the research code scores, as the paper config reads them (underscores as spaces).
-FREQUENT = [name.replace("_", " ")
-            for name in read_class_list("package:frequent_celebs.txt", "celeba", "image_classes")]
+FREQUENT = [
+    name.replace("_", " ") for name in read_class_list("package:frequent_celebs.txt", "celeba", "image_classes")
+]
 # Real ImageNet-1k synsets and the open_clip class names they must map to.
 SYNSETS = {
     "n01440764": "tench",
@@ -117,8 +118,9 @@ def _write_celeba(root: Path, seed: int, counts: dict[str, int]) -> None:
             file = f"{len(entries) + 1:06d}.jpg"
             (images / file).write_bytes(_jpeg(seed + len(entries)))
             entries.append(f"{file} {name.replace(' ', '_')}")
-    (root / "list_identity_celeba.txt").write_text("\n".join([str(len(entries)), "image_id identity_name",
-                                                               *entries]) + "\n")
+    (root / "list_identity_celeba.txt").write_text(
+        "\n".join([str(len(entries)), "image_id identity_name", *entries]) + "\n"
+    )
 
 
 def make_stand_ins(root: Path, all_frequent: bool = False) -> None:
@@ -146,12 +148,16 @@ def write_override(path: Path) -> Path:
     for spec in sets:
         if spec["name"] == "celeba":
             spec["image_classes"] = [name.replace(" ", "_") for name in IDENTITIES if name in FREQUENT]
-    path.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
-        "model": {"init_args": {"model_name": "slug-tiny", "pretrained": None}},
-        "data": {"init_args": {"min_forget_pairs": 2}},
-        "search": {"init_args": {"max_steps": 1, "sets": sets}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {"accelerator": "cpu", "devices": 1, "logger": False},
+                "model": {"init_args": {"model_name": "slug-tiny", "pretrained": None}},
+                "data": {"init_args": {"min_forget_pairs": 2}},
+                "search": {"init_args": {"max_steps": 1, "sets": sets}},
+            }
+        )
+    )
     return path
 
 
@@ -164,14 +170,21 @@ def test_paper_config_holds_the_papers_settings() -> None:
     assert config["data"]["init_args"]["retain_augmentation"] is True
     search = config["search"]["init_args"]
     assert {k: search[k] for k in ("metric", "threshold", "max_steps", "tolerance", "forget_set")} == {
-        "metric": "top5", "threshold": 0.0, "max_steps": 10, "tolerance": 0.05, "forget_set": "celeba"}
+        "metric": "top5",
+        "threshold": 0.0,
+        "max_steps": 10,
+        "tolerance": 0.05,
+        "forget_set": "celeba",
+    }
     assert sorted(search["towers"]) == ["language", "vision"]
     sets = {s["name"]: s for s in search["sets"]}
     celeba = sets["celeba"]
     assert celeba["templates"] == ["{}."]
     # CelebA as it ships, every identity competing, the 100 frequent ones scored and averaged per identity.
-    assert (celeba["root"], celeba["labels_file"]) == ("data/celeba/img_align_celeba",
-                                                       "data/celeba/list_identity_celeba.txt")
+    assert (celeba["root"], celeba["labels_file"]) == (
+        "data/celeba/img_align_celeba",
+        "data/celeba/list_identity_celeba.txt",
+    )
     assert (celeba["image_classes"], celeba["averaging"]) == ("package:frequent_celebs.txt", "macro")
     assert "classes" not in celeba and "fraction" not in celeba
     imagenet = sets["imagenet"]
@@ -183,8 +196,9 @@ def test_paper_config_holds_the_papers_settings() -> None:
 
 def test_synset_stand_ins_map_to_open_clip_imagenet_names(tmp_path: Path) -> None:
     make_stand_ins(tmp_path)
-    imagenet = next(s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"]
-                    if s["name"] == "imagenet")
+    imagenet = next(
+        s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"] if s["name"] == "imagenet"
+    )
     dataset = LabelledImages(LabelledSet(**{**imagenet, "root": str(tmp_path / imagenet["root"])}))
     assert dataset.class_names == list(IMAGENET_CLASSNAMES)  # classified 1000-way
     wnids = imagenet_wnids()
@@ -206,8 +220,9 @@ def test_packaged_frequent_identities_are_the_research_codes_100() -> None:
 
 def test_celeba_stand_ins_load_as_the_config_reads_them(tmp_path: Path) -> None:
     make_stand_ins(tmp_path, all_frequent=True)
-    celeba = next(s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"]
-                  if s["name"] == "celeba")
+    celeba = next(
+        s for s in yaml.safe_load(PAPER_CONFIG.read_text())["search"]["init_args"]["sets"] if s["name"] == "celeba"
+    )
     paths = {key: str(tmp_path / celeba[key]) for key in ("root", "labels_file")}
     dataset = LabelledImages(LabelledSet(**{**celeba, **paths}), keep_classes=[CONCEPT])
     # Every identity of the list competes, in the sorted order of the list's spelling, named with spaces...
@@ -275,13 +290,15 @@ def test_paper_run_report_follows_the_contract(paper_run: Path) -> None:
     celeba = next(s for s in data["evaluation_sets"] if s["name"] == "celeba")
     counts = celeba_stand_in()
     assert (celeba["classes"], celeba["images"], celeba["averaging"]) == (
-        len(counts), sum(counts.values()) - counts[UNSCORED], "macro")
+        len(counts),
+        sum(counts.values()) - counts[UNSCORED],
+        "macro",
+    )
     assert celeba["image_class_list"] == "5 names"
     assert next(s for s in data["evaluation_sets"] if s["name"] == "imagenet")["averaging"] == "micro"
     searched_layers = {p["layer"] for p in report["search"]}
     assert concept["layer"] in searched_layers
-    assert all(p["concept"] == CONCEPT and set(p["test_top1"]) == {"celeba", "imagenet"}
-               for p in report["search"])
+    assert all(p["concept"] == CONCEPT and set(p["test_top1"]) == {"celeba", "imagenet"} for p in report["search"])
     # max_steps 1 from the override: one probe per searched layer.
     assert len(report["search"]) == len(searched_layers)
     assert report["timing"]["probes"] == len(report["search"]) and report["timing"]["total_s"] > 0
@@ -301,15 +318,22 @@ def test_recorded_config_runs_again(paper_run: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(paper_run)
     rerun = paper_run / "rerun"
     # Only the vision tower is searched again: its probes are cheap, and they are enough to compare.
-    assert _unlearn("--config", str(output / "config.yaml"), "--output_dir", str(rerun),
-                    "--search.init_args.towers=[vision]") == 0
+    assert (
+        _unlearn(
+            "--config", str(output / "config.yaml"), "--output_dir", str(rerun), "--search.init_args.towers=[vision]"
+        )
+        == 0
+    )
     first = json.loads((output / "report.json").read_text())
     again = json.loads((rerun / "report.json").read_text())
     assert (again["retain_samples"], again["concepts"][0]["forget_samples"]) == (
-        first["retain_samples"], first["concepts"][0]["forget_samples"])
+        first["retain_samples"],
+        first["concepts"][0]["forget_samples"],
+    )
     # Same seed, model, data and concepts: the same gradients, so the same layer statistics...
     assert (rerun / "layers.csv").read_text() == (output / "layers.csv").read_text()
     # ...and the same vision probes.
     vision = [p for p in first["search"] if p["layer"].startswith("visual.")]
     assert vision and [(p["layer"], p["step_size"], p["forget_top5"]) for p in again["search"]] == [
-        (p["layer"], p["step_size"], p["forget_top5"]) for p in vision]
+        (p["layer"], p["step_size"], p["forget_top5"]) for p in vision
+    ]

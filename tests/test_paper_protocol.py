@@ -34,9 +34,15 @@ from slug_lightning.zero_shot import accuracy
 TO_TENSOR = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
 HEADER = ["202599", "image_id identity_name"]  # a count, then column names, as CelebA's list files start
 # (image file, name as the list spells it); the people's images interleave, as in CelebA.
-ENTRIES = [("000001.jpg", "Elon_Musk"), ("000002.jpg", "Ada_Lovelace"), ("000003.jpg", "Elon_Musk"),
-           ("000004.jpg", "Grace_Hopper"), ("000005.jpg", "Ada_Lovelace"), ("000006.jpg", "Elon_Musk"),
-           ("000007.jpg", "Alan_Turing")]
+ENTRIES = [
+    ("000001.jpg", "Elon_Musk"),
+    ("000002.jpg", "Ada_Lovelace"),
+    ("000003.jpg", "Elon_Musk"),
+    ("000004.jpg", "Grace_Hopper"),
+    ("000005.jpg", "Ada_Lovelace"),
+    ("000006.jpg", "Elon_Musk"),
+    ("000007.jpg", "Alan_Turing"),
+]
 
 
 def _jpeg(value: int) -> bytes:
@@ -94,15 +100,17 @@ def test_celeba_layout_with_class_names_sets_the_order(celeba) -> None:
         LabelledImages(celeba_set(celeba, class_names=names[:3]))
 
 
-@pytest.mark.parametrize("header, entries, words", [
-    (HEADER, [*ENTRIES[:2], ("000003.jpg",)],
-     ["line 5", "'000003.jpg'", "<image file> <Name_With_Underscores>"]),
-    (HEADER, [*ENTRIES[:2], ("000003.jpg", "Elon", "Musk")], ["line 5", "Elon Musk'"]),
-    (HEADER, [*ENTRIES[:2], ("000001.jpg", "Ada_Lovelace")], ["line 5", "'000001.jpg' a second time"]),
-    ([], ENTRIES, ["line 1 '000001.jpg Elon_Musk' is an entry", "two header lines"]),
-    (HEADER[:1], ENTRIES, ["line 2 '000001.jpg Elon_Musk' is an entry"]),
-    (HEADER, [], ["has 2 line(s) and no entry"]),
-])
+@pytest.mark.parametrize(
+    "header, entries, words",
+    [
+        (HEADER, [*ENTRIES[:2], ("000003.jpg",)], ["line 5", "'000003.jpg'", "<image file> <Name_With_Underscores>"]),
+        (HEADER, [*ENTRIES[:2], ("000003.jpg", "Elon", "Musk")], ["line 5", "Elon Musk'"]),
+        (HEADER, [*ENTRIES[:2], ("000001.jpg", "Ada_Lovelace")], ["line 5", "'000001.jpg' a second time"]),
+        ([], ENTRIES, ["line 1 '000001.jpg Elon_Musk' is an entry", "two header lines"]),
+        (HEADER[:1], ENTRIES, ["line 2 '000001.jpg Elon_Musk' is an entry"]),
+        (HEADER, [], ["has 2 line(s) and no entry"]),
+    ],
+)
 def test_malformed_labels_file_is_refused(tmp_path, header, entries, words) -> None:
     root, labels_file = write_celeba(tmp_path / "celeba", [e for e in entries if len(e) == 2])
     with open(labels_file, "w") as file:
@@ -173,8 +181,9 @@ def _folders(root, counts: dict[str, int]):
 
 def _hf(datasets, path, names: list[str], labels: list[int]) -> str:
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4)) for _ in labels], "label": labels},
-                               features=features).save_to_disk(str(path))
+    datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4)) for _ in labels], "label": labels}, features=features
+    ).save_to_disk(str(path))
     return str(path)
 
 
@@ -193,13 +202,17 @@ def layouts(tmp_path, monkeypatch):
     }
     wnids = imagenet_wnids()
     synsets = [wnids[i] for i in (0, 1, 2, 3)]
-    found["synset folders"] = ({"root": _folders(tmp_path / "val", dict(zip(synsets, counts)))},
-                               [IMAGENET_CLASSNAMES[i] for i in (0, 1, 2, 3)])
+    found["synset folders"] = (
+        {"root": _folders(tmp_path / "val", dict(zip(synsets, counts)))},
+        [IMAGENET_CLASSNAMES[i] for i in (0, 1, 2, 3)],
+    )
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     labels = [i for i, count in enumerate(counts) for _ in range(count)]
-    found["hf dataset"] = ({"hf_dataset": _hf(datasets, tmp_path / "hf", ["a_b", "c", "d", "e"], labels)},
-                           ["a_b", "c", "d", "e"])
+    found["hf dataset"] = (
+        {"hf_dataset": _hf(datasets, tmp_path / "hf", ["a_b", "c", "d", "e"], labels)},
+        ["a_b", "c", "d", "e"],
+    )
     return found
 
 
@@ -230,8 +243,11 @@ def test_classes_narrow_every_layout(layouts, layout, tmp_path) -> None:
 def test_forget_concept_outside_classes_is_refused(layouts, layout) -> None:
     options, names = layouts[layout]
     spec = LabelledSet("s", classes=[names[0], names[1]], **options)
-    with pytest.raises(ValueError, match=rf"forget concept\(s\) \['{names[2]}'\] are classes of the set but "
-                                         r"not among its classes \(2 listed\).*add them to classes"):
+    with pytest.raises(
+        ValueError,
+        match=rf"forget concept\(s\) \['{names[2]}'\] are classes of the set but "
+        r"not among its classes \(2 listed\).*add them to classes",
+    ):
         LabelledImages(spec, keep_classes=[names[2], "not a class here"])
     # A concept that is not a class of the set at all is some other set's business.
     assert len(LabelledImages(spec, keep_classes=["not a class here"])) == 3
@@ -239,18 +255,24 @@ def test_forget_concept_outside_classes_is_refused(layouts, layout) -> None:
 
 def test_preflight_names_a_forget_concept_outside_classes(celeba) -> None:
     search = StepSearch(sets=[celeba_set(celeba, classes=["Ada_Lovelace", "Alan_Turing"])])
-    with pytest.raises(UserError,
-                       match=r"^search\.init_args\.sets\[0\] \('celeba'\): .*\['Elon Musk'\].*add them"):
+    with pytest.raises(UserError, match=r"^search\.init_args\.sets\[0\] \('celeba'\): .*\['Elon Musk'\].*add them"):
         check_eval_sets(search, ["Elon Musk"])
 
 
-@pytest.mark.parametrize("option, value, error, words", [
-    ("classes", ["Ada Lovelace", "Grace Hoper"], ValueError, ["['Grace Hoper'] (1 of 2) are not classes",
-                                                              "near 'Grace Hoper': ['Grace Hopper']"]),
-    ("image_classes", ["Ada_Lovelace", "Ada Lovelace"], ValueError, ["['Ada Lovelace'] more than once"]),
-    ("classes", "no/such/list.txt", FileNotFoundError, ["'no/such/list.txt' does not exist", "package:"]),
-    ("image_classes", "package:nope.txt", FileNotFoundError, ["package:frequent_celebs.txt"]),
-])
+@pytest.mark.parametrize(
+    "option, value, error, words",
+    [
+        (
+            "classes",
+            ["Ada Lovelace", "Grace Hoper"],
+            ValueError,
+            ["['Grace Hoper'] (1 of 2) are not classes", "near 'Grace Hoper': ['Grace Hopper']"],
+        ),
+        ("image_classes", ["Ada_Lovelace", "Ada Lovelace"], ValueError, ["['Ada Lovelace'] more than once"]),
+        ("classes", "no/such/list.txt", FileNotFoundError, ["'no/such/list.txt' does not exist", "package:"]),
+        ("image_classes", "package:nope.txt", FileNotFoundError, ["package:frequent_celebs.txt"]),
+    ],
+)
 def test_bad_class_lists_name_the_value(celeba, option, value, error, words) -> None:
     with pytest.raises(error) as raised:
         LabelledImages(celeba_set(celeba, **{option: value}))
@@ -304,15 +326,18 @@ def test_micro_and_macro_by_hand() -> None:
 
 
 def test_step_search_passes_each_sets_averaging() -> None:
-    search = StepSearch(sets=[LabelledSet("celeba", root="a", averaging="macro"),
-                              LabelledSet("imagenet", root="b")])
+    search = StepSearch(sets=[LabelledSet("celeba", root="a", averaging="macro"), LabelledSet("imagenet", root="b")])
     assert search.averaging == {"celeba": "macro", "imagenet": "micro"}
 
 
 def test_report_says_how_each_set_averages(celeba) -> None:
     frequent = "package:frequent_celebs.txt"
-    search = StepSearch(sets=[celeba_set(celeba, image_classes=frequent, averaging="macro"),
-                              LabelledSet("objects", root="b", classes=["cup", "pot"])])
+    search = StepSearch(
+        sets=[
+            celeba_set(celeba, image_classes=frequent, averaging="macro"),
+            LabelledSet("objects", root="b", classes=["cup", "pot"]),
+        ]
+    )
     sizes = {"celeba": {"classes": 4, "images": 7}, "objects": {"classes": 2, "images": 5}}
     data = describe_data(None, search.sets, sizes)
     celeba_entry, objects_entry = data["evaluation_sets"]
@@ -334,8 +359,9 @@ def test_evaluate_averages_each_set_as_it_says(tiny_clip, tmp_path) -> None:
     datamodule.transform = tiny_clip.preprocess
     counts = ZeroShotEvaluator(tiny_clip.model, tiny_clip.tokenizer, datamodule).run()
     module = ZeroShotModule.wrap(tiny_clip)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.validate(module, datamodule=datamodule, verbose=False)
     for name in ("micro", "macro"):
         assert module.results[name] == pytest.approx(accuracy(counts[name], averaging=name))
@@ -370,8 +396,7 @@ def _tokenizer(captions):
 def _images(urls, seed, world_size=1, num_workers=0) -> dict[str, torch.Tensor]:
     images = {}
     for rank in range(world_size):
-        stream = PairStream(urls, AUGMENT, _tokenizer, 3, rank=rank, world_size=world_size,
-                            augmentation_seed=seed)
+        stream = PairStream(urls, AUGMENT, _tokenizer, 3, rank=rank, world_size=world_size, augmentation_seed=seed)
         # (A DataLoader draws its workers' seeds from the global generator even without workers.)
         batches = stream
         if num_workers:
@@ -417,8 +442,9 @@ def test_retain_augmentation_feeds_only_the_retain_stream(tmp_path) -> None:
     data.retain_transform = AUGMENT
     forget, retain = (next(iter(loader)) for loader in data.predict_dataloader())
     assert torch.equal(forget["image"][0], TO_TENSOR(Image.open(io.BytesIO(_png(3))).convert("RGB")))
-    expected = PairStream([url], AUGMENT, _tokenizer, 4, keep=lambda caption: caption != "pair 3",
-                          augmentation_seed=data.seed)
+    expected = PairStream(
+        [url], AUGMENT, _tokenizer, 4, keep=lambda caption: caption != "pair 3", augmentation_seed=data.seed
+    )
     assert retain["key"] == ["000000000", "000000001", "000000002"]
     assert torch.equal(retain["image"], next(iter(expected))["image"])
 

@@ -35,9 +35,10 @@ def _images(root, classes, per_class, seed, size=32):
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("reuse")
-    return [LabelledSet("people", root=_images(root / "people", PEOPLE, 4, seed=0),
-                        templates=["a photo of {}.", "{}."]),
-            LabelledSet("things", root=_images(root / "things", ["cup", "hat", "kite"], 5, seed=1))]
+    return [
+        LabelledSet("people", root=_images(root / "people", PEOPLE, 4, seed=0), templates=["a photo of {}.", "{}."]),
+        LabelledSet("things", root=_images(root / "things", ["cup", "hat", "kite"], 5, seed=1)),
+    ]
 
 
 def _evaluator(loaded, sets, **kwargs) -> ZeroShotEvaluator:
@@ -51,15 +52,17 @@ def _tiny_custom_text_clip() -> CustomTextCLIP:
     return CustomTextCLIP(
         embed_dim=32,
         vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
-        text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2,
-                             proj_type="linear"),
+        text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2, proj_type="linear"),
     ).eval()
 
 
 def _tiny_resnet_clip() -> CLIP:
     torch.manual_seed(0)
-    return CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=32),
-                text_cfg=CLIPTextCfg(context_length=20, width=32, heads=2, layers=2)).eval()  # slug-tiny's tokenizer
+    return CLIP(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=20, width=32, heads=2, layers=2),
+    ).eval()  # slug-tiny's tokenizer
 
 
 @pytest.mark.parametrize("name", ["slug-tiny", "ViT-B-32", "custom-text"])
@@ -99,10 +102,10 @@ def test_stage_of_follows_the_forward_order(tiny_clip):
 
 def test_unknown_towers_are_not_staged():
     model = _tiny_resnet_clip()
-    assert vision_stages(model) is None          # ModifiedResNet
+    assert vision_stages(model) is None  # ModifiedResNet
     assert text_stages(model) is not None
     coca = open_clip.create_model("coca_ViT-B-32")
-    assert text_stages(coca) is None             # a class token: attention mask depends on the batch
+    assert text_stages(coca) is None  # a class token: attention mask depends on the batch
 
 
 def _edit_every_layer(model, names, seed=0):
@@ -198,8 +201,14 @@ def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets):
     for reuse in (True, False):
         search = StepSearch(sets=sets, metric="top5", max_steps=4, batch_size=7, apply=False, reuse=reuse)
         result = search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
-        results.append(([dataclasses.replace(p, seconds=0.0) for p in result.probes], result.chosen[target].layer,
-                        result.after, result.test_classes))
+        results.append(
+            (
+                [dataclasses.replace(p, seconds=0.0) for p in result.probes],
+                result.chosen[target].layer,
+                result.after,
+                result.test_classes,
+            )
+        )
     assert results[0][0] and results[0][0] == results[1][0]
     assert results[0][1:] == results[1][1:]
     # each set's test classes (the target not among them) add up to its test accuracy, before and after
@@ -211,7 +220,11 @@ def test_step_search_results_do_not_depend_on_reuse(tiny_clip, sets):
             assert hits / sum(row["images"] for row in rows) == pytest.approx(summary["test"][name]["top1"])
     # Layers are searched tower by tower in forward order, so each tower's cache only moves forward.
     stages = tower_stages(model)
-    visited = [(p.layer.startswith("visual."), stages["vision" if p.layer.startswith("visual.") else "language"]
-                .stage_of(p.layer)) for p in results[0][0]]
+    visited = [
+        (
+            p.layer.startswith("visual."),
+            stages["vision" if p.layer.startswith("visual.") else "language"].stage_of(p.layer),
+        )
+        for p in results[0][0]
+    ]
     assert visited == sorted(visited, key=lambda v: (not v[0], v[1]))
-

@@ -21,6 +21,8 @@ import traceback
 import open_clip
 import pytest
 import torch
+from conftest import one_line_error  # noqa: E402  (conftest.py is importable from the tests)
+from test_probe_reuse import PEOPLE, _evaluator, _images  # noqa: E402
 
 from slug_lightning import config_path
 from slug_lightning.callbacks import StepSearch
@@ -32,26 +34,47 @@ from slug_lightning.gradient_store import GradientStore
 from slug_lightning.layers import candidate_layers
 from slug_lightning.zero_shot import accuracy
 
-from conftest import one_line_error  # noqa: E402  (conftest.py is importable from the tests)
-from test_probe_reuse import PEOPLE, _evaluator, _images  # noqa: E402
-
-EVALUATE = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data",
-            "slug_lightning.datamodules.ZeroShotDataModule", "--trainer.logger", "false"]
+EVALUATE = [
+    "evaluate",
+    "--model",
+    "slug_lightning.ZeroShotModule",
+    "--data",
+    "slug_lightning.datamodules.ZeroShotDataModule",
+    "--trainer.logger",
+    "false",
+]
 
 
 # --- `python -m slug_lightning evaluate --config configs/demo/evaluate.yaml    # a table, and JSON with --output`
+
 
 def test_evaluate_prints_a_table_and_writes_the_accuracies_as_json(small_demo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the config's relative paths must not be what is read or written
     world = load_demo_world(small_demo / "world")
     checkpoint = small_demo / "fit" / "slug-tiny.safetensors"
-    sets = [LabelledSet("identities", root=str(world.identities_dir)),
-            LabelledSet("objects", root=str(world.objects_dir))]
+    sets = [
+        LabelledSet("identities", root=str(world.identities_dir)),
+        LabelledSet("objects", root=str(world.objects_dir)),
+    ]
     output = tmp_path / "not" / "yet" / "accuracy.json"  # a missing directory is made
-    assert main(["evaluate", "--config", config_path("demo/evaluate.yaml"), "--model.init_args.pretrained",
-                 str(checkpoint), "--data.init_args.sets",
-                 json.dumps([{"name": s.name, "root": s.root} for s in sets]),
-                 "--trainer.enable_progress_bar", "false", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                config_path("demo/evaluate.yaml"),
+                "--model.init_args.pretrained",
+                str(checkpoint),
+                "--data.init_args.sets",
+                json.dumps([{"name": s.name, "root": s.root} for s in sets]),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     written = json.loads(output.read_text())
     assert list(written) == ["identities", "objects"]
@@ -69,21 +92,35 @@ def test_evaluate_prints_a_table_and_writes_the_accuracies_as_json(small_demo, t
         for key in ("top1", "top5"):
             assert written[name][key] == pytest.approx(expected[key], abs=1e-9), (name, key)
         # the table's row of the set: top-1 and top-5 in percent, then the image count
-        assert rows[name] == [f"{100 * expected['top1']:.1f}", f"{100 * expected['top5']:.1f}",
-                              str(expected["count"])], printed
+        assert rows[name] == [
+            f"{100 * expected['top1']:.1f}",
+            f"{100 * expected['top5']:.1f}",
+            str(expected["count"]),
+        ], printed
 
 
 def test_evaluate_output_under_a_file_is_one_line_before_evaluating(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results").write_text("")
     # The set's folder does not exist: only the check before the evaluation can answer first.
-    one_line_error(capsys, [*EVALUATE, "--data.init_args.sets", "[{name: a, root: nowhere}]",
-                            "--output", str(tmp_path / "results" / "accuracy.json")],
-                   "--output", "lies under", "which is a file")
+    one_line_error(
+        capsys,
+        [
+            *EVALUATE,
+            "--data.init_args.sets",
+            "[{name: a, root: nowhere}]",
+            "--output",
+            str(tmp_path / "results" / "accuracy.json"),
+        ],
+        "--output",
+        "lies under",
+        "which is a file",
+    )
     assert (tmp_path / "results").read_text() == ""
 
 
 # --- "Input errors print one line (`error: ...`) and exit with status 2; `SLUG_DEBUG=1` shows the traceback."
+
 
 def test_slug_debug_shows_the_traceback_of_an_input_error(capsys, tmp_path, monkeypatch):
     """``python -m slug_lightning`` run in this process (``runpy``), so the exit status is the one a shell sees:
@@ -91,8 +128,18 @@ def test_slug_debug_shows_the_traceback_of_an_input_error(capsys, tmp_path, monk
     prints its traceback and exits with 1."""
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "missing.safetensors"
-    monkeypatch.setattr(sys, "argv", ["slug_lightning", *EVALUATE, "--model.init_args.pretrained", str(missing),
-                                      "--data.init_args.sets", "[{name: a, root: nowhere}]"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "slug_lightning",
+            *EVALUATE,
+            "--model.init_args.pretrained",
+            str(missing),
+            "--data.init_args.sets",
+            "[{name: a, root: nowhere}]",
+        ],
+    )
     message = f"Checkpoint file '{missing}' does not exist."
 
     monkeypatch.delenv("SLUG_DEBUG", raising=False)
@@ -114,15 +161,17 @@ def test_slug_debug_shows_the_traceback_of_an_input_error(capsys, tmp_path, monk
 
 # --- "`--search.init_args.cache_on_cpu true` keeps it [the probe cache] in host memory"
 
+
 @pytest.fixture(scope="module")
 def probe_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache_on_cpu")
-    return [LabelledSet("people", root=_images(root / "people", PEOPLE, 4, seed=0), templates=["a photo of {}."]),
-            LabelledSet("things", root=_images(root / "things", ["cup", "hat", "kite"], 5, seed=1))]
+    return [
+        LabelledSet("people", root=_images(root / "people", PEOPLE, 4, seed=0), templates=["a photo of {}."]),
+        LabelledSet("things", root=_images(root / "things", ["cup", "hat", "kite"], 5, seed=1)),
+    ]
 
 
-def test_cache_on_cpu_keeps_the_probe_caches_on_the_cpu_and_changes_no_result(tiny_clip, probe_sets,
-                                                                               monkeypatch):
+def test_cache_on_cpu_keeps_the_probe_caches_on_the_cpu_and_changes_no_result(tiny_clip, probe_sets, monkeypatch):
     """On a GPU the point is where the stage caches live (host memory, not the accelerator's), which a CPU-only
     machine cannot show: here both settings compute on the CPU. What is checked is that the option reaches the
     search's evaluator as ``cache_device="cpu"`` (the default lets the cache follow the compute device), that the
@@ -157,16 +206,21 @@ def test_cache_on_cpu_keeps_the_probe_caches_on_the_cpu_and_changes_no_result(ti
     for cache_on_cpu in (False, True):
         built.clear()
         cached.clear()
-        search = StepSearch(sets=probe_sets, metric="top5", max_steps=4, batch_size=7, apply=False,
-                            cache_on_cpu=cache_on_cpu)
+        search = StepSearch(
+            sets=probe_sets, metric="top5", max_steps=4, batch_size=7, apply=False, cache_on_cpu=cache_on_cpu
+        )
         result = search.run(model, tiny_clip.tokenizer, tiny_clip.preprocess, store)
         assert built, "the search builds its evaluator through ZeroShotEvaluator"
         for kwargs, evaluator in built:
             assert kwargs["cache_device"] == ("cpu" if cache_on_cpu else None)
             assert evaluator.cache_device == torch.device("cpu")
         assert cached and all(device.type == "cpu" for device in cached)
-        results[cache_on_cpu] = ([dataclasses.replace(p, seconds=0.0) for p in result.probes],
-                                 result.chosen[target].layer, result.chosen[target].step_size, result.after)
+        results[cache_on_cpu] = (
+            [dataclasses.replace(p, seconds=0.0) for p in result.probes],
+            result.chosen[target].layer,
+            result.chosen[target].step_size,
+            result.after,
+        )
     assert results[False][0] and results[True] == results[False]
 
 
@@ -204,26 +258,67 @@ HUNG = 240  # the whole command, start-up included; below pytest-timeout's 300 s
 
 @pytest.mark.ddp
 def test_a_dead_ddp_rank_fails_the_run_instead_of_hanging(tmp_path, tiny_weights):
-    world = make_demo_world(tmp_path / "world", seed=0, people=4, objects=2, portraits_per_person=8,
-                            person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
-                            eval_per_object=2, shards=3)
+    world = make_demo_world(
+        tmp_path / "world",
+        seed=0,
+        people=4,
+        objects=2,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=20,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=3,
+    )
     script, output, death = tmp_path / "dying_rank.py", tmp_path / "run", tmp_path / "rank1_died_at"
     script.write_text(DYING_RANK)  # a file: the launcher starts rank 1 as `python <sys.argv[0]> ...`
     sets = [{"name": "identities", "root": str(world.identities_dir)}]
-    command = [sys.executable, str(script), "unlearn", "--config", config_path("demo/unlearn.yaml"),
-               "--config", config_path("trainer/ddp_cpu.yaml"), "--model.init_args.pretrained", str(tiny_weights),
-               "--model.init_args.checkpoint_every", "1", "--trainer.logger", "false",
-               "--trainer.enable_progress_bar", "false", "--data.init_args.shards", world.shards,
-               "--data.init_args.concepts", json.dumps([{"name": world.default_target}]),
-               # 16 a global batch: the target's ~10 pairs in 1 batch, the 66 retain pairs in 5; the 3rd
-               # checkpoint follows the 2nd retain batch, whose loss gathers features across the ranks
-               "--data.init_args.batch_size", "16", "--search.init_args.sets", json.dumps(sets),
-               "--search.init_args.metric", "top5", "--search.init_args.max_steps", "2", "--output_dir", str(output)]
+    command = [
+        sys.executable,
+        str(script),
+        "unlearn",
+        "--config",
+        config_path("demo/unlearn.yaml"),
+        "--config",
+        config_path("trainer/ddp_cpu.yaml"),
+        "--model.init_args.pretrained",
+        str(tiny_weights),
+        "--model.init_args.checkpoint_every",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.shards",
+        world.shards,
+        "--data.init_args.concepts",
+        json.dumps([{"name": world.default_target}]),
+        # 16 a global batch: the target's ~10 pairs in 1 batch, the 66 retain pairs in 5; the 3rd
+        # checkpoint follows the 2nd retain batch, whose loss gathers features across the ranks
+        "--data.init_args.batch_size",
+        "16",
+        "--search.init_args.sets",
+        json.dumps(sets),
+        "--search.init_args.metric",
+        "top5",
+        "--search.init_args.max_steps",
+        "2",
+        "--output_dir",
+        str(output),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AFTER": "3", "DEATH_FILE": str(death)}
     env.pop("LOCAL_RANK", None)
     # A session of its own, so that a hung run's ranks can all be ended here (they share its process group).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=tmp_path, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         log, _ = process.communicate(timeout=HUNG)
     except subprocess.TimeoutExpired:

@@ -38,33 +38,78 @@ def report_links(markdown: str) -> list[str]:
 
 def _result() -> SearchResult:
     """A finished search of a two-tower, one-concept run, as the plots read it."""
-    names = ["visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.proj",
-             "transformer.resblocks.0.mlp.c_fc.weight", "ln_final.weight", "text_projection"]
+    names = [
+        "visual.conv1.weight",
+        "visual.transformer.resblocks.0.attn.in_proj_weight",
+        "visual.proj",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "ln_final.weight",
+        "text_projection",
+    ]
     generator = torch.Generator().manual_seed(0)
     importance = torch.rand(len(names), generator=generator).tolist()
     alignment = torch.rand(len(names), generator=generator).tolist()
-    layers = {"Ann Lee": [
-        LayerStats(n, "vision" if n.startswith("visual.") else "language", 10 ** (-3 * i), 10 ** (-2 * a),
-                   1.0, 1.0, front=1 + k % 2)
-        for k, (n, i, a) in enumerate(zip(names, importance, alignment))]}
+    layers = {
+        "Ann Lee": [
+            LayerStats(
+                n,
+                "vision" if n.startswith("visual.") else "language",
+                10 ** (-3 * i),
+                10 ** (-2 * a),
+                1.0,
+                1.0,
+                front=1 + k % 2,
+            )
+            for k, (n, i, a) in enumerate(zip(names, importance, alignment))
+        ]
+    }
     probes = []
     for layer in ("visual.proj", "text_projection"):
         for step, lam in enumerate([1.0, 2.0, 4.0, 3.0, 3.5]):
             forget = max(0.0, 1 - lam / 3.2)
-            probes.append(Probe("Ann Lee", layer, step, lam, 0.1 * lam, forget, min(1.0, forget * 2),
-                                {"people": 0.9 - 0.02 * lam, "things": 0.8}, {"people": 1.0, "things": 1.0}))
+            probes.append(
+                Probe(
+                    "Ann Lee",
+                    layer,
+                    step,
+                    lam,
+                    0.1 * lam,
+                    forget,
+                    min(1.0, forget * 2),
+                    {"people": 0.9 - 0.02 * lam, "things": 0.8},
+                    {"people": 1.0, "things": 1.0},
+                )
+            )
     matrix = torch.rand(4, 4, generator=generator) * 0.5 + torch.eye(4) * 0.4
-    similarity = {"people": (["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"], ["Ann Lee"], matrix,
-                             matrix * torch.tensor([0.2, 1, 1, 1])[:, None])}
+    similarity = {
+        "people": (
+            ["Ann Lee", "Bob Roy", "Cy Dunn", "Dee Fox"],
+            ["Ann Lee"],
+            matrix,
+            matrix * torch.tensor([0.2, 1, 1, 1])[:, None],
+        )
+    }
     # one concept: no refinement visits
-    return SearchResult(["Ann Lee"], {"metric": "top1", "threshold": 0.0, "fronts": 1}, before={}, after={},
-                        chosen={"Ann Lee": probes[3]}, probes=probes, layers=layers, similarity=similarity)
+    return SearchResult(
+        ["Ann Lee"],
+        {"metric": "top1", "threshold": 0.0, "fronts": 1},
+        before={},
+        after={},
+        chosen={"Ann Lee": probes[3]},
+        probes=probes,
+        layers=layers,
+        similarity=similarity,
+    )
 
 
 def test_every_plot_of_a_run_renders_with_content(tmp_path):
     names = unlearn_plots(tmp_path, _result())
-    assert set(names) == {"pareto_ann_lee_vision.png", "pareto_ann_lee_language.png", "search_ann_lee.png",
-                          "similarity_people.png"}
+    assert set(names) == {
+        "pareto_ann_lee_vision.png",
+        "pareto_ann_lee_language.png",
+        "search_ann_lee.png",
+        "similarity_people.png",
+    }
     for name in names:
         assert_readable_png(tmp_path / name)
 
@@ -86,22 +131,41 @@ def test_pareto_plot_labels_every_searched_front(tmp_path, monkeypatch, fronts):
 
 
 def _report(plots: list[str]) -> dict:
-    accuracies = {"forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}},
-                  "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.7, "top5": 0.9}}}
+    accuracies = {
+        "forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}},
+        "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.7, "top5": 0.9}},
+    }
     after = {"forget": {"Ann Lee": {"top1": 0.0, "top5": 0.2}}, "test": accuracies["test"]}
     return {
         "model": {"name": "slug-tiny", "pretrained": "fit.safetensors", "parameters": 123},
-        "concepts": [{"name": "Ann Lee", "layer": "visual.proj", "tower": "vision", "step_size": 3.0,
-                      "relative_change": 0.3, "forget_samples": 12}],
-        "retain_samples": 100, "skipped_samples": 1, "before": accuracies, "after": after,
+        "concepts": [
+            {
+                "name": "Ann Lee",
+                "layer": "visual.proj",
+                "tower": "vision",
+                "step_size": 3.0,
+                "relative_change": 0.3,
+                "forget_samples": 12,
+            }
+        ],
+        "retain_samples": 100,
+        "skipped_samples": 1,
+        "before": accuracies,
+        "after": after,
         "settings": {"metric": "top1", "threshold": 0.0},
         "timing": {"gradients_s": 2.0, "search_s": 1.0, "total_s": 3.5, "probes": 10, "reused_gradients": False},
         "memory": {"gradients": {"peak_rss_mib": 900.0}, "search": {"peak_rss_mib": 950.0}, "peak_rss_mib": 990.0},
-        "devices": 1, "plots": plots,
-        "data": {"shards": "s/{0..3}.tar", "forget_shards": "s/{0..3}.tar", "batch_size": 8,
-                 "concepts": [{"name": "Ann Lee", "aliases": ["Ann"]}],
-                 "evaluation_sets": [{"name": "people", "source": "eval/people", "fraction": 0.5, "templates": 1,
-                                      "classes": 4, "images": 40}]},
+        "devices": 1,
+        "plots": plots,
+        "data": {
+            "shards": "s/{0..3}.tar",
+            "forget_shards": "s/{0..3}.tar",
+            "batch_size": 8,
+            "concepts": [{"name": "Ann Lee", "aliases": ["Ann"]}],
+            "evaluation_sets": [
+                {"name": "people", "source": "eval/people", "fraction": 0.5, "templates": 1, "classes": 4, "images": 40}
+            ],
+        },
         "command": "python -m slug_lightning unlearn --config out/config.yaml",
     }
 
@@ -109,9 +173,16 @@ def _report(plots: list[str]) -> dict:
 def test_report_md_has_every_section_and_links_only_its_plots(tmp_path):
     plots = unlearn_plots(tmp_path, _result())
     markdown = render_markdown(_report(plots))
-    for heading in ("## Data", "## Chosen edits", "## Accuracy before and after", "## Cost",
-                    "## Layers: importance against alignment", "## Step-size search", "## Image–text similarity",
-                    "## Reproduce"):
+    for heading in (
+        "## Data",
+        "## Chosen edits",
+        "## Accuracy before and after",
+        "## Cost",
+        "## Layers: importance against alignment",
+        "## Step-size search",
+        "## Image–text similarity",
+        "## Reproduce",
+    ):
         assert heading in markdown, heading
     assert "Ann Lee (aliases: Ann)" in markdown and "(50% subset)" in markdown
     assert "| forget | Ann Lee | 90.0 | 0.0 |" in markdown
@@ -130,10 +201,14 @@ def test_report_md_shows_each_edits_share_for_several_concepts():
     for side in ("before", "after"):
         report[side]["forget"]["Bob Roy"] = {"top1": 0.0, "top5": 0.1}
     report["leave_one_out"] = {
-        "Ann Lee": {"forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}, "Bob Roy": {"top1": 0.25, "top5": 0.5}},
-                    "test": {"people": {"top1": 0.85, "top5": 1.0}, "things": {"top1": 0.7, "top5": 0.9}}},
-        "Bob Roy": {"forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": 1.0, "top5": 1.0}},
-                    "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.75, "top5": 0.9}}},
+        "Ann Lee": {
+            "forget": {"Ann Lee": {"top1": 0.9, "top5": 1.0}, "Bob Roy": {"top1": 0.25, "top5": 0.5}},
+            "test": {"people": {"top1": 0.85, "top5": 1.0}, "things": {"top1": 0.7, "top5": 0.9}},
+        },
+        "Bob Roy": {
+            "forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": 1.0, "top5": 1.0}},
+            "test": {"people": {"top1": 0.8, "top5": 0.95}, "things": {"top1": 0.75, "top5": 0.9}},
+        },
     }
     markdown = render_markdown(report)
     assert "| edits | test people | test things | forget Ann Lee | forget Bob Roy |" in markdown
@@ -151,9 +226,15 @@ def test_report_md_and_the_terminal_summary_show_the_concept_orders_and_the_kept
     tests = report["after"]["test"]
 
     def end(concepts, bob, people, kept):
-        return {"concepts": concepts, "kept": kept, "probes": 40, "edits": {},
-                "forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": bob, "top5": 1.0}},
-                "test": {**tests, "people": {"top1": people, "top5": 1.0}}}
+        return {
+            "concepts": concepts,
+            "kept": kept,
+            "probes": 40,
+            "edits": {},
+            "forget": {"Ann Lee": {"top1": 0.0, "top5": 0.1}, "Bob Roy": {"top1": bob, "top5": 1.0}},
+            "test": {**tests, "people": {"top1": people, "top5": 1.0}},
+        }
+
     report["orders"] = [end(["Ann Lee", "Bob Roy"], 0.0, 0.8, False)]
     assert "## Concept orders" not in render_markdown(report)  # one order: nothing to compare
     assert "concept order" not in terminal_summary(report, Path("runs/x"))
@@ -175,15 +256,21 @@ def test_report_md_and_the_terminal_summary_name_the_test_classes_that_lost_the_
     assert "## Test classes that lost the most" not in render_markdown(report)  # a report without them
     assert "lost the most" not in terminal_summary(report, Path("runs/x"))
     falls = [0.5, 0.0, 0.25, 0.1, 0.2, 0.15, 0.3]  # seven people, each losing that much of a top-1 of 100 %
-    people = [{"name": f"P{i}", "images": 12, "top1_before": 1.0, "top1_after": 1.0 - fall}
-              for i, fall in sorted(enumerate(falls), key=lambda item: -item[1])]
+    people = [
+        {"name": f"P{i}", "images": 12, "top1_before": 1.0, "top1_after": 1.0 - fall}
+        for i, fall in sorted(enumerate(falls), key=lambda item: -item[1])
+    ]
     things = [{"name": "cup", "images": 8, "top1_before": 0.5, "top1_after": 0.75}]
     report["test_classes"] = {"people": people, "things": things}
     markdown = render_markdown(report)
     rows = [line for line in markdown.splitlines() if line.startswith("| people | P")]
-    assert rows == ["| people | P0 | 12 | 100.0 | 50.0 | -50.0 |", "| people | P6 | 12 | 100.0 | 70.0 | -30.0 |",
-                    "| people | P2 | 12 | 100.0 | 75.0 | -25.0 |", "| people | P4 | 12 | 100.0 | 80.0 | -20.0 |",
-                    "| people | P5 | 12 | 100.0 | 85.0 | -15.0 |"]  # the five largest falls, P3 and P1 left out
+    assert rows == [
+        "| people | P0 | 12 | 100.0 | 50.0 | -50.0 |",
+        "| people | P6 | 12 | 100.0 | 70.0 | -30.0 |",
+        "| people | P2 | 12 | 100.0 | 75.0 | -25.0 |",
+        "| people | P4 | 12 | 100.0 | 80.0 | -20.0 |",
+        "| people | P5 | 12 | 100.0 | 85.0 | -15.0 |",
+    ]  # the five largest falls, P3 and P1 left out
     assert "| things | no class lost top-1 |" in markdown
     assert "lost the most: P0 (people) 100.0% → 50.0%" in terminal_summary(report, Path("runs/x"))
 
@@ -218,9 +305,21 @@ def test_evaluate_draws_the_similarity_matrix_of_any_model(tmp_path):
         for i in range(2):
             pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
             Image.fromarray(pixels).save(root / name / f"{i}.png")
-    args = ["evaluate", "--model", "slug_lightning.ZeroShotModule", "--data", "slug_lightning.datamodules.ZeroShotDataModule",
-            "--data.init_args.sets", f"[{{name: people, root: {root}}}]", "--trainer.accelerator", "cpu",
-            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "evaluate",
+        "--model",
+        "slug_lightning.ZeroShotModule",
+        "--data",
+        "slug_lightning.datamodules.ZeroShotDataModule",
+        "--data.init_args.sets",
+        f"[{{name: people, root: {root}}}]",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     assert main([*args, "--similarity", str(tmp_path / "sim.png")]) == 0
     assert_readable_png(tmp_path / "sim.png", min_width=300, min_height=250)
     assert main([*args, "--similarity", str(tmp_path / "bad.png"), "--similarity_classes", "[Ann Le]"]) == 2

@@ -28,9 +28,19 @@ PARTIAL = "gradients.partial.safetensors"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=4, objects=2, portraits_per_person=8,
-                           person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
-                           eval_per_object=2, shards=3)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        people=4,
+        objects=2,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=20,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +49,39 @@ def weights(tiny_weights):
 
 
 def cli_args(world, weights, output: Path, *extra: str) -> list[str]:
-    sets = [{"name": "identities", "root": str(world.identities_dir)},
-            {"name": "objects", "root": str(world.objects_dir)}]
-    return ["unlearn", "--config", str(DEMO_UNLEARN), "--model.init_args.pretrained", str(weights),
-            "--model.init_args.checkpoint_every", "1", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--data.init_args.shards", world.shards,
-            "--data.init_args.concepts", json.dumps([{"name": world.default_target}]),
-            "--data.init_args.batch_size", "16", "--search.init_args.sets", json.dumps(sets),
-            # 4 people: every forget top-5 stays 1, so the random model's target is searched (not "nothing to forget")
-            "--search.init_args.metric", "top5", "--search.init_args.max_steps", "2", "--output_dir", str(output),
-            *extra]
+    sets = [
+        {"name": "identities", "root": str(world.identities_dir)},
+        {"name": "objects", "root": str(world.objects_dir)},
+    ]
+    return [
+        "unlearn",
+        "--config",
+        str(DEMO_UNLEARN),
+        "--model.init_args.pretrained",
+        str(weights),
+        "--model.init_args.checkpoint_every",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.shards",
+        world.shards,
+        "--data.init_args.concepts",
+        json.dumps([{"name": world.default_target}]),
+        "--data.init_args.batch_size",
+        "16",
+        "--search.init_args.sets",
+        json.dumps(sets),
+        # 4 people: every forget top-5 stays 1, so the random model's target is searched (not "nothing to forget")
+        "--search.init_args.metric",
+        "top5",
+        "--search.init_args.max_steps",
+        "2",
+        "--output_dir",
+        str(output),
+        *extra,
+    ]
 
 
 # A real SIGKILL, sent by the process to itself right after its `kill_after`-th partial checkpoint is on disk.
@@ -114,8 +147,11 @@ def test_killed_gradient_pass_resumes_to_the_same_gradients(world, weights, tmp_
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     a, b = GradientStore.load(reference / "gradients.safetensors"), GradientStore.load(output / "gradients.safetensors")
-    assert (a.forget_samples, a.retain_samples, a.skipped_samples) == (b.forget_samples, b.retain_samples,
-                                                                       b.skipped_samples)
+    assert (a.forget_samples, a.retain_samples, a.skipped_samples) == (
+        b.forget_samples,
+        b.retain_samples,
+        b.skipped_samples,
+    )
     report_a = json.loads((reference / "report.json").read_text())
     report_b = json.loads((output / "report.json").read_text())
     assert [c["layer"] for c in report_a["concepts"]] == [c["layer"] for c in report_b["concepts"]]
@@ -150,8 +186,9 @@ def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_pa
 
     partial = tmp_path / PARTIAL
     with pytest.raises(_Crash):
-        _trainer().predict(_crash_after_first_checkpoint(_collector(0, partial)), datamodule=_laion(world),
-                           return_predictions=False)
+        _trainer().predict(
+            _crash_after_first_checkpoint(_collector(0, partial)), datamodule=_laion(world), return_predictions=False
+        )
     assert partial.is_file()
 
     # Other weights: the partial sums are not theirs, so the pass starts over (and matches a fresh run).
@@ -167,8 +204,9 @@ def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_pa
     # `other` finished with partial_path and store_path set: it wrote its store and removed the partial file.
     assert not partial.exists() and (tmp_path / "gradients.safetensors").is_file()
     with pytest.raises(_Crash):
-        _trainer().predict(_crash_after_first_checkpoint(_collector(0, partial)), datamodule=_laion(world),
-                           return_predictions=False)
+        _trainer().predict(
+            _crash_after_first_checkpoint(_collector(0, partial)), datamodule=_laion(world), return_predictions=False
+        )
     resumed = _collector(0, partial)
     _trainer().predict(resumed, datamodule=_laion(world), return_predictions=False)
     assert resumed.resumed_from == {world.default_target: 1, "retain": 0}
@@ -182,8 +220,9 @@ def test_in_process_resume_and_a_partial_of_another_run_is_ignored(world, tmp_pa
 
 
 def _trainer():
-    return SlugTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False)
+    return SlugTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
 
 
 def _laion(world, **kwargs):
@@ -219,6 +258,7 @@ def test_nan_stops_the_pass_naming_the_batch(world, where):
 def test_undecodable_images_over_the_limit_fail_after_the_pass(world, tmp_path):
     """Images that only decoding finds broken are counted in the pass and checked against the limit."""
     import shutil
+
     import webdataset as wds
 
     shards = tmp_path / "shards"
@@ -262,8 +302,7 @@ def test_a_checkpoint_that_fails_midway_leaves_the_previous_one_intact(world, tm
     partial = tmp_path / PARTIAL
     collector = _collector(0, partial)
     with pytest.raises(_Crash):
-        _trainer().predict(_crash_after_first_checkpoint(collector), datamodule=_laion(world),
-                           return_predictions=False)
+        _trainer().predict(_crash_after_first_checkpoint(collector), datamodule=_laion(world), return_predictions=False)
     before = partial.read_bytes()
 
     def half_written(tensors, filename, metadata=None):

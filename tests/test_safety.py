@@ -77,9 +77,20 @@ def _strategy_of(args: list[str], tmp_path: Path):
     original = SlugTrainer.unlearn
     SlugTrainer.unlearn = capture
     try:
-        code = main(["unlearn", "--config", str(CONFIGS / "demo" / "unlearn.yaml"), *args,
-                     "--model.init_args.pretrained", "null", "--trainer.logger", "false",
-                     "--output_dir", str(tmp_path / "out")])
+        code = main(
+            [
+                "unlearn",
+                "--config",
+                str(CONFIGS / "demo" / "unlearn.yaml"),
+                *args,
+                "--model.init_args.pretrained",
+                "null",
+                "--trainer.logger",
+                "false",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     finally:
         SlugTrainer.unlearn = original
     assert code == 0
@@ -98,6 +109,8 @@ def test_ddp_configs_set_a_collective_timeout(tmp_path, config, minutes):
 
 
 def test_ddp_timeout_is_overridable_on_the_command_line(tmp_path):
-    strategy = _strategy_of(["--config", str(CONFIGS / "trainer" / "ddp_cpu.yaml"),
-                             "--trainer.strategy.init_args.timeout", "0:05:00"], tmp_path)
+    strategy = _strategy_of(
+        ["--config", str(CONFIGS / "trainer" / "ddp_cpu.yaml"), "--trainer.strategy.init_args.timeout", "0:05:00"],
+        tmp_path,
+    )
     assert strategy._timeout == datetime.timedelta(minutes=5)

@@ -59,7 +59,7 @@ def test_max_steps_is_respected():
     assert run(search, threshold_oracle(3.0)) == [1.0, 2.0, 4.0]
     assert search.steps == 3 and search.done and not search.converged
     with pytest.raises(RuntimeError, match="done"):
-        search.step_size
+        _ = search.step_size
     with pytest.raises(RuntimeError, match="done"):
         search.update(True)
 
@@ -116,16 +116,19 @@ def test_load_state_dict_rejects_bad_states():
         search.load_state_dict(bad)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"initial": 0.0}, "initial step size .* got 0.0"),
-    ({"initial": -1.0}, "initial step size .* got -1.0"),
-    ({"initial": math.nan}, "initial step size .* got nan"),
-    ({"initial": math.inf}, "initial step size .* got inf"),
-    ({"initial": 1.0, "max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
-    ({"initial": 1.0, "max_steps": 2.5}, "max_steps must be an integer >= 1, got 2.5"),
-    ({"initial": 1.0, "tolerance": 0.0}, r"tolerance must be in the open interval \(0, 1\), got 0.0"),
-    ({"initial": 1.0, "tolerance": 1.0}, r"tolerance .* got 1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"initial": 0.0}, "initial step size .* got 0.0"),
+        ({"initial": -1.0}, "initial step size .* got -1.0"),
+        ({"initial": math.nan}, "initial step size .* got nan"),
+        ({"initial": math.inf}, "initial step size .* got inf"),
+        ({"initial": 1.0, "max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
+        ({"initial": 1.0, "max_steps": 2.5}, "max_steps must be an integer >= 1, got 2.5"),
+        ({"initial": 1.0, "tolerance": 0.0}, r"tolerance must be in the open interval \(0, 1\), got 0.0"),
+        ({"initial": 1.0, "tolerance": 1.0}, r"tolerance .* got 1.0"),
+    ],
+)
 def test_invalid_search_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BinarySearch(**kwargs)
@@ -140,8 +143,9 @@ def test_initial_step_size_moves_the_layer_by_ten_percent():
     assert relative_change(step_size, grad_norm=0.03, weight_norm=12.0) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("weight_norm, grad_norm, bad", [(1.0, 0.0, "grad_norm"), (0.0, 1.0, "weight_norm"),
-                                                         (1.0, math.nan, "grad_norm")])
+@pytest.mark.parametrize(
+    "weight_norm, grad_norm, bad", [(1.0, 0.0, "grad_norm"), (0.0, 1.0, "weight_norm"), (1.0, math.nan, "grad_norm")]
+)
 def test_initial_step_size_needs_positive_norms(weight_norm, grad_norm, bad):
     with pytest.raises(ValueError, match=bad):
         initial_step_size(weight_norm, grad_norm)
@@ -152,8 +156,17 @@ def test_initial_step_size_needs_positive_norms(weight_norm, grad_norm, bad):
 
 def probe(layer="visual.proj", step=0, fa1=0.0, fa5=0.0, tests=(0.5,), change=0.1, concept="Elon Musk"):
     top1 = {f"set{i}": value for i, value in enumerate(tests)}
-    return Probe(concept, layer, step, step_size=1.0, relative_change=change, forget_top1=fa1,
-                 forget_top5=fa5, test_top1=top1, test_top5={k: min(1.0, v + 0.2) for k, v in top1.items()})
+    return Probe(
+        concept,
+        layer,
+        step,
+        step_size=1.0,
+        relative_change=change,
+        forget_top1=fa1,
+        forget_top5=fa5,
+        test_top1=top1,
+        test_top5={k: min(1.0, v + 0.2) for k, v in top1.items()},
+    )
 
 
 def test_probe_utility_and_forget_accuracy():
@@ -165,13 +178,16 @@ def test_probe_utility_and_forget_accuracy():
         p.forget_accuracy("top3")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"fa1": 1.5}, "forget_top1 .* got 1.5"),
-    ({"fa5": math.nan}, "forget_top5 .* got nan"),
-    ({"tests": (-0.1,)}, r"test_top1\['set0'\] .* got -0.1"),
-    ({"change": -1.0}, "relative_change .* got -1.0"),
-    ({"step": -1}, "step must be an integer >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fa1": 1.5}, "forget_top1 .* got 1.5"),
+        ({"fa5": math.nan}, "forget_top5 .* got nan"),
+        ({"tests": (-0.1,)}, r"test_top1\['set0'\] .* got -0.1"),
+        ({"change": -1.0}, "relative_change .* got -1.0"),
+        ({"step": -1}, "step must be an integer >= 0, got -1"),
+    ],
+)
 def test_probe_rejects_invalid_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         probe(**kwargs)
@@ -194,8 +210,7 @@ def test_choose_lowest_forget_accuracy_wins_over_utility():
 
 
 def test_choose_ties_in_forget_accuracy_go_to_utility():
-    probes = [probe(layer="a", tests=(0.5, 0.5)), probe(layer="b", tests=(0.9, 0.3)),
-              probe(layer="c", tests=(0.55,))]
+    probes = [probe(layer="a", tests=(0.5, 0.5)), probe(layer="b", tests=(0.9, 0.3)), probe(layer="c", tests=(0.55,))]
     assert choose(probes) is probes[1]  # mean 0.6 beats 0.55 and 0.5
 
 

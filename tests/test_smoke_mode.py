@@ -33,28 +33,59 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=12, objects=6, portraits_per_person=8,
-                           person_object_per_person=2, samples_per_object=8, scenery_samples=8, eval_per_person=4,
-                           eval_per_object=4, shards=2)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        people=12,
+        objects=6,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=8,
+        eval_per_person=4,
+        eval_per_object=4,
+        shards=2,
+    )
 
 
 def unlearn_args(world, weights, output: Path, *extra: str, concept: str | None = None) -> list[str]:
     """The demo config (a CSV logger, ``max_steps: 10``) on the small world; top-5 so that the random model knows the
     concept (with top-1 it has nothing to forget, and nothing would be searched)."""
-    sets = [{"name": "identities", "root": str(world.identities_dir)},
-            {"name": "objects", "root": str(world.objects_dir)}]
-    return ["unlearn", "--config", str(DEMO_UNLEARN), "--model.init_args.pretrained", str(weights),
-            "--trainer.enable_progress_bar", "false",
-            "--data.init_args.shards", world.shards, "--data.init_args.batch_size", str(BATCH),
-            "--data.init_args.concepts", json.dumps([{"name": concept or world.default_target}]),
-            "--search.init_args.sets", json.dumps(sets), "--search.init_args.metric", "top5",
-            "--search.init_args.similarity_classes", "0", "--output_dir", str(output), *extra]
+    sets = [
+        {"name": "identities", "root": str(world.identities_dir)},
+        {"name": "objects", "root": str(world.objects_dir)},
+    ]
+    return [
+        "unlearn",
+        "--config",
+        str(DEMO_UNLEARN),
+        "--model.init_args.pretrained",
+        str(weights),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.shards",
+        world.shards,
+        "--data.init_args.batch_size",
+        str(BATCH),
+        "--data.init_args.concepts",
+        json.dumps([{"name": concept or world.default_target}]),
+        "--search.init_args.sets",
+        json.dumps(sets),
+        "--search.init_args.metric",
+        "top5",
+        "--search.init_args.similarity_classes",
+        "0",
+        "--output_dir",
+        str(output),
+        *extra,
+    ]
 
 
 def real_run(world, weights, output: Path, *extra: str) -> list[str]:
     """A normal run, kept short: no logger, 1 probe per layer."""
-    return unlearn_args(world, weights, output, "--trainer.logger", "false", "--search.init_args.max_steps", "1",
-                        *extra)
+    return unlearn_args(
+        world, weights, output, "--trainer.logger", "false", "--search.init_args.max_steps", "1", *extra
+    )
 
 
 def report_of(output: Path) -> dict:
@@ -67,13 +98,17 @@ def files_of(output: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.parametrize("fast_dev_run, batches", [("true", 1), ("2", 2)])
-def test_a_smoke_run_runs_every_stage_briefly_and_says_so(world, tiny_weights, tmp_path, monkeypatch, capsys, caplog,
-                                                          fast_dev_run, batches):
+def test_a_smoke_run_runs_every_stage_briefly_and_says_so(
+    world, tiny_weights, tmp_path, monkeypatch, capsys, caplog, fast_dev_run, batches
+):
     monkeypatch.chdir(tmp_path)  # the demo config's CSV logger writes under the working directory
     output = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        code = main(unlearn_args(world, tiny_weights, output, "--trainer.fast_dev_run", fast_dev_run,
-                                 "--require_forgotten", "true"))
+        code = main(
+            unlearn_args(
+                world, tiny_weights, output, "--trainer.fast_dev_run", fast_dev_run, "--require_forgotten", "true"
+            )
+        )
     printed = capsys.readouterr().out
     assert code == 0
     # Everything is in OUTPUT_DIR/smoke; Lightning's fast_dev_run kept the config's logger from writing.
@@ -85,8 +120,9 @@ def test_a_smoke_run_runs_every_stage_briefly_and_says_so(world, tiny_weights, t
     assert report["smoke"] == {"batches_per_stream": batches, "probes_per_layer": SMOKE_MAX_STEPS}
     assert report["verdict"] in ("forgotten", "partly forgotten", "not forgotten")  # still computed
     # The gradient pass read `batches` batches per stream, of the many the shards hold.
-    all_retain = count_kept(expand_shards(world.shards), lambda caption: not Concept(world.default_target).matches(
-        caption))
+    all_retain = count_kept(
+        expand_shards(world.shards), lambda caption: not Concept(world.default_target).matches(caption)
+    )
     assert 0 < report["retain_samples"] <= BATCH * batches < all_retain
     assert 0 < report["concepts"][0]["forget_samples"] <= BATCH * batches
     assert GradientStore.load(smoke / "gradients.safetensors").key["batch_limit"] == batches
@@ -104,8 +140,9 @@ def test_a_smoke_run_runs_every_stage_briefly_and_says_so(world, tiny_weights, t
 
 
 @pytest.mark.e2e
-def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_run(world, tiny_weights, tmp_path,
-                                                                                     capsys, caplog):
+def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_run(
+    world, tiny_weights, tmp_path, capsys, caplog
+):
     output = tmp_path / "run"
     assert main(real_run(world, tiny_weights, output)) == 0
     finished = files_of(output)
@@ -113,15 +150,24 @@ def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_
     # A smoke run in the finished run's directory writes beside it (no --overwrite needed), twice: a smoke run
     # replaces an earlier one.
     for _ in range(2):
-        assert main(unlearn_args(world, tiny_weights, output, "--trainer.logger", "false",
-                                 "--trainer.fast_dev_run", "true")) == 0
+        assert (
+            main(
+                unlearn_args(world, tiny_weights, output, "--trainer.logger", "false", "--trainer.fast_dev_run", "true")
+            )
+            == 0
+        )
         assert report_of(output / "smoke")["smoke_run"] is True
     assert files_of(output) == finished  # not a byte, not a timestamp changed
     smoke_store = output / "smoke" / "gradients.safetensors"
     capsys.readouterr()
     # A real run never takes the smoke run's gradients: given by --gradients they are refused ...
-    one_line_error(capsys, real_run(world, tiny_weights, tmp_path / "other", "--gradients", str(smoke_store)),
-                   "Cannot reuse gradient store", "batches read per stream the first 1", "→ all")
+    one_line_error(
+        capsys,
+        real_run(world, tiny_weights, tmp_path / "other", "--gradients", str(smoke_store)),
+        "Cannot reuse gradient store",
+        "batches read per stream the first 1",
+        "→ all",
+    )
     # ... and found where a real run keeps its own, they are recomputed, with one line saying why.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -136,8 +182,22 @@ def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_
     assert GradientStore.load(fresh / "gradients.safetensors").key["batch_limit"] is None
     # A real run's store given by --gradients is checked as a real run checks it, and a smoke run uses it.
     given = tmp_path / "given"
-    assert main(unlearn_args(world, tiny_weights, given, "--trainer.logger", "false", "--trainer.fast_dev_run", "true",
-                             "--gradients", str(fresh / "gradients.safetensors"))) == 0
+    assert (
+        main(
+            unlearn_args(
+                world,
+                tiny_weights,
+                given,
+                "--trainer.logger",
+                "false",
+                "--trainer.fast_dev_run",
+                "true",
+                "--gradients",
+                str(fresh / "gradients.safetensors"),
+            )
+        )
+        == 0
+    )
     report = report_of(given / "smoke")
     assert report["timing"]["reused_gradients"] is True and report["smoke"]["batches_per_stream"] is None
     assert "reused gradients" in (given / "smoke" / "report.md").read_text()
@@ -146,7 +206,8 @@ def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_
 def test_the_gradient_key_records_the_batch_limit():
     full = {"model": "slug-tiny", "fingerprint": "f", "batch_limit": None}
     assert key_changes(full, {**full, "batch_limit": 1}) == [
-        "batches read per stream all → the first 1 (a smoke run or limit_predict_batches)"]
+        "batches read per stream all → the first 1 (a smoke run or limit_predict_batches)"
+    ]
     assert key_changes({"model": "slug-tiny", "fingerprint": "f"}, full) == []  # keys written before it: full passes
 
 
@@ -155,18 +216,37 @@ def test_what_a_smoke_run_refuses(world, tiny_weights, tmp_path, capsys):
     taken = tmp_path / "taken"
     (taken / "smoke").mkdir(parents=True)
     (taken / "smoke" / "report.json").write_text(json.dumps({"smoke_run": False}))
-    one_line_error(capsys, unlearn_args(world, tiny_weights, taken, "--trainer.fast_dev_run", "true"),
-                   "smoke", "already holds a finished run")
+    one_line_error(
+        capsys,
+        unlearn_args(world, tiny_weights, taken, "--trainer.fast_dev_run", "true"),
+        "smoke",
+        "already holds a finished run",
+    )
     # A baseline method: its iterations read all the data whatever the Trainer's limits.
-    one_line_error(capsys, unlearn_args(world, tiny_weights, tmp_path / "gaft", "--trainer.fast_dev_run", "true",
-                                        "--method", "gaft"), "--trainer.fast_dev_run", "--method gaft")
+    one_line_error(
+        capsys,
+        unlearn_args(world, tiny_weights, tmp_path / "gaft", "--trainer.fast_dev_run", "true", "--method", "gaft"),
+        "--trainer.fast_dev_run",
+        "--method gaft",
+    )
     assert not (tmp_path / "gaft").exists()
     # Too few forget pairs: the smoke run's pre-flight reads captions until there are enough, here every one of
     # them, and says so in one line, as a real run does.
     captions = count_kept(expand_shards(world.shards))
-    one_line_error(capsys, unlearn_args(world, tiny_weights, tmp_path / "few", "--trainer.fast_dev_run", "true",
-                                        "--data.init_args.min_forget_pairs", "1000"),
-                   f"in {captions} captions", "min_forget_pairs=1000")
+    one_line_error(
+        capsys,
+        unlearn_args(
+            world,
+            tiny_weights,
+            tmp_path / "few",
+            "--trainer.fast_dev_run",
+            "true",
+            "--data.init_args.min_forget_pairs",
+            "1000",
+        ),
+        f"in {captions} captions",
+        "min_forget_pairs=1000",
+    )
     assert not (tmp_path / "few" / "smoke" / "gradients.safetensors").exists()
 
 

@@ -2,7 +2,8 @@
 
 Each case runs the real command line in this process (``slug_lightning.cli.main``) on a tiny demo world
 with a randomly initialised tiny CLIP, and checks the exit code, the words of the one-line message, and
-that no gradient was computed (``gradients.safetensors`` absent).
+that no gradient was computed (``gradients.safetensors`` absent). Every refusal of ``unlearn`` is in this one file,
+so the cases share one world; hence its length.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from safetensors.torch import save_file
 from conftest import one_line_error
+from safetensors.torch import save_file
 
 from slug_lightning import config_path
 from slug_lightning.cli import main
@@ -25,32 +26,75 @@ from slug_lightning.demo import make_demo_world
 from slug_lightning.errors import UserError
 from slug_lightning.shard_scan import ShardScan, scan_shards
 from slug_lightning.shards import expand_shards
-from slug_lightning.validation import (WARN_FORGET_SHARE, check_concept_pairs, check_forget_share,
-                                       check_shards_readable, check_skipped, near_matches)
+from slug_lightning.validation import (
+    WARN_FORGET_SHARE,
+    check_concept_pairs,
+    check_forget_share,
+    check_shards_readable,
+    check_skipped,
+    near_matches,
+)
 
 DEMO_UNLEARN = config_path("demo/unlearn.yaml")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=4, objects=2, portraits_per_person=8,
-                           person_object_per_person=2, samples_per_object=8, scenery_samples=20, eval_per_person=2,
-                           eval_per_object=2, shards=3)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        people=4,
+        objects=2,
+        portraits_per_person=8,
+        person_object_per_person=2,
+        samples_per_object=8,
+        scenery_samples=20,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=3,
+    )
 
 
 def sets_of(world) -> list[dict]:
-    return [{"name": "identities", "root": str(world.identities_dir)},
-            {"name": "objects", "root": str(world.objects_dir)}]
+    return [
+        {"name": "identities", "root": str(world.identities_dir)},
+        {"name": "objects", "root": str(world.objects_dir)},
+    ]
 
 
-def unlearn_args(world, output: Path, *extra: str, shards: str | None = None, concepts: list | None = None,
-                 sets: list | None = None, pretrained: str = "null") -> list[str]:
-    return ["unlearn", "--config", str(DEMO_UNLEARN), "--model.init_args.pretrained", pretrained,
-            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--data.init_args.shards", shards or world.shards,
-            "--data.init_args.concepts", json.dumps(concepts or [{"name": world.default_target}]),
-            "--data.init_args.batch_size", "16", "--search.init_args.sets", json.dumps(sets or sets_of(world)),
-            "--search.init_args.max_steps", "2", "--output_dir", str(output), *extra]
+def unlearn_args(
+    world,
+    output: Path,
+    *extra: str,
+    shards: str | None = None,
+    concepts: list | None = None,
+    sets: list | None = None,
+    pretrained: str = "null",
+) -> list[str]:
+    return [
+        "unlearn",
+        "--config",
+        str(DEMO_UNLEARN),
+        "--model.init_args.pretrained",
+        pretrained,
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.shards",
+        shards or world.shards,
+        "--data.init_args.concepts",
+        json.dumps(concepts or [{"name": world.default_target}]),
+        "--data.init_args.batch_size",
+        "16",
+        "--search.init_args.sets",
+        json.dumps(sets or sets_of(world)),
+        "--search.init_args.max_steps",
+        "2",
+        "--output_dir",
+        str(output),
+        *extra,
+    ]
 
 
 def refused(capsys, args: list[str], *words: str) -> str:
@@ -72,8 +116,13 @@ def copy_tree(source: Path, target: Path) -> Path:
 
 
 def test_shard_pattern_matching_no_file(capsys, world, tmp_path):
-    refused(capsys, unlearn_args(world, tmp_path / "out", shards=str(tmp_path / "nowhere" / "*.tar")),
-            "data.init_args.shards", "matches no file", "nowhere")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", shards=str(tmp_path / "nowhere" / "*.tar")),
+        "data.init_args.shards",
+        "matches no file",
+        "nowhere",
+    )
 
 
 def test_brace_pattern_naming_missing_shards(capsys, world, tmp_path):
@@ -84,8 +133,13 @@ def test_brace_pattern_naming_missing_shards(capsys, world, tmp_path):
 def test_unreadable_shard(capsys, world, tmp_path):
     shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
     (shards / "00001.tar").write_bytes(b"not a tar archive at all " * 40)
-    refused(capsys, unlearn_args(world, tmp_path / "out", shards=str(shards / "*.tar")),
-            "cannot be read as tar archives", "00001.tar", "Remove them")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", shards=str(shards / "*.tar")),
+        "cannot be read as tar archives",
+        "00001.tar",
+        "Remove them",
+    )
 
 
 def write_captionless_shard(path: Path, count: int, image: bytes) -> None:
@@ -101,8 +155,15 @@ def test_samples_without_caption_or_image_over_the_limit(capsys, world, tmp_path
     image = next(v for k, v in image.items() if k in ("png", "jpg"))
     write_captionless_shard(shards / "00003.tar", 20, image)
     args = unlearn_args(world, tmp_path / "out", shards=str(shards / "*.tar"))
-    refused(capsys, args, "are broken", "20 without caption", "1 without image", "max_skipped_fraction=0.05",
-            "--model.init_args.max_skipped_fraction")
+    refused(
+        capsys,
+        args,
+        "are broken",
+        "20 without caption",
+        "1 without image",
+        "max_skipped_fraction=0.05",
+        "--model.init_args.max_skipped_fraction",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,9 +178,16 @@ def test_concept_no_caption_mentions_suggests_near_matches(capsys, world, tmp_pa
     shutil.copytree(source, root / typo)
     sets = sets_of(world)
     sets[0]["root"] = str(root)
-    line = refused(capsys, unlearn_args(world, tmp_path / "out", concepts=[{"name": typo}], sets=sets),
-                   f"Concept {typo!r}", "data.init_args.concepts", "no caption mentions", "captions in 3 shard(s)",
-                   "Near matches", world.default_target)
+    line = refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", concepts=[{"name": typo}], sets=sets),
+        f"Concept {typo!r}",
+        "data.init_args.concepts",
+        "no caption mentions",
+        "captions in 3 shard(s)",
+        "Near matches",
+        world.default_target,
+    )
     scanned = int(line.split("scanned ")[1].split(" ")[0])
     assert scanned == scan_shards(expand_shards(world.shards)).captions > 0
 
@@ -133,8 +201,13 @@ def test_concept_with_too_few_forget_pairs(capsys, world, tmp_path):
 def test_forget_concept_missing_from_the_forget_set(capsys, world, tmp_path):
     # Captions mention it (through the alias), but no evaluation set has a class of that name.
     concepts = [{"name": "Somebody Else", "aliases": [world.default_target]}]
-    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts),
-            "'Somebody Else' is not a class name", "identities", "search.init_args.sets")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", concepts=concepts),
+        "'Somebody Else' is not a class name",
+        "identities",
+        "search.init_args.sets",
+    )
 
 
 def test_forget_concept_with_no_images_in_the_forget_set(capsys, world, tmp_path):
@@ -162,16 +235,22 @@ def test_no_concept_at_all(capsys, world, tmp_path):
 def test_evaluation_folder_missing(capsys, world, tmp_path):
     sets = sets_of(world)
     sets[1]["root"] = str(tmp_path / "no_such_folder")
-    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1] ('objects')",
-            "does not exist", "no_such_folder")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", sets=sets),
+        "search.init_args.sets[1] ('objects')",
+        "does not exist",
+        "no_such_folder",
+    )
 
 
 def test_evaluation_folder_empty(capsys, world, tmp_path):
     sets = sets_of(world)
     (tmp_path / "empty").mkdir()
     sets[1]["root"] = str(tmp_path / "empty")
-    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]",
-            "holds no class folders")
+    refused(
+        capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]", "holds no class folders"
+    )
 
 
 def test_evaluation_class_folder_without_images(capsys, world, tmp_path):
@@ -179,28 +258,41 @@ def test_evaluation_class_folder_without_images(capsys, world, tmp_path):
     (root / "an empty class").mkdir()
     sets = sets_of(world)
     sets[1]["root"] = str(root)
-    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]", "holds no images",
-            "an empty class")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", sets=sets),
+        "search.init_args.sets[1]",
+        "holds no images",
+        "an empty class",
+    )
 
 
 def test_evaluation_classes_disagree_with_class_names(capsys, world, tmp_path):
     sets = sets_of(world)
     sets[1]["class_names"] = ["teapot", "unicorn"]
-    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1]",
-            "class_names differ", "unicorn")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", sets=sets),
+        "search.init_args.sets[1]",
+        "class_names differ",
+        "unicorn",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Search settings
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--search.init_args.threshold", "2"], ["threshold must be in [0, 1), got 2.0"]),
-    (["--search.init_args.max_steps", "0"], ["max_steps must be an integer >= 1, got 0"]),
-    (["--search.init_args.refine_rounds", "-1"], ["refine_rounds must be an integer >= 0, got -1"]),
-    (["--search.init_args.fronts", "0"], ["fronts must be an integer >= 1, got 0"]),
-    (["--search.init_args.orders", "0"], ["orders must be an integer >= 1, got 0"]),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--search.init_args.threshold", "2"], ["threshold must be in [0, 1), got 2.0"]),
+        (["--search.init_args.max_steps", "0"], ["max_steps must be an integer >= 1, got 0"]),
+        (["--search.init_args.refine_rounds", "-1"], ["refine_rounds must be an integer >= 0, got -1"]),
+        (["--search.init_args.fronts", "0"], ["fronts must be an integer >= 1, got 0"]),
+        (["--search.init_args.orders", "0"], ["orders must be an integer >= 1, got 0"]),
+    ],
+)
 def test_bad_search_settings(capsys, world, tmp_path, extra, words):
     refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
 
@@ -210,25 +302,41 @@ def test_bad_search_settings(capsys, world, tmp_path, extra, words):
 
 
 def test_unknown_model_name(capsys, world, tmp_path):
-    refused(capsys, unlearn_args(world, tmp_path / "out", "--model.init_args.model_name", "ViT-B-33"),
-            "Unknown OpenCLIP model 'ViT-B-33'", "Did you mean")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", "--model.init_args.model_name", "ViT-B-33"),
+        "Unknown OpenCLIP model 'ViT-B-33'",
+        "Did you mean",
+    )
 
 
 def test_unknown_pretrained_tag(capsys, world, tmp_path):
-    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained="openai"),
-            "'openai' is neither a pretrained tag of 'slug-tiny'", "no published weights")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", pretrained="openai"),
+        "'openai' is neither a pretrained tag of 'slug-tiny'",
+        "no published weights",
+    )
 
 
 def test_missing_checkpoint(capsys, world, tmp_path):
-    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "missing.safetensors")),
-            "missing.safetensors", "does not exist")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "missing.safetensors")),
+        "missing.safetensors",
+        "does not exist",
+    )
 
 
 def test_mismatched_checkpoint(capsys, world, tmp_path, tiny_clip):
     state = {k: v.clone() for k, v in tiny_clip.model.state_dict().items() if k != "visual.proj"}
     save_file(state, str(tmp_path / "partial.safetensors"))
-    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "partial.safetensors")),
-            "missing keys", "visual.proj")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "partial.safetensors")),
+        "missing keys",
+        "visual.proj",
+    )
 
 
 class _Payload:
@@ -244,8 +352,12 @@ def test_malicious_pickle_checkpoint_is_refused_without_running_it(capsys, world
     state = dict(tiny_clip.model.state_dict())
     state["logit_scale"] = _Payload(marker)
     torch.save(state, tmp_path / "evil.pt")
-    refused(capsys, unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "evil.pt")), "Refusing to load",
-            "evil.pt")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", pretrained=str(tmp_path / "evil.pt")),
+        "Refusing to load",
+        "evil.pt",
+    )
     assert not marker.exists(), "unpickling ran the payload"
 
 
@@ -259,14 +371,15 @@ def test_output_directory_with_a_finished_run(capsys, world, tmp_path):
     refused(capsys, unlearn_args(world, tmp_path / "out"), "already holds a finished run", "--overwrite true")
 
 
-@pytest.mark.parametrize("section, class_path", [("model", "os.system"), ("model", "subprocess.Popen"),
-                                                 ("data", "subprocess.run"), ("search", "subprocess.Popen")])
+@pytest.mark.parametrize(
+    "section, class_path",
+    [("model", "os.system"), ("model", "subprocess.Popen"), ("data", "subprocess.run"), ("search", "subprocess.Popen")],
+)
 def test_config_cannot_instantiate_arbitrary_callables(capsys, world, tmp_path, section, class_path):
     """jsonargparse instantiates only subclasses of the declared type: nothing of the payload runs."""
     marker = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
-    config.write_text(json.dumps({section: {"class_path": class_path,
-                                            "init_args": {"args": ["touch", str(marker)]}}}))
+    config.write_text(json.dumps({section: {"class_path": class_path, "init_args": {"args": ["touch", str(marker)]}}}))
     args = unlearn_args(world, tmp_path / "out")
     args[3:3] = ["--config", str(config)]
     with pytest.raises(SystemExit) as exit_:
@@ -314,32 +427,42 @@ def _sets_with(world, **changes) -> str:
     return json.dumps(sets)
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
-    (["--data.init_args.batch_size", "-4"], ["--data.init_args.batch_size", "got -4"]),
-    (["--data.init_args.min_forget_pairs", "-1"], ["--data.init_args.min_forget_pairs", "got -1"]),
-    (["--data.init_args.max_forget_share", "0"], ["--data.init_args.max_forget_share", "(0, 1]"]),
-    (["--model.init_args.checkpoint_every", "-5"], ["--model.init_args.checkpoint_every", "got -5"]),
-    (["--model.init_args.max_skipped_fraction", "2"], ["--model.init_args.max_skipped_fraction", "got 2.0"]),
-    (["--search.init_args.batch_size", "0"], ["--search.init_args.batch_size", "got 0"]),
-    (["--search.init_args.threshold", "2"], ["--search.init_args.threshold", "[0, 1)"]),
-    (["--baseline.lr", "-1", "--method", "ga"], ["--baseline.lr", "lr=-1.0"]),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--data.init_args.batch_size", "0"], ["--data.init_args.batch_size", "got 0"]),
+        (["--data.init_args.batch_size", "-4"], ["--data.init_args.batch_size", "got -4"]),
+        (["--data.init_args.min_forget_pairs", "-1"], ["--data.init_args.min_forget_pairs", "got -1"]),
+        (["--data.init_args.max_forget_share", "0"], ["--data.init_args.max_forget_share", "(0, 1]"]),
+        (["--model.init_args.checkpoint_every", "-5"], ["--model.init_args.checkpoint_every", "got -5"]),
+        (["--model.init_args.max_skipped_fraction", "2"], ["--model.init_args.max_skipped_fraction", "got 2.0"]),
+        (["--search.init_args.batch_size", "0"], ["--search.init_args.batch_size", "got 0"]),
+        (["--search.init_args.threshold", "2"], ["--search.init_args.threshold", "[0, 1)"]),
+        (["--baseline.lr", "-1", "--method", "ga"], ["--baseline.lr", "lr=-1.0"]),
+    ],
+)
 def test_constructor_refusals_are_one_line_naming_the_option(capsys, world, tmp_path, extra, words):
     refused(capsys, unlearn_args(world, tmp_path / "out", *extra), *words)
 
 
 def test_duplicate_concept_is_one_line(capsys, world, tmp_path):
     concepts = [{"name": world.default_target}, {"name": world.default_target.upper()}]
-    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts), "--data.init_args.concepts",
-            "listed twice")
+    refused(
+        capsys, unlearn_args(world, tmp_path / "out", concepts=concepts), "--data.init_args.concepts", "listed twice"
+    )
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"templates": ["a photo of a person"]}, ["--search.init_args.sets[1].templates", "exactly one '{}'"]),
-    ({"fraction": 0}, ["--search.init_args.sets[1].fraction", "fraction must be in (0, 1]"]),
-    ({"name": "identities"}, ["--search.init_args.sets", "must be unique", "'identities' is the name of sets [0, 1]"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"templates": ["a photo of a person"]}, ["--search.init_args.sets[1].templates", "exactly one '{}'"]),
+        ({"fraction": 0}, ["--search.init_args.sets[1].fraction", "fraction must be in (0, 1]"]),
+        (
+            {"name": "identities"},
+            ["--search.init_args.sets", "must be unique", "'identities' is the name of sets [0, 1]"],
+        ),
+    ],
+)
 def test_bad_evaluation_set_settings_are_one_line(capsys, world, tmp_path, change, words):
     args = unlearn_args(world, tmp_path / "out")
     args[args.index("--search.init_args.sets") + 1] = _sets_with(world, **change)
@@ -385,8 +508,13 @@ def test_undecodable_evaluation_image_is_refused_naming_file_and_set(capsys, wor
     victim.write_bytes(b"this is not an image at all" * 8 if damage == "garbage" else data[: len(data) // 2])
     sets = sets_of(world)
     sets[1]["root"] = str(root)
-    refused(capsys, unlearn_args(world, tmp_path / "out", sets=sets), "search.init_args.sets[1] ('objects')",
-            str(victim), "cannot be read")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", sets=sets),
+        "search.init_args.sets[1] ('objects')",
+        str(victim),
+        "cannot be read",
+    )
 
 
 def test_undecodable_image_met_while_evaluating_is_a_user_error_naming_it(world, tmp_path):
@@ -430,8 +558,7 @@ def test_truncated_shard_counts_the_samples_its_stats_file_says_it_held(capsys, 
     held = _truncate_after(shards / "00001.tar", 2)
     (shards / "00001_stats.json").write_text(json.dumps({"count": held + 3, "successes": held}))
     # Counted as one broken sample, the shard's loss (about a third of the world) stayed under the 5 % limit.
-    args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", "1",
-                        shards=str(shards / "*.tar"))
+    args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", "1", shards=str(shards / "*.tar"))
     refused(capsys, args, f"{held - 2} lost in 1 damaged shard(s)", "max_skipped_fraction=0.05")
 
 
@@ -452,8 +579,14 @@ def test_truncated_shard_without_img2dataset_files_is_a_lower_bound(world, tmp_p
 
 def test_alias_matching_most_captions_is_refused_unless_the_share_is_raised(capsys, world, tmp_path):
     concepts = [{"name": world.default_target, "aliases": ["a"]}]
-    refused(capsys, unlearn_args(world, tmp_path / "out", concepts=concepts), f"Concept {world.default_target!r}",
-            "'a'", "more than data.init_args.max_forget_share=0.25", "--data.init_args.max_forget_share")
+    refused(
+        capsys,
+        unlearn_args(world, tmp_path / "out", concepts=concepts),
+        f"Concept {world.default_target!r}",
+        "'a'",
+        "more than data.init_args.max_forget_share=0.25",
+        "--data.init_args.max_forget_share",
+    )
 
 
 def test_forget_share_warns_above_five_percent_and_refuses_above_the_limit(world):

@@ -13,8 +13,7 @@ import torch
 
 from slug_lightning import config_path
 from slug_lightning.artifacts import save_state_dict
-from slug_lightning.callbacks import StepSearch
-from slug_lightning.callbacks import step_search
+from slug_lightning.callbacks import StepSearch, step_search
 from slug_lightning.cli import main
 from slug_lightning.datamodules import LabelledSet
 from slug_lightning.demo import make_demo_world
@@ -39,21 +38,57 @@ def test_verdicts_of_concepts_and_runs():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     # 4 people: with the search's forget test on top-5, no step can forget (every class is always in the top 5)
-    return make_demo_world(tmp_path_factory.mktemp("world"), seed=0, people=4, objects=2, portraits_per_person=3,
-                           person_object_per_person=1, samples_per_object=3, scenery_samples=6, eval_per_person=2,
-                           eval_per_object=2, shards=2)
+    return make_demo_world(
+        tmp_path_factory.mktemp("world"),
+        seed=0,
+        people=4,
+        objects=2,
+        portraits_per_person=3,
+        person_object_per_person=1,
+        samples_per_object=3,
+        scenery_samples=6,
+        eval_per_person=2,
+        eval_per_object=2,
+        shards=2,
+    )
 
 
 def _unlearn(world, weights, output, *extra) -> int:
     sets = [{"name": "identities", "root": str(world.identities_dir)}]
-    return main(["unlearn", "--config", str(DEMO_UNLEARN), "--model.init_args.pretrained", str(weights),
-                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                 "--data.init_args.shards", world.shards, "--data.init_args.batch_size", "16",
-                 "--data.init_args.min_forget_pairs", "1",
-                 "--data.init_args.concepts", json.dumps([{"name": world.default_target}]),
-                 "--search.init_args.sets", json.dumps(sets), "--search.init_args.metric", "top5",
-                 "--search.init_args.max_steps", "2", "--search.init_args.towers", "[language]",
-                 "--search.init_args.similarity_classes", "0", "--output_dir", str(output), *extra])
+    return main(
+        [
+            "unlearn",
+            "--config",
+            str(DEMO_UNLEARN),
+            "--model.init_args.pretrained",
+            str(weights),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.shards",
+            world.shards,
+            "--data.init_args.batch_size",
+            "16",
+            "--data.init_args.min_forget_pairs",
+            "1",
+            "--data.init_args.concepts",
+            json.dumps([{"name": world.default_target}]),
+            "--search.init_args.sets",
+            json.dumps(sets),
+            "--search.init_args.metric",
+            "top5",
+            "--search.init_args.max_steps",
+            "2",
+            "--search.init_args.towers",
+            "[language]",
+            "--search.init_args.similarity_classes",
+            "0",
+            "--output_dir",
+            str(output),
+            *extra,
+        ]
+    )
 
 
 def test_a_run_that_did_not_forget_says_so_and_exits_3_only_when_asked(world, tmp_path, tiny_clip, capsys):
@@ -109,10 +144,13 @@ def test_a_concept_the_model_does_not_know_gets_no_edit(tiny_clip, monkeypatch):
     monkeypatch.setattr(step_search, "ZeroShotEvaluator", _Evaluator)
     model = tiny_clip.model
     layer = "visual.proj"
-    store = GradientStore(forget={"Ann": {layer: torch.ones_like(dict(model.named_parameters())[layer])}},
-                          retain={layer: torch.ones_like(dict(model.named_parameters())[layer])},
-                          forget_samples={"Ann": 8}, retain_samples=100,
-                          model={"name": "slug-tiny", "pretrained": None, "fingerprint": "f0"})
+    store = GradientStore(
+        forget={"Ann": {layer: torch.ones_like(dict(model.named_parameters())[layer])}},
+        retain={layer: torch.ones_like(dict(model.named_parameters())[layer])},
+        forget_samples={"Ann": 8},
+        retain_samples=100,
+        model={"name": "slug-tiny", "pretrained": None, "fingerprint": "f0"},
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     search = StepSearch(sets=[LabelledSet("people", root="unused")], metric="top1", similarity_classes=0)
     result = search.run(model, None, None, store)

@@ -15,7 +15,6 @@ from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, summariz
 from slug_lightning.labelled_sets import LabelledSet
 from slug_lightning.zero_shot import ZeroShotCounts, accuracy, hits, zero_shot_classifier
 
-
 CLASSES = ["cat", "dog", "red car", "Elon Musk", "tree", "a banana", "house"]
 TEMPLATES = ["a photo of {}.", "a blurry picture of {}", "{}"]
 
@@ -23,7 +22,7 @@ TEMPLATES = ["a photo of {}.", "a blurry picture of {}", "{}"]
 def _counts(logits: torch.Tensor, labels: torch.Tensor, batch: int = 16) -> torch.Tensor:
     metric = ZeroShotCounts(num_classes=logits.shape[1])
     for start in range(0, len(labels), batch):
-        metric.update(logits[start:start + batch], labels[start:start + batch])
+        metric.update(logits[start : start + batch], labels[start : start + batch])
     return metric.compute()
 
 
@@ -36,8 +35,7 @@ def _reference(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 def test_classifier_matches_open_clip(tiny_clip, templates, classes_per_batch):
     model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
     ours = zero_shot_classifier(model, tokenizer, CLASSES, templates, classes_per_batch=classes_per_batch)
-    theirs = open_clip.build_zero_shot_classifier(model, tokenizer, CLASSES, templates,
-                                                  num_classes_per_batch=2)
+    theirs = open_clip.build_zero_shot_classifier(model, tokenizer, CLASSES, templates, num_classes_per_batch=2)
     assert ours.shape == (64, len(CLASSES))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.norm(dim=0), torch.ones(len(CLASSES)))
@@ -119,10 +117,14 @@ def test_summarize_excludes_every_forget_concept_from_test():
 
 def test_class_changes_list_every_test_class_the_largest_fall_first():
     class_names = {"identities": ["Ann", "Bob", "Cy", "Dee", "Eve"], "objects": ["cup", "hat"]}
-    before = {"identities": torch.tensor([[10, 9, 10], [4, 4, 4], [6, 6, 6], [20, 10, 15], [0, 0, 0]]),
-              "objects": torch.tensor([[5, 5, 5], [8, 8, 8]])}
-    after = {"identities": torch.tensor([[10, 3, 10], [4, 0, 1], [6, 6, 6], [20, 12, 15], [0, 0, 0]]),
-             "objects": torch.tensor([[5, 5, 5], [8, 4, 8]])}
+    before = {
+        "identities": torch.tensor([[10, 9, 10], [4, 4, 4], [6, 6, 6], [20, 10, 15], [0, 0, 0]]),
+        "objects": torch.tensor([[5, 5, 5], [8, 8, 8]]),
+    }
+    after = {
+        "identities": torch.tensor([[10, 3, 10], [4, 0, 1], [6, 6, 6], [20, 12, 15], [0, 0, 0]]),
+        "objects": torch.tensor([[5, 5, 5], [8, 4, 8]]),
+    }
     changes = class_changes(before, after, class_names, {"Bob": "identities"})
     # Bob is forgotten, not tested; Eve has no images; Ann fell 60 points, Cy none, Dee rose 10
     assert changes["identities"] == [
@@ -134,8 +136,9 @@ def test_class_changes_list_every_test_class_the_largest_fall_first():
     # the classes add up to summarize's test accuracy
     test = summarize(after, class_names, {"Bob": "identities"})["test"]["identities"]
     rows = changes["identities"]
-    assert sum(r["images"] * r["top1_after"] for r in rows) / sum(r["images"] for r in rows) == \
-        pytest.approx(test["top1"])
+    assert sum(r["images"] * r["top1_after"] for r in rows) / sum(r["images"] for r in rows) == pytest.approx(
+        test["top1"]
+    )
 
 
 def test_summarize_without_forget_concepts_covers_all_rows():
@@ -164,8 +167,7 @@ def evaluation_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
     people = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay"]
     return [
-        LabelledSet("objects", root=_image_folder(root / "objects", CLASSES, 3, seed=0),
-                    templates=TEMPLATES[:2]),
+        LabelledSet("objects", root=_image_folder(root / "objects", CLASSES, 3, seed=0), templates=TEMPLATES[:2]),
         LabelledSet("people", root=_image_folder(root / "people", people, 2, seed=1)),
     ]
 

@@ -17,20 +17,42 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one unlearn config and tabulate "
-                    "forget and test accuracy, wall time, peak memory and edit size.",
+        "forget and test accuracy, wall time, peak memory and edit size.",
         epilog="Example: python -m slug_lightning compare --config configs/demo/unlearn.yaml --config paths.yaml "
-               "--lrs 1e-5 1e-4 1e-3 --output_dir runs/compare",
+        "--lrs 1e-5 1e-4 1e-3 --output_dir runs/compare",
     )
-    parser.add_argument("--config", action="append", required=True, metavar="FILE",
-                        help="an unlearn config (several allowed, later ones override), as for `unlearn`")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="M",
-                        help=f"methods to run (default: all of {', '.join(METHODS)})")
-    parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS), metavar="LR",
-                        help="learning rates tried for ft, ga, gaft, salun (default: 1e-6 1e-5 1e-4, the paper's "
-                             "1e-6 and two larger ones)")
-    parser.add_argument("--ssd_alphas", nargs="+", type=float, default=None, metavar="A",
-                        help="SSD selection thresholds tried (default: as many as --lrs, from the paper's 10 up in "
-                             "half-decade steps: 10 31.6 100 ...; a larger alpha dampens fewer weights)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="an unlearn config (several allowed, later ones override), as for `unlearn`",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="M",
+        help=f"methods to run (default: all of {', '.join(METHODS)})",
+    )
+    parser.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_LRS),
+        metavar="LR",
+        help="learning rates tried for ft, ga, gaft, salun (default: 1e-6 1e-5 1e-4, the paper's "
+        "1e-6 and two larger ones)",
+    )
+    parser.add_argument(
+        "--ssd_alphas",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="A",
+        help="SSD selection thresholds tried (default: as many as --lrs, from the paper's 10 up in "
+        "half-decade steps: 10 31.6 100 ...; a larger alpha dampens fewer weights)",
+    )
     parser.add_argument("--iterations", type=int, default=10, help="iterations of the iterative baselines (10)")
     parser.add_argument("--output_dir", default="runs/compare", help="where the runs and the table go")
     parser.add_argument("--overwrite", action="store_true", help="rerun methods whose run directory is finished")

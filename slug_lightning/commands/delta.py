@@ -15,8 +15,10 @@ from slug_lightning.errors import UserError
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Show, apply, remove and combine the per-concept edits of unlearn runs "
-        "(delta.safetensors). Checkpoints are OpenCLIP state dicts (safetensors or weights-only torch files).")
+        prog=prog,
+        description="Show, apply, remove and combine the per-concept edits of unlearn runs "
+        "(delta.safetensors). Checkpoints are OpenCLIP state dicts (safetensors or weights-only torch files).",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     show = commands.add_parser("show", help="list each delta's concepts, layers, step sizes and base model")
@@ -24,18 +26,22 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
     for name, verb in (("apply", "add"), ("remove", "subtract")):
         command = commands.add_parser(name, help=f"{verb} deltas to/from a checkpoint and write a new one")
-        command.add_argument("--model", required=True, help="the checkpoint (e.g. fit's export or a run's "
-                             "model.safetensors)")
+        command.add_argument(
+            "--model", required=True, help="the checkpoint (e.g. fit's export or a run's model.safetensors)"
+        )
         command.add_argument("--delta", required=True, nargs="+", help="delta.safetensors file(s)")
-        command.add_argument("--concept", nargs="+", default=None,
-                             help="only these concepts of the deltas (default: all of them)")
-        command.add_argument("--output", required=True, help="the new checkpoint (.safetensors, must differ "
-                             "from --model)")
+        command.add_argument(
+            "--concept", nargs="+", default=None, help="only these concepts of the deltas (default: all of them)"
+        )
+        command.add_argument(
+            "--output", required=True, help="the new checkpoint (.safetensors, must differ from --model)"
+        )
 
     combine = commands.add_parser("combine", help="merge deltas of separate runs on one base model into one")
     combine.add_argument("deltas", nargs="+", metavar="DELTA", help="delta.safetensors files")
-    combine.add_argument("--concept", nargs="+", default=None,
-                         help="only these concepts (each must be in one of the deltas)")
+    combine.add_argument(
+        "--concept", nargs="+", default=None, help="only these concepts (each must be in one of the deltas)"
+    )
     combine.add_argument("--output", required=True, help="the combined delta (.safetensors)")
     return parser
 
@@ -67,9 +73,17 @@ def show(paths: list[str]) -> str:
         delta = deltas.read_delta(path)
         for entry in delta.entries:
             change = entry["relative_change"]
-            rows.append((path, entry["concept"], entry["layer"], entry["tower"] or "?",
-                         f"{entry['step_size']:.4g}" if entry["step_size"] is not None else "?",
-                         f"{change:.4f}" if change is not None else "?", delta.base_fingerprint or "unknown"))
+            rows.append(
+                (
+                    path,
+                    entry["concept"],
+                    entry["layer"],
+                    entry["tower"] or "?",
+                    f"{entry['step_size']:.4g}" if entry["step_size"] is not None else "?",
+                    f"{change:.4f}" if change is not None else "?",
+                    delta.base_fingerprint or "unknown",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning de
     state_dict, provenance = change(state_dict, provenance, delta, checkpoint=repr(args.model))
     deltas.write_checkpoint(output, state_dict, provenance, metadata)
     verb = "applied" if args.command == "apply" else "removed"
-    print(f"wrote {output}: {verb} {', '.join(delta.concepts)}; it now carries "
-          f"{', '.join(provenance.concepts) or 'no delta'} on base model {provenance.base_fingerprint}")
+    print(
+        f"wrote {output}: {verb} {', '.join(delta.concepts)}; it now carries "
+        f"{', '.join(provenance.concepts) or 'no delta'} on base model {provenance.base_fingerprint}"
+    )
     return 0

@@ -19,8 +19,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", default="runs/demo", help="where everything goes (default: runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo world and of the runs (default: 0)")
-    parser.add_argument("--concept", default=None,
-                        help="person (or object kind) to forget (default: the world's default target)")
+    parser.add_argument(
+        "--concept", default=None, help="person (or object kind) to forget (default: the world's default target)"
+    )
     parser.add_argument("--refit", action="store_true", help="fit the tiny CLIP again even if a fit is cached")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes for unlearn (DDP when > 1)")
     return parser
@@ -46,11 +47,15 @@ def make_world_main(argv: Sequence[str] | None = None, prog: str = "python -m sl
     parser = argparse.ArgumentParser(prog=prog, description=generator.__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
     # One integer flag per parameter of make_demo_world, with its default, so the two never disagree.
-    counts = [p for p in inspect.signature(make_demo_world).parameters.values() if isinstance(p.default, int)
-              and not isinstance(p.default, bool)]
+    counts = [
+        p
+        for p in inspect.signature(make_demo_world).parameters.values()
+        if isinstance(p.default, int) and not isinstance(p.default, bool)
+    ]
     for param in counts:
-        parser.add_argument(f"--{param.name.replace('_', '-')}", type=int, default=param.default,
-                            help=f"(default {param.default})")
+        parser.add_argument(
+            f"--{param.name.replace('_', '-')}", type=int, default=param.default, help=f"(default {param.default})"
+        )
     parser.add_argument("--overwrite", action="store_true", help="replace a world written with other parameters")
     args = vars(parser.parse_args(argv))
     world = make_demo_world(args.pop("root"), **args)

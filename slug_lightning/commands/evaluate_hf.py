@@ -46,10 +46,14 @@ def _finish(result: dict, output: str | None) -> None:
 
 def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") -> int:
     """``eval-diffusion``: fraction of generated images a CLIP classifies as the target, before and after."""
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Generate images for prompts with a diffusers pipeline (and with its edited copy) and classify them "
-        "with a CLIP zero-shot classifier over the target and other names: the fraction classified as the "
-        "target, before and after."))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Generate images for prompts with a diffusers pipeline (and with its edited copy) and classify them "
+            "with a CLIP zero-shot classifier over the target and other names: the fraction classified as the "
+            "target, before and after."
+        ),
+    )
     parser.add_argument("--pipeline", required=True, help="the original diffusers pipeline directory")
     parser.add_argument("--edited", help="the edited pipeline (export-diffusers output)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat), e.g. 'a photo of Elon Musk'")
@@ -83,28 +87,50 @@ def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") 
         pipeline.set_progress_bar_config(disable=True)
         images_dir = Path(args.save_images) / side if args.save_images else None
         result[side] = diffusion_forgetting(
-            pipeline, prompts, args.target, classes, scorer, templates=args.template or ["a photo of {}."],
-            device=args.device, save_images=images_dir, seed=args.seed, images_per_prompt=args.images_per_prompt,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
-        print(f"{side}: {100 * result[side]['target_rate']:.1f}% of {result[side]['images']} images classified "
-              f"as {args.target!r}")
+            pipeline,
+            prompts,
+            args.target,
+            classes,
+            scorer,
+            templates=args.template or ["a photo of {}."],
+            device=args.device,
+            save_images=images_dir,
+            seed=args.seed,
+            images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.size,
+            width=args.size,
+        )
+        print(
+            f"{side}: {100 * result[side]['target_rate']:.1f}% of {result[side]['images']} images classified "
+            f"as {args.target!r}"
+        )
     _finish(result, args.output)
     return 0
 
 
 def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     """``eval-vlm``: how often a LLaVA-style model names the target in its images, before and after."""
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Ask a LLaVA-style model (and its edited copy) who is in each image of an identity set "
-        "(root/<name>/*.jpg) and count the answers naming the target: on the target's images (forgetting) "
-        "and on the others (how often their own name is still given)."))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Ask a LLaVA-style model (and its edited copy) who is in each image of an identity set "
+            "(root/<name>/*.jpg) and count the answers naming the target: on the target's images (forgetting) "
+            "and on the others (how often their own name is still given)."
+        ),
+    )
     parser.add_argument("--model", required=True, help="the original model directory (with its processor)")
     parser.add_argument("--edited", help="the edited model (export-llava output)")
     parser.add_argument("--identities", required=True, help="image folder, one subfolder per person")
     parser.add_argument("--alias", action="append", default=[], help="another spelling of the target (repeat)")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
-    parser.add_argument("--fraction", type=float, default=1.0, help="seeded per-class subset of the other "
-                        "identities' images (the target's are all kept)")
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="seeded per-class subset of the other identities' images (the target's are all kept)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     _common(parser)
     args = parser.parse_args(argv)
@@ -115,8 +141,9 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     transformers = require("transformers", "vlm")
 
     target = Concept(args.target, tuple(args.alias))
-    dataset = LabelledImages(LabelledSet("identities", root=args.identities, fraction=args.fraction),
-                             keep_classes=[target.name])
+    dataset = LabelledImages(
+        LabelledSet("identities", root=args.identities, fraction=args.fraction), keep_classes=[target.name]
+    )
     if target.name not in dataset.class_names:
         dataset.class_index(target.name)  # raises with near matches
     images = [(dataset[i][0], dataset.class_names[dataset[i][1]]) for i in range(len(dataset))]
@@ -127,10 +154,13 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
         model = transformers.LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=_dtype(args.dtype))
         model = model.to(args.device)
         processor = transformers.AutoProcessor.from_pretrained(path)
-        result[side] = identity_answers(llava_answerer(model.eval(), processor, args.question, args.max_new_tokens),
-                                        images, target)
+        result[side] = identity_answers(
+            llava_answerer(model.eval(), processor, args.question, args.max_new_tokens), images, target
+        )
         r = result[side]
-        print(f"{side}: names {target.name!r} for {100 * r['target_named']:.1f}% of its {r['target_images']} images; "
-              f"other people named correctly {100 * r['others_named_correctly']:.1f}% of {r['other_images']}")
+        print(
+            f"{side}: names {target.name!r} for {100 * r['target_named']:.1f}% of its {r['target_images']} images; "
+            f"other people named correctly {100 * r['others_named_correctly']:.1f}% of {r['other_images']}"
+        )
     _finish(result, args.output)
     return 0

@@ -38,8 +38,9 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords)  # X varies along columns, Y along rows (down)
 
 
-def render(rng: np.random.Generator, size: int, spec: dict, person: str | None, kind: str | None,
-            scene: str) -> np.ndarray:
+def render(
+    rng: np.random.Generator, size: int, spec: dict, person: str | None, kind: str | None, scene: str
+) -> np.ndarray:
     """One uint8 RGB image of ``person`` and/or object ``kind`` in front of ``scene``."""
     big = size * 2
     X, Y = _grid(big)
@@ -91,8 +92,9 @@ def _polygon(X, Y, points: Sequence[tuple[float, float]]) -> np.ndarray:
 # --- people ---------------------------------------------------------------------------------------
 
 
-def _paint_person(canvas, X, Y, attrs: dict[str, str], cx: float, top: float, scale: float,
-                  rng: np.random.Generator) -> None:
+def _paint_person(
+    canvas, X, Y, attrs: dict[str, str], cx: float, top: float, scale: float, rng: np.random.Generator
+) -> None:
     """A head-and-shoulders portrait; ``top`` is where the tallest hair or hat may start."""
     r = 0.19 * scale
     hx, hy = cx, top + 1.7 * r
@@ -110,7 +112,8 @@ def _paint_person(canvas, X, Y, attrs: dict[str, str], cx: float, top: float, sc
         canvas[_ellipse(X, Y, hx, hy - 0.25 * r, 1.5 * r, 1.35 * r)] = hair
     shoulders_y = hy + 1.75 * r
     torso = _ellipse(X, Y, cx, shoulders_y + 0.3 * r, 1.75 * r, 0.75 * r) | _rect(
-        X, Y, cx - 1.75 * r, shoulders_y + 0.3 * r, cx + 1.75 * r, 2.0)
+        X, Y, cx - 1.75 * r, shoulders_y + 0.3 * r, cx + 1.75 * r, 2.0
+    )
     canvas[torso] = shirt
     canvas[_rect(X, Y, hx - 0.33 * r, hy, hx + 0.33 * r, shoulders_y)] = skin * 0.9
     face = _ellipse(X, Y, hx, hy, rx, ry, power)
@@ -144,7 +147,10 @@ def _paint_person(canvas, X, Y, attrs: dict[str, str], cx: float, top: float, sc
 
 def _teapot(canvas, X, Y, x, y, r, rng):
     body = _jitter((150, 110, 210), rng)
-    canvas[_ellipse(X, Y, x + 0.75 * r, y - 0.35 * r, 0.2 * r, 0.2 * r) | _segment(X, Y, x + 0.5 * r, y, x + 0.95 * r, y - 0.5 * r, 0.18 * r)] = body
+    canvas[
+        _ellipse(X, Y, x + 0.75 * r, y - 0.35 * r, 0.2 * r, 0.2 * r)
+        | _segment(X, Y, x + 0.5 * r, y, x + 0.95 * r, y - 0.5 * r, 0.18 * r)
+    ] = body
     ring = (X - x + 0.75 * r) ** 2 + (Y - y) ** 2
     canvas[(ring < (0.35 * r) ** 2) & (ring > (0.2 * r) ** 2)] = body * 0.7
     canvas[_ellipse(X, Y, x, y, 0.62 * r, 0.48 * r)] = body
@@ -175,8 +181,14 @@ def _cactus(canvas, X, Y, x, y, r, rng):
     green = _jitter((40, 140, 60), rng)
     canvas[_rect(X, Y, x - 0.4 * r, y + 0.55 * r, x + 0.4 * r, y + 0.95 * r)] = _jitter((190, 100, 60), rng)
     canvas[_ellipse(X, Y, x, y - 0.1 * r, 0.2 * r, 0.75 * r)] = green
-    canvas[_rect(X, Y, x - 0.55 * r, y - 0.05 * r, x, y + 0.08 * r) | _ellipse(X, Y, x - 0.55 * r, y - 0.25 * r, 0.1 * r, 0.3 * r)] = green
-    canvas[_rect(X, Y, x, y + 0.1 * r, x + 0.55 * r, y + 0.22 * r) | _ellipse(X, Y, x + 0.55 * r, y - 0.05 * r, 0.1 * r, 0.3 * r)] = green
+    canvas[
+        _rect(X, Y, x - 0.55 * r, y - 0.05 * r, x, y + 0.08 * r)
+        | _ellipse(X, Y, x - 0.55 * r, y - 0.25 * r, 0.1 * r, 0.3 * r)
+    ] = green
+    canvas[
+        _rect(X, Y, x, y + 0.1 * r, x + 0.55 * r, y + 0.22 * r)
+        | _ellipse(X, Y, x + 0.55 * r, y - 0.05 * r, 0.1 * r, 0.3 * r)
+    ] = green
 
 
 def _kite(canvas, X, Y, x, y, r, rng):
@@ -197,7 +209,16 @@ def _balloon(canvas, X, Y, x, y, r, rng):
 def _lamp(canvas, X, Y, x, y, r, rng):
     canvas[_rect(X, Y, x - 0.05 * r, y - 0.2 * r, x + 0.05 * r, y + 0.8 * r)] = (90, 90, 90)
     canvas[_rect(X, Y, x - 0.45 * r, y + 0.8 * r, x + 0.45 * r, y + 0.95 * r)] = (60, 60, 60)
-    shade = _polygon(X, Y, [(x - 0.3 * r, y - 0.8 * r), (x - 0.65 * r, y - 0.15 * r), (x + 0.65 * r, y - 0.15 * r), (x + 0.3 * r, y - 0.8 * r)])
+    shade = _polygon(
+        X,
+        Y,
+        [
+            (x - 0.3 * r, y - 0.8 * r),
+            (x - 0.65 * r, y - 0.15 * r),
+            (x + 0.65 * r, y - 0.15 * r),
+            (x + 0.3 * r, y - 0.8 * r),
+        ],
+    )
     canvas[shade] = _jitter((250, 230, 120), rng)
 
 
@@ -236,7 +257,18 @@ def _starfish(canvas, X, Y, x, y, r, rng):
 def _bell(canvas, X, Y, x, y, r, rng):
     gold = _jitter((220, 180, 40), rng)
     canvas[_ellipse(X, Y, x, y - 0.2 * r, 0.45 * r, 0.55 * r) & (Y < y + 0.1 * r)] = gold
-    canvas[_polygon(X, Y, [(x - 0.45 * r, y - 0.1 * r), (x - 0.75 * r, y + 0.6 * r), (x + 0.75 * r, y + 0.6 * r), (x + 0.45 * r, y - 0.1 * r)])] = gold
+    canvas[
+        _polygon(
+            X,
+            Y,
+            [
+                (x - 0.45 * r, y - 0.1 * r),
+                (x - 0.75 * r, y + 0.6 * r),
+                (x + 0.75 * r, y + 0.6 * r),
+                (x + 0.45 * r, y - 0.1 * r),
+            ],
+        )
+    ] = gold
     canvas[_ellipse(X, Y, x, y + 0.7 * r, 0.15 * r, 0.15 * r)] = (120, 90, 30)
 
 
@@ -251,9 +283,19 @@ def _anchor(canvas, X, Y, x, y, r, rng):
 
 
 OBJECT_PAINTERS: dict[str, Callable] = {
-    "teapot": _teapot, "umbrella": _umbrella, "clock": _clock, "cactus": _cactus, "kite": _kite,
-    "balloon": _balloon, "lamp": _lamp, "mushroom": _mushroom, "donut": _donut, "traffic cone": _traffic_cone,
-    "starfish": _starfish, "bell": _bell, "anchor": _anchor,
+    "teapot": _teapot,
+    "umbrella": _umbrella,
+    "clock": _clock,
+    "cactus": _cactus,
+    "kite": _kite,
+    "balloon": _balloon,
+    "lamp": _lamp,
+    "mushroom": _mushroom,
+    "donut": _donut,
+    "traffic cone": _traffic_cone,
+    "starfish": _starfish,
+    "bell": _bell,
+    "anchor": _anchor,
 }
 
 
@@ -317,6 +359,12 @@ def _room(canvas, X, Y, rng):
 
 
 SCENE_PAINTERS: dict[str, Callable] = {
-    "beach": _beach, "forest": _forest, "city": _city, "snow": _snow, "park": _park, "studio": _studio,
-    "night": _night, "room": _room,
+    "beach": _beach,
+    "forest": _forest,
+    "city": _city,
+    "snow": _snow,
+    "park": _park,
+    "studio": _studio,
+    "night": _night,
+    "room": _room,
 }

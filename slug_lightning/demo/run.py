@@ -27,8 +27,13 @@ FIT_CONFIG = "demo/fit.yaml"
 UNLEARN_CONFIG = "demo/unlearn.yaml"
 
 
-def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str | None = None,
-             refit: bool = False, devices: int = 1) -> dict:
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    seed: int = 0,
+    concept: str | None = None,
+    refit: bool = False,
+    devices: int = 1,
+) -> dict:
     """Run the demo and return the unlearn report."""
     from slug_lightning import config_path
     from slug_lightning.cli import main
@@ -40,22 +45,34 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, concept: str |
     world = make_demo_world(output / "world", seed=seed)
     concept = concept or world.default_target
     if concept not in world.people and concept not in world.objects:
-        raise UserError(f"--concept {concept!r} is neither a person nor an object of the demo world. People: "
-                        f"{', '.join(world.people)}. Objects: {', '.join(world.objects)}.")
+        raise UserError(
+            f"--concept {concept!r} is neither a person nor an object of the demo world. People: "
+            f"{', '.join(world.people)}. Objects: {', '.join(world.objects)}."
+        )
 
     checkpoint = output / "fit" / "slug-tiny.safetensors"
     if refit or not checkpoint.exists():
         print("[demo] 2/3 fitting the tiny CLIP (a few minutes on 2 CPU cores; cached afterwards)")
-        _run(main, ["fit", "--config", config_path(FIT_CONFIG), f"--seed_everything={seed}",
-                    f"--trainer.default_root_dir={output / 'fit'}", f"--model.init_args.export_path={checkpoint}",
-                    f"--data.init_args.shards={world.shards}"])
+        _run(
+            main,
+            [
+                "fit",
+                "--config",
+                config_path(FIT_CONFIG),
+                f"--seed_everything={seed}",
+                f"--trainer.default_root_dir={output / 'fit'}",
+                f"--model.init_args.export_path={checkpoint}",
+                f"--data.init_args.shards={world.shards}",
+            ],
+        )
     else:
         print(f"[demo] 2/3 using the cached fit {checkpoint} (--refit to redo it)")
 
     print(f"[demo] 3/3 unlearning {concept!r}")
     paths_file = output / "demo_paths.yaml"
-    paths_file.write_text(yaml.safe_dump(unlearn_paths(output, world, checkpoint, concept, seed, devices),
-                                         sort_keys=False))
+    paths_file.write_text(
+        yaml.safe_dump(unlearn_paths(output, world, checkpoint, concept, seed, devices), sort_keys=False)
+    )
     _run(main, ["unlearn", "--config", config_path(UNLEARN_CONFIG), "--config", str(paths_file)])
 
     report = json.loads((output / "report.json").read_text())
@@ -68,13 +85,24 @@ def unlearn_paths(output: Path, world, checkpoint: Path, concept: str, seed: int
     checkpoint, the concept, the output directory (a config layered after the packaged one)."""
     return {
         "seed_everything": seed,
-        "trainer": {"devices": devices, "strategy": "ddp" if devices > 1 else "auto",
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(output), "name": "logs"}}},
+        "trainer": {
+            "devices": devices,
+            "strategy": "ddp" if devices > 1 else "auto",
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(output), "name": "logs"},
+            },
+        },
         "model": {"init_args": {"pretrained": str(checkpoint)}},
         "data": {"init_args": {"shards": world.shards, "concepts": [{"name": concept}]}},
-        "search": {"init_args": {"sets": [{"name": "identities", "root": str(world.identities_dir)},
-                                          {"name": "objects", "root": str(world.objects_dir)}]}},
+        "search": {
+            "init_args": {
+                "sets": [
+                    {"name": "identities", "root": str(world.identities_dir)},
+                    {"name": "objects", "root": str(world.objects_dir)},
+                ]
+            }
+        },
         "output_dir": str(output),
         "overwrite": True,
     }

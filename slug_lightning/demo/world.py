@@ -111,9 +111,7 @@ class DemoWorld:
         mine = self.attributes[person]
         threshold = len(mine) - 2 if min_shared is None else min_shared
         shared = {
-            other: sum(attrs[a] == mine[a] for a in mine)
-            for other, attrs in self.attributes.items()
-            if other != person
+            other: sum(attrs[a] == mine[a] for a in mine) for other, attrs in self.attributes.items() if other != person
         }
         found = [other for other in self.people if other in shared and shared[other] >= threshold]
         return tuple(sorted(found, key=lambda other: -shared[other]))
@@ -179,10 +177,17 @@ def make_demo_world(
             ``overwrite`` is False, or ``root`` has ``shards/`` or ``eval/`` folders of something else.
     """
     params = {
-        "generator_version": GENERATOR_VERSION, "seed": seed, "people": people, "objects": objects,
-        "portraits_per_person": portraits_per_person, "person_object_per_person": person_object_per_person,
-        "samples_per_object": samples_per_object, "scenery_samples": scenery_samples,
-        "eval_per_person": eval_per_person, "eval_per_object": eval_per_object, "shards": shards,
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "people": people,
+        "objects": objects,
+        "portraits_per_person": portraits_per_person,
+        "person_object_per_person": person_object_per_person,
+        "samples_per_object": samples_per_object,
+        "scenery_samples": scenery_samples,
+        "eval_per_person": eval_per_person,
+        "eval_per_object": eval_per_object,
+        "shards": shards,
         "image_size": image_size,
     }
     _check_params(params)
@@ -282,18 +287,29 @@ def _clear_outputs(root: Path) -> None:
 
 def _check_params(params: dict) -> None:
     limits = {
-        "people": (2, len(FIRST_NAMES)), "objects": (1, len(OBJECT_PAINTERS)), "shards": (1, 99999),
+        "people": (2, len(FIRST_NAMES)),
+        "objects": (1, len(OBJECT_PAINTERS)),
+        "shards": (1, 99999),
         "image_size": (16, 512),
     }
     for name, (low, high) in limits.items():
         if not low <= params[name] <= high:
             raise ValueError(f"{name}={params[name]} is out of range; valid is {low}..{high}.")
-    for name in ("portraits_per_person", "person_object_per_person", "samples_per_object", "scenery_samples",
-                 "eval_per_person", "eval_per_object"):
+    for name in (
+        "portraits_per_person",
+        "person_object_per_person",
+        "samples_per_object",
+        "scenery_samples",
+        "eval_per_person",
+        "eval_per_object",
+    ):
         if params[name] < 0:
             raise ValueError(f"{name}={params[name]} must be >= 0.")
-    samples = (params["people"] * (params["portraits_per_person"] + params["person_object_per_person"])
-               + params["objects"] * params["samples_per_object"] + params["scenery_samples"])
+    samples = (
+        params["people"] * (params["portraits_per_person"] + params["person_object_per_person"])
+        + params["objects"] * params["samples_per_object"]
+        + params["scenery_samples"]
+    )
     if params["shards"] > samples:
         raise ValueError(f"shards={params['shards']} is more than the {samples} samples; every shard needs one.")
     if params["portraits_per_person"] + params["person_object_per_person"] < 1 or params["eval_per_person"] < 1:
@@ -370,22 +386,37 @@ def _shard_samples(spec: dict, params: dict) -> list[dict]:
         looks = [LOOKS[a][v] for a, v in attrs.items() if LOOKS[a][v] is not None]
         for _ in range(params["portraits_per_person"]):
             template = PERSON_TEMPLATES[int(rng.integers(len(PERSON_TEMPLATES)))]
-            draws.append({"person": person, "object": None, "scene": scenes[int(rng.integers(len(scenes)))],
-                          "template": template, "look": looks[int(rng.integers(len(looks)))]})
+            draws.append(
+                {
+                    "person": person,
+                    "object": None,
+                    "scene": scenes[int(rng.integers(len(scenes)))],
+                    "template": template,
+                    "look": looks[int(rng.integers(len(looks)))],
+                }
+            )
         for _ in range(params["person_object_per_person"]):
             template = PERSON_OBJECT_TEMPLATES[int(rng.integers(len(PERSON_OBJECT_TEMPLATES)))]
-            draws.append({"person": person, "object": spec["objects"][int(rng.integers(len(spec["objects"])))],
-                          "scene": scenes[int(rng.integers(len(scenes)))], "template": template})
+            draws.append(
+                {
+                    "person": person,
+                    "object": spec["objects"][int(rng.integers(len(spec["objects"])))],
+                    "scene": scenes[int(rng.integers(len(scenes)))],
+                    "template": template,
+                }
+            )
     for kind in spec["objects"]:
         for _ in range(params["samples_per_object"]):
             template = OBJECT_TEMPLATES[int(rng.integers(len(OBJECT_TEMPLATES)))]
-            draws.append({"person": None, "object": kind, "scene": scenes[int(rng.integers(len(scenes)))],
-                          "template": template})
+            draws.append(
+                {"person": None, "object": kind, "scene": scenes[int(rng.integers(len(scenes)))], "template": template}
+            )
     for _ in range(params["scenery_samples"]):
         scene = scenes[int(rng.integers(len(scenes)))]
         captions = SCENERY_CAPTIONS[scene]
-        draws.append({"person": None, "object": None, "scene": scene,
-                      "template": captions[int(rng.integers(len(captions)))]})
+        draws.append(
+            {"person": None, "object": None, "scene": scene, "template": captions[int(rng.integers(len(captions)))]}
+        )
     order = rng.permutation(len(draws))
     samples = []
     for index, i in enumerate(order):
@@ -400,8 +431,14 @@ def _caption(sample: dict) -> str:
     kind = sample["object"] or ""
     article = "an" if kind[:1] in tuple("aeiou") else "a"
     return sample["template"].format(
-        name=name, lname=name.lower(), uname=name.upper(), object=kind, a_object=f"{article} {kind}",
-        A_object=f"{article.capitalize()} {kind}", scene=SCENES[sample["scene"]], look=sample.get("look"),
+        name=name,
+        lname=name.lower(),
+        uname=name.upper(),
+        object=kind,
+        a_object=f"{article} {kind}",
+        A_object=f"{article.capitalize()} {kind}",
+        scene=SCENES[sample["scene"]],
+        look=sample.get("look"),
     )
 
 
@@ -424,15 +461,19 @@ def _write_shards(directory: Path, samples: list[dict], spec: dict, params: dict
     bounds = np.linspace(0, len(samples), count + 1).round().astype(int)
     for shard in range(count):
         with tarfile.open(directory / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples[bounds[shard]:bounds[shard + 1]]:
+            for sample in samples[bounds[shard] : bounds[shard + 1]]:
                 # Each image has its own stream, so a sample's pixels do not depend on the others.
                 rng = np.random.default_rng([params["seed"], 2, int(sample["key"])])
                 pixels = render(rng, params["image_size"], spec, sample["person"], sample["object"], sample["scene"])
                 png = encode_png(pixels)
                 meta = {
-                    "key": sample["key"], "caption": sample["caption"], "person": sample["person"],
-                    "object": sample["object"], "scene": sample["scene"],
-                    "width": params["image_size"], "height": params["image_size"],
+                    "key": sample["key"],
+                    "caption": sample["caption"],
+                    "person": sample["person"],
+                    "object": sample["object"],
+                    "scene": sample["scene"],
+                    "width": params["image_size"],
+                    "height": params["image_size"],
                 }
                 _add_member(tar, f"{sample['key']}.png", png)
                 _add_member(tar, f"{sample['key']}.txt", sample["caption"].encode())

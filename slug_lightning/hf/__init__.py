@@ -31,7 +31,7 @@ def require(package: str, extra: str):
     except ImportError as error:
         raise UserError(
             f"This needs the optional package {package!r} ({error}). Install it with "
-            f"pip install \"slug-lightning[{extra}]\"."
+            f'pip install "slug-lightning[{extra}]".'
         ) from None
 
 

@@ -35,8 +35,12 @@ def weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_WEIGHTS)
-        hint = (f" It holds {', '.join(pickled)}: save it again with safetensors (save_pretrained does by "
-                "default); pickled weights are never unpickled here." if pickled else "")
+        hint = (
+            f" It holds {', '.join(pickled)}: save it again with safetensors (save_pretrained does by "
+            "default); pickled weights are never unpickled here."
+            if pickled
+            else ""
+        )
         raise UserError(f"{str(directory)!r} holds no .safetensors weights.{hint}")
     return files
 
@@ -104,15 +108,21 @@ def check_output(source: Path, output: Path) -> None:
     """
     source, output = Path(source).resolve(), Path(output).resolve()
     if output == source or source in output.parents:
-        raise UserError(f"The output {str(output)!r} must lie outside the input {str(source)!r}; the input is "
-                        "never written to.")
+        raise UserError(
+            f"The output {str(output)!r} must lie outside the input {str(source)!r}; the input is never written to."
+        )
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"The output {str(output)!r} already exists and is not empty; choose a new directory.")
 
 
-def write_edited_tree(source: Path, output: Path, edits: Mapping[Path, Mapping[str, Tensor]],
-                      link: str = "symlink", drop: Iterable[Path] = (),
-                      extra: Mapping[str, Callable[[Path, dict], None]] | None = None) -> dict[str, list[str]]:
+def write_edited_tree(
+    source: Path,
+    output: Path,
+    edits: Mapping[Path, Mapping[str, Tensor]],
+    link: str = "symlink",
+    drop: Iterable[Path] = (),
+    extra: Mapping[str, Callable[[Path, dict], None]] | None = None,
+) -> dict[str, list[str]]:
     """Write ``output`` as a copy of the tree ``source`` in which only the edited files are new.
 
     Every file of ``edits`` (a safetensors file of ``source``) is written again with its tensors, the
@@ -166,8 +176,10 @@ def write_edited_tree(source: Path, output: Path, edits: Mapping[Path, Mapping[s
                     if key not in tensors:
                         raise UserError(f"{str(path)!r} holds no tensor {key!r}.")
                     if tuple(value.shape) != tuple(tensors[key].shape):
-                        raise UserError(f"{key!r} in {str(path)!r} has shape {tuple(tensors[key].shape)}, the edit "
-                                        f"{tuple(value.shape)}.")
+                        raise UserError(
+                            f"{key!r} in {str(path)!r} has shape {tuple(tensors[key].shape)}, the edit "
+                            f"{tuple(value.shape)}."
+                        )
                     tensors[key] = value.to(tensors[key].dtype).contiguous()
                 save_file(tensors, str(target), metadata=metadata)
                 done["rewritten"].append(str(relative))

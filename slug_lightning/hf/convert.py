@@ -165,13 +165,18 @@ def to_hf_vision(model: nn.Module, projection: bool = False, layers: int | None 
 def to_hf_clip(model: nn.Module) -> nn.Module:
     """OpenCLIP ``model`` as a ``transformers.CLIPModel`` (both towers, projections, logit scale)."""
     transformers = require("transformers", "vlm")
-    config = transformers.CLIPConfig(text_config=text_config(model).to_dict(),
-                                     vision_config=vision_config(model).to_dict(),
-                                     projection_dim=model.text_projection.shape[1])
+    config = transformers.CLIPConfig(
+        text_config=text_config(model).to_dict(),
+        vision_config=vision_config(model).to_dict(),
+        projection_dim=model.text_projection.shape[1],
+    )
     hf_model = transformers.CLIPModel(config)
     hf_model.load_state_dict(to_hf(model.state_dict()), strict=False)
-    missing = set(hf_model.state_dict()) - set(to_hf(model.state_dict())) - {
-        k for k in hf_model.state_dict() if k.endswith("position_ids")}
+    missing = (
+        set(hf_model.state_dict())
+        - set(to_hf(model.state_dict()))
+        - {k for k in hf_model.state_dict() if k.endswith("position_ids")}
+    )
     if missing:
         raise UserError(f"The OpenCLIP model lacks tensors the Hugging Face model needs: {sorted(missing)[:3]}.")
     return hf_model.eval()
@@ -190,16 +195,22 @@ def check_config_fits(model: nn.Module, hf_config, tower: str) -> None:
         fields += ["vocab_size", "max_position_embeddings"]
     else:
         fields += ["image_size", "patch_size", "num_channels"]
-    problems = [f"{f}: pipeline {getattr(hf_config, f)!r} vs OpenCLIP {getattr(own, f)!r}"
-                for f in fields if getattr(hf_config, f) != getattr(own, f)]
+    problems = [
+        f"{f}: pipeline {getattr(hf_config, f)!r} vs OpenCLIP {getattr(own, f)!r}"
+        for f in fields
+        if getattr(hf_config, f) != getattr(own, f)
+    ]
     if hf_config.num_hidden_layers > own.num_hidden_layers:
-        problems.append(f"num_hidden_layers: pipeline {hf_config.num_hidden_layers} > OpenCLIP "
-                        f"{own.num_hidden_layers}")
+        problems.append(f"num_hidden_layers: pipeline {hf_config.num_hidden_layers} > OpenCLIP {own.num_hidden_layers}")
     if problems:
-        hint = (" (OpenAI weights use QuickGELU: pick the '-quickgelu' OpenCLIP config, e.g. ViT-L-14-336-quickgelu)"
-                if any(p.startswith("hidden_act") for p in problems) else "")
-        raise UserError(f"The pipeline's {tower} tower does not fit the OpenCLIP architecture: "
-                        + "; ".join(problems) + hint + ".")
+        hint = (
+            " (OpenAI weights use QuickGELU: pick the '-quickgelu' OpenCLIP config, e.g. ViT-L-14-336-quickgelu)"
+            if any(p.startswith("hidden_act") for p in problems)
+            else ""
+        )
+        raise UserError(
+            f"The pipeline's {tower} tower does not fit the OpenCLIP architecture: " + "; ".join(problems) + hint + "."
+        )
 
 
 def load_into_open_clip(model: nn.Module, hf_state_dict: Mapping[str, Tensor], tower: str) -> list[str]:
@@ -221,8 +232,11 @@ def load_into_open_clip(model: nn.Module, hf_state_dict: Mapping[str, Tensor], t
     canonical.pop("logit_scale", None)  # a CLIPModel's temperature is shared, not the tower's
     tensors = from_hf(canonical)
     own = model.state_dict()
-    problems = [f"{name}: {tuple(t.shape)} vs {tuple(own[name].shape)}" if name in own else f"{name}: not in model"
-                for name, t in tensors.items() if name not in own or own[name].shape != t.shape]
+    problems = [
+        f"{name}: {tuple(t.shape)} vs {tuple(own[name].shape)}" if name in own else f"{name}: not in model"
+        for name, t in tensors.items()
+        if name not in own or own[name].shape != t.shape
+    ]
     if problems:
         raise UserError(f"The Hugging Face {tower} tower does not fit this OpenCLIP model: {problems[:3]}.")
     with torch.no_grad():

@@ -24,24 +24,39 @@ from slug_lightning.concepts import Concept
 DEFAULT_QUESTION = "Who is in this image? Answer with the person's name."
 
 
-def generate_images(pipeline, prompts: Sequence[str], seed: int = 0, images_per_prompt: int = 1,
-                    num_inference_steps: int = 30, guidance_scale: float = 7.5, height: int | None = None,
-                    width: int | None = None) -> list[list]:
+def generate_images(
+    pipeline,
+    prompts: Sequence[str],
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[list]:
     """PIL images per prompt from a diffusers text-to-image pipeline, seeded per prompt (so the images before
     and after an edit start from the same noise)."""
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed(seed + index)
-        result = pipeline(prompt, num_images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, height=height, width=width, generator=generator,
-                          output_type="pil")
+        result = pipeline(
+            prompt,
+            num_images_per_prompt=images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            generator=generator,
+            output_type="pil",
+        )
         images.append(list(result.images))
     return images
 
 
 @torch.no_grad()
-def classify_images(images: Sequence, scorer, class_names: Sequence[str], templates: Sequence[str],
-                    device: str = "cpu") -> list[int]:
+def classify_images(
+    images: Sequence, scorer, class_names: Sequence[str], templates: Sequence[str], device: str = "cpu"
+) -> list[int]:
     """Zero-shot class index of each PIL image under the CLIP ``scorer`` (a ``LoadedCLIP``)."""
     from slug_lightning.zero_shot import image_features, zero_shot_classifier
 
@@ -62,9 +77,17 @@ def target_rate(predictions: Sequence[int], target_index: int) -> float:
     return sum(p == target_index for p in predictions) / len(predictions) if predictions else float("nan")
 
 
-def diffusion_forgetting(pipeline, prompts: Sequence[str], target: str, class_names: Sequence[str], scorer,
-                         templates: Sequence[str] = ("a photo of {}.",), device: str = "cpu",
-                         save_images: str | Path | None = None, **generate) -> dict:
+def diffusion_forgetting(
+    pipeline,
+    prompts: Sequence[str],
+    target: str,
+    class_names: Sequence[str],
+    scorer,
+    templates: Sequence[str] = ("a photo of {}.",),
+    device: str = "cpu",
+    save_images: str | Path | None = None,
+    **generate,
+) -> dict:
     """How often a diffusion pipeline's images for ``prompts`` are classified as ``target``.
 
     Args:
@@ -88,8 +111,9 @@ def diffusion_forgetting(pipeline, prompts: Sequence[str], target: str, class_na
     for number, (prompt, group) in enumerate(zip(prompts, images)):
         predicted = classify_images(group, scorer, names, templates, device)
         everything += predicted
-        per_prompt.append({"prompt": prompt, "target_rate": target_rate(predicted, index),
-                           "predicted": [names[p] for p in predicted]})
+        per_prompt.append(
+            {"prompt": prompt, "target_rate": target_rate(predicted, index), "predicted": [names[p] for p in predicted]}
+        )
         if save_images is not None:
             Path(save_images).mkdir(parents=True, exist_ok=True)
             for k, image in enumerate(group):
@@ -122,17 +146,28 @@ def identity_answers(answer: Callable[[object], str], images: Sequence[tuple[obj
     rows = []
     for image, name in images:
         reply = answer(image)
-        rows.append({"identity": name, "answer": reply, "names_target": target.matches(reply),
-                     "names_identity": Concept(name).matches(reply)})
+        rows.append(
+            {
+                "identity": name,
+                "answer": reply,
+                "names_target": target.matches(reply),
+                "names_identity": Concept(name).matches(reply),
+            }
+        )
     own = [r for r in rows if r["identity"] == target.name]
     others = [r for r in rows if r["identity"] != target.name]
 
     def fraction(selected, key):
         return sum(r[key] for r in selected) / len(selected) if selected else float("nan")
 
-    return {"target_named": fraction(own, "names_target"), "others_named_target": fraction(others, "names_target"),
-            "others_named_correctly": fraction(others, "names_identity"), "target_images": len(own),
-            "other_images": len(others), "answers": rows}
+    return {
+        "target_named": fraction(own, "names_target"),
+        "others_named_target": fraction(others, "names_target"),
+        "others_named_correctly": fraction(others, "names_identity"),
+        "target_images": len(own),
+        "other_images": len(others),
+        "answers": rows,
+    }
 
 
 def llava_answerer(model, processor, question: str = DEFAULT_QUESTION, max_new_tokens: int = 24) -> Callable:
@@ -149,6 +184,6 @@ def llava_answerer(model, processor, question: str = DEFAULT_QUESTION, max_new_t
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
     return answer

@@ -24,8 +24,13 @@ import torch
 from torch import Tensor
 
 from slug_lightning.errors import UserError
-from slug_lightning.hf.checkpoints import (PICKLED_WEIGHTS, equal_under_dtype, find_tower, preferred_first,
-                                           write_edited_tree)
+from slug_lightning.hf.checkpoints import (
+    PICKLED_WEIGHTS,
+    equal_under_dtype,
+    find_tower,
+    preferred_first,
+    write_edited_tree,
+)
 from slug_lightning.hf.mapping import Layout, Reach, to_hf
 from slug_lightning.layers import LANGUAGE, VISION, tower_of
 
@@ -67,8 +72,10 @@ def read_run(run_dir: str | Path) -> RunEdit:
     run = Path(run_dir)
     delta_path, model_path = run / "delta.safetensors", run / "model.safetensors"
     if not delta_path.is_file() and not model_path.is_file():
-        raise UserError(f"{str(run)!r} holds neither delta.safetensors nor model.safetensors; give the output "
-                        "directory of an unlearn run.")
+        raise UserError(
+            f"{str(run)!r} holds neither delta.safetensors nor model.safetensors; give the output "
+            "directory of an unlearn run."
+        )
     deltas, entries, model = None, [], {}
     if delta_path.is_file():  # summed per layer (fp32): two concepts that chose one layer add up
         delta = read_delta(delta_path)
@@ -86,10 +93,17 @@ def diffusers_reach(pipeline: Path, component: str = "text_encoder", clip_skip: 
     """
     config = _read_json(pipeline / component / "config.json")
     if any("WithProjection" in a for a in config.get("architectures") or []):
-        raise UserError(f"{component!r} is a text encoder with projection (an SDXL-style pipeline); only "
-                        "SD 1.x/2.x-style text encoders (CLIPTextModel) are supported.")
-    return Reach(LANGUAGE, layers=config["num_hidden_layers"] - clip_skip, final_norm=True, projection=False,
-                 what=f"the diffusers pipeline's {component}")
+        raise UserError(
+            f"{component!r} is a text encoder with projection (an SDXL-style pipeline); only "
+            "SD 1.x/2.x-style text encoders (CLIPTextModel) are supported."
+        )
+    return Reach(
+        LANGUAGE,
+        layers=config["num_hidden_layers"] - clip_skip,
+        final_norm=True,
+        projection=False,
+        what=f"the diffusers pipeline's {component}",
+    )
 
 
 def llava_reach(model_dir: Path, vision_feature_layer: int | list[int] | None = None) -> Reach:
@@ -107,8 +121,13 @@ def llava_reach(model_dir: Path, vision_feature_layer: int | list[int] | None = 
     indices = vision_feature_layer if isinstance(vision_feature_layer, list) else [vision_feature_layer]
     # hidden_states has blocks + 1 entries (the embeddings first): entry k is the output of k blocks.
     used = max(i if i >= 0 else blocks + 1 + i for i in indices)
-    return Reach(VISION, layers=used, final_norm=False, projection=False,
-                 what=f"the LLaVA model (vision_feature_layer={vision_feature_layer})")
+    return Reach(
+        VISION,
+        layers=used,
+        final_norm=False,
+        projection=False,
+        what=f"the LLaVA model (vision_feature_layer={vision_feature_layer})",
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -122,18 +141,28 @@ def _check_reach(edit: RunEdit, reach: Reach, tower: str) -> None:
     if other:
         raise UserError(
             f"The run edited {', '.join(other)} ({tower_of(other[0])} tower), but {reach.what} takes the {tower} "
-            f"tower. Unlearn again with the {tower} tower only (StepSearch towers: [{tower}]).")
+            f"tower. Unlearn again with the {tower} tower only (StepSearch towers: [{tower}])."
+        )
     unreachable = reach.unreachable(edit.deltas)
     if unreachable:
         raise UserError(
             f"The run edited {', '.join(unreachable)}, which {reach.what} never uses (it takes the output of the "
             f"first {reach.layers} blocks{', without the final LayerNorm' if not reach.final_norm else ''}, "
             "without the projection): the edit would change nothing. Unlearn again with those layers excluded "
-            "(see configs/sd and configs/llava, or PipelineGradientCollector, which excludes them itself).")
+            "(see configs/sd and configs/llava, or PipelineGradientCollector, which excludes them itself)."
+        )
 
 
-def deliver(run_dir: str | Path, source: str | Path, output: str | Path, tower: str, component: str,
-            reach: Reach, link: str = "symlink", check_base: bool = True) -> dict:
+def deliver(
+    run_dir: str | Path,
+    source: str | Path,
+    output: str | Path,
+    tower: str,
+    component: str,
+    reach: Reach,
+    link: str = "symlink",
+    check_base: bool = True,
+) -> dict:
     """Write ``output``: the pipeline ``source`` with the run's edit in its CLIP ``tower``.
 
     Args:
@@ -184,8 +213,10 @@ def deliver(run_dir: str | Path, source: str | Path, output: str | Path, tower: 
                     continue
                 stored = handle.get_tensor(key)
                 if tuple(stored.shape) != tuple(change.shape):
-                    raise UserError(f"{key!r} has shape {tuple(stored.shape)} in {str(path)!r} but "
-                                    f"{tuple(change.shape)} in the run: not the same architecture.")
+                    raise UserError(
+                        f"{key!r} has shape {tuple(stored.shape)} in {str(path)!r} but "
+                        f"{tuple(change.shape)} in the run: not the same architecture."
+                    )
                 if name not in new_values:
                     if edit.deltas is not None:
                         new_values[name] = stored.double() + change.double()
@@ -206,7 +237,8 @@ def deliver(run_dir: str | Path, source: str | Path, output: str | Path, tower: 
             raise UserError(
                 f"The {tower} tower in {str(component_dir)!r} is not the CLIP the run started from (relative "
                 f"difference up to {worst_base:.3g}, tolerance {BASE_TOLERANCE:g}). Unlearn that pipeline's own CLIP "
-                "(PipelineGradientCollector), or pass --no-check-base to add the delta anyway.")
+                "(PipelineGradientCollector), or pass --no-check-base to add the delta anyway."
+            )
 
     dropped = [p for p in component_dir.iterdir() if p.is_file() and p.suffix in PICKLED_WEIGHTS]
     summary = {
@@ -219,29 +251,43 @@ def deliver(run_dir: str | Path, source: str | Path, output: str | Path, tower: 
         "entries": edit.entries,
         "link": link,
         "mode": "delta" if edit.deltas is not None else "unlearned model (whole tower)",
-        "reach": {"layers": reach.layers, "final_norm": reach.final_norm, "projection": reach.projection,
-                  "what": reach.what},
+        "reach": {
+            "layers": reach.layers,
+            "final_norm": reach.final_norm,
+            "projection": reach.projection,
+            "what": reach.what,
+        },
         "changed": sorted(layout.key(name) for name in new_values),
         "base_relative_difference": worst_base if expected is not None else None,
         "result_relative_difference": worst_result if expected is not None else None,
     }
 
     def write_edit(path: Path, _) -> None:
-        save_file({name: value.contiguous() for name, value in new_values.items()}, str(path), metadata={
-            "format": EDIT_FORMAT, "tower": tower, "component": component, "entries": json.dumps(edit.entries),
-            "model": json.dumps(edit.model)})
+        save_file(
+            {name: value.contiguous() for name, value in new_values.items()},
+            str(path),
+            metadata={
+                "format": EDIT_FORMAT,
+                "tower": tower,
+                "component": component,
+                "entries": json.dumps(edit.entries),
+                "model": json.dumps(edit.model),
+            },
+        )
 
     def write_summary(path: Path, files: dict) -> None:
         summary.update(files)
         path.write_text(json.dumps(summary, indent=2) + "\n")
 
-    write_edited_tree(source, output, edits, link=link, drop=dropped,
-                      extra={EDIT_FILE: write_edit, SUMMARY_FILE: write_summary})
+    write_edited_tree(
+        source, output, edits, link=link, drop=dropped, extra={EDIT_FILE: write_edit, SUMMARY_FILE: write_summary}
+    )
     return summary
 
 
-def _unchanged_difference(keys: dict[Path, list[str]], layout: Layout, expected: dict[str, Tensor],
-                          changes: dict[str, Tensor]) -> float:
+def _unchanged_difference(
+    keys: dict[Path, list[str]], layout: Layout, expected: dict[str, Tensor], changes: dict[str, Tensor]
+) -> float:
     """Largest relative difference between the pipeline's unchanged tower tensors and the run's."""
     from safetensors import safe_open
 

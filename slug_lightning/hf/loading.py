@@ -46,12 +46,14 @@ class HFTokenizer:
 
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
-                              return_tensors="pt").input_ids
+        return self.tokenizer(
+            texts, padding="max_length", max_length=self.context_length, truncation=True, return_tensors="pt"
+        ).input_ids
 
 
-def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrained: str | None = None,
-                       component: str | None = None) -> tuple[LoadedCLIP, Reach]:
+def load_pipeline_clip(
+    pipeline: str | Path, kind: str, model_name: str, pretrained: str | None = None, component: str | None = None
+) -> tuple[LoadedCLIP, Reach]:
     """An OpenCLIP model whose ``kind`` tower holds the pipeline's weights.
 
     Args:
@@ -91,8 +93,11 @@ def load_pipeline_clip(pipeline: str | Path, kind: str, model_name: str, pretrai
         hf_config = transformers.CLIPVisionConfig.from_dict(config.get("vision_config", config))
     check_config_fits(loaded.model, hf_config, tower)
     names = set(load_into_open_clip(loaded.model, tensors, tower))
-    own = [n for n, _ in loaded.model.named_parameters()
-           if n != "logit_scale" and n.startswith("visual.") == (tower == VISION)]
+    own = [
+        n
+        for n, _ in loaded.model.named_parameters()
+        if n != "logit_scale" and n.startswith("visual.") == (tower == VISION)
+    ]
     kept = [n for n in own if n not in names]
     if kept:
         shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
@@ -147,9 +152,16 @@ class PipelineGradientCollector(GradientCollector):
             patterns = reach.exclude_patterns(blocks_of(loaded.model, reach.tower))
             exclude += [p for p in patterns if p not in exclude]
             log.info("Candidates restricted to what %s uses: exclude %s", reach.what, patterns)
-        super().__init__(model_name=model_name, pretrained=pretrained, include=include, exclude=exclude,
-                         model=loaded.model, preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
-                         concepts=concepts)
+        super().__init__(
+            model_name=model_name,
+            pretrained=pretrained,
+            include=include,
+            exclude=exclude,
+            model=loaded.model,
+            preprocess=loaded.preprocess,
+            tokenizer=loaded.tokenizer,
+            concepts=concepts,
+        )
         self.pipeline, self.kind, self.reach = str(Path(pipeline).resolve()), kind, reach
 
     def identity(self) -> dict:

@@ -131,7 +131,7 @@ def _take(tensor: Tensor, how: str | None) -> Tensor:
         return tensor.T
     index = "qkv".index(how)
     rows = tensor.shape[0] // 3
-    return tensor[index * rows:(index + 1) * rows]
+    return tensor[index * rows : (index + 1) * rows]
 
 
 def to_hf(state_dict: Mapping[str, Tensor], towers: Iterable[str] = (LANGUAGE, VISION)) -> dict[str, Tensor]:
@@ -290,7 +290,7 @@ class Layout:
     logit_scale: str | None = None
 
     @classmethod
-    def find(cls, keys: Iterable[str], tower: str) -> "Layout":
+    def find(cls, keys: Iterable[str], tower: str) -> Layout:
         """Locate ``tower`` among the tensor names of a checkpoint.
 
         Raises:
@@ -298,15 +298,18 @@ class Layout:
         """
         keys = list(keys)
         marker = _MARKER[tower]
-        prefixes = [k[:-len(marker)] for k in keys
-                    if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")]
+        prefixes = [
+            k[: -len(marker)] for k in keys if k.endswith(marker) and (k == marker or k[-len(marker) - 1] == ".")
+        ]
         if len(prefixes) != 1:
             what = "no" if not prefixes else f"{len(prefixes)} ({', '.join(map(repr, prefixes))})"
-            raise UserError(f"Found {what} CLIP {tower} tower in these weights (looked for a tensor named "
-                            f"'*{marker}'); expected exactly one.")
+            raise UserError(
+                f"Found {what} CLIP {tower} tower in these weights (looked for a tensor named "
+                f"'*{marker}'); expected exactly one."
+            )
         prefix = prefixes[0]
         # The projection sits beside the tower module (CLIPModel, CLIPTextModelWithProjection ...).
-        outer = prefix[:-len(_ROOT[tower])] if prefix.endswith(_ROOT[tower]) else None
+        outer = prefix[: -len(_ROOT[tower])] if prefix.endswith(_ROOT[tower]) else None
         projection = outer + _PROJECTION[tower] if outer is not None and outer + _PROJECTION[tower] in keys else None
         logit_scale = outer + "logit_scale" if outer is not None and outer + "logit_scale" in keys else None
         return cls(tower, prefix, projection, logit_scale)
@@ -320,7 +323,7 @@ class Layout:
         root = _ROOT[self.tower]
         if not canonical.startswith(root):
             raise UserError(f"{canonical!r} is not a tensor of the {self.tower} tower.")
-        return self.prefix + canonical[len(root):]
+        return self.prefix + canonical[len(root) :]
 
     def canonical(self, keys: Iterable[str]) -> dict[str, str]:
         """Checkpoint key → canonical name, for every key of this tower among ``keys``."""
@@ -329,8 +332,9 @@ class Layout:
             if key in (self.projection, self.logit_scale):
                 result[key] = _PROJECTION[self.tower] if key == self.projection else "logit_scale"
             elif key.startswith(self.prefix) and not key.endswith("position_ids"):
-                rest = key[len(self.prefix):]
-                if rest.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.",
-                                    "final_layer_norm.")):
+                rest = key[len(self.prefix) :]
+                if rest.startswith(
+                    ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "final_layer_norm.")
+                ):
                     result[key] = _ROOT[self.tower] + rest
         return result
