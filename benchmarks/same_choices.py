@@ -24,8 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import world_and_fit  # noqa: E402
+from _common import world_and_fit
 
 # Relative tolerance of a step size and absolute tolerance of an accuracy: float rounding, not a behaviour change.
 STEP_RTOL, ACCURACY_ATOL = 1e-6, 1e-9

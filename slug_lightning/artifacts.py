@@ -61,6 +61,24 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
             writer.writerows(rows)
 
 
+def flat_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A CSV row from a record whose values may be ``{name: value}`` maps: each becomes columns ``key[name]``, in
+    place.
+
+    Example::
+
+        >>> flat_row({"step": 0, "test_top1": {"a": 0.5, "b": 1.0}, "seconds": 2.0})
+        {'step': 0, 'test_top1[a]': 0.5, 'test_top1[b]': 1.0, 'seconds': 2.0}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}[{name}]": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write text atomically."""
     with atomic_path(path) as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from slug_lightning.artifacts import save_state_dict, write_csv, write_json, write_text
+from slug_lightning.artifacts import flat_row, save_state_dict, write_csv, write_json, write_text
 from slug_lightning.baselines import BaselineSettings, run_baseline, settings_used
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import class_changes, forget_sets_of, summarize
@@ -33,6 +33,7 @@ def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
 
     Example::
 
+        >>> import torch
         >>> base = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
         >>> edit_size(base, {"a": torch.tensor([0.0, 1.0, 0.0, 0.0]), "b": torch.zeros(2, 3)})
         {'tensors': 1, 'entries': 1, 'parameters': 4, 'bytes': 16}
@@ -172,20 +173,10 @@ def unlearn_with_baseline(
     if (output / "config.yaml").is_file():
         report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
     output.mkdir(parents=True, exist_ok=True)
-    write_csv(output / "iterations.csv", [_flat(row) for row in result.iterations])
+    write_csv(output / "iterations.csv", [flat_row(row) for row in result.iterations])
     save_state_dict(
         output / "model.safetensors", state, metadata={"format": "pt", "method": method, "unlearned": ",".join(names)}
     )
     write_text(output / "report.md", render_baseline_markdown(report))
     write_json(output / "report.json", report)  # last: its presence marks a finished run
     return report
-
-
-def _flat(row: dict) -> dict:
-    flat = {}
-    for key, value in row.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}[{name}]": v for name, v in value.items()})
-        else:
-            flat[key] = value
-    return flat

@@ -12,13 +12,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from slug_lightning.artifacts import write_csv, write_json, write_text
+from slug_lightning.artifacts import flat_row, write_csv, write_json, write_text
 from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoint, write_delta
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
 from slug_lightning.report_render import render_markdown
 from slug_lightning.results import SearchResult, Summary
-from slug_lightning.search import Probe, concept_verdict, run_verdict
+from slug_lightning.search import concept_verdict, run_verdict
 
 LAYER_COLUMNS = ["concept", "layer", "tower", "importance", "alignment", "weight_norm", "grad_norm", "pareto", "front"]
 
@@ -138,7 +138,7 @@ def build_report(
         after=result.after,
         leave_one_out=result.leave_one_out,
         test_classes=result.test_classes,
-        search=[_probe_record(p) for p in result.probes],
+        search=[asdict(p) for p in result.probes],
         orders=[
             {
                 "concepts": end.order,
@@ -269,7 +269,7 @@ def write_unlearn_artifacts(
         for stats in rows
     ]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
-    write_csv(output / "search.csv", [_csv_row(p) for p in result.probes])
+    write_csv(output / "search.csv", [flat_row(asdict(p)) for p in result.probes])
 
     delta = run_delta(collector, result)
     write_delta(output / "delta.safetensors", delta)
@@ -288,36 +288,3 @@ def write_unlearn_artifacts(
     write_json(output / "report.json", report)
     write_text(output / "report.md", render_markdown(report))
     return report
-
-
-def _probe_record(p: Probe) -> dict:
-    return {
-        "concept": p.concept,
-        "layer": p.layer,
-        "step": p.step,
-        "step_size": p.step_size,
-        "relative_change": p.relative_change,
-        "forget_top1": p.forget_top1,
-        "forget_top5": p.forget_top5,
-        "test_top1": p.test_top1,
-        "test_top5": p.test_top5,
-        "seconds": p.seconds,
-        "round": p.round,
-        "order": p.order,
-    }
-
-
-def _csv_row(p: Probe) -> dict:
-    row = {
-        "concept": p.concept,
-        "layer": p.layer,
-        "step": p.step,
-        "step_size": p.step_size,
-        "relative_change": p.relative_change,
-        "forget_top1": p.forget_top1,
-        "forget_top5": p.forget_top5,
-    }
-    row.update({f"test_top1[{name}]": value for name, value in p.test_top1.items()})
-    row.update({f"test_top5[{name}]": value for name, value in p.test_top5.items()})
-    row.update({"seconds": p.seconds, "round": p.round, "order": p.order})
-    return row
