@@ -1,0 +1,54 @@
+"""Auditing an unlearned model (issue 25, "does it stay forgotten?"): probes the step-size search never ran.
+
+The search (METHOD §6) calls a concept forgotten when its forget accuracy under the evaluation sets' own templates
+drops to the threshold. The audit asks again in ways the edit was not chosen for:
+
+- :mod:`~slug_lightning.audit.prompts`: forget and test accuracy under held-out templates
+  (``slug_lightning/audit/templates.txt``), and forget accuracy with an alias or paraphrase in place of the
+  class name;
+- :mod:`~slug_lightning.audit.retrieval`: searching the evaluation images by the concept's name;
+- :mod:`~slug_lightning.audit.probe`: a linear probe on the image features, the concept against its look-alikes;
+- :mod:`~slug_lightning.audit.verdict`: how the concept's image–text cosines moved, and one verdict line per
+  concept; :mod:`~slug_lightning.audit.measure` gathers one concept's measures for it.
+
+The measures are small pure functions of tensors; the functions that run a model read one
+:class:`~slug_lightning.audit.prompts.AuditEvaluator`, a zero-shot evaluator run once per model.
+"""
+
+from slug_lightning.audit.measure import measure_concept
+from slug_lightning.audit.probe import image_probe, linear_probe_accuracy, stratified_folds
+from slug_lightning.audit.prompts import (
+    AuditEvaluator,
+    audit_evaluator,
+    held_out_templates,
+    name_accuracy,
+    other_names,
+    set_counts,
+    template_accuracy,
+    template_key,
+    unseen_prompt_accuracy,
+)
+from slug_lightning.audit.retrieval import query_embedding, retrieval_scores, search_by_name
+from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
+
+__all__ = [
+    "AuditEvaluator",
+    "audit_evaluator",
+    "held_out_templates",
+    "image_probe",
+    "linear_probe_accuracy",
+    "measure_concept",
+    "name_accuracy",
+    "other_names",
+    "query_embedding",
+    "recoveries",
+    "retrieval_scores",
+    "search_by_name",
+    "set_counts",
+    "similarity_shift",
+    "stratified_folds",
+    "template_accuracy",
+    "template_key",
+    "unseen_prompt_accuracy",
+    "verdict",
+]
