@@ -49,6 +49,7 @@ PLAIN_COMMANDS = {
     "eval-vlm": "slug_lightning.commands.evaluate_hf:vlm_main",
     "compare": "slug_lightning.commands.compare:main",
     "delta": "slug_lightning.commands.delta:main",
+    "audit": "slug_lightning.commands.audit:main",
 }
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the

@@ -70,16 +70,17 @@ def steps_to_target(curve: Sequence[float], target: float | None, every: int = 1
     return next((i * every for i, value in enumerate(curve) if value >= target), None)
 
 
-def first_pairs(batches: Iterable[Mapping[str, Tensor]], k: int) -> dict[str, Tensor]:
+def first_pairs(batches: Iterable[Mapping[str, Tensor]], k: int, exact: bool = True) -> dict[str, Tensor]:
     """The first ``k`` pairs of a stream of batches, in stream order: ``{"image": [k, C, H, W], "text": [k, L]}``.
 
     Args:
         batches: Batches with ``"image"`` and ``"text"`` rows, as ``LaionDataModule``'s loaders yield them. Reading
             stops at the batch that completes ``k`` pairs.
         k: How many pairs.
+        exact: Refuse a stream with fewer than ``k`` pairs; otherwise return all it holds (none: empty tensors).
 
     Raises:
-        ValueError: ``k < 1``, or the stream holds fewer than ``k`` pairs.
+        ValueError: ``k < 1``, or (``exact``) the stream holds fewer than ``k`` pairs.
 
     Example::
 
@@ -97,8 +98,12 @@ def first_pairs(batches: Iterable[Mapping[str, Tensor]], k: int) -> dict[str, Te
         texts.append(batch["text"][:take])
         held += take
         if held == k:
-            return {"image": torch.cat(images), "text": torch.cat(texts)}
-    raise ValueError(f"The forget stream holds {held} pair(s), fewer than the k={k} asked for.")
+            break
+    if held < k and exact:
+        raise ValueError(f"The forget stream holds {held} pair(s), fewer than the k={k} asked for.")
+    if not images:
+        return {"image": torch.empty(0), "text": torch.empty(0, dtype=torch.long)}
+    return {"image": torch.cat(images), "text": torch.cat(texts)}
 
 
 def forget_pairs(datamodule: LaionDataModule, concept: Concept | str, k: int) -> dict[str, Tensor]:

@@ -1,0 +1,101 @@
+"""``python -m slug_lightning audit --run RUN_DIR``: does the run's concept stay forgotten?
+
+The work is :func:`slug_lightning.audit.run.audit_run` (the measures) and :func:`~slug_lightning.audit.run.write_audit`
+(``audit.json``, the ``audit`` block of ``report.json``, the ``## Audit`` section of ``report.md``); this module parses
+the arguments, checks the run directory before anything is loaded or written, and prints one verdict line per
+concept.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from slug_lightning.errors import UserError
+from slug_lightning.relearn import DEFAULT_KS
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from slug_lightning.audit.run import RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Audit a finished unlearn run (SLUG or a baseline): the base model against the unlearned one, for each "
+            "forgotten concept, under prompts the run never tried (held-out templates, aliases, paraphrases), "
+            "searching the images by name, a linear probe on image features, the image-text similarity shift, "
+            "and relearning from a few forget pairs. Writes RUN_DIR/audit.json and adds an audit block to "
+            "report.json and an '## Audit' section to report.md."
+        ),
+    )
+    parser.add_argument("--run", required=True, help="output directory of a finished unlearn run (report.json)")
+    parser.add_argument(
+        "--paraphrases",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="other names to try for every concept, besides its aliases (e.g. 'the CEO of Tesla')",
+    )
+    relearn = parser.add_mutually_exclusive_group()
+    relearn.add_argument(
+        "--relearn_ks",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_KS),
+        metavar="K",
+        help=f"forget pairs to fine-tune on, per relearning run (default: {' '.join(map(str, DEFAULT_KS))})",
+    )
+    relearn.add_argument("--no_relearn", action="store_true", help="skip the relearning measure")
+    parser.add_argument(
+        "--relearn_steps",
+        type=int,
+        default=RELEARN_STEPS,
+        help=f"relearning budget in optimizer steps (default: {RELEARN_STEPS})",
+    )
+    parser.add_argument(
+        "--relearn_lr", type=float, default=RELEARN_LR, help=f"relearning learning rate (default: {RELEARN_LR:g})"
+    )
+    parser.add_argument(
+        "--relearn_every",
+        type=int,
+        default=RELEARN_EVERY,
+        help=f"steps between two forget evaluations while relearning (default: {RELEARN_EVERY})",
+    )
+    parser.add_argument("--device", default="cpu", help="where to compute (default: cpu)")
+    parser.add_argument("--output", default=None, help="the audit's JSON file (default: RUN_DIR/audit.json)")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse relearning settings that mean nothing, as one line."""
+    if not args.no_relearn:
+        if any(k < 2 for k in args.relearn_ks):
+            raise UserError(f"--relearn_ks must be numbers of pairs >= 2, got {args.relearn_ks}.")
+        if args.relearn_steps < 0 or args.relearn_every < 1:
+            raise UserError(
+                f"--relearn_steps must be >= 0 and --relearn_every >= 1, got {args.relearn_steps} and "
+                f"{args.relearn_every}."
+            )
+        if not args.relearn_lr > 0:
+            raise UserError(f"--relearn_lr must be a positive learning rate, got {args.relearn_lr}.")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning audit") -> int:
+    args = _parser(prog).parse_args(argv)
+    check_arguments(args)
+    from slug_lightning.audit.render import terminal_lines
+    from slug_lightning.audit.run import audit_run, check_run_dir, write_audit
+
+    check_run_dir(args.run)  # before any model is loaded: nothing is written for a bad run directory
+    audit = audit_run(
+        args.run,
+        paraphrases=args.paraphrases,
+        relearn_ks=() if args.no_relearn else args.relearn_ks,
+        relearn_steps=args.relearn_steps,
+        relearn_lr=args.relearn_lr,
+        relearn_every=args.relearn_every,
+        device=args.device,
+    )
+    path = write_audit(audit, args.output)
+    print("\n".join(terminal_lines(audit)))
+    print(f"  wrote {path}; added the audit to report.json and report.md")
+    return 0
