@@ -1,4 +1,4 @@
-"""Relearning (issue 25's audit, "does it stay forgotten?"): fine-tune an unlearned model on a few forget pairs.
+"""Relearning (part of the audit, "does it stay forgotten?"): fine-tune an unlearned model on a few forget pairs.
 
 Starting from the unlearned model, :func:`relearn` fine-tunes a copy with the contrastive loss of ``fit``
 (:func:`~slug_lightning.losses.retain_loss_sum`) on the first ``k`` forget pairs of a concept, evaluates the forget

@@ -1,4 +1,4 @@
-"""Auditing an unlearned model (issue 25, "does it stay forgotten?"): probes the step-size search never ran.
+"""Auditing an unlearned model ("does it stay forgotten?"): probes the step-size search never ran.
 
 The search (METHOD §6) calls a concept forgotten when its forget accuracy under the evaluation sets' own templates
 drops to the threshold. The audit asks again in ways the edit was not chosen for:
