@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from slug_lightning.joint_search import Change
 from slug_lightning.results import Summary
-
-Change = tuple[str, float, Tensor]  # (layer, λ, direction): θ_layer ← θ_layer + λ·direction
 
 
 class ModelEditor:
