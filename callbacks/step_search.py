@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -172,8 +173,8 @@ class StepSearch(Callback):
         }
 
     @override
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module, "gradients", None) is None:
+    def on_predict_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if getattr(module, "gradients", None) is None:
             raise RuntimeError("StepSearch runs after a GradientCollector; this module has no `gradients`.")
         # Lightning's convention: a fast_dev_run Trainer runs every stage briefly, so the search probes little too.
         self.smoke_run = bool(trainer.fast_dev_run)
@@ -182,7 +183,6 @@ class StepSearch(Callback):
                 f"[slug] smoke run (fast_dev_run): at most {SMOKE_MAX_STEPS} probes per layer, not "
                 f"max_steps={self.max_steps}."
             )
-        module = pl_module
         self.run(module.model, module.tokenizer, module.preprocess, module.gradients, module.device, trainer)
 
     def evaluator(self, model, tokenizer, preprocess, concepts, device="cpu", reuse=None) -> ZeroShotEvaluator:
@@ -202,7 +202,7 @@ class StepSearch(Callback):
         evaluator = self.evaluator(model, tokenizer, preprocess, store.concepts, device)
         forget_sets = forget_sets_of(store.concepts, evaluator.datasets, self.forget_set)
         class_names = {name: evaluator.class_names(name) for name in evaluator.datasets}
-        summary = lambda counts: summarize(counts, class_names, forget_sets, self.averaging)  # noqa: E731
+        summary = partial(summarize, class_names=class_names, forget=forget_sets, averaging=self.averaging)
         editor = ModelEditor(dict(model.named_parameters()), list(store.layers), evaluator.run, summary, device)
         stages = tower_stages(model)
         before = editor.evaluate()

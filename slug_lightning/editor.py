@@ -45,6 +45,7 @@ class ModelEditor:
         self._evaluate, self._summarize, self.device = evaluate, summarize, device
         self.counts: Mapping[str, Tensor] | None = None
         self.first_counts: Mapping[str, Tensor] | None = None
+        self._moved: tuple[Tensor, Tensor] | None = None  # (a direction, its copy on the device)
 
     @torch.no_grad()
     def evaluate(self) -> Summary:
@@ -59,7 +60,7 @@ class ModelEditor:
         """The evaluation of the model with ``θ_layer + λ·direction``; the layer is restored afterwards."""
         parameter = self.parameters[layer]
         original = parameter.detach().clone()
-        parameter.add_(step_size * direction.to(self.device))
+        parameter.add_(step_size * self._on_device(direction))
         try:
             return self._summarize(self._evaluate(layer))
         finally:
@@ -69,7 +70,7 @@ class ModelEditor:
     def shift(self, changes: Sequence[Change]) -> Summary:
         """Add each change, in order, then evaluate the model (the new reference)."""
         for layer, step_size, direction in changes:
-            self.parameters[layer].add_(step_size * direction.to(self.device))
+            self.parameters[layer].add_(step_size * self._on_device(direction))
         return self.evaluate()
 
     @torch.no_grad()
@@ -82,3 +83,10 @@ class ModelEditor:
         """Back to θ⁰ (:meth:`restore`), then :meth:`shift` by ``changes``."""
         self.restore()
         return self.shift(changes)
+
+    def _on_device(self, direction: Tensor) -> Tensor:
+        """``direction`` on the parameters' device. The probes of one layer's search step along one direction, so
+        the last one moved is kept: it crosses to the accelerator once per layer, not once per probe."""
+        if self._moved is None or self._moved[0] is not direction:
+            self._moved = (direction, direction.to(self.device))
+        return self._moved[1]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ from slug_lightning.evaluation import forget_sets_of
 from slug_lightning.labelled_sets import LabelledSet
 from slug_lightning.layers import VISION, tower_of
 from slug_lightning.relearn import DEFAULT_KS, first_pairs, relearning
-from slug_lightning.zero_shot import zero_shot_classifier
+from slug_lightning.zero_shot import image_features, zero_shot_classifier
 
 AUDIT_FILE = "audit.json"
 RUN_FILES = ("report.json", "config.yaml", "model.safetensors")
@@ -170,7 +169,7 @@ def forget_top1(
         classifier = zero_shot_classifier(model, tokenizer, class_names, templates, device)
         hits = 0
         for start in range(0, images.shape[0], chunk):
-            features = F.normalize(model.encode_image(images[start : start + chunk].to(device)).float(), dim=-1)
+            features = image_features(model, images[start : start + chunk].to(device))
             hits += int(((features @ classifier).argmax(dim=1) == index).sum())
         return hits / images.shape[0]
 
