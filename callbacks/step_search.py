@@ -17,20 +17,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 from typing_extensions import override
 
+from slug_lightning.callbacks.search_progress import SearchProgress
 from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.editor import ModelEditor
 from slug_lightning.errors import ConfigError, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, class_changes, forget_sets_of, summarize
 from slug_lightning.gradient_store import GradientStore
-from slug_lightning.joint_search import JointSearch, Listener, SearchRule
+from slug_lightning.joint_search import JointSearch, SearchRule
 from slug_lightning.labelled_sets import LabelledSet, check_set_names
 from slug_lightning.layers import LANGUAGE, VISION, front_layers, layer_statistics
 from slug_lightning.memory import PeakMemory
 from slug_lightning.results import SearchResult
-from slug_lightning.search import BinarySearch, Probe, is_forgotten
+from slug_lightning.search import BinarySearch, is_forgotten
 from slug_lightning.towers import in_forward_order, tower_stages
 
 CACHE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the dtype the model computes in
@@ -76,6 +76,9 @@ class StepSearch(Callback):
         orders: Several concepts: from how many concept orders to run the whole search, each from θ⁰, keeping the
             end that forgets the most concepts, then has the highest utility
             (:func:`~slug_lightning.search.concept_orders`). Each order costs a whole search.
+        audit: Once ``SlugTrainer.unlearn`` has written the run, audit the unlearned model (:mod:`slug_lightning.audit`:
+            held-out prompts, search by name, the image side, relearning) into ``audit.json``, ``report.json`` and
+            ``report.md``. False skips it; a smoke run never audits.
 
     Example::
 
@@ -107,6 +110,7 @@ class StepSearch(Callback):
         similarity_classes: int = 5,
         refine_rounds: int = 0,
         orders: int = 1,
+        audit: bool = True,
     ) -> None:
         if not sets:
             raise ConfigError("StepSearch needs at least one evaluation set.", "sets", sets)
@@ -149,7 +153,7 @@ class StepSearch(Callback):
         self.batch_size, self.num_workers, self.apply = batch_size, num_workers, apply
         self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
         self.similarity_classes = similarity_classes
-        self.refine_rounds, self.orders = refine_rounds, orders
+        self.refine_rounds, self.orders, self.audit = refine_rounds, orders, audit
         self.smoke_run = False  # set from the Trainer's fast_dev_run when the search starts
         self.result: SearchResult | None = None  # the finished search
 
@@ -238,7 +242,7 @@ class StepSearch(Callback):
         rule = SearchRule(
             self.metric, self.threshold, self.steps_per_layer, self.tolerance, self.refine_rounds, self.orders
         )
-        search = self.joint_search(editor, result.searched, store.forget, rule, _Progress(trainer, self.metric))
+        search = self.joint_search(editor, result.searched, store.forget, rule, SearchProgress(trainer, self.metric))
         if store.concepts:
             outcome = search.run(store.concepts)
             result.chosen, result.after, result.visits = outcome.chosen, outcome.after, outcome.visits
@@ -246,6 +250,7 @@ class StepSearch(Callback):
             if len(store.concepts) > 1:
                 result.leave_one_out = search.leave_one_out()
         result.probes = search.probes
+        result.base_weights = {edit.layer: editor.base[edit.layer] for edit in result.edits}
         result.test_classes = class_changes(editor.first_counts, editor.counts, class_names, forget_sets)
         result.similarity = {
             name: (rows, concepts, similarity_before[name], evaluator.similarity(name, rows))
@@ -257,44 +262,3 @@ class StepSearch(Callback):
         result.memory = memory.stop()
         self.result = result
         return result
-
-
-class _Progress(Listener):
-    """The search's progress bar (rank 0, when the trainer shows one), its log lines, and each probe's metrics
-    for the trainer's logger."""
-
-    def __init__(self, trainer: L.Trainer | None, metric: str) -> None:
-        self.trainer, self.metric = trainer, metric
-        self.show = (trainer is None or trainer.is_global_zero) and (
-            trainer is None or trainer.progress_bar_callback is not None
-        )
-        self.bar = None
-        self.logged = 0
-
-    def begin(self, total: int) -> None:
-        # The total is an upper bound: a layer's search may stop early once its bracket is tight.
-        self.bar = tqdm(total=total, disable=not self.show, leave=False, unit="probe", dynamic_ncols=True)
-
-    def probing(self, description: str) -> None:
-        self.bar.set_description(description)
-
-    def probed(self, probe: Probe) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(
-            {"λ": f"{probe.step_size:.3g}", f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"}
-        )
-        if self.trainer is not None and self.trainer.logger is not None:
-            metrics = {
-                "search/step_size": probe.step_size,
-                "search/forget_top1": probe.forget_top1,
-                "search/forget_top5": probe.forget_top5,
-            }
-            metrics.update({f"search/test_top1/{name}": value for name, value in probe.test_top1.items()})
-            self.trainer.logger.log_metrics(metrics, step=self.logged)
-        self.logged += 1
-
-    def end(self) -> None:
-        self.bar.close()
-
-    def info(self, message: str) -> None:
-        rank_zero_info(f"[slug] {message}")

@@ -51,7 +51,7 @@ def edit_size(base: dict[str, Tensor], edited: dict[str, Tensor]) -> dict:
 
 def unlearn_with_baseline(
     trainer, collector, datamodule, search, output: Path, method: str, settings: BaselineSettings
-) -> dict | None:
+) -> tuple[dict | None, dict[str, Tensor]]:
     """Run baseline ``method`` on the collector's CLIP, in place, and write the run's artifacts.
 
     Args:
@@ -62,6 +62,9 @@ def unlearn_with_baseline(
         output: The run's output directory.
         method: ``ft``, ``ga``, ``gaft``, ``salun`` or ``ssd``.
         settings: The baseline's hyperparameters.
+
+    Returns:
+        The report (None off global rank 0) and θ⁰, the CLIP's state before the method changed it.
 
     Raises:
         UserError: on more than one device, or a datamodule without concepts.
@@ -121,7 +124,7 @@ def unlearn_with_baseline(
     memory.stop()
     total = time.perf_counter() - start
     if not trainer.is_global_zero:
-        return None
+        return None, base
     state = clip.state_dict()
     after = latest["summary"]
     report = assemble_report(
@@ -179,4 +182,4 @@ def unlearn_with_baseline(
     )
     write_text(output / "report.md", render_baseline_markdown(report))
     write_json(output / "report.json", report)  # last: its presence marks a finished run
-    return report
+    return report, base

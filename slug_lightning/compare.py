@@ -5,7 +5,8 @@ method gets the same number of settings (a learning-rate grid for FT, GA, GAFT a
 for SSD), and the setting kept is chosen by SLUG's own rule (METHOD §7): lowest forget accuracy, then highest
 utility. The table (``comparison.md``, ``comparison.csv``) gives forget top-1/top-5, each test set's top-1,
 wall time, peak memory and the size of the shipped edit; ``comparison.png`` plots utility against forget
-accuracy for every run.
+accuracy for every run. The kept setting of each method is then audited (:mod:`slug_lightning.audit`, the same
+settings for every method), and the table gains the audit's columns (:func:`audit_columns`).
 
 The command line (argument parsing and its checks) is :mod:`slug_lightning.commands.compare`.
 """
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from slug_lightning.artifacts import write_csv, write_text
+from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.errors import UserError
 
 DEFAULT_LRS = (1e-6, 1e-5, 1e-4)
@@ -84,7 +86,7 @@ def select(rows: list[dict]) -> dict:
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def cell(column: str, value) -> str:
         if isinstance(value, float):
-            if column.startswith(("forget", "test", "utility")):
+            if column.startswith(("forget", "test", "utility", "held_out", "name_search", "image_probe")):
                 return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
             return f"{value:.1f}" if column.endswith(("_s", "_mib")) else f"{value:g}"
         return str(value)
@@ -95,6 +97,90 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+AUDIT_COLUMNS = [
+    "held_out_forget_top1",
+    "held_out_utility",
+    "name_search_r_precision",
+    "image_probe_recall",
+    "relearn_steps",
+]
+
+
+def audit_columns(audit: dict) -> dict:
+    """A comparison row's audit columns from a run's ``audit.json`` (means over its concepts and sets).
+
+    ``held_out_forget_top1`` and ``held_out_utility`` are forget top-1 and mean test top-1 under the held-out
+    templates, ``name_search_r_precision`` the share of a concept's images among the first that many found by its
+    name, ``image_probe_recall`` the linear probe's recall of the concept among its look-alikes, and
+    ``relearn_steps`` ``k: steps`` for each relearning run (``-``: not back within the budget).
+
+    Example::
+
+        >>> audit = {"accuracy": {"unlearned": {"held_out": {"test": {"a": {"top1": 0.5}, "b": {"top1": 0.7}}}}},
+        ...          "concepts": {"X": {"unlearned": {"held_out": {"top1": 0.1},
+        ...                                           "retrieval": {"X": {"r_precision": 0.25}},
+        ...                                           "image_probe": {"concept_accuracy": 1.0}},
+        ...                           "relearning": {"runs": [{"k": 4, "steps": None}, {"k": 16, "steps": 8}]}}}}
+        >>> row = audit_columns(audit)
+        >>> row["held_out_forget_top1"], round(row["held_out_utility"], 2), row["relearn_steps"]
+        (0.1, 0.6, '4: -, 16: 8')
+    """
+    concepts = audit["concepts"].items()
+    runs = [run for _, result in concepts for run in (result.get("relearning") or {}).get("runs", [])]
+    return {
+        "held_out_forget_top1": mean(r["unlearned"]["held_out"]["top1"] for _, r in concepts),
+        "held_out_utility": mean(a["top1"] for a in audit["accuracy"]["unlearned"]["held_out"]["test"].values()),
+        "name_search_r_precision": mean(r["unlearned"]["retrieval"][name]["r_precision"] for name, r in concepts),
+        "image_probe_recall": mean(
+            r["unlearned"]["image_probe"]["concept_accuracy"] for _, r in concepts if r["unlearned"].get("image_probe")
+        ),
+        "relearn_steps": ", ".join(f"{run['k']}: {'-' if run['steps'] is None else run['steps']}" for run in runs)
+        or "not run",
+    }
+
+
+def audit_kept(rows: list[dict], settings: AuditSettings, overwrite: bool) -> None:
+    """Audit each method's kept run (its ``audit.json``, reused unless ``overwrite``) and add its columns."""
+    from slug_lightning.audit.run import audit_run, write_audit
+
+    for row in rows:
+        if not row["selected"]:
+            continue
+        path = Path(row["run"]) / "audit.json"
+        if overwrite or not path.is_file():
+            print(f"[compare] auditing {row['method']} {row['setting']}", flush=True)
+            write_audit(audit_run(row["run"], settings))
+        audited = json.loads(path.read_text())
+        row.update(audit_columns(audited))
+        row["verdicts"] = {name: result["verdict"] for name, result in audited["concepts"].items()}
+
+
+def audit_section(rows: list[dict], settings: AuditSettings) -> list[str]:
+    """The ``## Audit of the kept settings`` lines of ``comparison.md``: the audit columns, then each verdict."""
+    kept = [row for row in rows if row["selected"]]
+    relearning = (
+        f"relearning on k = {', '.join(map(str, settings.relearn_ks))} forget pairs for up to "
+        f"{settings.relearn_steps} steps at lr {settings.relearn_lr:g}"
+        if settings.relearn_ks
+        else "no relearning"
+    )
+    lines = [
+        "## Audit of the kept settings",
+        "",
+        "Each method's kept run, audited alike (`python -m slug_lightning audit`): forget top-1 and utility under "
+        "held-out templates the search never used, searching the images by the concept's name (R-precision), a "
+        f"linear probe on image features (recall of the concept among its look-alikes), and {relearning} "
+        "(`k: steps` until forget top-1 is back at half its base value; `-`: not within the budget). In % except "
+        "the steps; each run's `audit.json` has every figure with its sample size.",
+        "",
+        markdown_table(kept, ["method", "setting", "forget_top1", "utility", *AUDIT_COLUMNS]),
+        "",
+    ]
+    for row in kept:
+        lines += [f"- **{row['method']}**: {name}: {verdict}" for name, verdict in row.get("verdicts", {}).items()]
+    return [*lines, ""]
+
+
 def compare(
     configs: list[str],
     methods: list[str],
@@ -103,11 +189,13 @@ def compare(
     iterations: int,
     output: Path,
     overwrite: bool = False,
+    audit: AuditSettings | None = AuditSettings(),  # noqa: B008 (a frozen value, never mutated)
 ) -> list[dict]:
     """Run every method and setting, write the table and the plot, return every row (``selected`` marked).
 
     Each run is an ``unlearn`` in a process of its own (its output in ``<run>/log.txt``), so its time and peak
-    memory are measured alone; a finished run (its ``report.json``) is reused unless ``overwrite``.
+    memory are measured alone; a finished run (its ``report.json``) is reused unless ``overwrite``. The runs do not
+    audit themselves; with ``audit`` (None: no audit) each method's kept run is audited once the table is known.
     """
     from slug_lightning.plots import comparison_plot
 
@@ -122,6 +210,7 @@ def compare(
                     f"--method={method}",
                     f"--output_dir={run_dir}",
                     "--overwrite=true",
+                    "--search.init_args.audit=false",  # only the kept runs are audited, below
                 ]
                 if method != "slug":
                     args.append(f"--baseline.iterations={iterations}")
@@ -148,6 +237,8 @@ def compare(
         for row in rows:
             if row["method"] == method:
                 row["selected"] = row is chosen
+    if audit is not None:
+        audit_kept(rows, audit, overwrite)
     test_columns = sorted({k for r in rows for k in r if k.startswith("test_top1[")})
     columns = [
         "method",
@@ -162,7 +253,8 @@ def compare(
         "edit_tensors",
         "edit_mib",
     ]
-    write_csv(output / "comparison.csv", rows, columns + ["selected", "run"])
+    audited = columns + AUDIT_COLUMNS if audit is not None else columns
+    write_csv(output / "comparison.csv", rows, audited + ["selected", "run"])
     comparison_plot(output / "comparison.png", rows)
     budget = (
         f"Tuning budget: FT, GA, GAFT and SalUn ran lr in {', '.join(f'{v:g}' for v in lrs)} "
@@ -178,6 +270,7 @@ def compare(
         "",
         markdown_table([r for r in rows if r["selected"]], columns),
         "",
+        *(audit_section(rows, audit) if audit is not None else []),
         "![utility against forget accuracy](comparison.png)",
         "",
         "## Every setting tried",

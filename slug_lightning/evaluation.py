@@ -72,6 +72,8 @@ class ZeroShotEvaluator:
             evaluation of both towers (the naive probe, for checks and benchmarks).
         cache_device: Where stage caches live (default: ``device``).
         cache_dtype: The dtype of stage caches (default: as computed, fp32 for fp32 models).
+        world: ``(rank, number of processes)`` to shard the sets over (default: :func:`rank_and_world`); ``(0, 1)``
+            evaluates every image here, whatever process group is running.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class ZeroShotEvaluator:
         reuse: bool = True,
         cache_device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
+        world: tuple[int, int] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -91,7 +94,7 @@ class ZeroShotEvaluator:
         self.reuse = reuse
         self.cache_device = torch.device(cache_device) if cache_device is not None else self.device
         self.cache_dtype = cache_dtype
-        self.rank, self.world_size = rank_and_world()
+        self.rank, self.world_size = world if world is not None else rank_and_world()
         self.datasets = datamodule.datasets(keep_classes=tuple(keep_classes))
         self.templates = {spec.name: list(spec.templates) for spec in datamodule.sets}
         self.loaders = {

@@ -123,6 +123,7 @@ class SearchResult:
         seconds: The search's wall time.
         memory: The search's peak memory (:class:`~slug_lightning.memory.PeakMemory`'s result).
         steps_per_layer: The most probes a layer's search took (``max_steps``, less in a smoke run).
+        base_weights: θ⁰ of every edited layer, by parameter name (the audit rebuilds the base model from it).
     """
 
     concepts: list[str]
@@ -146,6 +147,7 @@ class SearchResult:
     seconds: float = 0.0
     memory: dict = field(default_factory=dict)
     steps_per_layer: int = 0
+    base_weights: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def metric(self) -> str:

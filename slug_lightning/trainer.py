@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from slug_lightning.artifacts import write_json
+from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.baselines import BaselineSettings
 from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import NotForgotten, UserError
@@ -57,6 +58,7 @@ class SlugTrainer(L.Trainer):
         overwrite: bool = False,
         method: Literal["slug", "ft", "ga", "gaft", "salun", "ssd"] = "slug",
         baseline: BaselineSettings = BaselineSettings(),  # noqa: B008 (a frozen value, never mutated)
+        audit: AuditSettings = AuditSettings(),  # noqa: B008 (a frozen value, never mutated)
         require_forgotten: bool = False,
     ) -> dict | None:
         """Unlearn concepts with SLUG (gradients, layer statistics, step-size search, artifacts) or a baseline.
@@ -66,13 +68,16 @@ class SlugTrainer(L.Trainer):
             datamodule: Forget and retain pairs (one predict loader per concept, then retain).
             search: The StepSearch settings and evaluation sets.
             output_dir: Where the artifacts go (report.json, report.md, layers.csv, search.csv,
-                gradients.safetensors, delta.safetensors, model.safetensors, plots).
+                gradients.safetensors, delta.safetensors, model.safetensors, plots; audit.json unless
+                ``search.audit`` is False).
             gradients: A gradient store to reuse instead of computing one. By default a
                 gradients.safetensors already in output_dir is reused when its model and concepts match.
             overwrite: Replace a finished run in output_dir; without it such a directory is refused.
             method: ``slug``, or a baseline to compare with (``ft``, ``ga``, ``gaft``, ``salun``, ``ssd``; see
                 :mod:`slug_lightning.baselines`): same data, evaluation sets and report shape, one device.
             baseline: The baseline's hyperparameters (``--baseline.lr``, ``--baseline.iterations``, ...).
+            audit: What the audit at the end tries (``--audit.paraphrases``, ``--audit.relearn_ks``, ...; see
+                :mod:`slug_lightning.audit`). ``--search.init_args.audit false`` skips the audit.
             require_forgotten: After writing the artifacts, raise :class:`~slug_lightning.errors.NotForgotten`
                 (the command line exits with status 3) unless the run's ``verdict`` is ``forgotten`` (or ``nothing
                 to forget``). Without it, a run that did not forget is still a result and exits with 0; its report
@@ -95,7 +100,9 @@ class SlugTrainer(L.Trainer):
             from slug_lightning.baseline_unlearn import unlearn_with_baseline
 
             preflight(model, datamodule, search)
-            report = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
+            report, base = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
+            if report is not None and search.audit and not smoke:
+                report["audit"] = self._audit(output, report, model, base, datamodule, search, audit)
             return _check_verdict(report, require_forgotten)
         if smoke and gradients is None:
             store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
@@ -145,9 +152,24 @@ class SlugTrainer(L.Trainer):
             smoke=smoke_settings,
         )
         print(terminal_summary(report, output))
+        if search.audit and not smoke:
+            if search.result.applied:
+                originals = search.result.base_weights
+                report["audit"] = self._audit(output, report, model, originals, datamodule, search, audit)
+            else:
+                rank_zero_info("[slug] no audit: the search left θ⁰ in place (apply=False), so nothing changed.")
         if smoke and require_forgotten:
             rank_zero_info("[slug] --require_forgotten is not applied to a smoke run: its verdict means nothing.")
         return _check_verdict(report, require_forgotten and not smoke)
+
+    def _audit(self, output: Path, report: dict, collector, originals: dict, datamodule, search, settings) -> dict:
+        """Audit the unlearned model in ``collector`` against θ⁰ (``originals``), beside the run (rank 0 only)."""
+        from slug_lightning.audit.run import audit_unlearned
+
+        rank_zero_info("[slug] auditing the unlearned model (--search.init_args.audit false skips it)")
+        device = self.strategy.root_device
+        model = collector.model
+        return audit_unlearned(output, report, model, originals, collector, datamodule, search, settings, device)
 
     def evaluate(
         self,

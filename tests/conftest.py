@@ -140,9 +140,9 @@ def one_line_error(capsys, args: list[str], *words: str) -> str:
 
 def run_cli(*args, cwd=None) -> str:
     """``python -m slug_lightning ARGS`` in a subprocess; asserts success and returns its output."""
-    result = subprocess.run(
-        [sys.executable, "-m", "slug_lightning", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
+    command = [sys.executable, "-m", "slug_lightning", *map(str, args)]
+    # A bound, so that a run that hangs (a rank waiting for one that is gone) fails instead of stalling the suite.
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -208,6 +208,8 @@ def _build_small_demo(path: Path) -> None:
     # does not exist, so one that forgets fails instead of writing here.
     paths = unlearn_paths(path / "no_output_dir_given" / "run", world, checkpoint, world.default_target)
     paths["trainer"]["logger"] = False
+    # The audit at the end of a run is tested once, on small_run; the other runs of this world skip it.
+    paths["search"]["init_args"]["audit"] = False
     (path / "demo_paths.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
 
 
@@ -220,7 +222,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_demo) -> tuple[Path, dict]:
-    """One finished ``unlearn`` of the small demo's default target: (output dir, report)."""
+    """One finished ``unlearn`` of the small demo's default target, audited at its end: (output dir, report)."""
     from slug_lightning import config_path
     from slug_lightning.cli import main
 
@@ -234,6 +236,11 @@ def small_run(tmp_path_factory, small_demo) -> tuple[Path, dict]:
                     "--config",
                     str(small_demo / "demo_paths.yaml"),
                     "--trainer.enable_progress_bar=false",
+                    # The audit at the end, with a relearning budget of seconds (tests/test_audit_command.py).
+                    "--search.init_args.audit=true",
+                    "--audit.relearn_ks=[4]",
+                    "--audit.relearn_steps=4",
+                    "--audit.relearn_every=2",
                     "--output_dir",
                     str(path),
                 ]

@@ -13,13 +13,9 @@ import yaml
 from conftest import one_line_error
 
 from slug_lightning.audit.prompts import template_key
+from slug_lightning.audit.relearning import fitting_ks
 from slug_lightning.audit.render import with_audit_section
-from slug_lightning.audit.run import (
-    audit_verdict,
-    fitting_ks,
-    image_probe_note,
-    image_tower_unchanged,
-)
+from slug_lightning.audit.run import audit_verdict, image_probe_note, image_tower_unchanged
 from slug_lightning.commands.audit import _parser
 from slug_lightning.relearn import DEFAULT_KS, first_pairs
 
@@ -115,8 +111,18 @@ def test_the_image_tower_is_unchanged_by_a_language_edit_only(tiny_clip):
 # --- end to end on the small demo's run --------------------------------------------------------------------------
 
 
+def _without(record: dict, *keys: str) -> dict:
+    return {k: _without(v, *keys) if isinstance(v, dict) else v for k, v in record.items() if k not in keys}
+
+
 def test_audit_of_the_small_run(small_run, tmp_path, capsys):
     source, report = small_run
+    # unlearn audited the run at its end (on the models in memory): audit.json, report.json's block, report.md's
+    # section; the audit command on the same run finds the same, measure for measure.
+    ended = json.loads((source / "audit.json").read_text())
+    assert report["audit"]["file"] == "audit.json" and list(report["audit"]["concepts"]) == list(ended["concepts"])
+    assert (source / "report.md").read_text().count("## Audit") == 1
+    report = _without(report, "audit")
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.yaml", "model.safetensors", "report.json", "report.md"):
@@ -156,6 +162,7 @@ def test_audit_of_the_small_run(small_run, tmp_path, capsys):
     config = yaml.safe_load((run / "config.yaml").read_text())
     searched = {template_key(t) for spec in config["search"]["init_args"]["sets"] for t in spec["templates"]}
     assert audit["templates"]["search"] and not searched & {template_key(t) for t in audit["templates"]["held_out"]}
+    assert _without(audit, "seconds", "run") == _without(ended, "seconds", "run")
     # report.json gained the audit block, report.md the section.
     updated = json.loads((run / "report.json").read_text())
     assert updated["audit"]["file"] == "audit.json" and list(updated["audit"]["concepts"]) == concepts

@@ -196,6 +196,7 @@ def _unlearn_config(world, path):
                 "metric": "top1",
                 "max_steps": 2,
                 "towers": ["vision"],
+                "audit": False,
             },
         },
     }
@@ -225,12 +226,29 @@ def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path
             "1e-3",
             "--iterations",
             "1",
+            "--relearn_ks",
+            "4",
+            "--relearn_steps",
+            "2",
+            "--relearn_every",
+            "2",
             "--output_dir",
             str(output),
         ]
     )
     assert code == 0
     rows = list(csv.DictReader((output / "comparison.csv").open()))
+    # Each method's kept run, and only it, was audited: its audit.json, and the audit columns of its row.
+    for row in rows:
+        audited = (Path(row["run"]) / "audit.json").is_file()
+        assert audited == (row["selected"] == "True")
+        if audited:
+            audit = json.loads((Path(row["run"]) / "audit.json").read_text())
+            held_out = audit["concepts"][world.default_target]["unlearned"]["held_out"]["top1"]
+            assert float(row["held_out_forget_top1"]) == pytest.approx(held_out)
+            assert row["relearn_steps"].startswith("4: ")
+        else:
+            assert row["held_out_forget_top1"] == ""
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("slug", "-"),
         ("ga", "lr=0.0001"),
@@ -245,6 +263,7 @@ def test_compare_runs_every_method_and_writes_table_csv_and_plot(world, tmp_path
         assert report["method"] == row["method"]
     table = (output / "comparison.md").read_text()
     assert "Tuning budget: FT, GA, GAFT and SalUn ran lr in 0.0001, 0.001" in table and "comparison.png" in table
+    assert table.count("## Audit of the kept settings") == 1 and table.count("- **ssd**: ") == 1
     assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     # a second compare reuses the finished runs instead of repeating them
     capsys.readouterr()

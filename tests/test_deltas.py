@@ -528,7 +528,9 @@ def _unlearn(small_demo, output, people, similarity_classes=0):
     trainer = SlugTrainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    search = StepSearch(sets=_sets(world), metric="top1", max_steps=8, similarity_classes=similarity_classes)
+    search = StepSearch(
+        sets=_sets(world), metric="top1", max_steps=8, similarity_classes=similarity_classes, audit=False
+    )
     # The retain gradient from 2 of the 4 shards (the gradient pass is most of a run's time); forget pairs from all.
     retain = str(small_demo / "world" / "shards" / "{00000..00001}.tar")
     report = trainer.unlearn(

@@ -282,8 +282,15 @@ def test_two_process_ddp_gives_the_same_gradients_and_choice(small_demo, small_r
         "2",
         "--trainer.strategy",
         "ddp",
+        # The audit at the end runs on rank 0 alone, after the other rank is gone: it must not wait for it.
+        "--search.init_args.audit=true",
+        "--audit.relearn_ks=[4]",
+        "--audit.relearn_steps=4",
+        "--audit.relearn_every=2",
     )
     ddp = json.loads((tmp_path / "report.json").read_text())
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert ddp["audit"]["concepts"].keys() == audit["concepts"].keys() == {report["concepts"][0]["name"]}
     assert ddp["devices"] == 2 and ddp["timing"]["reused_gradients"] is False
     one, two = load_file(str(output / "gradients.safetensors")), load_file(str(tmp_path / "gradients.safetensors"))
     assert one.keys() == two.keys()

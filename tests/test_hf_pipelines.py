@@ -203,6 +203,7 @@ def _unlearn(collector, world, output, tower):
         metric="top5",
         max_steps=3,
         towers=[tower],
+        audit=False,
     )
     return trainer.unlearn(
         collector,

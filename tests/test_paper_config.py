@@ -236,7 +236,7 @@ def test_celeba_stand_ins_load_as_the_config_reads_them(tmp_path: Path) -> None:
 
 
 def _unlearn(*args: str) -> int:
-    return main(["unlearn", *args])
+    return main(["unlearn", "--search.init_args.audit=false", *args])
 
 
 @pytest.fixture(scope="module")

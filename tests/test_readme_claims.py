@@ -282,6 +282,7 @@ def test_a_dead_ddp_rank_fails_the_run_instead_of_hanging(tmp_path, tiny_weights
         config_path("demo/unlearn.yaml"),
         "--config",
         config_path("trainer/ddp_cpu.yaml"),
+        "--search.init_args.audit=false",
         "--model.init_args.pretrained",
         str(tiny_weights),
         "--model.init_args.checkpoint_every",

@@ -57,6 +57,7 @@ def cli_args(world, weights, output: Path, *extra: str) -> list[str]:
         "unlearn",
         "--config",
         str(DEMO_UNLEARN),
+        "--search.init_args.audit=false",
         "--model.init_args.pretrained",
         str(weights),
         "--model.init_args.checkpoint_every",

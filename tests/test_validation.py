@@ -75,6 +75,7 @@ def unlearn_args(
         "unlearn",
         "--config",
         str(DEMO_UNLEARN),
+        "--search.init_args.audit=false",
         "--model.init_args.pretrained",
         pretrained,
         "--trainer.logger",

@@ -60,6 +60,7 @@ def _unlearn(world, weights, output, *extra) -> int:
             "unlearn",
             "--config",
             str(DEMO_UNLEARN),
+            "--search.init_args.audit=false",
             "--model.init_args.pretrained",
             str(weights),
             "--trainer.logger",

@@ -98,7 +98,8 @@ class AuditEvaluator(ZeroShotEvaluator):
     :meth:`run` (without an edit) keeps the count tables of the sets' own templates in :attr:`counts` and the image
     features of every set; :meth:`reference_features` hands the features out, so classifiers with other templates
     or names (:func:`set_counts`), searches by name and linear probes reuse one pass over the images. Probes of
-    edits are not used (``reuse=False``), and the audit runs in one process: every image of a set is on this rank.
+    edits are not used (``reuse=False``), and the audit runs in one process: every image of a set is on this rank,
+    also when it is started on rank 0 of a process group (after a multi-device ``unlearn``).
 
     Args:
         model: The CLIP to audit (in eval mode), with ``encode_image`` and ``encode_text``.
@@ -106,9 +107,6 @@ class AuditEvaluator(ZeroShotEvaluator):
         datamodule: A ``ZeroShotDataModule`` with its ``transform`` set.
         keep_classes: The forget concepts (their images are always kept whole).
         device: Where to compute.
-
-    Raises:
-        RuntimeError: Inside a process group of more than one rank.
     """
 
     def __init__(
@@ -119,9 +117,7 @@ class AuditEvaluator(ZeroShotEvaluator):
         keep_classes: Sequence[str] = (),
         device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(model, tokenizer, datamodule, keep_classes=keep_classes, device=device, reuse=False)
-        if self.world_size > 1:
-            raise RuntimeError("The audit runs in one process; it was started on several ranks.")
+        super().__init__(model, tokenizer, datamodule, keep_classes, device, reuse=False, world=(0, 1))
         self.averaging = {spec.name: spec.averaging for spec in datamodule.sets}
         self.counts: dict[str, Tensor] = {}
 

@@ -11,8 +11,8 @@ an ``audit`` block in ``report.json`` and an ``## Audit`` section in ``report.md
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,23 +24,19 @@ from torch import Tensor, nn
 
 from slug_lightning.audit.measure import measure_concept
 from slug_lightning.audit.prompts import AuditEvaluator, audit_evaluator, held_out_templates, template_accuracy
+from slug_lightning.audit.relearning import concept_images, forget_top1, relearn_clause, relearning_measure
+from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
 from slug_lightning.concepts import Concept, as_concepts
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import forget_sets_of
 from slug_lightning.labelled_sets import LabelledSet
 from slug_lightning.layers import VISION, tower_of
-from slug_lightning.relearn import DEFAULT_KS, first_pairs, relearning
-from slug_lightning.zero_shot import image_features, zero_shot_classifier
+from slug_lightning.relearn import first_pairs
 
 AUDIT_FILE = "audit.json"
 RUN_FILES = ("report.json", "config.yaml", "model.safetensors")
 LOOKALIKES = 5
-# The relearning budget: the same for every method. lr 1e-5 is AdamW's usual fine-tuning rate for a pretrained CLIP;
-# the forget top-1 is measured every RELEARN_EVERY steps, so a count is a multiple of it.
-RELEARN_STEPS = 64
-RELEARN_LR = 1e-5
-RELEARN_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -50,11 +46,12 @@ class RunSetup:
     Attributes:
         run_dir: The directory.
         method: ``"slug"`` or the baseline's name.
-        model_name, pretrained: The base model, as ``load_clip`` takes it.
+        model_name, pretrained: The base model, as ``load_clip`` takes it (None: the models are given, not loaded).
         concepts: The forget concepts, with their aliases.
         sets: The evaluation sets (their templates are the search's).
         forget_set: The one set holding the concepts' images, or None (the first set that has them).
-        data: The ``LaionDataModule`` settings (``shards``, ``forget_shards``, ``concepts``).
+        data: The ``LaionDataModule`` shards (``shards``, ``forget_shards``) the relearning takes forget pairs from;
+            None: no LAION shards, no relearning.
         metric, threshold: The forget test of the run (``top1``/``top5``, the accuracy a concept may keep).
         batch_size: Images per evaluation batch.
         towers: Each concept's edited tower from ``report.json`` (None: no edit, or a baseline).
@@ -62,12 +59,12 @@ class RunSetup:
 
     run_dir: Path
     method: str
-    model_name: str
+    model_name: str | None
     pretrained: str | None
     concepts: list[Concept]
     sets: list[LabelledSet]
     forget_set: str | None
-    data: dict
+    data: dict | None
     metric: str
     threshold: float
     batch_size: int
@@ -149,97 +146,6 @@ def image_tower_unchanged(base: nn.Module, unlearned: nn.Module) -> bool:
     return True
 
 
-def concept_images(evaluator: AuditEvaluator, set_name: str, index: int) -> Tensor:
-    """The preprocessed images ``[n, C, H, W]`` of class ``index`` of a set, on the CPU, in the set's order."""
-    dataset = evaluator.datasets[set_name]
-    chosen = [i for i, target in enumerate(dataset.targets) if target == index]
-    return torch.stack([dataset[i][0] for i in chosen]) if chosen else torch.empty(0)
-
-
-def forget_top1(
-    images: Tensor, index: int, class_names: Sequence[str], templates: Sequence[str], tokenizer, device, chunk=256
-) -> Callable[[nn.Module], float]:
-    """A ``model -> forget top-1`` of one concept, as the search reads it: the share of the concept's ``images``
-    whose best class, among the set's ``class_names`` under its ``templates``, is the concept (``index``). Both
-    towers run on every call (the model is being fine-tuned)."""
-
-    def evaluate(model: nn.Module) -> float:
-        if images.shape[0] == 0:
-            return math.nan
-        classifier = zero_shot_classifier(model, tokenizer, class_names, templates, device)
-        hits = 0
-        for start in range(0, images.shape[0], chunk):
-            features = image_features(model, images[start : start + chunk].to(device))
-            hits += int(((features @ classifier).argmax(dim=1) == index).sum())
-        return hits / images.shape[0]
-
-    return evaluate
-
-
-def fitting_ks(ks: Sequence[int], available: int) -> tuple[list[int], list[int]]:
-    """The ``ks`` a concept's forget pairs allow (2 to ``available``: a contrastive step needs two pairs), and the
-    rest.
-
-    Example::
-
-        >>> fitting_ks([4, 16, 64], 20)
-        ([4, 16], [64])
-    """
-    kept = [k for k in ks if 2 <= k <= available]
-    return kept, [k for k in ks if k not in kept]
-
-
-def relearning_measure(
-    base: nn.Module,
-    unlearned: nn.Module,
-    pairs: Mapping[str, Tensor],
-    evaluate: Callable[[nn.Module], float],
-    ks: Sequence[int],
-    steps: int,
-    lr: float,
-    every: int,
-    count: int,
-) -> dict:
-    """:func:`~slug_lightning.relearn.relearning` on the ``ks`` the pairs allow, with what was left out said.
-
-    Returns:
-        ``relearning``'s result plus ``"count"`` (the concept's images the forget top-1 is measured on),
-        ``"pairs"`` (forget pairs available, up to ``max(ks)``), ``"lr"``, and ``"left_out"`` with a ``"note"``
-        when some ``k`` did not fit; ``{"skipped": reason, ...}`` when none did.
-    """
-    available = int(pairs["image"].shape[0])
-    kept, left_out = fitting_ks(ks, available)
-    every = max(1, min(every, steps)) if steps else 1
-    steps = steps - steps % every
-    facts = {"count": count, "pairs": available, "lr": lr, "every": every}
-    if not kept:
-        return {**facts, "skipped": f"only {available} forget pair(s); relearning needs k >= 2", "runs": []}
-    result = relearning(base, unlearned, pairs, evaluate, kept, max_steps=steps, lr=lr, every=every)
-    result.update(facts)
-    if left_out:
-        result["left_out"] = left_out
-        result["note"] = (
-            f"only {available} forget pairs: relearned on k = {', '.join(map(str, kept))}, "
-            f"left out k = {', '.join(map(str, left_out))}"
-        )
-    return result
-
-
-def relearn_clause(measure: Mapping) -> str | None:
-    """The verdict's relearning phrase: the fewest pairs whose fine-tuning brought the concept back to half its
-    base forget top-1, and in how many steps; None when no run got there (or none ran)."""
-    reached = [run for run in measure.get("runs", []) if run.get("steps") is not None]
-    if not reached:
-        return None
-    run = min(reached, key=lambda r: (r["k"], r["steps"]))
-    if run["steps"] == 0:
-        return f"at half its base forget top-1 ({measure['target']:.2f}, n={measure['count']}) before any relearning"
-    return (
-        f"relearned to half its base forget top-1 ({measure['target']:.2f}, n={measure['count']}) "
-        f"in {run['steps']} step(s) of fine-tuning on {run['k']} forget pairs"
-    )
-
-
 def image_probe_note(probe: Mapping, margin: float) -> str:
     """The plain-words note of a language-tower edit's image probe, which cannot tell anything about the edit."""
     found = recoveries({"image_probe": probe}, margin=margin)
@@ -268,25 +174,51 @@ def audit_verdict(
     return f"{line}; {clause}" if clause else line
 
 
-def _load_models(setup: RunSetup, device: torch.device | str):
-    """The base and the unlearned CLIP (``LoadedCLIP``), in eval mode on ``device``."""
+@dataclass(frozen=True)
+class Models:
+    """The two CLIPs an audit compares (in eval mode), and the preprocess and tokenizer they share."""
+
+    base: nn.Module
+    unlearned: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+
+
+def _load_models(setup: RunSetup, device: torch.device | str) -> Models:
+    """The base CLIP and the run's ``model.safetensors``, in eval mode on ``device``."""
     from slug_lightning.models import load_clip
 
     base = load_clip(setup.model_name, setup.pretrained)
     unlearned = load_clip(setup.model_name, str(setup.run_dir / "model.safetensors"))
-    for clip in (base, unlearned):
-        clip.model.to(device).eval()
-    return base, unlearned
+    return Models(base.model.to(device).eval(), unlearned.model.to(device).eval(), base.preprocess, base.tokenizer)
 
 
-def _datamodule(setup: RunSetup, clip):
+def base_model(unlearned: nn.Module, originals: Mapping[str, Tensor]) -> nn.Module:
+    """The model before unlearning: a copy of ``unlearned`` with θ⁰ put back wherever the run changed it.
+
+    Args:
+        unlearned: The unlearned model.
+        originals: θ⁰ of every tensor the run changed, by state-dict name (SLUG: its edited layers; a baseline: its
+            whole state).
+
+    Raises:
+        KeyError: If a name is not one of the model's.
+    """
+    base = copy.deepcopy(unlearned)
+    unexpected = base.load_state_dict(dict(originals), strict=False).unexpected_keys
+    if unexpected:
+        raise KeyError(f"Not tensors of the model: {unexpected[:3]}.")
+    return base.eval()
+
+
+def _datamodule(setup: RunSetup, models: Models):
     """The run's ``LaionDataModule`` (its shards and concepts) with the model's preprocess and tokenizer."""
     from slug_lightning.datamodules import LaionDataModule
 
     data = LaionDataModule(
         setup.data["shards"], forget_shards=setup.data["forget_shards"], concepts=setup.concepts, num_workers=0
     )
-    data.transform, data.tokenizer = clip.preprocess, clip.tokenizer
+    data.transform, data.tokenizer = models.preprocess, models.tokenizer
     return data
 
 
@@ -299,11 +231,7 @@ def _class_counts(evaluator: AuditEvaluator, set_name: str, names: Sequence[str]
 
 def audit_run(
     run_dir: str | Path,
-    paraphrases: Sequence[str] = (),
-    relearn_ks: Sequence[int] = DEFAULT_KS,
-    relearn_steps: int = RELEARN_STEPS,
-    relearn_lr: float = RELEARN_LR,
-    relearn_every: int = RELEARN_EVERY,
+    settings: AuditSettings = AuditSettings(),  # noqa: B008 (a frozen value, never mutated)
     device: torch.device | str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -311,12 +239,7 @@ def audit_run(
 
     Args:
         run_dir: The run's output directory (SLUG or a baseline).
-        paraphrases: More names to try for every concept, besides its aliases (e.g. ``"the CEO of Tesla"``).
-        relearn_ks: Forget pairs to fine-tune on; empty: no relearning. A ``k`` the concept's pairs do not allow is
-            left out, and said so.
-        relearn_steps: The relearning budget in optimizer steps (rounded down to a multiple of ``relearn_every``).
-        relearn_lr: AdamW's learning rate of the relearning.
-        relearn_every: Steps between two forget evaluations of the relearning.
+        settings: The names to try and the relearning budget.
         device: Where to compute.
         log: Called with a line as each concept is done (e.g. ``print``).
 
@@ -329,25 +252,36 @@ def audit_run(
     Raises:
         UserError: Not a finished run; a paraphrase that is another class's name.
     """
-    began = time.perf_counter()
     setup = read_run(run_dir)
-    base_clip, unlearned_clip = _load_models(setup, device)
+    return audit_models(setup, _load_models(setup, device), settings, device, log)
+
+
+def audit_models(
+    setup: RunSetup,
+    models: Models,
+    settings: AuditSettings = AuditSettings(),  # noqa: B008 (a frozen value, never mutated)
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """:func:`audit_run` of a run described by ``setup``, on ``models`` already in memory (its arguments and result
+    are :func:`audit_run`'s). Without LAION shards (``setup.data`` None) there is no relearning."""
+    began = time.perf_counter()
     names = [concept.name for concept in setup.concepts]
     search_templates = list(dict.fromkeys(t for spec in setup.sets for t in spec.templates))
     templates = held_out_templates(seen=search_templates)
     evaluators = {
         which: audit_evaluator(
-            clip.model, clip.tokenizer, clip.preprocess, setup.sets, names, setup.batch_size, device=device
+            model, models.tokenizer, models.preprocess, setup.sets, names, setup.batch_size, device=device
         )
-        for which, clip in (("base", base_clip), ("unlearned", unlearned_clip))
+        for which, model in (("base", models.base), ("unlearned", models.unlearned))
     }
     forget = forget_sets_of(names, evaluators["base"].datasets, setup.forget_set)
-    unchanged = image_tower_unchanged(base_clip.model, unlearned_clip.model)
+    unchanged = image_tower_unchanged(models.base, models.unlearned)
     accuracy = {
         which: {"search": template_accuracy(e, forget), "held_out": template_accuracy(e, forget, templates)}
         for which, e in evaluators.items()
     }
-    datamodule = _datamodule(setup, base_clip) if relearn_ks else None
+    datamodule = _datamodule(setup, models) if settings.relearn_ks and setup.data else None
     concepts = {}
     for concept in setup.concepts:
         started = time.perf_counter()
@@ -355,11 +289,10 @@ def audit_run(
             concept,
             forget[concept.name],
             evaluators,
-            (base_clip, unlearned_clip),
-            paraphrases,
+            models,
             templates,
             datamodule,
-            (tuple(relearn_ks), relearn_steps, relearn_lr, relearn_every),
+            settings,
             unchanged,
             setup,
         )
@@ -377,11 +310,11 @@ def audit_run(
             "metric": setup.metric,
             "threshold": setup.threshold,
             "lookalikes": LOOKALIKES,
-            "paraphrases": list(paraphrases),
-            "relearn_ks": list(relearn_ks),
-            "relearn_steps": relearn_steps,
-            "relearn_lr": relearn_lr,
-            "relearn_every": relearn_every,
+            "paraphrases": list(settings.paraphrases),
+            "relearn_ks": list(settings.relearn_ks),
+            "relearn_steps": settings.relearn_steps,
+            "relearn_lr": settings.relearn_lr,
+            "relearn_every": settings.relearn_every,
         },
         "seconds": time.perf_counter() - began,
     }
@@ -391,11 +324,10 @@ def _audit_concept(
     concept: Concept,
     set_name: str,
     evaluators: Mapping[str, AuditEvaluator],
-    clips: tuple,
-    paraphrases: Sequence[str],
+    models: Models,
     templates: Sequence[str],
     datamodule,
-    relearn_settings: tuple,
+    settings: AuditSettings,
     unchanged: bool,
     setup: RunSetup,
 ) -> dict:
@@ -404,7 +336,7 @@ def _audit_concept(
     lookalikes = base.nearest_classes(set_name, [concept.name], LOOKALIKES)
     try:
         measures = {
-            which: measure_concept(e, set_name, concept, paraphrases, lookalikes, templates)
+            which: measure_concept(e, set_name, concept, settings.paraphrases, lookalikes, templates)
             for which, e in evaluators.items()
         }
     except ValueError as error:  # a paraphrase that is another class of the set
@@ -419,7 +351,7 @@ def _audit_concept(
     )[concept.name]
     shift["images"] = _class_counts(base, set_name, shown)
     relearned = None
-    ks, steps, lr, every = relearn_settings
+    ks = settings.relearn_ks
     if ks and datamodule is not None:
         index = base.datasets[set_name].class_index(concept.name)
         images = concept_images(base, set_name, index)
@@ -428,7 +360,15 @@ def _audit_concept(
         )
         pairs = first_pairs(datamodule.forget_dataloader(concept), max(ks), exact=False)
         relearned = relearning_measure(
-            clips[0].model, clips[1].model, pairs, evaluate, ks, steps, lr, every, int(images.shape[0])
+            models.base,
+            models.unlearned,
+            pairs,
+            evaluate,
+            ks,
+            settings.relearn_steps,
+            settings.relearn_lr,
+            settings.relearn_every,
+            int(images.shape[0]),
         )
     probe = measures["unlearned"].get("image_probe")
     return {
@@ -462,3 +402,62 @@ def write_audit(audit: Mapping, output: str | Path | None = None) -> Path:
     existing = markdown.read_text() if markdown.is_file() else ""
     write_text(markdown, with_audit_section(existing, render_audit_markdown(audit)))
     return path
+
+
+def setup_of(output: Path, report: Mapping, datamodule, search) -> RunSetup:
+    """The :class:`RunSetup` of a run that just ended in this process, from its objects and its ``report``."""
+    shards = getattr(datamodule, "shards", None)
+    return RunSetup(
+        run_dir=Path(output),
+        method=report["method"],
+        model_name=None,
+        pretrained=None,
+        concepts=list(datamodule.concepts),
+        sets=list(search.sets),
+        forget_set=search.forget_set,
+        data={"shards": shards, "forget_shards": datamodule.forget_shards} if shards else None,
+        metric=search.metric,
+        threshold=search.threshold,
+        batch_size=search.batch_size,
+        towers={entry["name"]: entry.get("tower") for entry in report["concepts"]},
+    )
+
+
+def audit_unlearned(
+    output: Path,
+    report: Mapping,
+    unlearned: nn.Module,
+    originals: Mapping[str, Tensor],
+    clip,
+    datamodule,
+    search,
+    settings: AuditSettings = AuditSettings(),  # noqa: B008 (a frozen value, never mutated)
+    device: torch.device | str = "cpu",
+) -> dict:
+    """The audit at the end of ``unlearn``, written beside the run.
+
+    Args:
+        output: The finished run's directory (its ``report.json`` and ``report.md`` get the audit).
+        report: Its report.
+        unlearned: The unlearned model, as left in memory.
+        originals: θ⁰ of every tensor the run changed (:func:`base_model`).
+        clip: What holds the model's ``preprocess`` and ``tokenizer`` (the ``GradientCollector``).
+        datamodule: The run's datamodule (its concepts; its shards give the relearning's forget pairs).
+        search: The run's ``StepSearch`` (the evaluation sets and the forget test).
+        settings: The names to try and the relearning budget.
+        device: Where to compute.
+
+    Returns:
+        The ``audit`` block added to ``report.json``.
+    """
+    from slug_lightning.audit.render import audit_summary, terminal_lines
+
+    was_training = unlearned.training
+    models = Models(base_model(unlearned, originals), unlearned.eval(), clip.preprocess, clip.tokenizer)
+    try:
+        audit = audit_models(setup_of(output, report, datamodule, search), models, settings, device)
+    finally:
+        unlearned.train(was_training)
+    path = write_audit(audit)
+    print("\n".join(terminal_lines(audit)))
+    return audit_summary(audit, path.name)

@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from slug_lightning.errors import UserError
+from slug_lightning.audit.settings import RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS, AuditSettings
+from slug_lightning.errors import ConfigError, UserError
 from slug_lightning.relearn import DEFAULT_KS
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    from slug_lightning.audit.run import RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Audit a finished unlearn run (SLUG or a baseline): the base model against the unlearned one, for each "
-            "forgotten concept, under prompts the run never tried (held-out templates, aliases, paraphrases), "
-            "searching the images by name, a linear probe on image features, the image-text similarity shift, "
-            "and relearning from a few forget pairs. Writes RUN_DIR/audit.json and adds an audit block to "
-            "report.json and an '## Audit' section to report.md."
-        ),
-    )
-    parser.add_argument("--run", required=True, help="output directory of a finished unlearn run (report.json)")
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :class:`~slug_lightning.audit.settings.AuditSettings` (``audit`` and ``compare`` share them)."""
     parser.add_argument(
         "--paraphrases",
         nargs="+",
@@ -60,41 +49,49 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=RELEARN_EVERY,
         help=f"steps between two forget evaluations while relearning (default: {RELEARN_EVERY})",
     )
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Audit a finished unlearn run (SLUG or a baseline): the base model against the unlearned one, for each "
+            "forgotten concept, under prompts the run never tried (held-out templates, aliases, paraphrases), "
+            "searching the images by name, a linear probe on image features, the image-text similarity shift, "
+            "and relearning from a few forget pairs. Writes RUN_DIR/audit.json and adds an audit block to "
+            "report.json and an '## Audit' section to report.md."
+        ),
+    )
+    parser.add_argument("--run", required=True, help="output directory of a finished unlearn run (report.json)")
+    add_audit_arguments(parser)
     parser.add_argument("--device", default="cpu", help="where to compute (default: cpu)")
     parser.add_argument("--output", default=None, help="the audit's JSON file (default: RUN_DIR/audit.json)")
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse relearning settings that mean nothing, as one line."""
-    if not args.no_relearn:
-        if any(k < 2 for k in args.relearn_ks):
-            raise UserError(f"--relearn_ks must be numbers of pairs >= 2, got {args.relearn_ks}.")
-        if args.relearn_steps < 0 or args.relearn_every < 1:
-            raise UserError(
-                f"--relearn_steps must be >= 0 and --relearn_every >= 1, got {args.relearn_steps} and "
-                f"{args.relearn_every}."
-            )
-        if not args.relearn_lr > 0:
-            raise UserError(f"--relearn_lr must be a positive learning rate, got {args.relearn_lr}.")
+def settings_of(args: argparse.Namespace) -> AuditSettings:
+    """The :class:`~slug_lightning.audit.settings.AuditSettings` the arguments give; a refused one as one line
+    naming the option."""
+    try:
+        return AuditSettings(
+            paraphrases=args.paraphrases,
+            relearn_ks=() if args.no_relearn else args.relearn_ks,
+            relearn_steps=args.relearn_steps,
+            relearn_lr=args.relearn_lr,
+            relearn_every=args.relearn_every,
+        )
+    except ConfigError as error:
+        raise UserError(f"--{error}") from None
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning audit") -> int:
     args = _parser(prog).parse_args(argv)
-    check_arguments(args)
+    settings = settings_of(args)
     from slug_lightning.audit.render import terminal_lines
     from slug_lightning.audit.run import audit_run, check_run_dir, write_audit
 
     check_run_dir(args.run)  # before any model is loaded: nothing is written for a bad run directory
-    audit = audit_run(
-        args.run,
-        paraphrases=args.paraphrases,
-        relearn_ks=() if args.no_relearn else args.relearn_ks,
-        relearn_steps=args.relearn_steps,
-        relearn_lr=args.relearn_lr,
-        relearn_every=args.relearn_every,
-        device=args.device,
-    )
+    audit = audit_run(args.run, settings, args.device)
     path = write_audit(audit, args.output)
     print("\n".join(terminal_lines(audit)))
     print(f"  wrote {path}; added the audit to report.json and report.md")

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from slug_lightning.baselines import METHODS
+from slug_lightning.commands.audit import add_audit_arguments, settings_of
 from slug_lightning.compare import DEFAULT_LRS, compare
 from slug_lightning.errors import UserError
 
@@ -56,6 +57,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=10, help="iterations of the iterative baselines (10)")
     parser.add_argument("--output_dir", default="runs/compare", help="where the runs and the table go")
     parser.add_argument("--overwrite", action="store_true", help="rerun methods whose run directory is finished")
+    audit = parser.add_argument_group("audit of each method's kept setting (as for `audit`)")
+    audit.add_argument("--no_audit", action="store_true", help="leave the kept settings unaudited")
+    add_audit_arguments(audit)
     return parser
 
 
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning co
     for config in args.config:
         if not Path(config).is_file():
             raise UserError(f"--config {config!r} does not exist.")
+    audit = None if args.no_audit else settings_of(args)
     alphas = args.ssd_alphas or [round(10.0 * 10 ** (i / 2), 1) for i in range(len(args.lrs))]
-    compare(args.config, args.methods, args.lrs, alphas, args.iterations, Path(args.output_dir), args.overwrite)
+    output = Path(args.output_dir)
+    compare(args.config, args.methods, args.lrs, alphas, args.iterations, output, args.overwrite, audit)
     return 0
