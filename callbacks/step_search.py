@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from slug_lightning.audit.prompts import ensemble_templates
 from slug_lightning.callbacks.search_progress import SearchProgress
 from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.editor import ModelEditor
@@ -76,6 +77,10 @@ class StepSearch(Callback):
         orders: Several concepts: from how many concept orders to run the whole search, each from θ⁰, keeping the
             end that forgets the most concepts, then has the highest utility
             (:func:`~slug_lightning.search.concept_orders`). Each order costs a whole search.
+        template_ensemble: Decide "forgotten" and utility over a template ensemble: each set's templates, then the
+            first half of the audit's held-out templates (:func:`~slug_lightning.audit.prompts.ensemble_templates`;
+            the other half stays unseen, for the audit), each a classifier of its own. A concept is forgotten when
+            it is under every template; test accuracy is the templates' mean.
         audit: Once ``SlugTrainer.unlearn`` has written the run, audit the unlearned model (:mod:`slug_lightning.audit`:
             held-out prompts, search by name, the image side, relearning) into ``audit.json``, ``report.json`` and
             ``report.md``. False skips it; a smoke run never audits.
@@ -110,6 +115,7 @@ class StepSearch(Callback):
         similarity_classes: int = 5,
         refine_rounds: int = 0,
         orders: int = 1,
+        template_ensemble: bool = False,
         audit: bool = True,
     ) -> None:
         if not sets:
@@ -146,7 +152,9 @@ class StepSearch(Callback):
         ):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
                 raise ConfigError(f"{option} must be an integer >= {least}, got {value!r}.", option, value)
-        self.sets, self.forget_set = list(sets), forget_set
+        if template_ensemble:
+            sets = [replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
+        self.sets, self.forget_set, self.template_ensemble = list(sets), forget_set, template_ensemble
         self.metric, self.threshold = metric, threshold
         self.max_steps, self.tolerance = max_steps, tolerance
         self.towers, self.fronts, self.signed_alignment = tuple(towers), fronts, signed_alignment
@@ -172,7 +180,7 @@ class StepSearch(Callback):
         """The settings a report records."""
         names = ("metric", "threshold", "max_steps", "tolerance", "towers", "fronts", "signed_alignment")
         return {
-            **{name: getattr(self, name) for name in (*names, "refine_rounds", "orders")},
+            **{name: getattr(self, name) for name in (*names, "refine_rounds", "orders", "template_ensemble")},
             "towers": list(self.towers),
         }
 
@@ -194,8 +202,9 @@ class StepSearch(Callback):
         datamodule = ZeroShotDataModule(self.sets, batch_size=self.batch_size, num_workers=self.num_workers)
         datamodule.transform = preprocess
         caches = {"cache_device": "cpu" if self.cache_on_cpu else None, "cache_dtype": CACHE_DTYPES[self.cache_dtype]}
+        reuse = self.reuse if reuse is None else reuse
         return ZeroShotEvaluator(
-            model, tokenizer, datamodule, concepts, device, self.reuse if reuse is None else reuse, **caches
+            model, tokenizer, datamodule, concepts, device, reuse, per_template=self.template_ensemble, **caches
         )
 
     @torch.no_grad()

@@ -72,6 +72,8 @@ class ZeroShotEvaluator:
             evaluation of both towers (the naive probe, for checks and benchmarks).
         cache_device: Where stage caches live (default: ``device``).
         cache_dtype: The dtype of stage caches (default: as computed, fp32 for fp32 models).
+        per_template: One classifier per template instead of their mean: count tables ``[num_templates,
+            num_classes, 3]`` (a search over a template ensemble; :func:`summarize` reads them).
         world: ``(rank, number of processes)`` to shard the sets over (default: :func:`rank_and_world`); ``(0, 1)``
             evaluates every image here, whatever process group is running.
     """
@@ -86,9 +88,11 @@ class ZeroShotEvaluator:
         reuse: bool = True,
         cache_device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
+        per_template: bool = False,
         world: tuple[int, int] | None = None,
     ) -> None:
         self.model = model
+        self.per_template = per_template
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.reuse = reuse
@@ -117,7 +121,8 @@ class ZeroShotEvaluator:
 
     @torch.no_grad()
     def run(self, edited: str | None = None) -> dict[str, Tensor]:
-        """Per-set count tables ``[num_classes, 3]`` (images, top-1 hits, top-5 hits), summed over ranks.
+        """Per-set count tables ``[num_classes, 3]`` (images, top-1 hits, top-5 hits), summed over ranks (one per
+        template, stacked, with ``per_template``).
 
         Args:
             edited: None evaluates everything; the result becomes the reference for later probes (and
@@ -143,14 +148,26 @@ class ZeroShotEvaluator:
             outputs = {name: (self._probe_classifier(name, edited), *self._features[name]) for name in self.datasets}
         counts = {}
         for name, (classifier, features, labels) in outputs.items():
-            metric = self._metrics[name]
-            metric.reset()
-            if labels.numel():
-                metric.update(features @ classifier, labels)
-            counts[name] = metric.compute().cpu()
+            tables = [
+                self._count(name, features, c, labels) for c in (classifier if self.per_template else [classifier])
+            ]
+            counts[name] = torch.stack(tables) if self.per_template else tables[0]
         if was_training:
             self.model.train()
         return counts
+
+    def _count(self, name: str, features: Tensor, classifier: Tensor, labels: Tensor) -> Tensor:
+        metric = self._metrics[name]
+        metric.reset()
+        if labels.numel():
+            metric.update(features @ classifier, labels)
+        return metric.compute().cpu()
+
+    def _mean_classifier(self, set_name: str) -> Tensor:
+        """The reference classifier ``[embed_dim, num_classes]``: the templates' mean (the per-template ones'
+        normalised mean, as :func:`~slug_lightning.zero_shot.class_embeddings` takes it)."""
+        classifier = self._classifiers[set_name]
+        return F.normalize(classifier.mean(dim=0), dim=0) if self.per_template else classifier
 
     # The image–text similarity matrix of the paper's Fig. 3, 7, 8, from the reference outputs.
 
@@ -158,7 +175,7 @@ class ZeroShotEvaluator:
         """The ``count`` classes with images whose reference text embeddings are closest to any of
         ``concepts``: the look-alikes an edit is most likely to hurt."""
         dataset = self.datasets[set_name]
-        classifier = self._classifiers[set_name]
+        classifier = self._mean_classifier(set_name)
         targets = [dataset.class_index(c) for c in concepts]
         closeness = (classifier.T @ classifier[:, targets]).max(dim=1).values
         with_images = set(dataset.targets)
@@ -170,7 +187,7 @@ class ZeroShotEvaluator:
         column), column j the normalised mean embedding of the images of class j (over all ranks)."""
         dataset = self.datasets[set_name]
         labels = torch.tensor([dataset.class_index(n) for n in names], device=self.device)
-        classifier = self._classifiers[set_name]
+        classifier = self._mean_classifier(set_name)
         features, targets = self._features[set_name]
         members = (targets[None, :] == labels[:, None]).float()  # [n, images on this rank]
         sums = (
@@ -196,7 +213,8 @@ class ZeroShotEvaluator:
         return self._tokens[name]
 
     def _classifier(self, name: str) -> Tensor:
-        return classifier_from_tokens(self.model, self._prompt_tokens(name), len(self.templates[name]), self.device)
+        tokens, templates = self._prompt_tokens(name), len(self.templates[name])
+        return classifier_from_tokens(self.model, tokens, templates, self.device, per_template=self.per_template)
 
     def _batches(self, name: str):
         for images, targets in self.loaders[name]:
@@ -237,7 +255,7 @@ class ZeroShotEvaluator:
         prompt_features = [
             stages.run(self._input(chunk), stage, tokens=tokens) for chunk, tokens in zip(cache.chunks, cache.tokens)
         ]
-        return class_embeddings(torch.cat(prompt_features), len(self.templates[name]))
+        return class_embeddings(torch.cat(prompt_features), len(self.templates[name]), self.per_template)
 
     def _input(self, chunk: Tensor) -> Tensor:
         if chunk.is_floating_point():
@@ -308,6 +326,28 @@ class ZeroShotEvaluator:
         return True
 
 
+def ensemble_accuracy(
+    counts: Tensor, classes: Sequence[int], averaging: str = "micro", reduce: str = "mean"
+) -> dict[str, float]:
+    """:func:`~slug_lightning.zero_shot.accuracy` of a count table, or of each template's table of a stack
+    ``[num_templates, num_classes, 3]`` reduced over the templates: ``"mean"`` (utility over a template ensemble)
+    or ``"max"`` (forget accuracy: a concept is forgotten only if it is under every template).
+
+    Example::
+
+        >>> stack = torch.tensor([[[4, 4, 4], [2, 0, 1]], [[4, 2, 4], [2, 2, 2]]])
+        >>> ensemble_accuracy(stack, [1], reduce="max"), ensemble_accuracy(stack, [0])["top1"]
+        ({'top1': 1.0, 'top5': 1.0, 'count': 2}, 0.75)
+    """
+    if counts.dim() == 2:
+        return accuracy(counts, classes, averaging)
+    each = [accuracy(table, classes, averaging) for table in counts]
+    if not each[0]["count"]:
+        return each[0]
+    combine = max if reduce == "max" else (lambda values: sum(values) / len(values))
+    return {key: combine([a[key] for a in each]) for key in ("top1", "top5")} | {"count": each[0]["count"]}
+
+
 def summarize(
     counts: Mapping[str, Tensor],
     class_names: Mapping[str, Sequence[str]],
@@ -317,7 +357,8 @@ def summarize(
     """Forget and test accuracies from per-set count tables.
 
     Args:
-        counts: Per-set count tables.
+        counts: Per-set count tables; a stack of one per template (a template ensemble) gives each concept the
+            forget accuracy of its worst template and each set the mean test accuracy (:func:`ensemble_accuracy`).
         class_names: Per-set class lists (label order).
         forget: Forget concept name → the set whose images of that class measure its forget accuracy.
         averaging: Per-set ``"micro"`` (over images, the default for a set not named) or ``"macro"`` (the mean
@@ -334,10 +375,10 @@ def summarize(
     for concept, set_name in forget.items():
         index = list(class_names[set_name]).index(concept)
         excluded[set_name].add(index)
-        result["forget"][concept] = accuracy(counts[set_name], [index])
+        result["forget"][concept] = ensemble_accuracy(counts[set_name], [index], reduce="max")
     for name, table in counts.items():
-        rows = [i for i in range(table.shape[0]) if i not in excluded[name]]
-        result["test"][name] = accuracy(table, rows, averaging.get(name, "micro"))
+        rows = [i for i in range(table.shape[-2]) if i not in excluded[name]]
+        result["test"][name] = ensemble_accuracy(table, rows, averaging.get(name, "micro"))
     return result
 
 
@@ -390,7 +431,7 @@ def class_changes(
     """Each test class's top-1 before and after an edit: where the test accuracy of :func:`summarize` was lost.
 
     Args:
-        before: Per-set count tables of the model before the edit.
+        before: Per-set count tables of the model before the edit (per-template stacks: the templates' mean).
         after: The same, after it.
         class_names: Per-set class lists (label order).
         forget: Forget concept name → its set; those classes are not test classes.
@@ -403,7 +444,7 @@ def class_changes(
     for set_name, table in before.items():
         rows = []
         for index, name in enumerate(class_names[set_name]):
-            then, now = accuracy(table, [index]), accuracy(after[set_name], [index])
+            then, now = ensemble_accuracy(table, [index]), ensemble_accuracy(after[set_name], [index])
             if then["count"] and forget.get(name) != set_name:
                 rows.append(
                     {"name": name, "images": then["count"], "top1_before": then["top1"], "top1_after": now["top1"]}

@@ -31,33 +31,41 @@ def classifier_from_tokens(
     num_templates: int,
     device: torch.device | str = "cpu",
     classes_per_batch: int = 64,
+    per_template: bool = False,
 ) -> Tensor:
     """Class embeddings ``[embed_dim, num_classes]`` from the tokenized :func:`class_prompts`.
 
-    For each class the normalised embeddings of its prompts are averaged and the mean normalised again.
+    For each class the normalised embeddings of its prompts are averaged and the mean normalised again
+    (``per_template``: one classifier per template, ``[num_templates, embed_dim, num_classes]``).
     """
     rows_per_batch = classes_per_batch * num_templates
     prompt_features = [
         model.encode_text(tokens[start : start + rows_per_batch].to(device))
         for start in range(0, tokens.shape[0], rows_per_batch)
     ]
-    return class_embeddings(torch.cat(prompt_features), num_templates)
+    return class_embeddings(torch.cat(prompt_features), num_templates, per_template)
 
 
-def class_embeddings(prompt_features: Tensor, num_templates: int) -> Tensor:
+def class_embeddings(prompt_features: Tensor, num_templates: int, per_template: bool = False) -> Tensor:
     """The classifier ``[embed_dim, num_classes]`` from the text features of the class-major prompts.
 
-    Each prompt embedding is normalised, the templates of a class averaged, and the mean normalised again.
+    Each prompt embedding is normalised, the templates of a class averaged, and the mean normalised again. With
+    ``per_template`` each template keeps a classifier of its own: ``[num_templates, embed_dim, num_classes]``.
 
     Example::
 
         >>> class_embeddings(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [3.0, 0.0]]), 2).T
         tensor([[0.7071, 0.7071],
                 [1.0000, 0.0000]])
+        >>> class_embeddings(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [3.0, 0.0]]), 2, per_template=True)[1].T
+        tensor([[0., 1.],
+                [1., 0.]])
     """
     embeddings = F.normalize(prompt_features.float(), dim=-1)
-    embeddings = embeddings.reshape(-1, num_templates, embeddings.shape[-1]).mean(dim=1)
-    return F.normalize(embeddings, dim=-1).T
+    embeddings = embeddings.reshape(-1, num_templates, embeddings.shape[-1])
+    if per_template:
+        return embeddings.permute(1, 2, 0)
+    return F.normalize(embeddings.mean(dim=1), dim=-1).T
 
 
 def zero_shot_classifier(

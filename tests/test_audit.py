@@ -10,11 +10,13 @@ import string
 
 import pytest
 import torch
+import yaml
 from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 from PIL import Image
 
 from slug_lightning.audit import (
     audit_evaluator,
+    ensemble_templates,
     held_out_templates,
     image_probe,
     linear_probe_accuracy,
@@ -309,6 +311,83 @@ def test_a_search_template_trick_fails_the_held_out_check(knowing, sets):
         f"recognised under held-out templates: forget top-1 {measures['held_out']['top1']:.2f} (n=6)"
     )
     assert "gone" not in line
+
+
+def _plain_evaluator(clip, sets, per_template=False, reuse=True):
+    datamodule = ZeroShotDataModule(sets, batch_size=16, keep_classes=(CONCEPT,))
+    datamodule.transform = clip.preprocess
+    return ZeroShotEvaluator(
+        clip.model, clip.tokenizer, datamodule, keep_classes=(CONCEPT,), reuse=reuse, per_template=per_template
+    )
+
+
+def test_per_template_counts_are_each_templates_own_evaluation(knowing, sets):
+    """A template ensemble's count tables, one per template, each equal an evaluation of the sets with that template
+    alone; the summary keeps each concept's worst template and the templates' mean test accuracy."""
+    templates = ["{} photo", SEARCH_TEMPLATE, "a picture of {}"]
+    ensemble = [dataclasses.replace(spec, templates=templates) for spec in sets]
+    counts = _plain_evaluator(knowing, ensemble, per_template=True).run()
+    alone = [_plain_evaluator(knowing, [dataclasses.replace(s, templates=[t]) for s in sets]).run() for t in templates]
+    for name in counts:
+        assert counts[name].shape == (3, *alone[0][name].shape)
+        assert all(torch.equal(counts[name][t], alone[t][name]) for t in range(3))
+    names = {spec.name: _plain_evaluator(knowing, sets).class_names(spec.name) for spec in sets}
+    forget = {CONCEPT: "people"}
+    summary = summarize(counts, names, forget)
+    each = [summarize(table, names, forget) for table in alone]
+    assert summary["forget"][CONCEPT]["top1"] == max(e["forget"][CONCEPT]["top1"] for e in each)
+    assert summary["test"]["things"]["top1"] == pytest.approx(sum(e["test"]["things"]["top1"] for e in each) / 3)
+    # A probe of a language edit (recomputed from the edited stage on) gives the full evaluation's tables.
+    edited = copy.deepcopy(knowing)
+    with torch.no_grad():
+        edited.model.text_projection.mul_(1.5)
+    reused = _plain_evaluator(edited, ensemble, per_template=True)
+    with torch.no_grad():
+        edited.model.text_projection.div_(1.5)
+        reused.run()
+        edited.model.text_projection.mul_(1.5)
+        probe = reused.run(edited="text_projection")
+    full = _plain_evaluator(edited, ensemble, per_template=True, reuse=False).run()
+    assert all(torch.equal(probe[name], full[name]) for name in full)
+
+
+def test_an_ensemble_search_sees_through_the_template_trick(knowing, sets):
+    """The search guarding itself: a wording under which the untouched model "forgets" the concept (forget top-5 0)
+    does not make it forget under that wording's ensemble, where every template must forget: templates of the
+    ensemble still rank the concept among the first five."""
+    wordings = ["{} photo", "photo {} of a.", "a photo {}", "{}, photo, a of"]
+    names = {spec.name: _plain_evaluator(knowing, sets).class_names(spec.name) for spec in sets}
+
+    def forget_top5(templates, per_template):
+        worded = [dataclasses.replace(spec, templates=templates) for spec in sets]
+        counts = _plain_evaluator(knowing, worded, per_template=per_template).run()
+        return summarize(counts, names, {CONCEPT: "people"})["forget"][CONCEPT]["top5"]
+
+    trick = next(w for w in wordings if forget_top5([w], per_template=False) == 0.0)
+    assert forget_top5(ensemble_templates([trick]), per_template=True) > 0.0
+
+
+def test_a_search_over_an_ensemble_keeps_half_of_the_held_out_templates_for_the_audit(tmp_path):
+    from slug_lightning.audit.run import read_run
+    from slug_lightning.callbacks import StepSearch
+
+    spec = LabelledSet("people", root=str(tmp_path), templates=[SEARCH_TEMPLATE])
+    search = StepSearch(sets=[spec], template_ensemble=True)
+    searched = search.sets[0].templates
+    assert searched == ensemble_templates([SEARCH_TEMPLATE]) and search.settings["template_ensemble"] is True
+    unseen = held_out_templates(seen=searched)
+    assert len(unseen) >= 6 and not {template_key(t) for t in unseen} & {template_key(t) for t in searched}
+    # A run directory records the sets as given and the switch; the audit reads the templates the search used.
+    for name in ("model.safetensors", "report.md"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "report.json").write_text('{"method": "slug", "settings": {"metric": "top1"}, "concepts": []}')
+    config = {
+        "model": {"init_args": {"model_name": "slug-tiny"}},
+        "data": {"init_args": {"concepts": [CONCEPT], "shards": "x.tar"}},
+        "search": {"init_args": {"sets": [dataclasses.asdict(spec)], "template_ensemble": True}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert read_run(tmp_path).sets[0].templates == searched
 
 
 @pytest.fixture(scope="module")

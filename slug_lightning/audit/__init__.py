@@ -20,6 +20,7 @@ from slug_lightning.audit.probe import image_probe, linear_probe_accuracy, strat
 from slug_lightning.audit.prompts import (
     AuditEvaluator,
     audit_evaluator,
+    ensemble_templates,
     held_out_templates,
     name_accuracy,
     other_names,
@@ -34,6 +35,7 @@ from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
 __all__ = [
     "AuditEvaluator",
     "audit_evaluator",
+    "ensemble_templates",
     "held_out_templates",
     "image_probe",
     "linear_probe_accuracy",

@@ -76,6 +76,23 @@ def held_out_templates(seen: Sequence[str] = ()) -> list[str]:
     return kept
 
 
+def ensemble_templates(templates: Sequence[str]) -> list[str]:
+    """A set's templates for a search over a template ensemble: its own, then the first half of the held-out
+    templates it does not use. The other half stays unseen by the search, for the audit.
+
+    Example::
+
+        >>> unseen = held_out_templates(seen=["a photo of {}."])
+        >>> ensemble = ensemble_templates(["a photo of {}."])
+        >>> ensemble[1:] == unseen[: len(unseen) // 2]
+        True
+        >>> len(held_out_templates(seen=ensemble)) == len(unseen) - len(unseen) // 2
+        True
+    """
+    unseen = held_out_templates(seen=templates)
+    return [*templates, *unseen[: len(unseen) // 2]]
+
+
 def other_names(concept: Concept, paraphrases: Sequence[str] = ()) -> list[str]:
     """The names to try in place of a concept's class name: its aliases, then the paraphrases, each once, the class
     name itself left out.

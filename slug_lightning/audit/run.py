@@ -15,7 +15,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,13 @@ import yaml
 from torch import Tensor, nn
 
 from slug_lightning.audit.measure import measure_concept
-from slug_lightning.audit.prompts import AuditEvaluator, audit_evaluator, held_out_templates, template_accuracy
+from slug_lightning.audit.prompts import (
+    AuditEvaluator,
+    audit_evaluator,
+    ensemble_templates,
+    held_out_templates,
+    template_accuracy,
+)
 from slug_lightning.audit.relearning import concept_images, forget_top1, relearn_clause, relearning_measure
 from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
@@ -114,6 +120,8 @@ def read_run(run_dir: str | Path) -> RunSetup:
     settings = report.get("settings") or {}
     try:
         sets = [LabelledSet(**spec) for spec in search["sets"]]
+        if search.get("template_ensemble"):  # the search's templates, as StepSearch extends them
+            sets = [replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
     except TypeError as error:
         raise UserError(
             f"{path / 'config.yaml'}: search.init_args.sets is not a list of evaluation sets: {error}"
