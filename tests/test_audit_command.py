@@ -45,6 +45,28 @@ def test_bad_relearning_settings_are_one_line(capsys, tmp_path):
     one_line_error(capsys, ["audit", "--run", str(tmp_path), "--relearn_lr", "0"], "--relearn_lr")
 
 
+def test_bad_held_out_templates_are_one_line(capsys, tmp_path):
+    one_line_error(capsys, ["audit", "--run", str(tmp_path), "--templates", str(tmp_path / "none.txt")], "--templates")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    one_line_error(capsys, ["audit", "--run", str(tmp_path), "--templates", str(tmp_path / "empty.txt")], "no template")
+    (tmp_path / "bad.txt").write_text("a photo of {}.\na photo\n")
+    one_line_error(capsys, ["audit", "--run", str(tmp_path), "--templates", str(tmp_path / "bad.txt")], "'a photo'")
+
+
+def test_held_out_templates_the_search_used_are_refused(tiny_clip, tmp_path):
+    from slug_lightning.audit.run import Models, RunSetup, audit_models
+    from slug_lightning.audit.settings import AuditSettings
+    from slug_lightning.concepts import Concept
+    from slug_lightning.errors import UserError
+    from slug_lightning.labelled_sets import LabelledSet
+
+    spec = LabelledSet("people", root=str(tmp_path), templates=["a photo of {}.", "this is {}."])
+    setup = RunSetup(tmp_path, "slug", None, None, [Concept("Ann")], [spec], None, None, "top1", 0.0, 8, {})
+    models = Models(tiny_clip.model, tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
+    with pytest.raises(UserError, match=r"never used; \['This is \{\}\.'\]"):
+        audit_models(setup, models, AuditSettings(templates=("an image of {}.", "This is {}.")))
+
+
 def test_arguments():
     parser = _parser("audit")
     args = parser.parse_args(["--run", "r"])

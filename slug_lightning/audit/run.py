@@ -29,6 +29,7 @@ from slug_lightning.audit.prompts import (
     ensemble_templates,
     held_out_templates,
     template_accuracy,
+    template_key,
 )
 from slug_lightning.audit.relearning import concept_images, forget_top1, relearn_clause, relearning_measure
 from slug_lightning.audit.settings import AuditSettings
@@ -276,7 +277,13 @@ def audit_models(
     began = time.perf_counter()
     names = [concept.name for concept in setup.concepts]
     search_templates = list(dict.fromkeys(t for spec in setup.sets for t in spec.templates))
-    templates = held_out_templates(seen=search_templates)
+    templates = list(settings.templates) or held_out_templates(seen=search_templates)
+    used = {template_key(t) for t in search_templates}
+    seen = [template for template in templates if template_key(template) in used]
+    if seen:
+        raise UserError(
+            f"Held-out templates must be ones the search never used; {sorted(seen)} are among its {search_templates}."
+        )
     evaluators = {
         which: audit_evaluator(
             model, models.tokenizer, models.preprocess, setup.sets, names, setup.batch_size, device=device
@@ -318,6 +325,7 @@ def audit_models(
             "metric": setup.metric,
             "threshold": setup.threshold,
             "lookalikes": LOOKALIKES,
+            "templates": "given" if settings.templates else "shipped",
             "paraphrases": list(settings.paraphrases),
             "relearn_ks": list(settings.relearn_ks),
             "relearn_steps": settings.relearn_steps,

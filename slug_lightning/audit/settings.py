@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slug_lightning.errors import ConfigError
+from slug_lightning.labelled_sets import validate_template
 from slug_lightning.relearn import DEFAULT_KS
 
 # lr 1e-5 is AdamW's usual fine-tuning rate for a pretrained CLIP; the forget top-1 is measured every
@@ -19,6 +20,8 @@ class AuditSettings:
     """The settings of an audit (``audit --run``, or the one at the end of ``unlearn``: ``--audit.relearn_ks``, ...).
 
     Args:
+        templates: The held-out templates (each with one ``{}``), none of them the search's; empty: the shipped list
+            (``slug_lightning/audit/templates.txt``) less any template the search used.
         paraphrases: More names to try for every concept, besides its aliases (e.g. ``"the CEO of Tesla"``).
         relearn_ks: Forget pairs to fine-tune on, one relearning run each; empty: no relearning. A ``k`` a concept's
             pairs do not allow is left out, and said so.
@@ -27,8 +30,8 @@ class AuditSettings:
         relearn_every: Steps between two forget evaluations of the relearning.
 
     Raises:
-        ConfigError: A ``k`` below 2 (a contrastive step needs two pairs), a negative budget, ``relearn_every`` below
-            1, or a learning rate that is not positive.
+        ConfigError: A malformed template, a ``k`` below 2 (a contrastive step needs two pairs), a negative budget,
+            ``relearn_every`` below 1, or a learning rate that is not positive.
 
     Example::
 
@@ -36,6 +39,7 @@ class AuditSettings:
         (4,)
     """
 
+    templates: tuple[str, ...] = ()
     paraphrases: tuple[str, ...] = ()
     relearn_ks: tuple[int, ...] = DEFAULT_KS
     relearn_steps: int = RELEARN_STEPS
@@ -44,7 +48,13 @@ class AuditSettings:
 
     def __post_init__(self) -> None:
         # LightningCLI and YAML hand lists; a frozen settings object keeps tuples.
+        object.__setattr__(self, "templates", tuple(self.templates))
         object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
+        for template in self.templates:
+            try:
+                validate_template(template)
+            except ValueError as error:
+                raise ConfigError(f"templates: {error}", "templates", self.templates) from None
         object.__setattr__(self, "relearn_ks", tuple(self.relearn_ks))
         if any(k < 2 for k in self.relearn_ks):
             raise ConfigError(

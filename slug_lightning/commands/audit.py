@@ -9,6 +9,7 @@ concept.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slug_lightning.audit.settings import RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS, AuditSettings
 from slug_lightning.errors import ConfigError, UserError
@@ -17,6 +18,12 @@ from slug_lightning.relearn import DEFAULT_KS
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`~slug_lightning.audit.settings.AuditSettings` (``audit`` and ``compare`` share them)."""
+    parser.add_argument(
+        "--templates",
+        default=None,
+        metavar="FILE",
+        help="held-out templates, one per line, each with one {} (default: the shipped list less the search's own)",
+    )
     parser.add_argument(
         "--paraphrases",
         nargs="+",
@@ -69,11 +76,26 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _read_templates(path: str | None) -> list[str]:
+    """The non-empty lines of a templates file (none without one)."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UserError(f"--templates {path!r} cannot be read ({error.strerror or error}).") from None
+    templates = [line.strip() for line in lines if line.strip()]
+    if not templates:
+        raise UserError(f"--templates {path!r} holds no template; give one per line, e.g. 'a photo of {{}}.'.")
+    return templates
+
+
 def settings_of(args: argparse.Namespace) -> AuditSettings:
     """The :class:`~slug_lightning.audit.settings.AuditSettings` the arguments give; a refused one as one line
     naming the option."""
     try:
         return AuditSettings(
+            templates=_read_templates(args.templates),
             paraphrases=args.paraphrases,
             relearn_ks=() if args.no_relearn else args.relearn_ks,
             relearn_steps=args.relearn_steps,
