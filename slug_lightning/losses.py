@@ -54,7 +54,7 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank()]
 
 
-def retain_loss_sum(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+def retain_loss_sum(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, gather: bool = True) -> Tensor:
     """Σᵢ over this rank's pairs of the symmetric CLIP InfoNCE loss, negatives from the global batch.
 
     Pair i's loss is ½·[CE(image i → all texts) + CE(text i → all images)] with the model's learned
@@ -65,11 +65,13 @@ def retain_loss_sum(image_features: Tensor, text_features: Tensor, logit_scale: 
         image_features: This rank's image embeddings ``[b, d]`` (``b`` may be 0).
         text_features: This rank's text embeddings ``[b, d]``.
         logit_scale: The model's logit scale parameter (log of the inverse temperature).
+        gather: Take the negatives from every rank's batch; False keeps them to this rank's (a fine-tune of one
+            process's own, e.g. the audit's relearning on rank 0 after a multi-device run).
     """
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)
-    all_images, offset = gather_rows(image_features)
-    all_texts, _ = gather_rows(text_features)
+    all_images, offset = gather_rows(image_features) if gather else (image_features, 0)
+    all_texts, _ = gather_rows(text_features) if gather else (text_features, 0)
     scale = logit_scale.exp()
     targets = torch.arange(offset, offset + image_features.shape[0], device=image_features.device)
     image_to_text = scale * image_features @ all_texts.T

@@ -219,15 +219,11 @@ def relearn(
 
     Raises:
         ConfigError: ``batch_size`` outside [2, k], ``max_steps`` not a multiple of ``every``, or ``lr <= 0``.
-        RuntimeError: Called inside a process group of several ranks (the loss would gather their batches).
         FloatingPointError: The loss is not finite (lower the learning rate).
     """
     k = pairs["image"].shape[0]
     batch_size = k if batch_size is None else batch_size
     _check(k, batch_size, max_steps, every, lr)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise RuntimeError("relearn runs in one process; the contrastive loss would gather other ranks' batches.")
     tuned = copy.deepcopy(model).eval()
     parameters = trained_parameters(tuned)
     for name, parameter in tuned.named_parameters():
@@ -248,7 +244,7 @@ def relearn(
         rows = next(batches).to(device)
         with torch.enable_grad():
             features = tuned.encode_image(images[rows]), tuned.encode_text(texts[rows])
-            loss = retain_loss_sum(*features, tuned.logit_scale) / len(rows)
+            loss = retain_loss_sum(*features, tuned.logit_scale, gather=False) / len(rows)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"relearn: the loss is {loss.item()} at step {step}; lower the learning rate.")
             optimizer.zero_grad(set_to_none=True)

@@ -183,7 +183,8 @@ def audit_evaluator(
 
 
 def _count(features: Tensor, labels: Tensor, classifier: Tensor) -> Tensor:
-    metric = ZeroShotCounts(classifier.shape[1]).to(classifier.device)
+    # The audit runs in one process, also on rank 0 of a multi-device run: nothing to sync.
+    metric = ZeroShotCounts(classifier.shape[1], sync_on_compute=False).to(classifier.device)
     if labels.numel():
         metric.update(features @ classifier, labels)
     return metric.compute().cpu()
