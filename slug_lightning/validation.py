@@ -12,9 +12,12 @@ from; the CLI prints it as one line and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
 
 from slug_lightning.errors import UserError
 
@@ -61,6 +64,7 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     if not hasattr(datamodule, "forget_shards"):
         return
     from slug_lightning.shard_scan import scan_shards
+    from slug_lightning.shard_sources import READ_TIMEOUT
     from slug_lightning.shards import expand_shards
 
     if not concepts:
@@ -73,8 +77,17 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
             raise UserError(f"{DATA}.{option}: {error}") from None
     if not scan_captions:
         return
+    timeout = getattr(datamodule, "read_timeout", READ_TIMEOUT)
+    mode = getattr(datamodule, "caption_index", "tar")
+    check_shard_sources(urls, timeout)
     min_pairs = getattr(datamodule, "min_forget_pairs", 1)
-    scan = scan_shards(urls["forget_shards"], concepts, enough=min_pairs if smoke else None)
+    enough = min_pairs if smoke else None
+    started = time.perf_counter()
+    if hasattr(datamodule, "caption_scan"):  # the datamodule keeps the scan: its forget streams read its pairs
+        scan = datamodule.caption_scan(enough)
+    else:
+        scan = scan_shards(urls["forget_shards"], concepts, enough=enough, caption_index=mode, timeout=timeout)
+    rank_zero_info(caption_read_note(scan, time.perf_counter() - started))
     check_shards_readable(scan)
     check_concept_pairs(scan, concepts, min_pairs)
     check_skipped(scan, getattr(model, "max_skipped_fraction", 1.0))
@@ -85,7 +98,68 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     else:  # forget shards may be pre-filtered for the concept: how common a spelling is shows in the others
         sample = urls["shards"][:SHARE_SHARDS]
         where = f"the first {len(sample)} of {len(urls['shards'])} shard(s) of {DATA}.shards"
-        check_forget_share(scan_shards(sample, concepts), concepts, getattr(datamodule, "max_forget_share", 1.0), where)
+        share_scan = scan_shards(sample, concepts, caption_index=mode, timeout=timeout)
+        check_forget_share(share_scan, concepts, getattr(datamodule, "max_forget_share", 1.0), where)
+
+
+def check_shard_sources(urls: dict[str, list[str]], timeout: float) -> None:
+    """Every shard opens and starts like a tar archive: a missing URL, a server that does not answer, a ``pipe:``
+    command that fails, or a file that is no tar is found before any compute
+    (:func:`~slug_lightning.shard_sources.probe_shards`; ``pipe:`` shards beyond the first few are checked at their
+    first read).
+
+    Args:
+        urls: The shards of each option (``shards``, ``forget_shards``).
+        timeout: Seconds a remote source may take to answer (``read_timeout``).
+
+    Raises:
+        UserError: Naming the shards that failed the same way, why, and their option.
+    """
+    from slug_lightning.shard_sources import probe_shards
+
+    failed = probe_shards(list(dict.fromkeys(urls["forget_shards"] + urls["shards"])), timeout)
+    if not failed:
+        return
+    kind = failed[0][1]
+    same = [(url, reason) for url, failure, reason in failed if failure == kind]
+    options = "/".join(f"{DATA}.{o}" for o in ("shards", "forget_shards") if any(u in urls[o] for u, _ in same))
+    shown = "; ".join(f"{url!r} ({reason})" for url, reason in same[:5])
+    more = f" and {len(same) - 5} more" if len(same) > 5 else ""
+    if kind == "tar":
+        raise UserError(
+            f"{len(same)} shard(s) of {options} cannot be read as tar archives: {shown}{more}. Remove them from the "
+            "pattern or repair them."
+        )
+    raise UserError(
+        f"{len(same)} shard(s) of {options} cannot be read: {shown}{more}. Check the URL or command, or the server "
+        f"(reads wait up to --{DATA}.read_timeout={timeout:g} s), or remove them from the pattern."
+    )
+
+
+def caption_read_note(scan, seconds: float) -> str:
+    """What the pre-flight's caption read cost: the shards read from img2dataset's index and from the tars.
+
+    Example::
+
+        >>> from slug_lightning.shard_scan import ShardScan
+        >>> caption_read_note(ShardScan(shards=2, indexed=["a.tar", "b.tar"]), 0.04)
+        "[slug] pre-flight: the captions of 2 forget shard(s) read in 0.04 s, 2 from img2dataset's .parquet index"
+    """
+    note = f"[slug] pre-flight: the captions of {scan.shards} forget shard(s) read in {seconds:.3g} s"
+    if not scan.tars:
+        return f"{note}, {len(scan.indexed)} from img2dataset's .parquet index"
+    import os
+
+    from slug_lightning.shard_sources import local_path, source_kind
+
+    local = [local_path(url) for url in scan.tars if source_kind(url) == "local" and os.path.isfile(local_path(url))]
+    size = f" ({sum(map(os.path.getsize, local)) / 1e6:.1f} MB)" if local else ""
+    why = f"; no usable index beside {scan.unindexed[0][0]!r}: {scan.unindexed[0][1]}" if scan.unindexed else ""
+    return (
+        f"{note}: {len(scan.indexed)} from img2dataset's .parquet index, {len(scan.tars)} from their tars{size}{why}. "
+        "A tar is read whole; from img2dataset's .parquet beside it (caption_index auto or parquet) only the key and "
+        "caption columns are, and the forget pass opens only the shards that hold a forget pair."
+    )
 
 
 def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
