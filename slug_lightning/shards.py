@@ -122,8 +122,7 @@ def _fsspec_glob(pattern: str, url: str) -> list[str]:
     filesystem, path = fsspec_filesystem(url)  # also refuses a URL whose backend is not installed
     if not _GLOB_CHARACTERS & set(path):
         return [url]
-    scheme = url.partition("://")[0]
-    matches = sorted(f"{scheme}://{match.partition('://')[2] or match}" for match in filesystem.glob(path))
+    matches = sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(path))
     if not matches:
         raise FileNotFoundError(f"Shard pattern {pattern!r} matches no file ({url!r}).")
     return matches

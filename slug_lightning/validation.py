@@ -122,7 +122,8 @@ def check_shard_sources(urls: dict[str, list[str]], timeout: float) -> None:
         return
     kind = failed[0][1]
     same = [(url, reason) for url, failure, reason in failed if failure == kind]
-    options = "/".join(f"{DATA}.{o}" for o in ("shards", "forget_shards") if any(u in urls[o] for u, _ in same))
+    named = ("shards",) if urls["shards"] == urls["forget_shards"] else ("shards", "forget_shards")
+    options = "/".join(f"{DATA}.{o}" for o in named if any(url in urls[o] for url, _ in same))
     shown = "; ".join(f"{url!r} ({reason})" for url, reason in same[:5])
     more = f" and {len(same) - 5} more" if len(same) > 5 else ""
     if kind == "tar":

@@ -434,6 +434,8 @@ def _sets_with(world, **changes) -> str:
         (["--data.init_args.batch_size", "-4"], ["--data.init_args.batch_size", "got -4"]),
         (["--data.init_args.min_forget_pairs", "-1"], ["--data.init_args.min_forget_pairs", "got -1"]),
         (["--data.init_args.max_forget_share", "0"], ["--data.init_args.max_forget_share", "(0, 1]"]),
+        (["--data.init_args.caption_index", "sql"], ["--data.init_args.caption_index", "auto, parquet, tar", "'sql'"]),
+        (["--data.init_args.read_timeout", "0"], ["--data.init_args.read_timeout", "got 0.0"]),
         (["--model.init_args.checkpoint_every", "-5"], ["--model.init_args.checkpoint_every", "got -5"]),
         (["--model.init_args.max_skipped_fraction", "2"], ["--model.init_args.max_skipped_fraction", "got 2.0"]),
         (["--search.init_args.batch_size", "0"], ["--search.init_args.batch_size", "got 0"]),
