@@ -1,8 +1,12 @@
 """LAION-style image-caption shards: training pairs, forget sets and the retain set (METHOD §1).
 
-Shards are webdataset tars as img2dataset writes them; :mod:`slug_lightning.shards` expands shard patterns and
-reads shards (the only place one is opened), :mod:`slug_lightning.shard_scan` counts their captions. This module
-turns what they read into streams of pairs.
+Shards are webdataset tars as img2dataset writes them, local or remote (``pipe:``, HTTP(S), fsspec URLs);
+:mod:`slug_lightning.shards` expands shard patterns and reads shards through webdataset's tar stages,
+:mod:`slug_lightning.shard_scan` reads their captions (from img2dataset's ``.parquet`` index where there is one). This
+module turns what they read into streams of pairs: :class:`PairStream` reads shards whole and filters captions (the
+training and retain streams); a concept's forget stream is a
+:class:`~slug_lightning.datamodules.forget_stream.ForgetStream` of the pairs the caption scan found, which opens only
+the shards that hold one. Both split a stream as follows; the rest of this docstring is about :class:`PairStream`.
 
 How a stream is split (it does not depend on the number of devices or workers):
 
@@ -28,7 +32,8 @@ a lower bound. So the sum of ``skipped`` over all batches of all ranks is the nu
 the damaged shards lost.
 
 The module is longer than the project's ~500 lines because the split above lives in two places that must agree:
-the stream that indexes and owns samples, and the DataModule that builds its loaders (workers, epochs, ranks).
+the stream that indexes and owns samples, and the DataModule that builds its loaders (workers, epochs, ranks). What
+both pair streams share (decoding, collation) is in :mod:`~slug_lightning.datamodules.pair_batches`.
 """
 
 from __future__ import annotations
@@ -313,7 +318,13 @@ class LaionDataModule(lightning.LightningDataModule):
     ``fit`` trains on every pair of ``shards``. For unlearning, ``predict_dataloader`` returns one forget
     stream per concept (pairs of ``forget_shards`` whose caption mentions it) followed by the retain
     stream (pairs of ``shards`` whose caption mentions no concept). Every stream is split across ranks
-    and workers so that each pair is seen exactly once; see :class:`PairStream`.
+    and workers so that each pair is seen exactly once; see :class:`PairStream`. The forget pairs are found by one
+    caption read of ``forget_shards`` (:meth:`caption_scan`, which ``unlearn``'s pre-flight check makes), from
+    img2dataset's ``.parquet`` index beside each shard where there is one (``caption_index``).
+
+    Shards may be local files or remote: ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/laion/00000.tar -``),
+    HTTP(S) URLs and fsspec URLs (``s3://``, ``gs://``, ``hf://``; ``pip install "slug-lightning[remote]"``), with
+    brace patterns; see :mod:`slug_lightning.shard_sources`.
 
     ``transform`` and ``tokenizer`` are taken from the LightningModule (``preprocess`` and ``tokenizer``)
     in ``setup`` unless set on the datamodule beforehand; with ``retain_augmentation``, so is
@@ -329,7 +340,8 @@ class LaionDataModule(lightning.LightningDataModule):
 
     Args:
         shards: Shard pattern(s) of the training pairs, also the source of the retain set: braces
-            (``"shards/{00000..00099}.tar"``), globs, several joined by ``"::"`` or given as a list.
+            (``"shards/{00000..00099}.tar"``, ``"https://host/laion/{00000..00099}.tar"``), globs (local and fsspec
+            URLs), several joined by ``"::"`` or given as a list.
         forget_shards: Shard pattern(s) the forget pairs are filtered from; default: ``shards``.
         concepts: Concepts to forget (name and aliases), matched on captions.
         batch_size: Global batch size, shared by all devices.

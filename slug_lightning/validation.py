@@ -3,8 +3,10 @@
 :func:`preflight` runs at the start of :meth:`SlugTrainer.unlearn <slug_lightning.trainer.SlugTrainer.unlearn>`.
 It is cheap next to the gradient pass: the evaluation sets' file lists are built and each image file is
 opened and verified by PIL (its header, and for PNG its chunk checksums, without decoding the pixels: the
-demo world's 600 evaluation images in about 30 ms of a 0.9 s pre-flight), and the captions of the forget
-shards are read once (images are skipped, nothing is written to disk). Each problem is a
+demo world's 600 evaluation images in about 30 ms of a 0.9 s pre-flight), every shard is opened and its first
+block read (a URL that does not answer, a ``pipe:`` command that fails, a file that is no tar), and the captions of
+the forget shards are read once, from img2dataset's ``.parquet`` index beside each shard where there is one, else
+from the tar (nothing is written to disk); it says what that read cost. Each problem is a
 :class:`~slug_lightning.errors.UserError` that says what was given, what is valid and which option it came
 from; the CLI prints it as one line and exits with status 2.
 """
@@ -36,11 +38,16 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
 
     Checks, in order: every evaluation set loads (folder exists, class folders hold images, classes agree
     with ``class_names``, every image file opens and verifies); every forget concept is a class with images
-    in its forget set; the shards resolve; and, when ``scan_captions``, that no shard is unreadable, every
-    concept has at least ``datamodule.min_forget_pairs`` captions mentioning it, broken samples stay under
-    ``model.max_skipped_fraction``, and no concept matches more than ``datamodule.max_forget_share`` of the
-    captions (above :data:`WARN_FORGET_SHARE` a warning). Datamodules other than ``LaionDataModule`` get the
-    evaluation checks.
+    in its forget set; the shards resolve; and, when ``scan_captions``, that every shard opens and starts like a
+    tar (:func:`check_shard_sources`), no shard is unreadable, every concept has at least
+    ``datamodule.min_forget_pairs`` captions mentioning it, broken samples stay under ``model.max_skipped_fraction``,
+    and no concept matches more than ``datamodule.max_forget_share`` of the captions (above
+    :data:`WARN_FORGET_SHARE` a warning). The captions are read as ``datamodule.caption_index`` says, by the
+    datamodule's :meth:`~slug_lightning.datamodules.LaionDataModule.caption_scan`, whose forget pairs the gradient
+    pass then reads. Datamodules other than ``LaionDataModule`` get the evaluation checks.
+
+    Damage inside a tar whose captions came from its index, and pairs whose image does not decode, are found by the
+    gradient pass when it reads them, and counted against ``max_skipped_fraction`` there.
 
     A smoke run (``smoke``, ``--trainer.fast_dev_run``) reads the forget shards' captions only until every
     concept has ``min_forget_pairs`` of them, so the readability and broken-sample checks cover the shards read;
