@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slug_lightning.concepts import Concept, name_key
-from slug_lightning.shard_sources import READ_TIMEOUT, fetch, local_path, source_kind
+from slug_lightning.shard_sources import READ_TIMEOUT, ShardSourceError, fetch, local_path, source_kind
 
 INDEX_MODES = ("auto", "parquet", "tar")
 KEY, CAPTION, STATUS = "key", "caption", "status"
@@ -113,6 +113,8 @@ def read_index(url: str, timeout: float = READ_TIMEOUT) -> CaptionIndex:
         table = source.read(columns=[KEY, CAPTION, *([STATUS] if STATUS in names else [])])
     except FileNotFoundError:
         raise IndexUnavailable(url, f"no {location!r} beside it") from None
+    except ShardSourceError as error:
+        raise IndexUnavailable(url, f"{location!r} cannot be fetched: {error.reason}") from None
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError; fetch's errors are OSErrors
         raise IndexUnavailable(url, f"{location!r} cannot be read ({error})") from None
     if STATUS in names:
@@ -141,5 +143,5 @@ def matching_rows(index: CaptionIndex, concept: Concept) -> np.ndarray:
             word = max(key.split(), key=len)
             candidates = pc.or_(candidates, pc.match_substring(captions, word, ignore_case=True))
     rows = np.flatnonzero(candidates.fill_null(False).to_numpy(zero_copy_only=False))
-    texts = captions.take(rows).to_pylist()
-    return rows[np.array([concept.matches(text) for text in texts], dtype=bool)] if len(rows) else rows
+    exact = [concept.matches(text) for text in captions.take(rows).to_pylist()]
+    return rows[np.array(exact, dtype=bool)]

@@ -270,6 +270,8 @@ class ShardStream:
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(1 << 20), b""))
+        if size == 0:  # not a question for the source: b"" from it means its end
+            return b""
         data = self._reader.read(size)
         if len(self._head) < 6:
             self._head += data[: 6 - len(self._head)]
@@ -336,6 +338,8 @@ def _looks_like_tar(block: bytes) -> bool:
         return True
     try:
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:  # a zero block: an archive without members, which reads as no samples
+        return True
     except tarfile.HeaderError:
         return False
     return True

@@ -284,6 +284,7 @@ def read_shard(
         return False
 
     def keep_first_duplicate(error: BaseException) -> bool:  # a member name twice in a sample: the first one counts
+        # (webdataset's grouping raises it as a ValueError; any other failure stops the shard)
         return "duplicate file name" in str(error) or stop(error)
 
     def select(name: str) -> bool:
@@ -310,14 +311,14 @@ def read_shard(
                 read += 1
                 yield pending
             pending = _make_sample(group)
-        if not failures and streams and not streams[0].ended_cleanly():
-            reason = "truncated: no end-of-archive block after the last member"
-        elif failures:
+        if failures:
             reason = _reason(failures[0], streams[0] if streams else None)
+        elif streams and not streams[0].ended_cleanly():
+            reason = "truncated: no end-of-archive block after the last member"
         else:
             reason = None
-    except ShardSourceError as error:  # met while checking the end: a command's exit status, a broken connection
-        reason = error.reason
+    except _READ_ERRORS as error:  # met while reading the end: a command's exit status, a broken connection
+        reason = _reason(error, streams[0] if streams else None)
     finally:
         for stream in streams:
             stream.close()

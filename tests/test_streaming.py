@@ -248,6 +248,20 @@ def test_a_pair_its_shard_no_longer_holds_is_skipped_counted_and_warned_about(tm
     assert batch["key"] == ["k0", "k1"] and int(batch["skipped"]) == 1
 
 
+def test_a_member_twice_in_a_sample_keeps_the_first_as_before(tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("k0.TXT", b"Musk first"), ("k0.txt", b"Musk second"), ("k0.png", png_bytes(0))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = list(read_shard(str(path)))
+    assert (sample.key, sample.caption, sample.image) == ("k0", "Musk first", png_bytes(0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Failing sources
 
