@@ -9,6 +9,7 @@ so the cases share one world; hence its length.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -410,11 +411,15 @@ def test_min_forget_pairs_boundary(world):
         check_concept_pairs(scan, [concept], found + 1)
 
 
-def test_a_valid_run_passes_preflight_and_computes(capsys, world, tmp_path):
-    """The same arguments without the fault run to the end (so the refusals above are the faults')."""
-    assert main(unlearn_args(world, tmp_path / "out")) == 0
+def test_a_valid_run_passes_preflight_and_computes(capsys, caplog, world, tmp_path):
+    """The same arguments without the fault run to the end (so the refusals above are the faults'), and the pre-flight
+    says what its caption read cost: here every caption came from img2dataset's index beside the demo's shards."""
+    with caplog.at_level(logging.INFO):
+        assert main(unlearn_args(world, tmp_path / "out")) == 0
     assert (tmp_path / "out" / "report.json").is_file()
     assert not (tmp_path / "out" / "gradients.partial.safetensors").exists()
+    assert "pre-flight: the captions of 3 forget shard(s) read in" in caplog.text
+    assert "3 from img2dataset's .parquet index" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------
