@@ -171,9 +171,9 @@ class _PipeReader:
 class _HttpReader:
     """An HTTP(S) response; ``timeout`` bounds the connection and every read."""
 
-    def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, timeout: float) -> None:
         self.url, self.timeout = url, timeout
-        request = urllib.request.Request(url, headers={"User-Agent": "slug-lightning", **(headers or {})})
+        request = urllib.request.Request(url, headers={"User-Agent": "slug-lightning"})
         try:
             self.response = urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as error:
