@@ -1,8 +1,12 @@
 """LAION-style image-caption shards: training pairs, forget sets and the retain set (METHOD §1).
 
-Shards are webdataset tars as img2dataset writes them; :mod:`slug_lightning.shards` expands shard patterns and
-reads shards (the only place one is opened), :mod:`slug_lightning.shard_scan` counts their captions. This module
-turns what they read into streams of pairs.
+Shards are webdataset tars as img2dataset writes them, local or remote (``pipe:``, HTTP(S), fsspec URLs);
+:mod:`slug_lightning.shards` expands shard patterns and reads shards through webdataset's tar stages,
+:mod:`slug_lightning.shard_scan` reads their captions (from img2dataset's ``.parquet`` index where there is one). This
+module turns what they read into streams of pairs: :class:`PairStream` reads shards whole and filters captions (the
+training and retain streams); a concept's forget stream is a
+:class:`~slug_lightning.datamodules.forget_stream.ForgetStream` of the pairs the caption scan found, which opens only
+the shards that hold one. Both split a stream as follows; the rest of this docstring is about :class:`PairStream`.
 
 How a stream is split (it does not depend on the number of devices or workers):
 
@@ -28,18 +32,16 @@ a lower bound. So the sum of ``skipped`` over all batches of all ranks is the nu
 the damaged shards lost.
 
 The module is longer than the project's ~500 lines because the split above lives in two places that must agree:
-the stream that indexes and owns samples, and the DataModule that builds its loaders (workers, epochs, ranks).
+the stream that indexes and owns samples, and the DataModule that builds its loaders (workers, epochs, ranks). What
+both pair streams share (decoding, collation) is in :mod:`~slug_lightning.datamodules.pair_batches`.
 """
 
 from __future__ import annotations
 
-import io
 import random
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -48,22 +50,22 @@ import lightning
 import PIL.Image
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 
+from slug_lightning.caption_index import INDEX_MODES
 from slug_lightning.concepts import Concept, as_concepts
+from slug_lightning.datamodules.forget_stream import ForgetStream
 from slug_lightning.datamodules.labelled import ZeroShotDataModule
+from slug_lightning.datamodules.pair_batches import PairBatches, Share, warn_unreadable
 from slug_lightning.distributed import rank_and_world
 from slug_lightning.errors import ConfigError, UserError
 from slug_lightning.labelled_sets import LabelledSet
-from slug_lightning.shard_scan import count_kept
+from slug_lightning.shard_scan import ShardScan, count_kept, scan_shards
+from slug_lightning.shard_sources import READ_TIMEOUT
 from slug_lightning.shards import BrokenShard, Sample, expand_shards, read_shard
 
-# PIL raises these for undecodable images; SyntaxError is what its PNG reader uses for broken chunks.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
-
-
 # --------------------------------------------------------------------------------------------------
-# Shuffling and decoding
+# Shuffling
 
 
 def _shuffle_buffer(
@@ -85,17 +87,6 @@ def _shuffle_buffer(
     yield from buffer
 
 
-def _decode_image(data: bytes | None) -> PIL.Image.Image | None:
-    """Decode image bytes to RGB, or None when they are absent or not a readable image."""
-    if data is None:
-        return None
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except _DECODE_ERRORS:
-        return None
-
-
 def _matches_no_concept(concepts: tuple[Concept, ...], caption: str) -> bool:
     return not any(concept.matches(caption) for concept in concepts)
 
@@ -104,17 +95,7 @@ def _matches_no_concept(concepts: tuple[Concept, ...], caption: str) -> bool:
 # The stream
 
 
-@dataclass
-class _Share:
-    """This rank's share of one global batch, as one worker assembles it."""
-
-    keys: list[str] = field(default_factory=list)
-    images: list[Tensor] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    skipped: int = 0
-
-
-class PairStream(IterableDataset):
+class PairStream(PairBatches):
     """Image-caption pairs from shards, filtered by caption, in global batches shared by ranks and workers.
 
     Each item is this rank's share of one global batch: ``{"image": FloatTensor[b, C, H, W],
@@ -122,7 +103,8 @@ class PairStream(IterableDataset):
     ``DataLoader(stream, batch_size=None)``; see the module docstring for how samples are split.
 
     Args:
-        urls: Shard files, read in this order (see :func:`~slug_lightning.shards.expand_shards`).
+        urls: Shards (local files, ``pipe:`` commands, HTTP(S) or fsspec URLs), read in this order (see
+            :func:`~slug_lightning.shards.expand_shards`).
         transform: Turns a PIL RGB image into a ``[C, H, W]`` tensor (e.g. open_clip's ``preprocess``).
         tokenizer: Turns a list of captions into a ``[n, context_length]`` tensor of token ids.
         batch_size: The global batch size, shared by all ranks.
@@ -137,9 +119,10 @@ class PairStream(IterableDataset):
         augmentation_seed: For a random ``transform`` (a training augmentation): run it on each image under
             torch's and Python's generators seeded by ``(augmentation_seed, sample key)``, so a pair gets the
             same augmentation in every run, on any number of ranks and workers. None calls ``transform`` as is.
+        read_timeout: Seconds a remote shard's read may wait for data before the shard counts as broken there.
 
     Raises:
-        ValueError: An empty shard list, or a non-positive size, or a rank outside ``[0, world_size)``.
+        ValueError: An empty shard list, or a non-positive size or timeout, or a rank outside ``[0, world_size)``.
 
     Example::
 
@@ -162,30 +145,28 @@ class PairStream(IterableDataset):
         drop_last: bool = False,
         buffer_size: int = 1000,
         augmentation_seed: int | None = None,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            transform,
+            tokenizer,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            augmentation_seed=augmentation_seed,
+            read_timeout=read_timeout,
+        )
         if isinstance(urls, str) or not urls:
             raise ValueError(f"PairStream needs a non-empty list of shard files, got {urls!r}; see expand_shards.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}.")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got {rank=}, {world_size=}.")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be positive, got {buffer_size}.")
         self.urls = list(urls)
-        self.transform = transform
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
         self.keep = keep
-        self.rank = rank
-        self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last
         self.buffer_size = buffer_size
-        self.augmentation_seed = augmentation_seed
         self.epoch = 0
-        self._empty_shapes: tuple[tuple[int, ...], int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that, with the seed, decides the shuffled order."""
@@ -194,12 +175,13 @@ class PairStream(IterableDataset):
     def _records(self) -> Iterator[Sample | BrokenShard]:
         """The ordered record stream every worker of every rank reads (before filtering and indexing)."""
         urls = list(self.urls)
+        read = partial(read_shard, timeout=self.read_timeout)
         if not self.shuffle:
-            return chain.from_iterable(map(read_shard, urls))
+            return chain.from_iterable(map(read, urls))
         # A string seed hashes deterministically (unlike tuples), so all processes draw the same order.
         rng = random.Random(f"PairStream:{self.seed}:{self.epoch}")
         rng.shuffle(urls)
-        return _shuffle_buffer(chain.from_iterable(map(read_shard, urls)), rng, self.buffer_size)
+        return _shuffle_buffer(chain.from_iterable(map(read, urls)), rng, self.buffer_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -220,7 +202,7 @@ class PairStream(IterableDataset):
         # Stream events (caption-less samples, broken shards) that rank 0 counts, by the global batch
         # being assembled when they were met.
         events: Counter[int] = Counter()
-        shares: dict[int, _Share] = {}  # owned global batches not yet yielded
+        shares: dict[int, Share] = {}  # owned global batches not yet yielded
         unreadable: list[str] = []  # keys of this worker's samples without a decodable image
 
         def release(g: int, final_batch: int) -> dict[str, Any]:
@@ -250,7 +232,7 @@ class PairStream(IterableDataset):
             g, position = divmod(indexed, size)
             indexed += 1
             if g % num_workers == worker:
-                share = shares.setdefault(g, _Share())
+                share = shares.setdefault(g, Share())
                 if position % self.world_size == self.rank and not self._add(share, record):
                     unreadable.append(record.key)
             # A finished batch is not the final one once the batch after it is certain to be yielded.
@@ -263,67 +245,13 @@ class PairStream(IterableDataset):
         for g in sorted(shares):
             if g <= final_batch:
                 yield release(g, final_batch)
-        if unreadable:  # one warning per stream (and worker), not one per image
-            warnings.warn(
-                f"{len(unreadable)} sample(s) of this stream have no image or one that does not decode (e.g. keys "
-                f"{unreadable[:3]}); they were skipped and counted in 'skipped'.",
-                stacklevel=2,
-            )
+        warn_unreadable(unreadable)
         if events and num_batches == 0 and self.rank == 0 and worker == 0:
             warnings.warn(
                 f"{sum(events.values())} broken sample(s) or shard(s) could not be counted: the stream "
                 "has no batch to count them in.",
                 stacklevel=2,
             )
-
-    def _batches_certain(self, indexed: int) -> int:
-        """How many global batches are certain to be yielded once ``indexed`` samples are indexed."""
-        return indexed // self.batch_size if self.drop_last else -(-indexed // self.batch_size)
-
-    def _add(self, share: _Share, sample: Sample) -> bool:
-        """Decode and add a sample to ``share``; False (and counted as skipped) when it has no readable image."""
-        image = _decode_image(sample.image)
-        if image is None:
-            share.skipped += 1
-            return False
-        share.keys.append(sample.key)
-        share.images.append(self._transform(image, sample.key))
-        share.captions.append(sample.caption)
-        return True
-
-    def _transform(self, image: PIL.Image.Image, key: str) -> Tensor:
-        if self.augmentation_seed is None:
-            return self.transform(image)
-        # The sample's own generator: its augmentation does not depend on which worker or rank decodes it, nor on
-        # what was decoded before. torchvision's random transforms draw from torch, some of open_clip's from
-        # Python's random; both are restored afterwards.
-        seed = zlib.crc32(f"{self.augmentation_seed}:{key}".encode())
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.transform(image)
-            finally:
-                random.setstate(state)
-
-    def _collate(self, share: _Share) -> dict[str, Any]:
-        if share.images:
-            image = torch.stack(share.images)
-            text = torch.as_tensor(self.tokenizer(share.captions), dtype=torch.long)
-        else:
-            image_shape, context_length = self._shapes()
-            image = torch.empty((0, *image_shape))
-            text = torch.empty((0, context_length), dtype=torch.long)
-        return {"image": image, "text": text, "key": share.keys, "skipped": torch.tensor(share.skipped)}
-
-    def _shapes(self) -> tuple[tuple[int, ...], int]:
-        """Image shape and context length for zero-row batches, probed once on a blank image and caption."""
-        if self._empty_shapes is None:
-            image = self.transform(PIL.Image.new("RGB", (64, 64)))
-            text = self.tokenizer([""])
-            self._empty_shapes = (tuple(image.shape), int(text.shape[-1]))
-        return self._empty_shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +318,13 @@ class LaionDataModule(lightning.LightningDataModule):
     ``fit`` trains on every pair of ``shards``. For unlearning, ``predict_dataloader`` returns one forget
     stream per concept (pairs of ``forget_shards`` whose caption mentions it) followed by the retain
     stream (pairs of ``shards`` whose caption mentions no concept). Every stream is split across ranks
-    and workers so that each pair is seen exactly once; see :class:`PairStream`.
+    and workers so that each pair is seen exactly once; see :class:`PairStream`. The forget pairs are found by one
+    caption read of ``forget_shards`` (:meth:`caption_scan`, which ``unlearn``'s pre-flight check makes), from
+    img2dataset's ``.parquet`` index beside each shard where there is one (``caption_index``).
+
+    Shards may be local files or remote: ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/laion/00000.tar -``),
+    HTTP(S) URLs and fsspec URLs (``s3://``, ``gs://``, ``hf://``; ``pip install "slug-lightning[remote]"``), with
+    brace patterns; see :mod:`slug_lightning.shard_sources`.
 
     ``transform`` and ``tokenizer`` are taken from the LightningModule (``preprocess`` and ``tokenizer``)
     in ``setup`` unless set on the datamodule beforehand; with ``retain_augmentation``, so is
@@ -406,7 +340,8 @@ class LaionDataModule(lightning.LightningDataModule):
 
     Args:
         shards: Shard pattern(s) of the training pairs, also the source of the retain set: braces
-            (``"shards/{00000..00099}.tar"``), globs, several joined by ``"::"`` or given as a list.
+            (``"shards/{00000..00099}.tar"``, ``"https://host/laion/{00000..00099}.tar"``), globs (local and fsspec
+            URLs), several joined by ``"::"`` or given as a list.
         forget_shards: Shard pattern(s) the forget pairs are filtered from; default: ``shards``.
         concepts: Concepts to forget (name and aliases), matched on captions.
         batch_size: Global batch size, shared by all devices.
@@ -432,10 +367,19 @@ class LaionDataModule(lightning.LightningDataModule):
             ``[{name: holdout, root: eval/holdout}]`` for an image folder ``eval/holdout/<class>/*.jpg``; their
             images must not be in the shards. None: no validation.
         val_batch_size: Images per validation batch.
+        caption_index: Where the captions of the forget shards are read to find each concept's forget pairs (by
+            ``unlearn``'s pre-flight check, and for the forget streams): ``auto`` reads img2dataset's ``.parquet``
+            beside a shard where there is one and the tar otherwise, ``parquet`` requires it beside every shard,
+            ``tar`` always reads the tars. The forget pass then opens only the shards that hold a pair (see
+            :mod:`slug_lightning.caption_index`). Default ``auto``.
+        read_timeout: Seconds a read of a remote shard (``pipe:``, HTTP(S)) may wait for data; a source that stalls
+            longer counts as a broken shard (skipped and counted against ``max_skipped_fraction``), or is refused by
+            the pre-flight. Default 60.
 
     Raises:
-        ConfigError: A non-positive ``batch_size``, ``min_forget_pairs`` or ``val_batch_size``, a negative
-            ``num_workers``, a ``max_forget_share`` outside (0, 1] (a ValueError).
+        ConfigError: A non-positive ``batch_size``, ``min_forget_pairs``, ``val_batch_size`` or ``read_timeout``, a
+            negative ``num_workers``, a ``max_forget_share`` outside (0, 1], an unknown ``caption_index`` (a
+            ValueError).
 
     Example::
 
@@ -459,6 +403,8 @@ class LaionDataModule(lightning.LightningDataModule):
         retain_augmentation: bool = False,
         val_sets: list[LabelledSet] | None = None,
         val_batch_size: int = 256,
+        caption_index: str = "auto",
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -479,6 +425,16 @@ class LaionDataModule(lightning.LightningDataModule):
             )
         if val_batch_size < 1:
             raise ConfigError(f"val_batch_size must be >= 1, got {val_batch_size}.", "val_batch_size", val_batch_size)
+        if caption_index not in INDEX_MODES:
+            raise ConfigError(
+                f"caption_index must be one of {', '.join(INDEX_MODES)}, got {caption_index!r}.",
+                "caption_index",
+                caption_index,
+            )
+        if isinstance(read_timeout, bool) or not read_timeout > 0:
+            raise ConfigError(
+                f"read_timeout must be a positive number of seconds, got {read_timeout}.", "read_timeout", read_timeout
+            )
         self.shards = shards
         self.forget_shards = shards if forget_shards is None else forget_shards
         self.concepts = as_concepts(list(concepts or []))
@@ -490,6 +446,10 @@ class LaionDataModule(lightning.LightningDataModule):
         self.max_forget_share = max_forget_share
         self.retain_augmentation = retain_augmentation
         self.val_sets = list(val_sets or [])
+        self.caption_index = caption_index
+        self.read_timeout = float(read_timeout)
+        # the last caption scan of the forget shards, with what it was made for (see caption_scan)
+        self._caption_scan: tuple[tuple, ShardScan] | None = None
         # Checks the sets' names now; their folders are read in setup.
         self._validation = ZeroShotDataModule(self.val_sets, val_batch_size, num_workers) if self.val_sets else None
         self._epoch_batches: int | None = None
@@ -562,7 +522,7 @@ class LaionDataModule(lightning.LightningDataModule):
             UserError: The shards hold fewer pairs than one batch.
         """
         if self._epoch_batches is None:
-            pairs = count_kept(expand_shards(self.shards))
+            pairs = count_kept(expand_shards(self.shards), timeout=self.read_timeout)
             if pairs < self.batch_size:
                 raise UserError(
                     f"The shards {self.shards!r} hold {pairs} pairs, fewer than one training batch of "
@@ -578,8 +538,61 @@ class LaionDataModule(lightning.LightningDataModule):
         return [self._validation.loader(spec.name, rank, world_size) for spec in self.val_sets]
 
     def forget_dataloader(self, concept: Concept) -> DataLoader:
-        """Pairs of ``forget_shards`` whose caption mentions ``concept``, in order, nothing dropped."""
-        return self._loader(self._stream(self.forget_shards, keep=concept.matches))
+        """Pairs of ``forget_shards`` whose caption mentions ``concept``, in order, nothing dropped.
+
+        They are the pairs :meth:`caption_scan` found; the stream opens only the shards that hold them
+        (:class:`~slug_lightning.datamodules.forget_stream.ForgetStream`).
+        """
+        scan = self._scan_for(concept)
+        self._check_ready()
+        rank, world_size = rank_and_world(self.trainer) if self.trainer is not None else (0, 1)
+        stream = ForgetStream(
+            scan.pairs[concept.name],
+            self.transform,
+            self.tokenizer,
+            self.batch_size,
+            skipped_at=scan.skipped_at[concept.name],
+            rank=rank,
+            world_size=world_size,
+            read_timeout=self.read_timeout,
+        )
+        return self._loader(stream)
+
+    def caption_scan(self, enough: int | None = None) -> ShardScan:
+        """The captions of ``forget_shards`` read for ``concepts`` (as ``caption_index`` says): pair counts and forget
+        pairs. The forget streams take their pairs from the last scan, so that the pre-flight's read serves the
+        gradient pass too; a complete scan is not repeated while the shards, concepts and settings stay the same.
+
+        Args:
+            enough: Stop after the shard in which every concept has this many pairs (a smoke run's pre-flight;
+                its forget streams are then the pairs found so far). None reads every shard.
+
+        Raises:
+            UserError: As :func:`~slug_lightning.shard_scan.scan_shards`.
+        """
+        urls = expand_shards(self.forget_shards)
+        key = (tuple(urls), tuple(self.concepts), self.caption_index)
+        if enough is None and self._caption_scan is not None:
+            scanned, scan = self._caption_scan
+            if scanned == key and scan.shards == len(urls):
+                return scan
+        scan = scan_shards(
+            urls, self.concepts, enough=enough, caption_index=self.caption_index, timeout=self.read_timeout
+        )
+        self._caption_scan = key, scan
+        return scan
+
+    def _scan_for(self, concept: Concept) -> ShardScan:
+        """A scan that holds ``concept``'s pairs: the last one when it was made for these shards and concepts (the
+        pre-flight's, or a smoke run's partial one), else a new one."""
+        if concept not in self.concepts:
+            urls = expand_shards(self.forget_shards)
+            return scan_shards(urls, [concept], caption_index=self.caption_index, timeout=self.read_timeout)
+        if self._caption_scan is not None:
+            scanned, scan = self._caption_scan
+            if scanned == (tuple(expand_shards(self.forget_shards)), tuple(self.concepts), self.caption_index):
+                return scan
+        return self.caption_scan()
 
     def retain_dataloader(self) -> DataLoader:
         """Pairs of ``shards`` whose caption mentions no concept, in order, nothing dropped; through
@@ -611,11 +624,13 @@ class LaionDataModule(lightning.LightningDataModule):
     def count_pairs(self, concept: Concept | None) -> int:
         """How many pairs the forget stream of ``concept`` (or, for None, the retain stream) indexes.
 
-        Reads captions only; pairs whose image turns out to be broken are included.
+        Reads captions only, a concept's from :meth:`caption_scan`; pairs whose image turns out to be broken are
+        included.
         """
         if concept is None:
-            return count_kept(expand_shards(self.shards), partial(_matches_no_concept, tuple(self.concepts)))
-        return count_kept(expand_shards(self.forget_shards), concept.matches)
+            keep = partial(_matches_no_concept, tuple(self.concepts))
+            return count_kept(expand_shards(self.shards), keep, timeout=self.read_timeout)
+        return len(self._scan_for(concept).pairs[concept.name])
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -627,11 +642,7 @@ class LaionDataModule(lightning.LightningDataModule):
         shuffle: bool = False,
         drop_last: bool = False,
     ) -> PairStream:
-        if self.transform is None or self.tokenizer is None:
-            raise RuntimeError(
-                "LaionDataModule has no transform/tokenizer yet: call setup() with a trainer whose module "
-                "exposes `preprocess` and `tokenizer`, or set `datamodule.transform` and `.tokenizer`."
-            )
+        self._check_ready()
         rank, world_size = rank_and_world(self.trainer) if self.trainer is not None else (0, 1)
         return PairStream(
             expand_shards(shards),
@@ -644,7 +655,15 @@ class LaionDataModule(lightning.LightningDataModule):
             shuffle=shuffle,
             seed=self.seed,
             drop_last=drop_last,
+            read_timeout=self.read_timeout,
         )
+
+    def _check_ready(self) -> None:
+        if self.transform is None or self.tokenizer is None:
+            raise RuntimeError(
+                "LaionDataModule has no transform/tokenizer yet: call setup() with a trainer whose module "
+                "exposes `preprocess` and `tokenizer`, or set `datamodule.transform` and `.tokenizer`."
+            )
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {

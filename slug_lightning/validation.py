@@ -3,8 +3,10 @@
 :func:`preflight` runs at the start of :meth:`SlugTrainer.unlearn <slug_lightning.trainer.SlugTrainer.unlearn>`.
 It is cheap next to the gradient pass: the evaluation sets' file lists are built and each image file is
 opened and verified by PIL (its header, and for PNG its chunk checksums, without decoding the pixels: the
-demo world's 600 evaluation images in about 30 ms of a 0.9 s pre-flight), and the captions of the forget
-shards are read once (images are skipped, nothing is written to disk). Each problem is a
+demo world's 600 evaluation images in about 30 ms of a 0.9 s pre-flight), every shard is opened and its first
+block read (a URL that does not answer, a ``pipe:`` command that fails, a file that is no tar), and the captions of
+the forget shards are read once, from img2dataset's ``.parquet`` index beside each shard where there is one, else
+from the tar (nothing is written to disk); it says what that read cost. Each problem is a
 :class:`~slug_lightning.errors.UserError` that says what was given, what is valid and which option it came
 from; the CLI prints it as one line and exits with status 2.
 """
@@ -12,9 +14,12 @@ from; the CLI prints it as one line and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
 
 from slug_lightning.errors import UserError
 
@@ -33,11 +38,16 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
 
     Checks, in order: every evaluation set loads (folder exists, class folders hold images, classes agree
     with ``class_names``, every image file opens and verifies); every forget concept is a class with images
-    in its forget set; the shards resolve; and, when ``scan_captions``, that no shard is unreadable, every
-    concept has at least ``datamodule.min_forget_pairs`` captions mentioning it, broken samples stay under
-    ``model.max_skipped_fraction``, and no concept matches more than ``datamodule.max_forget_share`` of the
-    captions (above :data:`WARN_FORGET_SHARE` a warning). Datamodules other than ``LaionDataModule`` get the
-    evaluation checks.
+    in its forget set; the shards resolve; and, when ``scan_captions``, that every shard opens and starts like a
+    tar (:func:`check_shard_sources`), no shard is unreadable, every concept has at least
+    ``datamodule.min_forget_pairs`` captions mentioning it, broken samples stay under ``model.max_skipped_fraction``,
+    and no concept matches more than ``datamodule.max_forget_share`` of the captions (above
+    :data:`WARN_FORGET_SHARE` a warning). The captions are read as ``datamodule.caption_index`` says, by the
+    datamodule's :meth:`~slug_lightning.datamodules.LaionDataModule.caption_scan`, whose forget pairs the gradient
+    pass then reads. Datamodules other than ``LaionDataModule`` get the evaluation checks.
+
+    Damage inside a tar whose captions came from its index, and pairs whose image does not decode, are found by the
+    gradient pass when it reads them, and counted against ``max_skipped_fraction`` there.
 
     A smoke run (``smoke``, ``--trainer.fast_dev_run``) reads the forget shards' captions only until every
     concept has ``min_forget_pairs`` of them, so the readability and broken-sample checks cover the shards read;
@@ -61,6 +71,7 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     if not hasattr(datamodule, "forget_shards"):
         return
     from slug_lightning.shard_scan import scan_shards
+    from slug_lightning.shard_sources import READ_TIMEOUT
     from slug_lightning.shards import expand_shards
 
     if not concepts:
@@ -73,8 +84,17 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
             raise UserError(f"{DATA}.{option}: {error}") from None
     if not scan_captions:
         return
+    timeout = getattr(datamodule, "read_timeout", READ_TIMEOUT)
+    mode = getattr(datamodule, "caption_index", "tar")
+    check_shard_sources(urls, timeout)
     min_pairs = getattr(datamodule, "min_forget_pairs", 1)
-    scan = scan_shards(urls["forget_shards"], concepts, enough=min_pairs if smoke else None)
+    enough = min_pairs if smoke else None
+    started = time.perf_counter()
+    if hasattr(datamodule, "caption_scan"):  # the datamodule keeps the scan: its forget streams read its pairs
+        scan = datamodule.caption_scan(enough)
+    else:
+        scan = scan_shards(urls["forget_shards"], concepts, enough=enough, caption_index=mode, timeout=timeout)
+    rank_zero_info(caption_read_note(scan, time.perf_counter() - started))
     check_shards_readable(scan)
     check_concept_pairs(scan, concepts, min_pairs)
     check_skipped(scan, getattr(model, "max_skipped_fraction", 1.0))
@@ -85,7 +105,69 @@ def preflight(model, datamodule, search, scan_captions: bool = True, smoke: bool
     else:  # forget shards may be pre-filtered for the concept: how common a spelling is shows in the others
         sample = urls["shards"][:SHARE_SHARDS]
         where = f"the first {len(sample)} of {len(urls['shards'])} shard(s) of {DATA}.shards"
-        check_forget_share(scan_shards(sample, concepts), concepts, getattr(datamodule, "max_forget_share", 1.0), where)
+        share_scan = scan_shards(sample, concepts, caption_index=mode, timeout=timeout)
+        check_forget_share(share_scan, concepts, getattr(datamodule, "max_forget_share", 1.0), where)
+
+
+def check_shard_sources(urls: dict[str, list[str]], timeout: float) -> None:
+    """Every shard opens and starts like a tar archive: a missing URL, a server that does not answer, a ``pipe:``
+    command that fails, or a file that is no tar is found before any compute
+    (:func:`~slug_lightning.shard_sources.probe_shards`; ``pipe:`` shards beyond the first few are checked at their
+    first read).
+
+    Args:
+        urls: The shards of each option (``shards``, ``forget_shards``).
+        timeout: Seconds a remote source may take to answer (``read_timeout``).
+
+    Raises:
+        UserError: Naming the shards that failed the same way, why, and their option.
+    """
+    from slug_lightning.shard_sources import probe_shards
+
+    failed = probe_shards(list(dict.fromkeys(urls["forget_shards"] + urls["shards"])), timeout)
+    if not failed:
+        return
+    kind = failed[0][1]
+    same = [(url, reason) for url, failure, reason in failed if failure == kind]
+    named = ("shards",) if urls["shards"] == urls["forget_shards"] else ("shards", "forget_shards")
+    options = "/".join(f"{DATA}.{o}" for o in named if any(url in urls[o] for url, _ in same))
+    shown = "; ".join(f"{url!r} ({reason})" for url, reason in same[:5])
+    more = f" and {len(same) - 5} more" if len(same) > 5 else ""
+    if kind == "tar":
+        raise UserError(
+            f"{len(same)} shard(s) of {options} cannot be read as tar archives: {shown}{more}. Remove them from the "
+            "pattern or repair them."
+        )
+    raise UserError(
+        f"{len(same)} shard(s) of {options} cannot be read: {shown}{more}. Check the URL or command, or the server "
+        f"(reads wait up to --{DATA}.read_timeout={timeout:g} s), or remove them from the pattern."
+    )
+
+
+def caption_read_note(scan, seconds: float) -> str:
+    """What the pre-flight's caption read cost: the shards read from img2dataset's index and from the tars.
+
+    Example::
+
+        >>> from slug_lightning.shard_scan import ShardScan
+        >>> caption_read_note(ShardScan(shards=2, indexed=["a.tar", "b.tar"]), 0.04)
+        "[slug] pre-flight: the captions of 2 forget shard(s) read in 0.04 s, 2 from img2dataset's .parquet index"
+    """
+    note = f"[slug] pre-flight: the captions of {scan.shards} forget shard(s) read in {seconds:.3g} s"
+    if not scan.tars:
+        return f"{note}, {len(scan.indexed)} from img2dataset's .parquet index"
+    import os
+
+    from slug_lightning.shard_sources import local_path, source_kind
+
+    local = [local_path(url) for url in scan.tars if source_kind(url) == "local" and os.path.isfile(local_path(url))]
+    size = f" ({sum(map(os.path.getsize, local)) / 1e6:.1f} MB)" if local else ""
+    why = f"; no usable index beside {scan.unindexed[0][0]!r}: {scan.unindexed[0][1]}" if scan.unindexed else ""
+    return (
+        f"{note}: {len(scan.indexed)} from img2dataset's .parquet index, {len(scan.tars)} from their tars{size}{why}. "
+        "A tar is read whole; from img2dataset's .parquet beside it (caption_index auto or parquet) only the key and "
+        "caption columns are, and the forget pass opens only the shards that hold a forget pair."
+    )
 
 
 def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:

@@ -83,6 +83,22 @@ def test_shards_hold_png_txt_json_per_key(world):
         assert Image.open(io.BytesIO(parts["png"])).size == (meta["width"], meta["height"])
 
 
+def test_each_shard_has_img2dataset_parquet_listing_its_samples_in_tar_order(world):
+    import pyarrow.parquet as pq
+
+    columns = {"url", "key", "caption", "status", "error_message", "width", "height", "sha256"}
+    for shard in sorted((world.root / "shards").glob("*.tar")):
+        table = pq.read_table(shard.with_suffix(".parquet"))
+        assert columns <= set(table.column_names)
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = list(dict.fromkeys(name.split(".")[0] for name in members))
+        assert table["key"].to_pylist() == keys
+        assert table["caption"].to_pylist() == [members[f"{key}.txt"].decode() for key in keys]
+        assert table["sha256"].to_pylist() == [hashlib.sha256(members[f"{key}.png"]).hexdigest() for key in keys]
+        assert set(table["status"].to_pylist()) == {"success"}
+
+
 def test_webdataset_reads_the_brace_pattern(world):
     dataset = wds.WebDataset(world.shards, shardshuffle=False).decode("pil").to_tuple("png", "txt", "json")
     rows = list(dataset)

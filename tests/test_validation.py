@@ -9,6 +9,7 @@ so the cases share one world; hence its length.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -411,11 +412,15 @@ def test_min_forget_pairs_boundary(world):
         check_concept_pairs(scan, [concept], found + 1)
 
 
-def test_a_valid_run_passes_preflight_and_computes(capsys, world, tmp_path):
-    """The same arguments without the fault run to the end (so the refusals above are the faults')."""
-    assert main(unlearn_args(world, tmp_path / "out")) == 0
+def test_a_valid_run_passes_preflight_and_computes(capsys, caplog, world, tmp_path):
+    """The same arguments without the fault run to the end (so the refusals above are the faults'), and the pre-flight
+    says what its caption read cost: here every caption came from img2dataset's index beside the demo's shards."""
+    with caplog.at_level(logging.INFO):
+        assert main(unlearn_args(world, tmp_path / "out")) == 0
     assert (tmp_path / "out" / "report.json").is_file()
     assert not (tmp_path / "out" / "gradients.partial.safetensors").exists()
+    assert "pre-flight: the captions of 3 forget shard(s) read in" in caplog.text
+    assert "3 from img2dataset's .parquet index" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,6 +440,8 @@ def _sets_with(world, **changes) -> str:
         (["--data.init_args.batch_size", "-4"], ["--data.init_args.batch_size", "got -4"]),
         (["--data.init_args.min_forget_pairs", "-1"], ["--data.init_args.min_forget_pairs", "got -1"]),
         (["--data.init_args.max_forget_share", "0"], ["--data.init_args.max_forget_share", "(0, 1]"]),
+        (["--data.init_args.caption_index", "sql"], ["--data.init_args.caption_index", "auto, parquet, tar", "'sql'"]),
+        (["--data.init_args.read_timeout", "0"], ["--data.init_args.read_timeout", "got 0.0"]),
         (["--model.init_args.checkpoint_every", "-5"], ["--model.init_args.checkpoint_every", "got -5"]),
         (["--model.init_args.max_skipped_fraction", "2"], ["--model.init_args.max_skipped_fraction", "got 2.0"]),
         (["--search.init_args.batch_size", "0"], ["--search.init_args.batch_size", "got 0"]),
@@ -559,13 +566,24 @@ def test_truncated_shard_counts_the_samples_its_stats_file_says_it_held(capsys, 
     held = _truncate_after(shards / "00001.tar", 2)
     (shards / "00001_stats.json").write_text(json.dumps({"count": held + 3, "successes": held}))
     # Counted as one broken sample, the shard's loss (about a third of the world) stayed under the 5 % limit.
-    args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", "1", shards=str(shards / "*.tar"))
+    # The captions are read from the tars: img2dataset's .parquet beside a tar knows nothing of the tar's damage
+    # (the gradient pass finds it there, when it reads the shard).
+    args = unlearn_args(
+        world,
+        tmp_path / "out",
+        "--data.init_args.min_forget_pairs",
+        "1",
+        "--data.init_args.caption_index",
+        "tar",
+        shards=str(shards / "*.tar"),
+    )
     refused(capsys, args, f"{held - 2} lost in 1 damaged shard(s)", "max_skipped_fraction=0.05")
 
 
 def test_truncated_shard_without_img2dataset_files_is_a_lower_bound(world, tmp_path):
     shards = copy_tree(Path(world.shards).parent, tmp_path / "shards")
     _truncate_after(shards / "00001.tar", 2)
+    (shards / "00001.parquet").unlink()  # the demo world writes img2dataset's index beside each shard
     scan = scan_shards(expand_shards(str(shards / "*.tar")))
     assert scan.lost == 1 and scan.lost_is_lower_bound
     with pytest.warns(UserWarning, match="counted as 1: a lower bound"):

@@ -4,7 +4,9 @@ It writes, in a few seconds and without any download, everything the demo needs:
 
 - webdataset shards in the img2dataset layout (``shards/00000.tar`` ..., each sample ``<key>.png`` +
   ``<key>.txt`` + ``<key>.json``) whose captions name invented people and object kinds in varied
-  phrasings; many captions name nobody (objects, scenery) and some name a person *and* an object;
+  phrasings; many captions name nobody (objects, scenery) and some name a person *and* an object. Beside each
+  tar, img2dataset's ``<shard>.parquet`` (``key``, ``caption``, ``status``, ... one row per sample), the caption
+  index :mod:`slug_lightning.caption_index` reads;
 - two labelled evaluation sets in the image-folder layout (``eval/identities/<person>/*.png`` and
   ``eval/objects/<object>/*.png``), drawn afresh so none of their images is in the shards;
 - ``world.json``: the parameters, every person's attributes, the objects, counts and the shard pattern.
@@ -26,6 +28,7 @@ The names, looks and scenes it draws from are in :mod:`slug_lightning.demo.vocab
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -460,6 +463,7 @@ def _write_shards(directory: Path, samples: list[dict], spec: dict, params: dict
     count = params["shards"]
     bounds = np.linspace(0, len(samples), count + 1).round().astype(int)
     for shard in range(count):
+        rows = []
         with tarfile.open(directory / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples[bounds[shard] : bounds[shard + 1]]:
                 # Each image has its own stream, so a sample's pixels do not depend on the others.
@@ -478,7 +482,33 @@ def _write_shards(directory: Path, samples: list[dict], spec: dict, params: dict
                 _add_member(tar, f"{sample['key']}.png", png)
                 _add_member(tar, f"{sample['key']}.txt", sample["caption"].encode())
                 _add_member(tar, f"{sample['key']}.json", json.dumps(meta, sort_keys=True).encode())
+                rows.append((sample["key"], sample["caption"], params["image_size"], hashlib.sha256(png).hexdigest()))
+        _write_index(directory / f"{shard:05d}.parquet", rows)
     return f"{SHARDS_DIR}/{{00000..{count - 1:05d}}}.tar" if count > 1 else f"{SHARDS_DIR}/00000.tar"
+
+
+def _write_index(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
+    """img2dataset's ``<shard>.parquet``: one row per sample, in the tar's order, with img2dataset's columns (the
+    demo downloads nothing, so every status is a success and there is no source URL)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys, captions, sizes, hashes = (list(column) for column in zip(*rows)) if rows else ([], [], [], [])
+    table = pa.table(
+        {
+            "url": pa.array([None] * len(keys), pa.string()),
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "status": pa.array(["success"] * len(keys), pa.string()),
+            "error_message": pa.array([None] * len(keys), pa.string()),
+            "width": pa.array(sizes, pa.int64()),
+            "height": pa.array(sizes, pa.int64()),
+            "original_width": pa.array(sizes, pa.int64()),
+            "original_height": pa.array(sizes, pa.int64()),
+            "sha256": pa.array(hashes, pa.string()),
+        }
+    )
+    pq.write_table(table, path)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
