@@ -1,6 +1,6 @@
 """What searching over a template ensemble costs and buys: the demo's unlearn with and without it, side by side.
 
-Both runs start from the same gradients (the demo run's ``gradients.safetensors``) and differ in one switch,
+Both runs use the same gradients (the first computes them, the second reuses its store) and differ in one switch,
 ``--search.init_args.template_ensemble``: the search decides "forgotten" and utility under each evaluation set's
 template alone, or under that template plus the first half of the audit's held-out templates, each of which must
 forget. Both unlearned models are then audited under the same held-out templates: the other half, which neither
@@ -8,7 +8,7 @@ search saw. The table gives the search's own figures (probes, time, chosen layer
 under the templates it used) and the audit's (forget top-1/top-5 and utility under the unseen half, search by name,
 relearning).
 
-Reproduce (after ``python -m slug_lightning demo``, whose run directory is reused)::
+Reproduce (after ``python -m slug_lightning demo``, whose config is reused; from the repository's root)::
 
     python benchmarks/template_ensemble.py --run runs/demo --work runs/template_ensemble \
         --output benchmarks/results/template_ensemble.md
@@ -34,15 +34,14 @@ def unseen_half(sets: list[dict]) -> list[str]:
     return held_out_templates(seen=[t for spec in sets for t in ensemble_templates(spec["templates"])])
 
 
-def run(run_dir: Path, work: Path, ensemble: bool, templates: list[str]) -> dict:
-    """One unlearn (gradients reused, the audit at its end on ``templates``); its report and audit."""
+def run(run_dir: Path, work: Path, ensemble: bool, templates: list[str], gradients: Path | None) -> dict:
+    """One unlearn (``gradients`` reused if given; the audit at its end on ``templates``); its report and audit."""
     output = work / ("ensemble" if ensemble else "plain")
     arguments = [
         "unlearn",
         "--config",
         str(run_dir / "config.yaml"),
-        "--gradients",
-        str(run_dir / "gradients.safetensors"),
+        *(["--gradients", str(gradients)] if gradients else []),
         "--output_dir",
         str(output),
         "--overwrite=true",
@@ -91,12 +90,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/template_ensemble"), help="where the two runs go")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
-    if not (args.run / "gradients.safetensors").is_file() or not (args.run / "config.yaml").is_file():
-        sys.exit(f"{args.run} is not a finished demo run (config.yaml, gradients.safetensors); run the demo first.")
+    if not (args.run / "config.yaml").is_file():
+        sys.exit(f"{args.run} is not a finished demo run (no config.yaml); run the demo first.")
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     templates = unseen_half(config["search"]["init_args"]["sets"])
-    rows = [row(name, run(args.run, args.work, name == "ensemble", templates)) for name in ("plain", "ensemble")]
-    plain, ensemble = rows
+    plain = row("plain", run(args.run, args.work, False, templates, None))
+    ensemble = row("ensemble", run(args.run, args.work, True, templates, args.work / "plain" / "gradients.safetensors"))
+    rows = [plain, ensemble]
     lines = [
         "# The search over a template ensemble: what it costs, what it buys",
         "",
