@@ -34,8 +34,9 @@ def unseen_half(sets: list[dict]) -> list[str]:
     return held_out_templates(seen=[t for spec in sets for t in ensemble_templates(spec["templates"])])
 
 
-def run(run_dir: Path, work: Path, ensemble: bool, templates: list[str], gradients: Path | None) -> dict:
-    """One unlearn (``gradients`` reused if given; the audit at its end on ``templates``); its report and audit."""
+def run(run_dir: Path, work: Path, ensemble: bool, templates: list[str], gradients: Path | None, rerun: bool) -> dict:
+    """One unlearn (``gradients`` reused if given; the audit at its end on ``templates``); its report and audit. A
+    finished run in ``work`` is reused unless ``rerun``."""
     output = work / ("ensemble" if ensemble else "plain")
     arguments = [
         "unlearn",
@@ -51,6 +52,11 @@ def run(run_dir: Path, work: Path, ensemble: bool, templates: list[str], gradien
         f"--audit.templates={json.dumps(templates)}",
     ]
     work.mkdir(parents=True, exist_ok=True)
+    if (output / "audit.json").is_file() and not rerun:  # a finished run of an earlier call
+        return {
+            "report": json.loads((output / "report.json").read_text()),
+            "audit": json.loads((output / "audit.json").read_text()),
+        }
     with open(work / f"{output.name}.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "slug_lightning", *arguments], stdout=log, stderr=log).returncode
     if code:
@@ -67,7 +73,7 @@ def row(name: str, result: dict) -> dict:
     relearning = measures["relearning"] or {"runs": []}
     return {
         "search": name,
-        "templates searched": len(report["data"]["sets"][0]["templates"]),
+        "templates searched": report["data"]["evaluation_sets"][0]["templates"],
         "probes": report["timing"]["probes"],
         "search_s": report["timing"]["search_s"],
         "layer": concept["layer"],
@@ -89,13 +95,15 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run directory")
     parser.add_argument("--work", type=Path, default=Path("runs/template_ensemble"), help="where the two runs go")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
+    parser.add_argument("--rerun", action="store_true", help="run again what a finished run in --work holds")
     args = parser.parse_args()
     if not (args.run / "config.yaml").is_file():
         sys.exit(f"{args.run} is not a finished demo run (no config.yaml); run the demo first.")
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     templates = unseen_half(config["search"]["init_args"]["sets"])
-    plain = row("plain", run(args.run, args.work, False, templates, None))
-    ensemble = row("ensemble", run(args.run, args.work, True, templates, args.work / "plain" / "gradients.safetensors"))
+    store = args.work / "plain" / "gradients.safetensors"
+    plain = row("plain", run(args.run, args.work, False, templates, None, args.rerun))
+    ensemble = row("ensemble", run(args.run, args.work, True, templates, store, args.rerun))
     rows = [plain, ensemble]
     lines = [
         "# The search over a template ensemble: what it costs, what it buys",
