@@ -142,7 +142,7 @@ def run_cli(*args, cwd=None) -> str:
     """``python -m slug_lightning ARGS`` in a subprocess; asserts success and returns its output."""
     command = [sys.executable, "-m", "slug_lightning", *map(str, args)]
     # A bound, so that a run that hangs (a rank waiting for one that is gone) fails instead of stalling the suite.
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
