@@ -269,7 +269,10 @@ def write_unlearn_artifacts(
         for stats in rows
     ]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
-    write_csv(output / "search.csv", [flat_row(asdict(p)) for p in result.probes])
+    rows = [flat_row(asdict(p)) for p in result.probes]
+    # An untested probe has no test columns: its cells stay empty. The columns in a tested row's order.
+    columns = dict.fromkeys(key for row in sorted(rows, key=lambda row: not row["tested"]) for key in row)
+    write_csv(output / "search.csv", rows, list(columns))
 
     delta = run_delta(collector, result)
     write_delta(output / "delta.safetensors", delta)
