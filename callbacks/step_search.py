@@ -83,9 +83,9 @@ class StepSearch(Callback):
             it is under every template; test accuracy is the templates' mean.
         full_probes: Evaluate the test sets in every probe. False (forget first): a probe whose forget images already
             fail the forget test skips them (recorded as not tested); the choice is the same (docs/performance.md).
-        warm_start: Start each layer's search at the relative step where the last layer searched in its tower first
-            forgot, less one doubling (:class:`~slug_lightning.joint_search.SearchRule`). Fewer probes per layer;
-            the same choice wherever forget accuracy rises monotonically with λ below that step.
+        warm_start: Start each layer's search one doubling below the earliest relative step at which a layer
+            searched before it in its tower first forgot (:class:`~slug_lightning.joint_search.SearchRule`). Fewer
+            probes per layer; the same choice wherever forget accuracy falls monotonically with λ below that step.
         audit: Once ``SlugTrainer.unlearn`` has written the run, audit the unlearned model (:mod:`slug_lightning.audit`:
             held-out prompts, search by name, the image side, relearning) into ``audit.json``, ``report.json`` and
             ``report.md``. False skips it; a smoke run never audits.

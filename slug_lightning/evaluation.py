@@ -372,6 +372,11 @@ class ZeroShotEvaluator:
         labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=self.device)
         return StageCache(stage, forget + rest, [None] * (len(forget) + len(rest)), len(forget), labels)
 
+    def cache_bytes(self, tower: str) -> int:
+        """The bytes the stage caches of ``tower`` hold now, over every set."""
+        caches = [cache for (name, _), cache in self._caches.items() if name == tower]
+        return sum(chunk.numel() * chunk.element_size() for cache in caches for chunk in cache.chunks)
+
     def _store(self, hidden: Tensor) -> Tensor:
         dtype = self.cache_dtype if self.cache_dtype is not None and hidden.is_floating_point() else hidden.dtype
         return hidden.to(self.cache_device, dtype=dtype)

@@ -92,10 +92,10 @@ class SearchRule:
         full_probes: Evaluate the test sets in every probe. False (forget first): a probe whose forget images fail
             the forget test skips them; the choice is the same, since :func:`~slug_lightning.search.choose` reads
             such a probe's utility only when no probe forgot, and then the probes it needs are tested again in full.
-        warm_start: Start each layer's search where the last layer searched before it in the same tower first
-            forgot (relative to the layer: the same number of doublings of its first λ, less one), not at its first
-            λ (:class:`~slug_lightning.search.BinarySearch`'s ``skip``). Fewer probes; the choice is the same
-            wherever forget accuracy is monotone on the skipped doublings.
+        warm_start: Start each layer's search one doubling below the earliest doubling of its first λ at which a
+            layer searched before it in the same tower first forgot (:class:`~slug_lightning.search.BinarySearch`'s
+            ``skip``; each layer's first λ moves it by 10 %, so doublings compare across layers). Fewer probes; the
+            choice is the same wherever forget accuracy is monotone on the skipped doublings.
     """
 
     metric: str = "top5"
@@ -326,10 +326,11 @@ class JointSearch:
         stage = "search" if not round_ else f"refine {round_}/{self.rule.refine_rounds}"
         if self.rule.orders > 1:
             stage = f"order {self._order + 1} · {stage}"
-        probes, crossed = [], {}  # crossed: per tower, the doublings at which the last layer searched first forgot
+        probes, crossed = [], {}  # per tower, the fewest doublings at which a layer searched so far first forgot
         for index, layer in enumerate(front, start=1):
             restart = start is not None and start.layer == layer.name
             initial = start.step_size if restart else initial_step_size(layer.weight_norm, layer.grad_norm)
+            # The earliest crossing, not the last: a layer that forgets sooner than the start costs halvings back down.
             skip = 0 if restart or not self.rule.warm_start else max(0, crossed.get(layer.tower, 0) - 1)
             search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance, skip)
             first = len(probes)
@@ -342,7 +343,8 @@ class JointSearch:
                 probes.append(probe)
                 search.update(is_forgotten(probe.forget_accuracy(self.rule.metric), self.rule.threshold))
             if search.crossed is not None and not restart:
-                crossed[layer.tower] = min(round(math.log2(search.crossed / initial)), self.rule.steps_per_layer - 1)
+                doublings = min(round(math.log2(search.crossed / initial)), self.rule.steps_per_layer - 1)
+                crossed[layer.tower] = min(doublings, crossed.get(layer.tower, doublings))
                 # A warm start's halvings above the first forgotten doubling are probes the plain search never
                 # makes: kept in the record, not offered to the choice.
                 probes[first:] = [p for p in probes[first:] if p.step_size <= search.crossed]
