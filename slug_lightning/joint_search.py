@@ -383,10 +383,11 @@ class JointSearch:
         def needs_tests(summary: Summary) -> bool:
             return is_forgotten(worst(summary)[self.rule.metric], self.rule.threshold)
 
-        skip = None if full or self.rule.full_probes else needs_tests
-        summary = self.editor.probe(layer.name, step_size, self.gradients[concept][layer.name], skip)
+        ask = None if full or self.rule.full_probes else needs_tests
+        summary = self.editor.probe(layer.name, step_size, self.gradients[concept][layer.name], ask)
         forget = worst(summary)
-        tested = skip is None or bool(summary["test"]) or needs_tests(summary)
+        # (an editor may evaluate everything anyway: then the probe is tested, whatever the forget test says)
+        tested = ask is None or bool(summary["test"]) or needs_tests(summary)
         probe = Probe(
             concept=concept,
             layer=layer.name,
