@@ -3,6 +3,7 @@ layer searches that start where an earlier layer of the tower forgot, make the s
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import random
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from slug_lightning.artifacts import write_csv
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.datamodules import LabelledSet, ZeroShotDataModule
 from slug_lightning.errors import ConfigError
@@ -19,6 +21,7 @@ from slug_lightning.gradient_store import GradientStore
 from slug_lightning.joint_search import JointSearch, SearchRule
 from slug_lightning.layers import LayerStats, candidate_layers
 from slug_lightning.plots import search_plot
+from slug_lightning.report import search_rows
 from slug_lightning.search import BinarySearch, Probe, choose, untested
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -258,6 +261,10 @@ def test_search_plot_and_csv_show_untested_probes(tmp_path):
     forgot = Probe("x", "visual.proj", 1, 2.0, 0.2, 0.0, 0.0, {"objects": 0.7}, {"objects": 0.9})
     search_plot(tmp_path / "search.png", "x", [skipped, forgot], forgot)  # the first probe has no test sets
     assert (tmp_path / "search.png").stat().st_size > 0
+    write_csv(tmp_path / "search.csv", *search_rows([skipped, forgot]))
+    with open(tmp_path / "search.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["tested"], r["test_top1[objects]"]) for r in rows] == [("False", ""), ("True", "0.7")]
 
 
 @pytest.mark.parametrize("option", ["full_probes", "warm_start"])
