@@ -105,7 +105,7 @@ def search_rows(probes) -> tuple[list[dict], list[str]]:
         >>> from slug_lightning.search import Probe
         >>> rows, columns = search_rows([Probe("x", "l", 0, 1.0, 0.1, 0.5, 0.5, tested=False),
         ...                              Probe("x", "l", 1, 2.0, 0.2, 0.0, 0.0, {"a": 0.7}, {"a": 0.9})])
-        >>> [c for c in columns if c.startswith("test")], "test_top1[a]" in rows[0]
+        >>> [c for c in columns if c.startswith("test_")], "test_top1[a]" in rows[0]
         (['test_top1[a]', 'test_top5[a]'], False)
     """
     rows = [flat_row(asdict(p)) for p in probes]
