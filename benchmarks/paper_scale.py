@@ -252,12 +252,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paper", action="store_true", default=None, help="the paper's sizes (default on a GPU)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per batch of the gradient pass")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a machine other jobs load")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that the script runs")
     parser.add_argument("--demo", help="also time the demo's unlearn on this finished demo directory")
     parser.add_argument("--output", help="also write the markdown here")
     args = parser.parse_args()
     paper = args.device.startswith("cuda") if args.paper is None else args.paper
     sizes = SMOKE if args.smoke else PAPER if paper else CPU
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_clip("ViT-B-32")
     model = loaded.model.to(args.device)
