@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +273,16 @@ def test_search_plot_and_csv_show_untested_probes(tmp_path):
 def test_step_search_rejects_a_non_boolean(option, ten_classes):
     with pytest.raises(ConfigError, match=rf"{option} must be true or false, got 'yes'"):
         StepSearch(sets=ten_classes, **{option: "yes"})
+
+
+def test_paper_scale_projects_each_probe_by_the_images_it_evaluates(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    paper_scale = importlib.import_module("paper_scale")
+    sizes = paper_scale.Sizes(forget_pairs=10, retain_pairs=30, identities=(4, 5), objects=(10, 3))  # 50 images
+    # the full mode: 10 probes of 50 images took 100 s, 0.2 s per probe-image; the gradient pass 4 s, 0.1 s per pair
+    row = {"_tested": 4, "_untested": 6}
+    projected = paper_scale.project(row, 4.0, sizes, 100.0, 10)
+    paper = paper_scale.PAPER
+    assert projected["images evaluated"] == 4 * 50 + 6 * 5
+    assert projected["paper search s"] == pytest.approx(0.2 * (4 * paper.images + 6 * paper.identities[1]))
+    assert projected["paper gradient s"] == pytest.approx(0.1 * (paper.forget_pairs + paper.retain_pairs))
