@@ -16,7 +16,8 @@ probes per layer) at sizes two CPU cores finish in about 10 minutes, and reports
 Where each layer first forgets is scripted (a random model forgets nothing in particular): every probe computes
 exactly what a real one does (the edited layer, the cached stages, both sets), but its forget accuracy is replaced
 by 0 above the layer's scripted step and 1 below, so the searches take the paths of a real search (doublings, then
-bisection; ~10 probes per layer with ``max_steps`` 10). The edit direction of each layer is its real forget gradient.
+bisection; ~10 probes per layer with ``max_steps`` 10), and its test accuracy by one that falls with the step. The
+edit direction of each layer is its real forget gradient.
 
 Run (CPU, about 10 minutes on 2 cores)::
 
@@ -132,7 +133,8 @@ class CacheSize(Listener):
 
 class ScriptedForget:
     """An editor that computes every evaluation with ``editor`` but reports the concept forgotten exactly when the
-    step moves its layer by at least the layer's scripted relative change (all else as measured)."""
+    step moves its layer by at least the layer's scripted relative change, and a test accuracy that falls with the
+    relative change: a random model's accuracies are chance, and their ties would be broken by float rounding."""
 
     def __init__(self, editor: ModelEditor, concept: str, crossing: dict[str, float], stats: dict[str, LayerStats]):
         self.editor, self.concept, self.crossing, self.stats = editor, concept, crossing, stats
@@ -141,7 +143,11 @@ class ScriptedForget:
         change = 0.0 if layer is None else step_size * self.stats[layer].grad_norm / self.stats[layer].weight_norm
         value = 0.0 if layer is not None and change >= self.crossing[layer] else 1.0
         forget = {self.concept: {**summary["forget"][self.concept], "top1": value, "top5": value}}
-        return {"forget": forget, "test": summary["test"]}
+        utility = 1.0 / (1.0 + change)  # (no test accuracies where the probe skipped the test sets)
+        return {
+            "forget": forget,
+            "test": {k: {**v, "top1": utility, "top5": utility} for k, v in summary["test"].items()},
+        }
 
     def evaluate(self):
         return self._script(self.editor.evaluate())
