@@ -95,7 +95,8 @@ class SearchRule:
         warm_start: Start each layer's search one doubling below the earliest doubling of its first λ at which a
             layer searched before it in the same tower first forgot (:class:`~slug_lightning.search.BinarySearch`'s
             ``skip``; each layer's first λ moves it by 10 %, so doublings compare across layers). Fewer probes; the
-            choice is the same wherever forget accuracy is monotone on the skipped doublings.
+            choice is the same wherever forget accuracy is monotone on the skipped doublings. Only in searches that
+            keep no other concept forgotten (not in the refinement rounds' searches that do).
     """
 
     metric: str = "top5"
@@ -331,7 +332,10 @@ class JointSearch:
             restart = start is not None and start.layer == layer.name
             initial = start.step_size if restart else initial_step_size(layer.weight_norm, layer.grad_norm)
             # The earliest crossing, not the last: a layer that forgets sooner than the start costs halvings back down.
-            skip = 0 if restart or not self.rule.warm_start else max(0, crossed.get(layer.tower, 0) - 1)
+            # Not while keeping other concepts forgotten: a larger step can bring one back, so forgetting is not
+            # monotone in λ there (on the people config, warm starts in the rounds changed the choices).
+            warm = self.rule.warm_start and not restart and not kept
+            skip = max(0, crossed.get(layer.tower, 0) - 1) if warm else 0
             search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance, skip)
             first = len(probes)
             while not search.done:

@@ -183,6 +183,15 @@ def test_warm_start_chooses_as_the_plain_search_with_fewer_probes():
     assert runs[True][2] < runs[False][2]
 
 
+def test_warm_start_stays_out_of_searches_that_keep_other_concepts_forgotten():
+    # Alone, layer b's search starts warm; keeping y forgotten, it starts at its first λ, 1.
+    crossings = {"x": {"a": 37.0, "b": 20.0}, "y": {"a": 40.0, "b": 25.0}}
+    for kept, first in (((), 32.0), (("y",), 1.0)):  # a first forgets at 64: b starts one doubling below
+        search = _search(ScriptedEditor(crossings, {"a": 0.01, "b": 0.02}), ["a", "b"], warm_start=True)
+        probes = search._search_front("x", kept, round_=1 if kept else 0)
+        assert next(p.step_size for p in probes if p.layer == "b") == first
+
+
 # --- the real evaluator: a 10-class world ----------------------------------------------------------------------------
 
 
