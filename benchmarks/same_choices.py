@@ -61,7 +61,9 @@ def _choices(report: dict) -> dict:
 
 
 def probes_per_layer(rows: list[dict]) -> float | None:
-    """The mean number of probes of one layer's search (a concept's layer in one round of one order)."""
+    """The mean number of probes of one layer's search (a concept's layer in one round of one order); None for a
+    baseline, whose rows are iterations."""
+    rows = [r for r in rows if "concept" in r and "layer" in r]
     searches = {(r["concept"], r["layer"], r.get("round", 0), r.get("order", 0)) for r in rows}
     return len(rows) / len(searches) if searches else None
 
