@@ -10,6 +10,10 @@ model; run the "before" with the older checkout first on the import path)::
     python benchmarks/same_choices.py --demo runs/demo --work /tmp/before_runs --output before.json
     python benchmarks/same_choices.py --demo runs/demo --work /tmp/after_runs --output after.json --against before.json
 
+``--config FILE`` adds a config to every run (e.g. one holding ``search: {init_args: {warm_start: true}}``), to check
+that an option keeps the choices. The probes per searched layer are printed, and kept in the JSON file, but not
+compared: they measure the search, they are not a choice (the total ``probes`` is compared).
+
 One thread is used so that the float rounding is the same in both runs.
 """
 
@@ -28,6 +32,7 @@ from _common import world_and_fit
 
 # Relative tolerance of a step size and absolute tolerance of an accuracy: float rounding, not a behaviour change.
 STEP_RTOL, ACCURACY_ATOL = 1e-6, 1e-9
+MEASURED = {"probes_per_layer"}  # kept and printed, not compared
 
 
 def _run(arguments: list[str], work: Path, log: str) -> None:
@@ -51,15 +56,25 @@ def _choices(report: dict) -> dict:
         "before": report["before"],
         "after": report["after"],
         "probes": report.get("timing", {}).get("probes"),
+        "probes_per_layer": probes_per_layer(report.get("search", [])),
     }
 
 
-def collect(demo: Path, work: Path) -> dict:
+def probes_per_layer(rows: list[dict]) -> float | None:
+    """The mean number of probes of one layer's search (a concept's layer in one round of one order); None for a
+    baseline, whose rows are iterations."""
+    rows = [r for r in rows if "concept" in r and "layer" in r]
+    searches = {(r["concept"], r["layer"], r.get("round", 0), r.get("order", 0)) for r in rows}
+    return len(rows) / len(searches) if searches else None
+
+
+def collect(demo: Path, work: Path, configs: list[str] = ()) -> dict:
     """Run the demo's unlearn, the people config and ``compare`` on ``demo``'s world and fit; return their choices."""
     from slug_lightning import config_path
 
     work.mkdir(parents=True, exist_ok=True)
     paths = demo / "demo_paths.yaml"
+    overrides = [a for config in configs for a in ("--config", str(Path(config).resolve()))]
     unlearn = [
         "unlearn",
         "--config",
@@ -68,6 +83,7 @@ def collect(demo: Path, work: Path) -> dict:
         str(paths),
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
+        *overrides,
     ]
     results = {}
     for name, extra in (("demo", []), ("people", ["--config", config_path("demo/unlearn_people.yaml")])):
@@ -94,6 +110,7 @@ def collect(demo: Path, work: Path) -> dict:
             "1e-4",
             "--output_dir",
             str(work / "compare"),
+            *overrides,
         ],
         work,
         "compare.log",
@@ -110,8 +127,8 @@ def collect(demo: Path, work: Path) -> dict:
 def differences(before, after, where: str = "") -> list[str]:
     """Every place where ``after`` differs from ``before`` beyond float rounding."""
     if isinstance(before, dict) and isinstance(after, dict):
-        out = [f"{where}/{key}: only in one" for key in sorted(set(before) ^ set(after))]
-        for key in sorted(set(before) & set(after)):
+        out = [f"{where}/{key}: only in one" for key in sorted(set(before) ^ set(after) - MEASURED)]
+        for key in sorted(set(before) & set(after) - MEASURED):
             out += differences(before[key], after[key], f"{where}/{key}")
         return out
     if isinstance(before, float) and isinstance(after, float):
@@ -127,8 +144,9 @@ def main() -> int:
     parser.add_argument("--work", required=True, help="where the runs go")
     parser.add_argument("--output", required=True, help="the JSON file of the choices")
     parser.add_argument("--against", help="an earlier output to compare with")
+    parser.add_argument("--config", action="append", default=[], help="a config added to every run (repeatable)")
     args = parser.parse_args()
-    results = collect(world_and_fit(args.demo), Path(args.work).resolve())
+    results = collect(world_and_fit(args.demo), Path(args.work).resolve(), args.config)
     Path(args.output).write_text(json.dumps(results, indent=1, sort_keys=True))
     for name, result in results.items():
         if name == "compare/selected":
@@ -137,7 +155,9 @@ def main() -> int:
         edits = ", ".join(
             f"{c}: {e['layer']} λ={e['step_size']:.6g}" for c, e in result["edits"].items() if e["layer"] is not None
         )
-        print(f"{name}: {edits or 'no single-layer edit'}; probes {result['probes']}")
+        per_layer = result.get("probes_per_layer")
+        per_layer = f" ({per_layer:.2f} per layer)" if per_layer else ""
+        print(f"{name}: {edits or 'no single-layer edit'}; probes {result['probes']}{per_layer}")
     if args.against:
         found = differences(json.loads(Path(args.against).read_text()), results)
         print("\n".join(found) if found else f"same choices as {args.against}")

@@ -40,6 +40,8 @@ class SearchProgress(Listener):
                 "search/step_size": probe.step_size,
                 "search/forget_top1": probe.forget_top1,
                 "search/forget_top5": probe.forget_top5,
+                # 0: the forget images failed the forget test, so the test sets were not evaluated (no test metric).
+                "search/tested": float(probe.tested),
             }
             metrics.update({f"search/test_top1/{name}": value for name, value in probe.test_top1.items()})
             self.trainer.logger.log_metrics(metrics, step=self.logged)

@@ -81,6 +81,11 @@ class StepSearch(Callback):
             first half of the audit's held-out templates (:func:`~slug_lightning.audit.prompts.ensemble_templates`;
             the other half stays unseen, for the audit), each a classifier of its own. A concept is forgotten when
             it is under every template; test accuracy is the templates' mean.
+        full_probes: Evaluate the test sets in every probe. False (forget first): a probe whose forget images already
+            fail the forget test skips them (recorded as not tested); the choice is the same (docs/performance.md).
+        warm_start: Start each layer's search one doubling below the earliest relative step at which a layer
+            searched before it in its tower first forgot (:class:`~slug_lightning.joint_search.SearchRule`). Fewer
+            probes per layer; the same choice wherever forget accuracy falls monotonically with λ below that step.
         audit: Once ``SlugTrainer.unlearn`` has written the run, audit the unlearned model (:mod:`slug_lightning.audit`:
             held-out prompts, search by name, the image side, relearning) into ``audit.json``, ``report.json`` and
             ``report.md``. False skips it; a smoke run never audits.
@@ -116,6 +121,8 @@ class StepSearch(Callback):
         refine_rounds: int = 0,
         orders: int = 1,
         template_ensemble: bool = False,
+        full_probes: bool = False,
+        warm_start: bool = False,
         audit: bool = True,
     ) -> None:
         if not sets:
@@ -152,6 +159,9 @@ class StepSearch(Callback):
         ):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
                 raise ConfigError(f"{option} must be an integer >= {least}, got {value!r}.", option, value)
+        for option, value in (("full_probes", full_probes), ("warm_start", warm_start)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{option} must be true or false, got {value!r}.", option, value)
         if template_ensemble:
             sets = [replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
         self.sets, self.forget_set, self.template_ensemble = list(sets), forget_set, template_ensemble
@@ -162,6 +172,7 @@ class StepSearch(Callback):
         self.reuse, self.cache_dtype, self.cache_on_cpu = reuse, cache_dtype, cache_on_cpu
         self.similarity_classes = similarity_classes
         self.refine_rounds, self.orders, self.audit = refine_rounds, orders, audit
+        self.full_probes, self.warm_start = full_probes, warm_start
         self.smoke_run = False  # set from the Trainer's fast_dev_run when the search starts
         self.result: SearchResult | None = None  # the finished search
 
@@ -181,6 +192,7 @@ class StepSearch(Callback):
         names = ("metric", "threshold", "max_steps", "tolerance", "towers", "fronts", "signed_alignment")
         return {
             **{name: getattr(self, name) for name in (*names, "refine_rounds", "orders", "template_ensemble")},
+            **{name: getattr(self, name) for name in ("full_probes", "warm_start")},
             "towers": list(self.towers),
         }
 
@@ -249,7 +261,9 @@ class StepSearch(Callback):
                 raise UserError(f"No searchable Pareto layer for {concept!r} in towers {list(self.towers)}.")
             result.searched[concept] = in_forward_order(front, stages)
         rule = SearchRule(
-            self.metric, self.threshold, self.steps_per_layer, self.tolerance, self.refine_rounds, self.orders
+            *(self.metric, self.threshold, self.steps_per_layer, self.tolerance, self.refine_rounds, self.orders),
+            full_probes=self.full_probes,
+            warm_start=self.warm_start,
         )
         search = self.joint_search(editor, result.searched, store.forget, rule, SearchProgress(trainer, self.metric))
         if store.concepts:

@@ -23,8 +23,9 @@ class ModelEditor:
     Args:
         parameters: The model's parameters by name (``dict(model.named_parameters())``).
         layers: The names of the layers the search may edit; their weights now are θ⁰, kept for :meth:`reset`.
-        evaluate: ``evaluate(edited)``: the count tables of the model (``ZeroShotEvaluator.run``): a full evaluation
-            for ``edited=None``, else a probe that recomputes only what layer ``edited`` changes.
+        evaluate: ``evaluate(edited, needs_tests)``: the count tables of the model (``ZeroShotEvaluator.run``): a full
+            evaluation for ``edited=None``, else a probe that recomputes only what layer ``edited`` changes, the
+            forget concepts' images first when ``needs_tests`` is given.
         summarize: Turns count tables into a :class:`~slug_lightning.results.Summary`.
         device: Where the parameters live; directions are moved there.
 
@@ -36,7 +37,7 @@ class ModelEditor:
         self,
         parameters: Mapping[str, Tensor],
         layers: Sequence[str],
-        evaluate: Callable[[str | None], Mapping[str, Tensor]],
+        evaluate: Callable[..., Mapping[str, Tensor]],
         summarize: Callable[[Mapping[str, Tensor]], Summary],
         device: torch.device | str = "cpu",
     ) -> None:
@@ -56,13 +57,33 @@ class ModelEditor:
         return self._summarize(self.counts)
 
     @torch.no_grad()
-    def probe(self, layer: str, step_size: float, direction: Tensor) -> Summary:
-        """The evaluation of the model with ``θ_layer + λ·direction``; the layer is restored afterwards."""
+    def probe(
+        self, layer: str, step_size: float, direction: Tensor, needs_tests: Callable[[Summary], bool] | None = None
+    ) -> Summary:
+        """The evaluation of the model with ``θ_layer + λ·direction``; the layer is restored afterwards.
+
+        With ``needs_tests`` (forget first), the forget concepts' images are evaluated first and their accuracies
+        (a summary with no ``test`` entry) given to it; when it returns False, the test sets are not evaluated and
+        the summary's ``test`` is empty.
+        """
         parameter = self.parameters[layer]
         original = parameter.detach().clone()
         parameter.add_(step_size * self._on_device(direction))
         try:
-            return self._summarize(self._evaluate(layer))
+            if needs_tests is None:
+                return self._summarize(self._evaluate(layer))
+            decided: list[bool] = []
+
+            def ask(forget_counts: Mapping[str, Tensor]) -> bool:
+                decided.append(needs_tests({"forget": self._summarize(forget_counts)["forget"], "test": {}}))
+                return decided[-1]
+
+            counts = self._evaluate(layer, ask)
+            return (
+                {"forget": self._summarize(counts)["forget"], "test": {}}
+                if decided == [False]
+                else self._summarize(counts)
+            )
         finally:
             parameter.copy_(original)
 

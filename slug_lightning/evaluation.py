@@ -8,7 +8,7 @@ every set; the counts are summed across ranks, so accuracies are exact on any nu
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -36,11 +36,17 @@ TEXT_BATCH_CLASSES = 64
 
 @dataclass
 class StageCache:
-    """One tower's inputs to ``stage`` at θ⁰ for every item of one set on this rank, in batches."""
+    """One tower's inputs to ``stage`` at θ⁰ for every item of one set on this rank, in batches.
+
+    A vision cache holds the forget concepts' images first: its first ``forget`` chunks are theirs alone, so a probe
+    can evaluate them before, and without, the rest. ``labels`` are the images' classes in the chunks' order.
+    """
 
     stage: int
     chunks: list[Tensor]
     tokens: list[Tensor | None]
+    forget: int = 0
+    labels: Tensor | None = None
 
 
 class ZeroShotEvaluator:
@@ -105,6 +111,11 @@ class ZeroShotEvaluator:
             name: datamodule.loader(name, self.rank, self.world_size, keep_classes=tuple(keep_classes))
             for name in self.datasets
         }
+        # Each set's classes that are forget concepts: a probe evaluates their images first (forget first).
+        self.forget_classes = {
+            name: [d.class_names.index(c) for c in keep_classes if c in d.class_names]
+            for name, d in self.datasets.items()
+        }
         self._metrics = {
             name: ZeroShotCounts(len(dataset.class_names), sync_on_compute=self.world_size > 1).to(self.device)
             for name, dataset in self.datasets.items()
@@ -120,7 +131,9 @@ class ZeroShotEvaluator:
         return list(self.datasets[set_name].class_names)
 
     @torch.no_grad()
-    def run(self, edited: str | None = None) -> dict[str, Tensor]:
+    def run(
+        self, edited: str | None = None, needs_tests: Callable[[dict[str, Tensor]], bool] | None = None
+    ) -> dict[str, Tensor]:
         """Per-set count tables ``[num_classes, 3]`` (images, top-1 hits, top-5 hits), summed over ranks (one per
         template, stacked, with ``per_template``).
 
@@ -129,6 +142,10 @@ class ZeroShotEvaluator:
                 stage caches from an earlier reference are dropped: the weights they came from may have
                 changed). A parameter name makes this a probe of an edit of that parameter alone: only the
                 edited tower is recomputed, from the edited stage on. Probes never replace the reference.
+            needs_tests: Forget first, for a probe over reused stages: the forget concepts' images are evaluated
+                first, and their count tables (the sets that hold them, no other image counted) given to
+                ``needs_tests``; if it returns False, those tables are the result and nothing else is computed.
+                Otherwise the rest is evaluated (the forget images are not recomputed) and the result is complete.
         """
         was_training = self.model.training
         if was_training:  # (switching modes walks every module: not free at the scale of a probe)
@@ -139,22 +156,63 @@ class ZeroShotEvaluator:
                 self._caches.clear()
                 self._classifiers = {name: out[0] for name, out in outputs.items()}
                 self._features = {name: out[1:] for name, out in outputs.items()}
-        elif tower_of(edited) == VISION:
-            outputs = {
-                name: (self._classifiers[name], self._probe_image_features(name, edited), self._features[name][1])
-                for name in self.datasets
-            }
+            counts = {name: self._tables(name, *output) for name, output in outputs.items()}
         else:
-            outputs = {name: (self._probe_classifier(name, edited), *self._features[name]) for name in self.datasets}
-        counts = {}
-        for name, (classifier, features, labels) in outputs.items():
-            tables = [
-                self._count(name, features, c, labels) for c in (classifier if self.per_template else [classifier])
-            ]
-            counts[name] = torch.stack(tables) if self.per_template else tables[0]
+            counts = self._probe_counts(edited, needs_tests)
         if was_training:
             self.model.train()
         return counts
+
+    def _tables(self, name: str, classifier: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+        """The count table of ``features`` (labelled ``labels``) of set ``name``: a stack with ``per_template``."""
+        tables = [self._count(name, features, c, labels) for c in (classifier if self.per_template else [classifier])]
+        return torch.stack(tables) if self.per_template else tables[0]
+
+    def _probe_counts(self, edited: str, needs_tests: Callable[[dict[str, Tensor]], bool] | None) -> dict[str, Tensor]:
+        """A probe's count tables: the forget images first when ``needs_tests`` is given (see :meth:`run`)."""
+        scratch: dict[str, object] = {}  # what the forget part computed that the rest reuses: classifiers, features
+        first = [name for name in self.datasets if self.forget_classes[name]]
+        if needs_tests is None or not first:
+            return {name: self._probe_table(name, edited, None, scratch) for name in self.datasets}
+        early = {name: self._probe_table(name, edited, True, scratch) for name in first}
+        if not needs_tests(early):
+            return early
+        return {
+            name: early[name] + self._probe_table(name, edited, False, scratch)
+            if name in early
+            else self._probe_table(name, edited, None, scratch)
+            for name in self.datasets
+        }
+
+    def _probe_table(self, name: str, edited: str, forget: bool | None, scratch: dict) -> Tensor:
+        """The count table of set ``name`` under the probed edit, over its forget concepts' images (``forget``
+        True), the others (False) or all (None)."""
+        if tower_of(edited) != VISION:
+            if name not in scratch:
+                scratch[name] = self._probe_classifier(name, edited)
+            features, labels = self._features[name]
+            return self._tables(name, scratch[name], *self._part(name, features, labels, forget))
+        staged = self._staged(VISION, edited)
+        cache = None if staged is None else self.stage_cache(VISION, name, staged[1])
+        if cache is None:  # the stages did not reproduce the encoder: recompute the tower (once per probe)
+            if name not in scratch:
+                scratch[name] = self._image_features(name)
+            return self._tables(name, self._classifiers[name], *self._part(name, *scratch[name], forget))
+        chunks = {None: cache.chunks, True: cache.chunks[: cache.forget], False: cache.chunks[cache.forget :]}[forget]
+        rows = sum(chunk.shape[0] for chunk in cache.chunks[: cache.forget])
+        labels = {None: cache.labels, True: cache.labels[:rows], False: cache.labels[rows:]}[forget]
+        stages, stage = staged
+        features = [F.normalize(stages.run(self._input(chunk), stage).float(), dim=-1) for chunk in chunks]
+        features = torch.cat(features) if features else torch.zeros(0, 1, device=self.device)
+        return self._tables(name, self._classifiers[name], features, labels)
+
+    def _part(self, name: str, features: Tensor, labels: Tensor, forget: bool | None) -> tuple[Tensor, Tensor]:
+        """The rows of the forget concepts' images (``forget`` True), of the others (False), or all (None)."""
+        if forget is None:
+            return features, labels
+        rows = torch.isin(labels, torch.tensor(self.forget_classes[name], device=labels.device))
+        rows = rows if forget else ~rows
+        return features[rows], labels[rows]
 
     def _count(self, name: str, features: Tensor, classifier: Tensor, labels: Tensor) -> Tensor:
         metric = self._metrics[name]
@@ -235,17 +293,6 @@ class ZeroShotEvaluator:
         stages = self.stages.get(tower)
         return None if stages is None else (stages, stages.stage_of(edited))
 
-    def _probe_image_features(self, name: str, edited: str) -> Tensor:
-        staged = self._staged(VISION, edited)
-        if staged is None:
-            return self._image_features(name)[0]
-        stages, stage = staged
-        cache = self.stage_cache(VISION, name, stage)
-        if cache is None:  # the stages did not reproduce the encoder: recompute the tower
-            return self._image_features(name)[0]
-        features = [F.normalize(stages.run(self._input(chunk), stage).float(), dim=-1) for chunk in cache.chunks]
-        return torch.cat(features) if features else torch.zeros(0, 1, device=self.device)
-
     def _probe_classifier(self, name: str, edited: str) -> Tensor:
         staged = self._staged(LANGUAGE, edited)
         cache = None if staged is None else self.stage_cache(LANGUAGE, name, staged[1])
@@ -289,11 +336,14 @@ class ZeroShotEvaluator:
             if not self._trusted(tower, name):
                 return None
             self._caches.pop((tower, name), None)  # free the old cache before building the new one
-            chunks, tokens = [], []
-            for inputs, batch_tokens in self._raw_inputs(tower, name):
-                chunks.append(self._store(stages.run(inputs, 0, stage, tokens=batch_tokens)))
-                tokens.append(batch_tokens)
-            cache = StageCache(stage, chunks, tokens)
+            if tower == VISION:
+                cache = self._image_cache(name, stage)
+            else:
+                chunks, tokens = [], []
+                for inputs, batch_tokens in self._raw_inputs(tower, name):
+                    chunks.append(self._store(stages.run(inputs, 0, stage, tokens=batch_tokens)))
+                    tokens.append(batch_tokens)
+                cache = StageCache(stage, chunks, tokens)
         elif cache.stage < stage:
             cache.chunks = [
                 self._store(stages.run(self._input(chunk), cache.stage, stage, tokens=tokens))
@@ -302,6 +352,30 @@ class ZeroShotEvaluator:
             cache.stage = stage
         self._caches[(tower, name)] = cache
         return cache
+
+    def _image_cache(self, name: str, stage: int) -> StageCache:
+        """The inputs of ``stage`` for every image of set ``name``, the forget concepts' images first, in chunks of
+        at most a batch (each batch runs whole to ``stage``, then its rows are split)."""
+        stages, concepts = self.stages[VISION], torch.tensor(self.forget_classes[name], device=self.device)
+        forget, rest, forget_labels, rest_labels, size = [], [], [], [], 1
+        for images, targets in self._batches(name):
+            hidden, size = stages.run(images, 0, stage), max(size, images.shape[0])
+            rows = torch.isin(targets, concepts)
+            forget.append(hidden[rows])
+            forget_labels.append(targets[rows])
+            if not rows.all():
+                rest.append(self._store(hidden[~rows]))
+                rest_labels.append(targets[~rows])
+        gathered = torch.cat(forget) if forget else None
+        forget = [self._store(c) for c in gathered.split(size)] if gathered is not None and len(gathered) else []
+        labels = forget_labels + rest_labels
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=self.device)
+        return StageCache(stage, forget + rest, [None] * (len(forget) + len(rest)), len(forget), labels)
+
+    def cache_bytes(self, tower: str) -> int:
+        """The bytes the stage caches of ``tower`` hold now, over every set."""
+        caches = [cache for (name, _), cache in self._caches.items() if name == tower]
+        return sum(chunk.numel() * chunk.element_size() for cache in caches for chunk in cache.chunks)
 
     def _store(self, hidden: Tensor) -> Tensor:
         dtype = self.cache_dtype if self.cache_dtype is not None and hidden.is_floating_point() else hidden.dtype

@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from torch import Tensor
 
 from slug_lightning.layers import LayerStats, short_name
 from slug_lightning.results import OrderEnd, Summary, Visit, utility
-from slug_lightning.search import BinarySearch, Probe, choose, concept_orders, initial_step_size, is_forgotten
+from slug_lightning.search import (
+    BinarySearch,
+    Probe,
+    choose,
+    concept_orders,
+    initial_step_size,
+    is_forgotten,
+    untested,
+)
 
 Change = tuple[str, float, Tensor]  # (layer, λ, direction): θ_layer ← θ_layer + λ·direction
 
@@ -36,8 +44,12 @@ class Editor(Protocol):
     def evaluate(self) -> Summary:
         """Evaluate the model as it is; it becomes the reference of the next probes."""
 
-    def probe(self, layer: str, step_size: float, direction: Tensor) -> Summary:
-        """Evaluate the model with ``θ_layer + λ·direction`` and leave the layer exactly as it was."""
+    def probe(
+        self, layer: str, step_size: float, direction: Tensor, needs_tests: Callable[[Summary], bool] | None = None
+    ) -> Summary:
+        """Evaluate the model with ``θ_layer + λ·direction`` and leave the layer exactly as it was. With
+        ``needs_tests``, an editor may evaluate the forget images first, ask it with their accuracies (``test``
+        empty) and, when it returns False, skip the test sets (the returned ``test`` is empty)."""
 
     def shift(self, changes: Sequence[Change]) -> Summary:
         """Add each change in order, then :meth:`evaluate`."""
@@ -77,6 +89,14 @@ class SearchRule:
             moves no step by more than this ends the rounds.
         refine_rounds: Several concepts: the most refinement rounds after the search of METHOD §9.
         orders: Several concepts: from how many concept orders to search (:func:`concept_orders`).
+        full_probes: Evaluate the test sets in every probe. False (forget first): a probe whose forget images fail
+            the forget test skips them; the choice is the same, since :func:`~slug_lightning.search.choose` reads
+            such a probe's utility only when no probe forgot, and then the probes it needs are tested again in full.
+        warm_start: Start each layer's search one doubling below the earliest doubling of its first λ at which a
+            layer searched before it in the same tower first forgot (:class:`~slug_lightning.search.BinarySearch`'s
+            ``skip``; each layer's first λ moves it by 10 %, so doublings compare across layers). Fewer probes; the
+            choice is the same wherever forget accuracy is monotone on the skipped doublings. Only in searches that
+            keep no other concept forgotten (not in the refinement rounds' searches that do).
     """
 
     metric: str = "top5"
@@ -85,6 +105,8 @@ class SearchRule:
     tolerance: float = 0.05
     refine_rounds: int = 0
     orders: int = 1
+    full_probes: bool = False
+    warm_start: bool = False
 
 
 def forgotten(summary: Summary, rule: SearchRule) -> set[str]:
@@ -305,14 +327,17 @@ class JointSearch:
         stage = "search" if not round_ else f"refine {round_}/{self.rule.refine_rounds}"
         if self.rule.orders > 1:
             stage = f"order {self._order + 1} · {stage}"
-        probes = []
+        probes, crossed = [], {}  # per tower, the fewest doublings at which a layer searched so far first forgot
         for index, layer in enumerate(front, start=1):
-            initial = (
-                start.step_size
-                if start is not None and start.layer == layer.name
-                else initial_step_size(layer.weight_norm, layer.grad_norm)
-            )
-            search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance)
+            restart = start is not None and start.layer == layer.name
+            initial = start.step_size if restart else initial_step_size(layer.weight_norm, layer.grad_norm)
+            # The earliest crossing, not the last: a layer that forgets sooner than the start costs halvings back down.
+            # Not while keeping other concepts forgotten: a larger step can bring one back, so forgetting is not
+            # monotone in λ there (on the people config, warm starts in the rounds changed the choices).
+            warm = self.rule.warm_start and not restart and not kept
+            skip = max(0, crossed.get(layer.tower, 0) - 1) if warm else 0
+            search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance, skip)
+            first = len(probes)
             while not search.done:
                 self.listener.probing(
                     f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)} · "
@@ -321,17 +346,52 @@ class JointSearch:
                 probe = self._probe(layer, concept, search.step_size, kept, round_)
                 probes.append(probe)
                 search.update(is_forgotten(probe.forget_accuracy(self.rule.metric), self.rule.threshold))
+            if search.crossed is not None and not restart:
+                doublings = min(round(math.log2(search.crossed / initial)), self.rule.steps_per_layer - 1)
+                crossed[layer.tower] = min(doublings, crossed.get(layer.tower, doublings))
+                # A warm start's halvings above the first forgotten doubling are probes the plain search never
+                # makes: kept in the record, not offered to the choice.
+                probes[first:] = [p for p in probes[first:] if p.step_size <= search.crossed]
+        return self._tested(probes, layers={layer.name: layer for layer in front}, kept=kept, round_=round_)
+
+    def _tested(self, probes: list[Probe], layers: Mapping[str, LayerStats], kept, round_: int) -> list[Probe]:
+        """``probes`` with every probe whose utility the choice needs (:func:`~slug_lightning.search.untested`)
+        evaluated again in full; the new record replaces the old one in :attr:`probes` too."""
+        for index in untested(probes, self.rule.metric):
+            old = probes[index]
+            new = self._probe(layers[old.layer], old.concept, old.step_size, kept, round_, full=True, record=False)
+            new = replace(new, step=old.step, seconds=old.seconds + new.seconds)
+            self.probes[next(i for i, p in enumerate(self.probes) if p is old)] = new
+            probes[index] = new
         return probes
 
-    def _probe(self, layer: LayerStats, concept: str, step_size: float, kept: Sequence[str], round_: int) -> Probe:
-        """Evaluate one step; a probe is only as forgotten as the worst of ``concept`` and ``kept``."""
+    def _probe(
+        self,
+        layer: LayerStats,
+        concept: str,
+        step_size: float,
+        kept: Sequence[str],
+        round_: int,
+        full: bool = False,
+        record: bool = True,
+    ) -> Probe:
+        """Evaluate one step; a probe is only as forgotten as the worst of ``concept`` and ``kept``. Unless ``full``
+        or the rule's ``full_probes``, the test sets are skipped when the forget images fail the forget test."""
         began = time.perf_counter()
-        summary = self.editor.probe(layer.name, step_size, self.gradients[concept][layer.name])
-        # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
-        forget = summary["forget"][concept]
-        if kept:
-            worst = [summary["forget"][c] for c in kept] + [forget]
-            forget = {k: max(f[k] for f in worst) for k in ("top1", "top5")}
+
+        def worst(summary: Summary) -> dict[str, float]:
+            # Test accuracy excludes the images of every concept of the run; the forget side is this concept's.
+            every = [summary["forget"][c] for c in [*kept, concept]]
+            return {k: max(f[k] for f in every) for k in ("top1", "top5")}
+
+        def needs_tests(summary: Summary) -> bool:
+            return is_forgotten(worst(summary)[self.rule.metric], self.rule.threshold)
+
+        ask = None if full or self.rule.full_probes else needs_tests
+        summary = self.editor.probe(layer.name, step_size, self.gradients[concept][layer.name], ask)
+        forget = worst(summary)
+        # (an editor may evaluate everything anyway: then the probe is tested, whatever the forget test says)
+        tested = ask is None or bool(summary["test"]) or needs_tests(summary)
         probe = Probe(
             concept=concept,
             layer=layer.name,
@@ -350,9 +410,11 @@ class JointSearch:
             seconds=time.perf_counter() - began,
             round=round_,
             order=self._order,
+            tested=tested,
         )
-        self.probes.append(probe)
-        self.listener.probed(probe)
+        if record:
+            self.probes.append(probe)
+            self.listener.probed(probe)
         return probe
 
     def _change(self, concept: str, edit: Probe, sign: float = 1.0) -> Change:

@@ -111,7 +111,8 @@ def _plain_log_ticks(axis) -> None:
 def search_plot(path: Path, concept: str, probes, chosen, metric: str = "top1") -> None:
     """One panel per searched layer: forget top-1/top-5 and each test set's top-1 against λ (Fig. 2c/d).
 
-    The chosen probe is circled; its layer's title is red.
+    The chosen probe is circled; its layer's title is red. A probe whose test sets were not evaluated (its forget
+    images failed the forget test) has no test point: a grey tick at the top marks its λ.
     """
     layers = list(dict.fromkeys(p.layer for p in probes))
     columns = min(3, len(layers))
@@ -119,7 +120,7 @@ def search_plot(path: Path, concept: str, probes, chosen, metric: str = "top1") 
     figure, axes = plt.subplots(
         rows, columns, figsize=(4.6 * columns, 3.4 * rows + 1.0), squeeze=False, sharey=True, layout="constrained"
     )
-    test_sets = list(probes[0].test_top1)
+    test_sets = list(dict.fromkeys(name for p in probes for name in p.test_top1))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colours = [c for c in colours if c not in ("#d62728",)]  # red is the forget curves' colour
     for axis, layer in zip(axes.flat, layers):
@@ -127,10 +128,14 @@ def search_plot(path: Path, concept: str, probes, chosen, metric: str = "top1") 
         steps = [p.step_size for p in points]
         axis.plot(steps, [p.forget_top1 for p in points], "o-", color="tab:red", label="forget top-1")
         axis.plot(steps, [p.forget_top5 for p in points], "s--", color="tab:red", alpha=0.45, label="forget top-5")
+        tested = [p for p in points if p.tested]
+        skipped = [p.step_size for p in points if not p.tested]
+        if skipped:
+            axis.plot(skipped, [1.0] * len(skipped), "|", color="grey", markersize=10, label="test sets not evaluated")
         for colour, name in zip(colours, test_sets):
             axis.plot(
-                steps,
-                [p.test_top1.get(name, math.nan) for p in points],
+                [p.step_size for p in tested],
+                [p.test_top1.get(name, math.nan) for p in tested],
                 "o-",
                 color=colour,
                 markersize=4,

@@ -96,6 +96,24 @@ def assemble_report(
     }
 
 
+def search_rows(probes) -> tuple[list[dict], list[str]]:
+    """The rows and columns of ``search.csv``: a probe per row, its test accuracies as ``test_top1[set]`` columns.
+    An untested probe (forget first) has no test accuracies: its cells stay empty, not 0.
+
+    Example::
+
+        >>> from slug_lightning.search import Probe
+        >>> rows, columns = search_rows([Probe("x", "l", 0, 1.0, 0.1, 0.5, 0.5, tested=False),
+        ...                              Probe("x", "l", 1, 2.0, 0.2, 0.0, 0.0, {"a": 0.7}, {"a": 0.9})])
+        >>> [c for c in columns if c.startswith("test_")], "test_top1[a]" in rows[0]
+        (['test_top1[a]', 'test_top5[a]'], False)
+    """
+    rows = [flat_row(asdict(p)) for p in probes]
+    # The columns in a tested row's order (an untested one has no test columns).
+    columns = dict.fromkeys(key for row in sorted(rows, key=lambda row: not row["tested"]) for key in row)
+    return rows, list(columns)
+
+
 def build_report(
     collector, result: SearchResult, total_seconds: float, devices: int, smoke: dict | None = None
 ) -> dict:
@@ -269,7 +287,7 @@ def write_unlearn_artifacts(
         for stats in rows
     ]
     write_csv(output / "layers.csv", [{**row, "layer": row["name"]} for row in layer_rows], LAYER_COLUMNS)
-    write_csv(output / "search.csv", [flat_row(asdict(p)) for p in result.probes])
+    write_csv(output / "search.csv", *search_rows(result.probes))
 
     delta = run_delta(collector, result)
     write_delta(output / "delta.safetensors", delta)

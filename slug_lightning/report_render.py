@@ -115,11 +115,14 @@ def render_markdown(report: dict) -> str:
     lines += _leave_one_out_lines(report)
     lines += _order_lines(report)
     timing = report["timing"]
+    # Forget first: probes that failed the forget test skipped the test sets (METHOD §6).
+    untested = sum(not p.get("tested", True) for p in report.get("search", []))
+    skipped = f", {untested} of them on the forget images alone" if untested else ""
     lines += [
         "## Cost",
         "",
         f"Gradients {timing['gradients_s']:.1f} s{' (reused)' if timing.get('reused_gradients') else ''}, "
-        f"search {timing['search_s']:.1f} s ({timing['probes']} probes), total {timing['total_s']:.1f} s. "
+        f"search {timing['search_s']:.1f} s ({timing['probes']} probes{skipped}), total {timing['total_s']:.1f} s. "
         f"Peak memory (MiB): {memory_summary(report['memory'])}.",
         "",
     ]

@@ -99,7 +99,7 @@ class Probe:
     """One evaluated step: the concept, the layer, λ, and the accuracies of the edited model.
 
     Accuracies are fractions in [0, 1]. ``test_top1``/``test_top5`` map each test set's name to its
-    accuracy; they may be empty when no test sets are configured.
+    accuracy; they may be empty when no test sets are configured, or when the probe was not ``tested``.
 
     Args:
         concept: The concept being forgotten.
@@ -117,6 +117,9 @@ class Probe:
             concept and the concepts it must keep forgotten.
         order: Several concepts searched from several orders: the index of the order this probe's search went in
             (0: the order given; see :func:`concept_orders`).
+        tested: Whether the test sets were evaluated. A probe whose forget images already fail the forget test
+            skips them (forget first); its utility is then not measured (NaN), and :func:`choose` refuses to rank
+            it where its utility could decide.
 
     Raises:
         ValueError: on a negative step, step size, relative change or time, or an accuracy outside [0, 1].
@@ -134,6 +137,7 @@ class Probe:
     seconds: float = 0.0
     round: int = 0
     order: int = 0
+    tested: bool = True
 
     def __post_init__(self) -> None:
         for what in ("step", "round", "order"):
@@ -251,10 +255,19 @@ class BinarySearch:
     ``high < ∞`` and ``(high - low) / high < tolerance``. Forget accuracy need not be monotone in λ;
     the search does not assume it, it only follows the answers it gets.
 
+    A warm start (``skip`` > 0) begins at ``initial · 2^skip``, as if the first ``skip`` doublings had not forgotten:
+    they count as steps, so the same ``max_steps`` ends it where the plain search would have ended. If that λ
+    already forgets, the search halves λ until it does not (or down to ``initial``) before it bisects; these
+    probes replace the skipped ones and do not count. Wherever forget accuracy is monotone on the doublings, it
+    then probes every step size the plain search would have probed from its first forgotten doubling on
+    (:attr:`crossed`), and above it only the halvings that found it; it trusts, and does not check, that the skipped
+    doublings did not forget.
+
     Args:
         initial: The first λ, ``> 0`` (see :func:`initial_step_size`).
         max_steps: The most probes, ``>= 1``.
         tolerance: The relative bracket width that stops the search early, in (0, 1).
+        skip: Doublings of ``initial`` to skip, ``0 <= skip < max_steps``.
 
     Raises:
         ValueError: on an argument outside its range.
@@ -268,12 +281,18 @@ class BinarySearch:
         1.5
     """
 
-    def __init__(self, initial: float, max_steps: int = 10, tolerance: float = 0.05) -> None:
+    def __init__(self, initial: float, max_steps: int = 10, tolerance: float = 0.05, skip: int = 0) -> None:
         self._configure(initial, max_steps, tolerance)
+        if not (isinstance(skip, int) and not isinstance(skip, bool) and 0 <= skip < max_steps):
+            raise ValueError(f"skip must be an integer in [0, max_steps={max_steps}), got {skip!r}.")
         self.low = 0.0
         self.high = math.inf
-        self.steps = 0
-        self._next = float(initial)
+        self.steps = skip
+        self._next = float(initial) * 2.0**skip
+        # Halving down from a warm start that forgot at once: the bracket's low end is not known yet.
+        self.descending = False
+        # The plain search's first forgotten doubling, once known (None before, and if none forgot).
+        self.crossed: float | None = None
 
     def _configure(self, initial: float, max_steps: int, tolerance: float) -> None:
         if not (isinstance(initial, (int, float)) and math.isfinite(initial) and initial > 0):
@@ -317,13 +336,35 @@ class BinarySearch:
             RuntimeError: if the search is done.
         """
         step_size = self.step_size
+        # A warm start's first forgotten λ has no probed low end below it (low is still 0): find one.
+        if self.descending or (forgotten and math.isinf(self.high) and self.low == 0.0 and self.steps > 0):
+            self._descend(step_size, forgotten)
+            return
         if forgotten:
+            if math.isinf(self.high):
+                self.crossed = step_size
             self.high = step_size
             self._next = (self.low + self.high) / 2
         else:
             self.low = step_size
             self._next = 2 * step_size if math.isinf(self.high) else (self.low + self.high) / 2
         self.steps += 1
+
+    def _descend(self, step_size: float, forgotten: bool) -> None:
+        # At initial · 2^k (steps == k, the plain search's count before probing it). Forgotten above the first
+        # doubling: halve. Forgotten at `initial`, or not forgotten: the plain search's state after its first
+        # forgotten doubling, which is here or one above.
+        k = self.steps
+        if forgotten and k > 0:
+            self.descending, self.high, self.steps, self._next = True, step_size, k - 1, step_size / 2
+            return
+        self.descending = False
+        if forgotten:  # `initial` forgets: the bracket is [0, initial], as after the plain search's first probe
+            self.high, self.steps = step_size, 1
+        else:
+            self.low, self.steps = step_size, k + 2
+        self.crossed = self.high
+        self._next = (self.low + self.high) / 2
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume the search exactly (plain floats and ints)."""
@@ -335,6 +376,8 @@ class BinarySearch:
             "high": self.high,
             "steps": self.steps,
             "next": self._next,
+            "descending": self.descending,
+            "crossed": self.crossed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -343,7 +386,7 @@ class BinarySearch:
         Raises:
             ValueError: if keys are missing or a value is out of range.
         """
-        missing = sorted(set(self.state_dict()) - set(state))
+        missing = sorted(set(self.state_dict()) - set(state) - {"descending", "crossed"})  # (older states lack it)
         if missing:
             raise ValueError(f"The search state lacks {missing}; got keys {sorted(state)}.")
         self._configure(state["initial"], state["max_steps"], state["tolerance"])
@@ -352,6 +395,8 @@ class BinarySearch:
         if not (0.0 <= low < high and isinstance(steps, int) and steps >= 0 and next_ > 0):
             raise ValueError(f"Inconsistent search state: low={low}, high={high}, steps={steps}, next={next_}.")
         self.low, self.high, self.steps, self._next = low, high, steps, next_
+        self.descending = bool(state.get("descending", False))
+        self.crossed = state.get("crossed")
 
     def __repr__(self) -> str:
         return (
@@ -374,7 +419,8 @@ def choose(probes: Sequence[Probe], metric: str = "top5") -> Probe:
         The chosen probe.
 
     Raises:
-        ValueError: if ``probes`` is empty, spans several concepts, or ``metric`` is unknown.
+        ValueError: if ``probes`` is empty, spans several concepts, ``metric`` is unknown, or a probe that was not
+            tested has the lowest forget accuracy (its utility could decide: test it first, see :func:`untested`).
 
     Example::
 
@@ -399,8 +445,32 @@ def choose(probes: Sequence[Probe], metric: str = "top5") -> Probe:
             probe.relative_change,
         )
 
+    missing = untested(probes, metric)
+    if missing:
+        raise ValueError(f"choose cannot rank probes {missing}: not tested, and their utility could decide.")
     # min() keeps the first of equal keys, which is the "first in order" tie-break.
     return probes[min(range(len(probes)), key=rank)]
+
+
+def untested(probes: Sequence[Probe], metric: str = "top5") -> list[int]:
+    """The indices of the probes :func:`choose` would need the test accuracies of but lacks: untested probes with
+    the lowest forget accuracy.
+
+    A probe skips its test sets only when it fails the forget test, so its forget accuracy is above that of any
+    probe that passed: it can rank first only when no probe forgot, and then its utility breaks the tie.
+
+    Example::
+
+        >>> a = Probe("x", "visual.proj", 0, 1.0, 0.1, 0.5, 0.5, tested=False)
+        >>> b = Probe("x", "visual.proj", 1, 2.0, 0.2, 0.0, 0.0, {"objects": 0.7}, {"objects": 0.9})
+        >>> untested([a, b]), untested([a])
+        ([], [0])
+    """
+    _check_metric(metric)
+    if not probes:
+        return []
+    least = min(p.forget_accuracy(metric) for p in probes)
+    return [i for i, p in enumerate(probes) if not p.tested and p.forget_accuracy(metric) == least]
 
 
 def concept_orders(concepts: Sequence[str], count: int) -> list[list[str]]:

@@ -39,13 +39,16 @@ class FakeEditor:
     def evaluate(self):
         return summarize(self.world.run(), NAMES, FORGET_SETS)
 
-    def probe(self, layer, step_size, direction):
+    def probe(self, layer, step_size, direction, needs_tests=None):
         original = self.world.parameters[layer].clone()
         self.world.parameters[layer].add_(step_size * direction)
         try:
-            return self.evaluate()
+            summary = self.evaluate()
         finally:
             self.world.parameters[layer].copy_(original)
+        if needs_tests is not None and not needs_tests({"forget": summary["forget"], "test": {}}):
+            return {"forget": summary["forget"], "test": {}}  # forget first: the test sets skipped
+        return summary
 
     def shift(self, changes):
         for layer, step_size, direction in changes:
