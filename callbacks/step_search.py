@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from slug_lightning.audit.prompts import ensemble_templates
+from slug_lightning.audit.prompts import searched_sets
 from slug_lightning.callbacks.search_progress import SearchProgress
 from slug_lightning.datamodules.labelled import ZeroShotDataModule
 from slug_lightning.editor import ModelEditor
@@ -162,9 +162,8 @@ class StepSearch(Callback):
         for option, value in (("full_probes", full_probes), ("warm_start", warm_start)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{option} must be true or false, got {value!r}.", option, value)
-        if template_ensemble:
-            sets = [replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
-        self.sets, self.forget_set, self.template_ensemble = list(sets), forget_set, template_ensemble
+        self.sets, self.forget_set = searched_sets(sets, template_ensemble), forget_set
+        self.template_ensemble = template_ensemble
         self.metric, self.threshold = metric, threshold
         self.max_steps, self.tolerance = max_steps, tolerance
         self.towers, self.fronts, self.signed_alignment = tuple(towers), fronts, signed_alignment

@@ -93,6 +93,13 @@ def ensemble_templates(templates: Sequence[str]) -> list[str]:
     return [*templates, *unseen[: len(unseen) // 2]]
 
 
+def searched_sets(sets: Sequence[LabelledSet], template_ensemble: bool) -> list[LabelledSet]:
+    """The evaluation sets as the search uses them: as given, or each with its :func:`ensemble_templates`."""
+    if not template_ensemble:
+        return list(sets)
+    return [dataclasses.replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
+
+
 def other_names(concept: Concept, paraphrases: Sequence[str] = ()) -> list[str]:
     """The names to try in place of a concept's class name: its aliases, then the paraphrases, each once, the class
     name itself left out.

@@ -15,7 +15,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ from slug_lightning.audit.measure import measure_concept
 from slug_lightning.audit.prompts import (
     AuditEvaluator,
     audit_evaluator,
-    ensemble_templates,
     held_out_templates,
+    searched_sets,
     template_accuracy,
     template_key,
 )
@@ -120,9 +120,7 @@ def read_run(run_dir: str | Path) -> RunSetup:
         )
     settings = report.get("settings") or {}
     try:
-        sets = [LabelledSet(**spec) for spec in search["sets"]]
-        if search.get("template_ensemble"):  # the search's templates, as StepSearch extends them
-            sets = [replace(spec, templates=ensemble_templates(spec.templates)) for spec in sets]
+        sets = searched_sets([LabelledSet(**spec) for spec in search["sets"]], bool(search.get("template_ensemble")))
     except TypeError as error:
         raise UserError(
             f"{path / 'config.yaml'}: search.init_args.sets is not a list of evaluation sets: {error}"
