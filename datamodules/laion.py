@@ -343,7 +343,8 @@ class LaionDataModule(lightning.LightningDataModule):
             (``"shards/{00000..00099}.tar"``, ``"https://host/laion/{00000..00099}.tar"``), globs (local and fsspec
             URLs), several joined by ``"::"`` or given as a list.
         forget_shards: Shard pattern(s) the forget pairs are filtered from; default: ``shards``.
-        concepts: Concepts to forget (name and aliases), matched on captions.
+        concepts: Concepts to forget, matched on captions: names (``[Vesna Fairbank, "Ines Yardley"]``), or
+            ``{name: ..., aliases: [...]}`` where other spellings must match too.
         batch_size: Global batch size, shared by all devices.
         num_workers: DataLoader worker processes per device.
         shuffle: Shuffle the training pairs, differently each epoch (forget and retain streams are never
@@ -393,7 +394,7 @@ class LaionDataModule(lightning.LightningDataModule):
         self,
         shards: str | list[str],
         forget_shards: str | list[str] | None = None,
-        concepts: list[Concept] | None = None,
+        concepts: list[str | Concept] | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         shuffle: bool = True,

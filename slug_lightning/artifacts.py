@@ -9,9 +9,10 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -97,6 +98,8 @@ def save_state_dict(path: str | Path, state_dict: Mapping[str, Any], metadata: M
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A short, cheap identity of a set of weights: names, shapes and a sample of values of every tensor."""
     import hashlib
+
+    import torch
 
     digest = hashlib.sha256()
     for name in sorted(state_dict):

@@ -31,9 +31,7 @@ from torch import Tensor, nn
 
 from slug_lightning.errors import ConfigError
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
-
-METHODS = ("slug", "ft", "ga", "gaft", "salun", "ssd")
-ITERATIVE = ("ft", "ga", "gaft", "salun")
+from slug_lightning.methods import METHODS
 
 
 @dataclass(frozen=True)

@@ -1,56 +1,51 @@
-"""The command line: ``python -m slug_lightning fit|validate|test|predict|unlearn|evaluate|demo|make-world``.
+"""The command line: ``python -m slug_lightning COMMAND`` (or ``slug-lightning COMMAND``).
 
-The Trainer subcommands are LightningCLI's (``--help``, ``--print_config``, several ``--config`` files,
-dotted overrides); ``unlearn`` and ``evaluate`` are methods of :class:`~slug_lightning.trainer.SlugTrainer`.
-``demo`` and ``make-world`` are plain commands: they are not Trainer runs.
+``fit``, ``unlearn`` and ``evaluate`` are LightningCLI commands of :class:`~slug_lightning.trainer.SlugTrainer`
+(:mod:`slug_lightning.trainer_cli`); the others are plain commands (:mod:`slug_lightning.commands`). Both families
+share one style: options with underscores (dashes are accepted), ``--flag`` or ``--flag true|false`` for switches,
+``--output`` for a file and ``--output_dir`` for a directory, and one-line errors (exit 2). This module imports
+neither Lightning nor torch, so ``--help``, ``--version`` and each plain command's ``--help`` start at once.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from typing_extensions import override
+from slug_lightning import __version__
+from slug_lightning.commands.parsing import underscored
+from slug_lightning.errors import NotForgotten, UsageError, UserError
+from slug_lightning.usage import error_line, suggestion
 
-from slug_lightning.errors import ConfigError, NotForgotten, UserError
-from slug_lightning.trainer import SlugTrainer, unlearn_dir
-
-DESCRIPTION = """\
-SLUG (Single Layer Unlearning Gradient) for OpenCLIP models.
-
-Trainer subcommands (configure with --config FILE.yaml, several allowed, and dotted overrides):
-  fit        train or fine-tune a CLIP on image-caption shards (CLIPContrastive)
-  unlearn    make a CLIP forget concepts: gradients, Pareto layers, step-size search, artifacts
-  evaluate   zero-shot top-1/top-5 of a CLIP on labelled image sets
-Other commands:
-  demo       make the demo world, fit the tiny CLIP, unlearn one person, print the result
-  make-world write the demo world (LAION-style shards + labelled sets)
-  export-diffusers / export-llava   put a run's edit into a diffusers text encoder / a LLaVA vision tower
-  eval-diffusion / eval-vlm         measure forgetting in a diffusion pipeline / a LLaVA-style VLM
-  compare    run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one config; table and plot
-  delta      show, apply, remove or combine the per-concept edits of runs (delta.safetensors)
-
-Set SLUG_DEBUG=1 to see a traceback for input errors.
-"""
-
-# Commands that are not Trainer runs (slug_lightning.commands): name -> "module:function", the function taking
-# (argv, prog) and returning an exit code. Imported only when used, so `--help` of the Trainer subcommands stays
-# fast.
-PLAIN_COMMANDS = {
-    "demo": "slug_lightning.commands.demo:main",
-    "make-world": "slug_lightning.commands.demo:make_world_main",
-    "export-diffusers": "slug_lightning.commands.export:export_diffusers_main",
-    "export-llava": "slug_lightning.commands.export:export_llava_main",
-    "eval-diffusion": "slug_lightning.commands.evaluate_hf:diffusion_main",
-    "eval-vlm": "slug_lightning.commands.evaluate_hf:vlm_main",
-    "compare": "slug_lightning.commands.compare:main",
-    "delta": "slug_lightning.commands.delta:main",
-    "audit": "slug_lightning.commands.audit:main",
+# Commands run by LightningCLI: name -> what it does.
+TRAINER_COMMANDS = {
+    "fit": "train or fine-tune a CLIP on image-caption shards (CLIPContrastive)",
+    "unlearn": "make a CLIP forget concepts: gradients, Pareto layers, step-size search, artifacts",
+    "evaluate": "zero-shot top-1/top-5 of a CLIP on labelled image sets",
 }
+# Commands that are not Trainer runs: name -> ("module:function", what it does). The function takes (argv, prog)
+# and returns an exit code; it is imported only when its command runs.
+PLAIN_COMMANDS = {
+    "demo": ("slug_lightning.commands.demo:main", "make the demo world, fit the tiny CLIP, unlearn one person"),
+    "make-world": ("slug_lightning.commands.demo:make_world_main", "write the demo world (shards + labelled sets)"),
+    "audit": ("slug_lightning.commands.audit:main", "check that a run's forgetting holds (prompts, relearning)"),
+    "compare": ("slug_lightning.commands.compare:main", "run SLUG and the baselines on one config; table and plot"),
+    "delta": ("slug_lightning.commands.delta:main", "show, apply, remove or combine runs' per-concept edits"),
+    "export-diffusers": (
+        "slug_lightning.commands.export:export_diffusers_main",
+        "put a run's edit into SD's text encoder",
+    ),
+    "export-llava": ("slug_lightning.commands.export:export_llava_main", "put a run's edit into a LLaVA vision tower"),
+    "eval-diffusion": ("slug_lightning.commands.evaluate_hf:diffusion_main", "measure forgetting in an SD pipeline"),
+    "eval-vlm": ("slug_lightning.commands.evaluate_hf:vlm_main", "measure forgetting in a LLaVA-style VLM"),
+}
+COMMANDS = [*TRAINER_COMMANDS, *PLAIN_COMMANDS]
+# Options that are switches in no command, never given a value by --flag normalisation.
+_NOT_SWITCHES = ("--help", "--print_config", "--config", "-c", "-h")
 
 # Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the
 # constructors of the classes built from the config raise ConfigError (a UserError) for the settings they refuse,
@@ -58,106 +53,80 @@ PLAIN_COMMANDS = {
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-class _SaveFitConfig(SaveConfigCallback):
-    """Lightning's config record, for ``fit`` only: ``unlearn`` writes its resolved config into its own
-    output directory, and without a logger the log directory is the working directory, which a run must
-    not litter."""
-
-    @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
-
-
-class SlugCLI(LightningCLI):
-    """LightningCLI with the ``unlearn`` and ``evaluate`` subcommands of :class:`SlugTrainer`."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            trainer_class=SlugTrainer,
-            save_config_callback=_SaveFitConfig,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": _prog(), "description": DESCRIPTION, "formatter_class": _RawHelp},
-            args=args,
-            run=run,
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {
-            **LightningCLI.subcommands(),
-            "unlearn": {"model", "datamodule"},
-            "evaluate": {"model", "datamodule"},
-        }
-
-    @override
-    def instantiate_classes(self) -> None:
-        """Lightning's, with a setting a constructor refuses (a :class:`ConfigError`) named by its full option."""
-        try:
-            super().instantiate_classes()
-        except Exception as error:
-            refused = _first_cause(error, ConfigError)
-            config = self.config.get(self.subcommand) if self.subcommand else self.config
-            path = _option_path(config, refused.option, refused.value) if refused and refused.option else None
-            if path is None:
-                raise
-            raise UserError(f"--{path}: {refused}") from error
-
-    @override
-    def before_instantiate_classes(self) -> None:
-        """Refuse a ``trainer.val_check_interval`` below 1 step as one line, before Lightning takes it apart."""
-        if self.subcommand == "fit":
-            from slug_lightning.datamodules.laion import check_val_check_interval
-
-            check_val_check_interval(self.config["fit"]["trainer"]["val_check_interval"])
-
-    def before_unlearn(self) -> None:
-        """Refuse a finished output directory before any work, then record the resolved config in it (in its
-        ``smoke`` subdirectory for a smoke run, ``--trainer.fast_dev_run``)."""
-        config = self.config["unlearn"]
-        output = unlearn_dir(
-            Path(config["output_dir"]), config["overwrite"], bool(self.trainer.fast_dev_run), config["method"]
-        )
-        if self.trainer.is_global_zero:
-            from slug_lightning.artifacts import write_text
-
-            text = self._subcommand_parsers["unlearn"].dump(config, skip_none=False)
-            write_text(output / "config.yaml", text)
-
-
-def _prog() -> str:
+def prog() -> str:
+    """How the user called the program: ``python -m slug_lightning`` or the console script's name."""
     name = Path(sys.argv[0]).name
     return "python -m slug_lightning" if name in ("__main__.py", "-c", "") else name
 
 
-def _raw_help():
-    from jsonargparse import DefaultHelpFormatter
+def top_help() -> str:
+    """``--help`` of the program: the commands, and the conventions every command shares."""
+    width = max(map(len, COMMANDS))
+    trainer = [f"  {name:<{width}}  {text}" for name, text in TRAINER_COMMANDS.items()]
+    plain = [f"  {name:<{width}}  {text}" for name, (_, text) in PLAIN_COMMANDS.items()]
+    return "\n".join(
+        [
+            f"usage: {prog()} [--version] [--quiet | --verbose] COMMAND [options]",
+            "",
+            "SLUG (Single Layer Unlearning Gradient) for OpenCLIP models, on PyTorch Lightning.",
+            "",
+            "Trainer commands (--config FILE.yaml, several allowed, then dotted overrides such as",
+            "--search.init_args.metric top1; --trainer.* are Lightning's Trainer options):",
+            *trainer,
+            "Other commands:",
+            *plain,
+            "",
+            f"Example: {prog()} unlearn --config configs/demo/unlearn.yaml --concept 'Vesna Fairbank'",
+            "Every command has --help. Options take underscores (dashes work too); switches are --flag or",
+            "--flag true|false. --quiet shows only warnings and the result; --verbose shows third-party notices.",
+            "Set SLUG_DEBUG=1 to see a traceback for input errors.",
+        ]
+    )
 
-    class RawHelp(DefaultHelpFormatter):
-        """Keeps the line breaks of the description."""
 
-        def _fill_text(self, text, width, indent):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-
-    return RawHelp
-
-
-_RawHelp = _raw_help()
+def normalise(command: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` in the one style every parser takes: option names with underscores; for the Trainer commands, a bare
+    switch (``--overwrite``) given ``true``, and ``unlearn --concept NAME`` (repeatable) made the concept list."""
+    result: list[str] = []
+    concepts: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "--":
+            result += tokens[index:]
+            break
+        if token.startswith("--") and len(token) > 2:
+            token = underscored(token)
+            name, equals, value = token.partition("=")
+            if command == "unlearn" and name in ("--concept",):
+                if equals:
+                    concepts.append(value)
+                elif index + 1 < len(tokens):
+                    concepts.append(tokens[index + 1])
+                    index += 1
+                else:
+                    raise UsageError("--concept needs a name", f"{prog()} unlearn")
+                index += 1
+                continue
+            following = tokens[index + 1] if index + 1 < len(tokens) else None
+            bare = not equals and (following is None or following.startswith("--") or following in _NOT_SWITCHES)
+            if command in TRAINER_COMMANDS and bare and not token.endswith("help") and token not in _NOT_SWITCHES:
+                result += [token, "true"]
+                index += 1
+                continue
+        result.append(token)
+        index += 1
+    if concepts:
+        result.append(f"--data.init_args.concepts={json.dumps(concepts)}")
+    return result
 
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code. ``args`` defaults to ``sys.argv[1:]``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv[:1] and argv[0] in PLAIN_COMMANDS:
-            module, function = PLAIN_COMMANDS[argv[0]].split(":")
-            command = getattr(importlib.import_module(module), function)
-            return command(argv[1:], prog=f"{_prog()} {argv[0]}")
-        # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
-        SlugCLI(args=None if args is None else argv)
+        return _run(argv, from_sys_argv=args is None)
     except NotForgotten as error:
         print(f"error: {error}", file=sys.stderr)
         return NotForgotten.exit_code
@@ -165,53 +134,44 @@ def main(args: Sequence[str] | None = None) -> int:
         user_error = _user_error(error)
         if user_error is None or os.environ.get("SLUG_DEBUG"):
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        command = user_error.command if isinstance(user_error, UsageError) else None
+        message = " ".join(str(user_error).split()) if isinstance(user_error, UsageError) else str(user_error)
+        print(error_line(message, command) if command else f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _run(argv: list[str], from_sys_argv: bool) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"slug_lightning {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        known = ["--version", "--help", "--quiet", "--verbose"] if command.startswith("-") else COMMANDS
+        what = "option" if command.startswith("-") else "command"
+        raise UsageError(f"unknown {what} {command!r}" + suggestion(command, known, [command]), prog())
+    rest = normalise(command, rest)
+    if command == "unlearn" and {"-h", "--help"} & set(rest):
+        from slug_lightning.unlearn_help import unlearn_help
+
+        print(unlearn_help(prog()))
+        return 0
+    rest = ["--help" if token == "--help_all" else token for token in rest]
+    if command in PLAIN_COMMANDS:
+        module, function = PLAIN_COMMANDS[command][0].split(":")
+        run = getattr(importlib.import_module(module), function)
+        return run(rest, prog=f"{prog()} {command}")
+    from slug_lightning.trainer_cli import SlugCLI
+
+    if from_sys_argv:
+        # LightningCLI reads sys.argv itself when given no args; the DDP launcher re-runs sys.argv in each child.
+        sys.argv[1:] = [command, *rest]
+        SlugCLI(args=None, prog=prog())
+    else:
+        SlugCLI(args=[command, *rest], prog=prog())
     return 0
-
-
-def _first_cause(
-    error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]
-) -> BaseException | None:
-    """``error`` or the first of its explicit causes that is a ``kind``, else None."""
-    while error is not None and not isinstance(error, kind):
-        error = error.__cause__
-    return error
-
-
-def _option_path(config, option: str, value) -> str | None:
-    """The dotted option of ``config`` that a constructor parameter ``option`` given ``value`` came from.
-
-    Among the settings named ``option`` that are not None, the one equal to ``value``, else the only one;
-    None when that does not single one out (the message then names the parameter alone).
-    """
-    from jsonargparse import Namespace
-
-    found: list[tuple[str, object]] = []
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, (list, tuple)):
-            for index, item in enumerate(node):
-                walk(item, f"{prefix}[{index}]")
-            return
-        items = vars(node).items() if isinstance(node, Namespace) else node.items() if isinstance(node, dict) else ()
-        for key, item in items:
-            if not isinstance(key, str) or key.startswith("__"):
-                continue
-            path = f"{prefix}.{key}" if prefix else key
-            if key == option and item is not None:
-                found.append((path, item))
-            walk(item, path)
-
-    walk(config, "")
-
-    def plain(item):  # a list and a tuple of the same items are the same setting
-        return list(item) if isinstance(item, (list, tuple)) else item
-
-    equal = [path for path, item in found if plain(item) == plain(value)]
-    if len(equal) == 1:
-        return equal[0]
-    return found[0][0] if len(found) == 1 else None
 
 
 def _user_error(error: BaseException | None) -> BaseException | None:
@@ -220,4 +180,6 @@ def _user_error(error: BaseException | None) -> BaseException | None:
     jsonargparse re-raises an exception of a class it instantiates (a ModelLoadError of ``--model``) as a
     plain ValueError ``from`` the original, so the cause chain is where the user's problem is.
     """
-    return _first_cause(error, USER_ERRORS)
+    while error is not None and not isinstance(error, USER_ERRORS):
+        error = error.__cause__
+    return error

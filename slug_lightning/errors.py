@@ -28,6 +28,19 @@ class ConfigError(UserError):
         self.value = value
 
 
+class UsageError(UserError):
+    """A command line its parser refuses (an unknown option, a value of the wrong type).
+
+    Args:
+        message: What was wrong, on one line (with a "did you mean" where a close name exists).
+        command: The command it was given to (``slug-lightning unlearn``); the message points to its ``--help``.
+    """
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
 class NotForgotten(Exception):
     """Raised after an ``unlearn`` run given ``--require_forgotten true`` did not forget every concept the model
     knew. The run's artifacts are written (a result, not a failure); the command line exits with :attr:`exit_code`

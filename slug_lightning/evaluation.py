@@ -483,14 +483,14 @@ def forget_sets_of(
             known = [c for name in candidates for c in datasets[name].class_names]
             close = difflib.get_close_matches(concept, known, n=3)
             raise UserError(
-                f"Forget concept {concept!r} is not a class name of the evaluation set(s) {candidates}"
+                f"Concept {concept!r} is not a class of the evaluation sets {candidates}"
                 + (f"; close matches: {close}." if close else ".")
             )
         dataset = datasets[holders[0]]
         if dataset.class_index(concept) not in set(dataset.targets):
             raise UserError(
-                f"Forget concept {concept!r} has no images in evaluation set {holders[0]!r}, so its "
-                "forget accuracy cannot be measured."
+                f"Concept {concept!r} has no images in evaluation set {holders[0]!r}: its forget accuracy cannot "
+                "be measured."
             )
         result[concept] = holders[0]
     return result

@@ -14,7 +14,7 @@ from in :mod:`slug_lightning.partial_gradients`; where their files go is given b
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -62,15 +62,10 @@ class GradientCollector(L.LightningModule):
     then the retain loader (``LaionDataModule`` does). Afterwards ``collector.gradients`` holds the store.
 
     Args:
-        model_name: OpenCLIP model name (ignored when ``model`` is given).
+        model_name: OpenCLIP model name.
         pretrained: Pretrained tag or local checkpoint of that model.
         include: Extra parameter name patterns (fnmatch) to treat as candidate layers.
         exclude: Parameter name patterns to drop from the candidates.
-        model: A ready model (any module with ``encode_image``, ``encode_text`` and ``logit_scale``), e.g.
-            the CLIP inside a user's own LightningModule. Programmatic use only.
-        preprocess: The image transform for ``model`` (programmatic use with ``model``).
-        tokenizer: The tokenizer for ``model`` (programmatic use with ``model``).
-        concepts: Names of the forget streams in loader order; default: the datamodule's ``concepts``.
         activation_checkpointing: Recompute block activations in the backward pass instead of keeping
             them (OpenCLIP's gradient checkpointing): less memory for large models and batches, about one
             more forward pass of time. The gradients are the same.
@@ -81,6 +76,9 @@ class GradientCollector(L.LightningModule):
             batches to :attr:`partial_path` (``unlearn`` sets it to ``output_dir/gradients.partial.safetensors``,
             one file per rank under DDP), so that a killed run resumes where it stopped, with the same
             gradients as an uninterrupted one. 0 turns it off.
+
+    A CLIP already in memory (the one inside a user's own LightningModule) goes through :meth:`from_clip`. The forget
+    streams are named by the datamodule's ``concepts``, in loader order.
 
     The files of a run are named by whoever owns its directory (``unlearn`` does): :attr:`partial_path` for the
     partial sums (None: no checkpoints, no resume) and :attr:`store_path` for the finished store, saved by global
@@ -100,13 +98,10 @@ class GradientCollector(L.LightningModule):
         pretrained: str | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
-        model: nn.Module | None = None,
-        preprocess=None,
-        tokenizer=None,
-        concepts: Sequence[str] | None = None,
         activation_checkpointing: bool = False,
         max_skipped_fraction: float = 0.05,
         checkpoint_every: int = 200,
+        _clip: tuple[nn.Module, Callable, Callable] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= max_skipped_fraction <= 1.0:
@@ -121,22 +116,24 @@ class GradientCollector(L.LightningModule):
                 "checkpoint_every",
                 checkpoint_every,
             )
-        self.save_hyperparameters(ignore=["model", "preprocess", "tokenizer"])
+        self.save_hyperparameters(ignore=["_clip"])
         # The training transform, for a datamodule whose retain stream is augmented (as in the paper); a model
         # given programmatically brings none.
         self.train_preprocess = None
-        if model is None:
+        if _clip is None:
             from slug_lightning.models import load_clip
 
             loaded = load_clip(model_name, pretrained)
             model, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
             self.train_preprocess = loaded.train_preprocess
+        else:
+            model, preprocess, tokenizer = _clip
         for attribute in ("encode_image", "encode_text", "logit_scale"):
             if not hasattr(model, attribute):
                 raise TypeError(f"The model must have `{attribute}`; {type(model).__name__} has not.")
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
         self.include, self.exclude = tuple(include), tuple(exclude)
-        self.concepts = list(concepts) if concepts is not None else None
+        self.concepts: list[str] | None = None  # the forget streams' names, from the datamodule at the pass's start
         self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing and not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(
@@ -158,6 +155,16 @@ class GradientCollector(L.LightningModule):
         self.key: dict | None = None  # the gradient key of the pass (see gradient_key)
         self.seconds = 0.0
         self.memory = PeakMemory()
+
+    @classmethod
+    def from_clip(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable, **settings) -> GradientCollector:
+        """A collector for a CLIP already in memory (any module with ``encode_image``, ``encode_text`` and
+        ``logit_scale``, e.g. the one inside a user's own LightningModule), with its image transform and tokenizer.
+
+        ``settings`` are the other arguments of the constructor; ``model_name`` names the architecture in the
+        reports (default ``"slug-tiny"``).
+        """
+        return cls(**settings, _clip=(model, preprocess, tokenizer))
 
     def identity(self) -> dict:
         """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
@@ -191,9 +198,8 @@ class GradientCollector(L.LightningModule):
             precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if limit_predict_batches is None:
             limit_predict_batches = self.trainer.limit_predict_batches if self._trainer is not None else 1.0
-        known = {c.name: c for c in getattr(datamodule, "concepts", None) or []}
-        names = self.concepts if self.concepts is not None else list(known)
-        concepts = [{"name": name, "aliases": list(known[name].aliases) if name in known else []} for name in names]
+        known = getattr(datamodule, "concepts", None) or []
+        concepts = [{"name": c.name, "aliases": list(c.aliases)} for c in known]
         weights = weights or fingerprint(self.model.state_dict())
         return gradient_key(
             model_name=self.hparams.model_name,
@@ -224,9 +230,7 @@ class GradientCollector(L.LightningModule):
         self.memory.start()
         if self.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
-        if self.concepts is None:
-            datamodule = self.trainer.datamodule
-            self.concepts = [c.name for c in getattr(datamodule, "concepts", None) or []]
+        self.concepts = [c.name for c in getattr(self.trainer.datamodule, "concepts", None) or []]
         self.streams = [*self.concepts, RETAIN]
         names = set(self.candidates())
         self.key = self.gradient_key(weights=self.base_fingerprint)

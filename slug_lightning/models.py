@@ -24,8 +24,18 @@ from torch import nn
 
 from slug_lightning.errors import UserError
 
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HUB_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def register_model_configs() -> None:
+    """Make the package's model configs (``slug-tiny``) known to open_clip, e.g. to
+    ``open_clip.create_model("slug-tiny")``. Done when this module is imported; calling it again is harmless."""
+    open_clip.add_model_config(MODEL_CONFIGS)
+
+
+register_model_configs()
 
 
 class ModelLoadError(UserError):
@@ -49,10 +59,12 @@ class LoadedCLIP:
 
 
 def _suggest(value: str, valid: list[str], what: str) -> str:
-    close = difflib.get_close_matches(value, valid, n=5, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    listing = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
-    return f"{hint} Valid {what}: {listing}."
+    """A short hint: the closest valid values, else how many there are and where to list them."""
+    close = difflib.get_close_matches(value, valid, n=3, cutoff=0.5)
+    if close:
+        return f" Did you mean {', '.join(map(repr, close))}?"
+    listing = ", ".join(valid[:4]) + (f", ... ({len(valid)} in all)" if len(valid) > 4 else "")
+    return f" Valid {what}: {listing}."
 
 
 def check_model_name(model_name: str) -> None:
@@ -61,7 +73,8 @@ def check_model_name(model_name: str) -> None:
         return
     if model_name.replace("/", "-") not in open_clip.list_models():
         raise ModelLoadError(
-            f"Unknown OpenCLIP model {model_name!r}." + _suggest(model_name, open_clip.list_models(), "names")
+            f"Unknown OpenCLIP model {model_name!r}."
+            + _suggest(model_name, open_clip.list_models(), "names (open_clip.list_models())")
         )
 
 
@@ -157,10 +170,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with open(path, "rb") as file:  # a file object: torch guesses nothing from the name
             checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise ModelLoadError(
-            f"Refusing to load {str(path)!r}: it is not a weights-only checkpoint (loading it would run pickled "
-            f"code). Convert it to safetensors with a tool you trust. Detail: {str(error).splitlines()[0]}"
+            f"Refusing to load {str(path)!r}: not a weights-only checkpoint (loading it would run pickled code). "
+            "Convert it to safetensors with a tool you trust."
         ) from None
     except (RuntimeError, EOFError) as error:
         raise ModelLoadError(f"Cannot read checkpoint {str(path)!r}: {error}") from None

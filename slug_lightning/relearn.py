@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from slug_lightning.audit.settings import DEFAULT_KS
 from slug_lightning.baselines import trained_parameters
 from slug_lightning.concepts import Concept
 from slug_lightning.errors import ConfigError
@@ -30,8 +31,6 @@ from slug_lightning.losses import retain_loss_sum
 
 if TYPE_CHECKING:
     from slug_lightning.datamodules import LaionDataModule
-
-DEFAULT_KS = (4, 16, 64)
 
 
 def relearn_target(base_forget_top1: float) -> float:

@@ -327,8 +327,8 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
         )
     if (output / "report.json").exists() and not overwrite:
         raise UserError(
-            f"{str(output)!r} already holds a finished run (report.json). Choose another --output_dir, or pass "
-            "--overwrite true to replace it (its gradients.safetensors is reused when it matches)."
+            f"{str(output)!r} already holds a finished run (report.json): choose another --output_dir, or "
+            "--overwrite to replace it (its gradients are reused if they match)."
         )
 
 

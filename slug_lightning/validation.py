@@ -201,9 +201,7 @@ def check_eval_sets(search, concepts: Sequence[str]) -> dict[str, str]:
         return forget_sets_of(list(concepts), datasets, search.forget_set)
     except ValueError as error:
         where = f"{SEARCH}.forget_set" if search.forget_set else f"{SEARCH}.sets"
-        raise UserError(
-            f"{error} Each concept of {DATA}.concepts must be a class with images in the forget set ({where})."
-        ) from None
+        raise UserError(f"{error} ({where})") from None
 
 
 def check_images(files: Sequence[Path], where: str) -> None:
@@ -285,17 +283,15 @@ def check_concept_pairs(scan, concepts: Sequence, min_pairs: int) -> None:
         spellings = " or ".join(repr(s) for s in concept.spellings)
         if found == 0:
             close = near_matches(concept.name, scan.words)
-            hint = f" Near matches in the captions: {close}." if close else ""
+            hint = f"; near matches: {', '.join(map(repr, close[:3]))}" if close else ""
             raise UserError(
-                f"Concept {concept.name!r} ({DATA}.concepts): no caption mentions {spellings}; scanned "
-                f"{scan.captions} captions in {scan.shards} shard(s) of {DATA}.forget_shards.{hint} Fix the "
-                "name or add aliases."
+                f"No caption mentions {spellings} (scanned {scan.captions} captions of {DATA}.forget_shards){hint}. "
+                "Fix the name or add aliases."
             )
         if found < min_pairs:
             raise UserError(
-                f"Concept {concept.name!r} ({DATA}.concepts) has {found} forget pair(s) in {scan.captions} "
-                f"captions, fewer than {DATA}.min_forget_pairs={min_pairs}: its gradient would be mostly noise. "
-                "Add shards that mention it, add aliases, or lower min_forget_pairs."
+                f"Concept {concept.name!r} has {found} forget pairs in {scan.captions} captions, fewer than "
+                f"{DATA}.min_forget_pairs={min_pairs} (a noisy gradient); add shards or aliases, or lower it."
             )
 
 
@@ -313,10 +309,9 @@ def check_skipped(scan, max_fraction: float) -> None:
     if total and broken / total > max_fraction:
         bound = " at least" if scan.lost_is_lower_bound else ""
         raise UserError(
-            f"{broken} of {total} samples of {DATA}.forget_shards are{bound} broken ({scan.without_caption} without "
-            f"caption, {scan.without_image} without image, {scan.lost} lost in {len(scan.broken)} damaged "
-            f"shard(s)): {broken / total:.1%}, more than max_skipped_fraction={max_fraction} "
-            "(--model.init_args.max_skipped_fraction)."
+            f"{broken} of {total} samples of {DATA}.forget_shards are{bound} broken ({broken / total:.1%}: "
+            f"{scan.without_caption} without caption, {scan.without_image} without image, {scan.lost} lost in "
+            f"{len(scan.broken)} damaged shard(s)), above --model.init_args.max_skipped_fraction={max_fraction}."
         )
 
 
@@ -341,15 +336,11 @@ def check_forget_share(scan, concepts: Sequence, max_share: float, where: str) -
         found = scan.matches.get(concept.name, 0)
         share = found / scan.captions
         spellings = " or ".join(repr(s) for s in concept.spellings)
-        measured = (
-            f"Concept {concept.name!r} ({DATA}.concepts): {spellings} match {found} of the {scan.captions} "
-            f"captions of {where} ({share:.1%})"
-        )
+        measured = f"{spellings} match {found} of {scan.captions} captions of {where} ({share:.1%})"
         if share > max_share:
             raise UserError(
-                f"{measured}, more than {DATA}.max_forget_share={max_share}: its forget set would be a slice of "
-                "everything and forgetting it would damage the whole model. Fix the name or drop a too common "
-                f"alias; to run anyway, raise --{DATA}.max_forget_share (1 turns the check off)."
+                f"{measured}, above --{DATA}.max_forget_share={max_share}: a slice of everything. Fix the name or "
+                "alias, or raise it."
             )
         if share > WARN_FORGET_SHARE:
             warnings.warn(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+
+import slug_lightning.models  # noqa: F401 - registers the package's model configs (slug-tiny) with open_clip
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # Child processes (the CLI in a subprocess, DDP ranks) inherit these: one thread each, like the workers.
@@ -123,16 +126,18 @@ def tiny_clip():
 
 
 def one_line_error(capsys, args: list[str], *words: str) -> str:
-    """Run the CLI in this process; assert exit 2 with exactly one ``error:`` line holding ``words`` and no
-    traceback; return the line."""
+    """Run the CLI in this process; assert exit 2 with exactly one ``error:`` line of at most 200 characters holding
+    ``words``, no usage and no traceback; return the line."""
     from slug_lightning.cli import main
 
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "usage:" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
+    # At most 200 characters, not counting the paths it quotes (a user's path is as long as it is).
+    assert len(re.sub(r"'[^']*/[^']*'", "''", lines[0])) <= 200, lines[0]
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]

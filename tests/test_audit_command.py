@@ -17,6 +17,7 @@ from slug_lightning.audit.relearning import fitting_ks
 from slug_lightning.audit.render import with_audit_section
 from slug_lightning.audit.run import audit_verdict, image_probe_note, image_tower_unchanged
 from slug_lightning.commands.audit import _parser
+from slug_lightning.errors import UsageError
 from slug_lightning.relearn import DEFAULT_KS, first_pairs
 
 # --- fast: no fitted world -------------------------------------------------------------------------------------
@@ -77,9 +78,9 @@ def test_arguments():
     )
     assert args.paraphrases == ["the CEO of Tesla", "Musk"] and args.relearn_ks == [4, 16] and args.relearn_steps == 8
     assert parser.parse_args(["--run", "r", "--no_relearn", "--output", "a.json"]).no_relearn
-    with pytest.raises(SystemExit):  # relearning ks and no relearning at once
+    with pytest.raises(UsageError, match="not allowed with"):  # relearning ks and no relearning at once
         parser.parse_args(["--run", "r", "--no_relearn", "--relearn_ks", "4"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="required: --run"):
         parser.parse_args([])
 
 

@@ -25,9 +25,11 @@ DEMO_UNLEARN = PACKAGED_CONFIGS / "demo" / "unlearn.yaml"
 
 
 def _help(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main([*args, "--help"])
-    assert exit_.value.code in (0, None)
+    try:
+        code = main([*args, "--help"])
+    except SystemExit as exit_:  # argparse and LightningCLI exit after printing the help
+        code = exit_.code
+    assert code in (0, None)
     return capsys.readouterr().out
 
 
@@ -71,13 +73,13 @@ def test_print_config_of_the_packaged_unlearn_config(capsys):
     "command, words",
     [
         ("fit", ["--trainer.max_steps", "--model", "--data", "--config"]),
-        ("unlearn", ["--search", "--output_dir", "--gradients", "--overwrite", "--trainer.devices"]),
+        ("unlearn", ["--search.init_args.metric", "--output_dir", "--gradients", "--overwrite", "--trainer.devices"]),
         ("evaluate", ["--model", "--data", "--output", "--trainer.devices"]),
     ],
 )
 def test_trainer_subcommand_help(capsys, command, words):
     text = _help(capsys, command)
-    assert f"{command} [-c CONFIG]" in text
+    assert f"{command} [-c CONFIG]" in text or command == "unlearn"  # unlearn's page is its own (test_cli_style)
     for word in words:
         assert word in text
 
@@ -223,7 +225,7 @@ def test_evaluate_output_that_is_a_directory_is_refused_before_evaluating(capsys
 def test_option_path_finds_the_option_a_constructor_names():
     from jsonargparse import Namespace
 
-    from slug_lightning.cli import _option_path
+    from slug_lightning.trainer_cli import _option_path
 
     config = Namespace(
         model=Namespace(class_path="m", init_args=Namespace(batch_size=None, concepts=None)),

@@ -68,7 +68,7 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
     run = fake_run(clip, layers, tmp_path / "run")
     before = _digest(sd2_like)
     output = tmp_path / "edited"
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", output) == 0
+    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", output) == 0
     assert _digest(sd2_like) == before  # the input is untouched
 
     delivered = load_file(str(output / "text_encoder" / "model.safetensors"))
@@ -118,7 +118,7 @@ def test_export_diffusers_delivers_the_unlearned_text_tower(clip, sd2_like, tmp_
 )
 def test_export_diffusers_refuses_what_the_pipeline_cannot_feel(clip, sd2_like, tmp_path, capsys, layer, message):
     run = fake_run(clip, {layer: 0.1}, tmp_path / "run")
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "out") == 2
+    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", tmp_path / "out") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -126,20 +126,31 @@ def test_export_diffusers_refuses_what_the_pipeline_cannot_feel(clip, sd2_like, 
 def test_export_refuses_a_pipeline_of_another_clip_and_existing_outputs(clip, sd2_like, tmp_path, capsys):
     other = randomize(open_clip.create_model("slug-tiny").eval(), seed=7)
     run = fake_run(other, {"ln_final.weight": 0.1}, tmp_path / "run")
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a") == 2
+    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", tmp_path / "a") == 2
     assert "not the CLIP the run started from" in capsys.readouterr().err
     assert (
-        _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a", "--no-check-base")
+        _export(
+            "export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", tmp_path / "a", "--no_check_base"
+        )
         == 0
     )
     assert (
-        _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "a", "--no-check-base")
+        _export(
+            "export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", tmp_path / "a", "--no_check_base"
+        )
         == 2
     )
     assert "already exists" in capsys.readouterr().err
     assert (
         _export(
-            "export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", sd2_like / "inside", "--no-check-base"
+            "export-diffusers",
+            "--run",
+            run,
+            "--pipeline",
+            sd2_like,
+            "--output_dir",
+            sd2_like / "inside",
+            "--no_check_base",
         )
         == 2
     )
@@ -157,7 +168,7 @@ def test_half_precision_variant_is_edited_too_and_keeps_its_dtype(clip, sd2_like
     run = fake_run(clip, {"transformer.resblocks.0.mlp.c_proj.weight": 0.1}, tmp_path / "run")
     assert (
         _export(
-            "export-diffusers", "--run", run, "--pipeline", pipeline, "--output", tmp_path / "out", "--link", "copy"
+            "export-diffusers", "--run", run, "--pipeline", pipeline, "--output_dir", tmp_path / "out", "--link", "copy"
         )
         == 0
     )
@@ -179,7 +190,7 @@ def test_export_llava_delivers_the_unlearned_vision_tower(clip, llava, tmp_path)
     )
     before = _digest(llava)
     output = tmp_path / "edited"
-    assert _export("export-llava", "--run", run, "--model", llava, "--output", output) == 0
+    assert _export("export-llava", "--run", run, "--model", llava, "--output_dir", output) == 0
     assert _digest(llava) == before
 
     delivered = load_file(str(output / "model.safetensors"))
@@ -218,7 +229,7 @@ def test_export_llava_delivers_the_unlearned_vision_tower(clip, llava, tmp_path)
 )
 def test_export_llava_refuses_layers_after_the_feature_layer(clip, llava, tmp_path, capsys, layer):
     run = fake_run(clip, {layer: 0.1}, tmp_path / "run")
-    assert _export("export-llava", "--run", run, "--model", llava, "--output", tmp_path / "out") == 2
+    assert _export("export-llava", "--run", run, "--model", llava, "--output_dir", tmp_path / "out") == 2
     error = capsys.readouterr().err
     assert "never uses" in error or "takes the vision tower" in error
     # read from the last layer, the same last block is reachable
@@ -230,9 +241,9 @@ def test_export_llava_refuses_layers_after_the_feature_layer(clip, llava, tmp_pa
                 run,
                 "--model",
                 llava,
-                "--output",
+                "--output_dir",
                 tmp_path / "out",
-                "--vision-feature-layer",
+                "--vision_feature_layer",
                 "-1",
             )
             == 0
@@ -247,7 +258,7 @@ def test_sharded_model_rewrites_only_the_shard_with_the_edit(clip, llava, tmp_pa
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 2
     run = fake_run(clip, {"visual.transformer.resblocks.0.mlp.c_fc.weight": 0.1}, tmp_path / "run")
-    assert _export("export-llava", "--run", run, "--model", sharded, "--output", tmp_path / "out") == 0
+    assert _export("export-llava", "--run", run, "--model", sharded, "--output_dir", tmp_path / "out") == 0
     summary = json.loads((tmp_path / "out" / "slug_edit.json").read_text())
     assert len(summary["rewritten"]) == 1 and summary["rewritten"][0] in shards
     assert sum(name.endswith(".safetensors") for name in summary["linked"]) == len(shards) - 1
@@ -260,7 +271,7 @@ def test_sharded_model_rewrites_only_the_shard_with_the_edit(clip, llava, tmp_pa
 def test_unlearned_model_without_delta_delivers_its_tower(clip, sd2_like, tmp_path):
     run = fake_run(clip, {"transformer.resblocks.0.ln_2.weight": 0.1}, tmp_path / "run")
     (run / "delta.safetensors").unlink()
-    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output", tmp_path / "out") == 0
+    assert _export("export-diffusers", "--run", run, "--pipeline", sd2_like, "--output_dir", tmp_path / "out") == 0
     summary = json.loads((tmp_path / "out" / "slug_edit.json").read_text())
     assert summary["changed"] == ["encoder.layers.0.layer_norm2.weight"]
     delivered = load_file(str(tmp_path / "out" / "text_encoder" / "model.safetensors"))

@@ -167,7 +167,7 @@ def test_eval_vlm_runs_a_llava_model_before_and_after(llava, tmp_path):
                 str(tmp_path / "ids"),
                 "--target",
                 "Ada Lovelace",
-                "--max-new-tokens",
+                "--max_new_tokens",
                 "3",
                 "--output",
                 str(output),
@@ -250,7 +250,7 @@ def test_unlearn_the_sd_pipeline_text_encoder_and_deliver_it(clips, sd2_like, wo
                 str(tmp_path / "run"),
                 "--pipeline",
                 str(sd2_like),
-                "--output",
+                "--output_dir",
                 str(tmp_path / "edited"),
             ]
         )
@@ -287,7 +287,7 @@ def test_unlearn_the_llava_vision_tower_and_deliver_it(clips, llava, world, tmp_
                 str(tmp_path / "run"),
                 "--model",
                 str(llava),
-                "--output",
+                "--output_dir",
                 str(tmp_path / "edited"),
             ]
         )

@@ -104,6 +104,14 @@ def test_unknown_model_name_suggests_close_names():
         load_clip("ViT-B-33")
     assert "Did you mean" in str(error.value) and "'ViT-B-32'" in str(error.value)
     assert isinstance(error.value, UserError)  # shown as one line by the CLI
+    assert len(str(error.value)) <= 200  # not the list of every open_clip config
+
+
+def test_unknown_model_name_without_close_names_is_short():
+    with pytest.raises(ModelLoadError) as error:
+        load_clip("zzzz")
+    message = str(error.value)
+    assert "open_clip.list_models()" in message and len(message) <= 200
 
 
 def test_unknown_pretrained_tag_lists_valid_tags_without_downloading(no_model_creation):
@@ -112,7 +120,7 @@ def test_unknown_pretrained_tag_lists_valid_tags_without_downloading(no_model_cr
     message = str(error.value)
     assert "'laion400m_e33' is neither a pretrained tag of 'ViT-B-32'" in message
     assert "Did you mean 'laion400m_e32'" in message
-    assert "Valid tags:" in message and "openai" in message and "laion2b_s34b_b79k" in message
+    assert len(message) <= 200
 
 
 def test_known_tag_passes_the_check_without_downloading(no_model_creation):

@@ -183,11 +183,9 @@ def test_concept_no_caption_mentions_suggests_near_matches(capsys, world, tmp_pa
     line = refused(
         capsys,
         unlearn_args(world, tmp_path / "out", concepts=[{"name": typo}], sets=sets),
-        f"Concept {typo!r}",
-        "data.init_args.concepts",
-        "no caption mentions",
-        "captions in 3 shard(s)",
-        "Near matches",
+        f"no caption mentions {typo!r}",
+        "data.init_args.forget_shards",
+        "near matches",
         world.default_target,
     )
     scanned = int(line.split("scanned ")[1].split(" ")[0])
@@ -197,7 +195,7 @@ def test_concept_no_caption_mentions_suggests_near_matches(capsys, world, tmp_pa
 def test_concept_with_too_few_forget_pairs(capsys, world, tmp_path):
     pairs = scan_shards(expand_shards(world.shards), [Concept(world.default_target)]).matches[world.default_target]
     args = unlearn_args(world, tmp_path / "out", "--data.init_args.min_forget_pairs", str(pairs + 1))
-    refused(capsys, args, f"has {pairs} forget pair(s)", f"min_forget_pairs={pairs + 1}")
+    refused(capsys, args, f"has {pairs} forget pairs", f"min_forget_pairs={pairs + 1}")
 
 
 def test_forget_concept_missing_from_the_forget_set(capsys, world, tmp_path):
@@ -206,7 +204,7 @@ def test_forget_concept_missing_from_the_forget_set(capsys, world, tmp_path):
     refused(
         capsys,
         unlearn_args(world, tmp_path / "out", concepts=concepts),
-        "'Somebody Else' is not a class name",
+        "'Somebody Else' is not a class of the evaluation sets",
         "identities",
         "search.init_args.sets",
     )
@@ -384,11 +382,8 @@ def test_config_cannot_instantiate_arbitrary_callables(capsys, world, tmp_path, 
     config.write_text(json.dumps({section: {"class_path": class_path, "init_args": {"args": ["touch", str(marker)]}}}))
     args = unlearn_args(world, tmp_path / "out")
     args[3:3] = ["--config", str(config)]
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert f"{class_path} does not correspond to a subclass" in err
+    line = one_line_error(capsys, args, section)
+    assert class_path in line
     assert not marker.exists()
 
 
@@ -601,9 +596,8 @@ def test_alias_matching_most_captions_is_refused_unless_the_share_is_raised(caps
     refused(
         capsys,
         unlearn_args(world, tmp_path / "out", concepts=concepts),
-        f"Concept {world.default_target!r}",
-        "'a'",
-        "more than data.init_args.max_forget_share=0.25",
+        f"{world.default_target!r} or 'a'",
+        "above --data.init_args.max_forget_share=0.25",
         "--data.init_args.max_forget_share",
     )
 
@@ -612,7 +606,7 @@ def test_forget_share_warns_above_five_percent_and_refuses_above_the_limit(world
     concept = Concept(world.default_target)
     scan = scan_shards(expand_shards(world.shards), [concept])
     assert WARN_FORGET_SHARE < scan.matches[concept.name] / scan.captions < 0.25  # one of the tiny world's 4 people
-    with pytest.warns(UserWarning, match=r"match \d+ of the \d+ captions of the shards .*, more than 5%"):
+    with pytest.warns(UserWarning, match=r"match \d+ of \d+ captions of the shards .*, more than 5%"):
         check_forget_share(scan, [concept], 0.25, "the shards")
     with pytest.raises(UserError, match="more than data.init_args.max_forget_share=0.1"):
         check_forget_share(scan, [concept], 0.1, "the shards")

@@ -15,22 +15,38 @@ The measures are small pure functions of tensors; the functions that run a model
 :class:`~slug_lightning.audit.prompts.AuditEvaluator`, a zero-shot evaluator run once per model.
 """
 
-from slug_lightning.audit.measure import measure_concept
-from slug_lightning.audit.probe import image_probe, linear_probe_accuracy, stratified_folds
-from slug_lightning.audit.prompts import (
-    AuditEvaluator,
-    audit_evaluator,
-    ensemble_templates,
-    held_out_templates,
-    name_accuracy,
-    other_names,
-    set_counts,
-    template_accuracy,
-    template_key,
-    unseen_prompt_accuracy,
-)
-from slug_lightning.audit.retrieval import query_embedding, retrieval_scores, search_by_name
-from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
+# public name -> its submodule; imported on first use, so that the audit's settings load without torch
+_LAZY = {
+    "AuditEvaluator": "prompts",
+    "audit_evaluator": "prompts",
+    "ensemble_templates": "prompts",
+    "held_out_templates": "prompts",
+    "image_probe": "probe",
+    "linear_probe_accuracy": "probe",
+    "measure_concept": "measure",
+    "name_accuracy": "prompts",
+    "other_names": "prompts",
+    "query_embedding": "retrieval",
+    "recoveries": "verdict",
+    "retrieval_scores": "retrieval",
+    "search_by_name": "retrieval",
+    "set_counts": "prompts",
+    "similarity_shift": "verdict",
+    "stratified_folds": "probe",
+    "template_accuracy": "prompts",
+    "template_key": "prompts",
+    "unseen_prompt_accuracy": "prompts",
+    "verdict": "verdict",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'slug_lightning.audit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"slug_lightning.audit.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "AuditEvaluator",

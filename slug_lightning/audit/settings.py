@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from slug_lightning.errors import ConfigError
 from slug_lightning.labelled_sets import validate_template
-from slug_lightning.relearn import DEFAULT_KS
 
 # lr 1e-5 is AdamW's usual fine-tuning rate for a pretrained CLIP; the forget top-1 is measured every
 # RELEARN_EVERY steps, so a step count is a multiple of it.
+# How many relearning pairs the audit tries (METHOD §10's relearning test), fewest first.
+DEFAULT_KS = (4, 16, 64)
 RELEARN_STEPS = 64
 RELEARN_LR = 1e-5
 RELEARN_EVERY = 4

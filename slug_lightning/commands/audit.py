@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slug_lightning.audit.settings import RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS, AuditSettings
+from slug_lightning.audit.settings import DEFAULT_KS, RELEARN_EVERY, RELEARN_LR, RELEARN_STEPS, AuditSettings
+from slug_lightning.commands.parsing import CommandParser
 from slug_lightning.errors import ConfigError, UserError
-from slug_lightning.relearn import DEFAULT_KS
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description=(
             "Audit a finished unlearn run (SLUG or a baseline): the base model against the unlearned one, for each "

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slug_lightning.baselines import METHODS
 from slug_lightning.commands.audit import add_audit_arguments, settings_of
+from slug_lightning.commands.parsing import CommandParser
 from slug_lightning.compare import DEFAULT_LRS, compare
 from slug_lightning.errors import UserError
+from slug_lightning.methods import METHODS
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description="Run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one unlearn config and tabulate "
         "forget and test accuracy, wall time, peak memory and edit size.",

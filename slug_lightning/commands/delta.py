@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from slug_lightning import deltas
+from slug_lightning.commands.parsing import CommandParser
 from slug_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    from slug_lightning.deltas import Delta
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description="Show, apply, remove and combine the per-concept edits of unlearn runs "
         "(delta.safetensors). Checkpoints are OpenCLIP state dicts (safetensors or weights-only torch files).",
@@ -55,7 +59,9 @@ def _check_output(output: str, inputs: list[str]) -> Path:
     return path
 
 
-def _combined(paths: list[str], concepts: list[str] | None) -> deltas.Delta:
+def _combined(paths: list[str], concepts: list[str] | None) -> Delta:
+    from slug_lightning import deltas
+
     read = [deltas.read_delta(p) for p in paths]
     try:
         delta = deltas.combine(read) if len(read) > 1 else read[0]
@@ -68,6 +74,8 @@ def _combined(paths: list[str], concepts: list[str] | None) -> deltas.Delta:
 
 def show(paths: list[str]) -> str:
     """The table ``delta show`` prints: one row per concept and layer of every delta."""
+    from slug_lightning import deltas
+
     rows = [("delta", "concept", "layer", "tower", "step size", "rel. change", "base model")]
     for path in paths:
         delta = deltas.read_delta(path)
@@ -90,6 +98,8 @@ def show(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m slug_lightning delta") -> int:
     args = _parser(prog).parse_args(argv)
+    from slug_lightning import deltas  # after parsing: --help and mistakes need no torch
+
     if args.command == "show":
         print(show(args.deltas))
         return 0

@@ -9,11 +9,12 @@ import argparse
 import inspect
 from collections.abc import Sequence
 
+from slug_lightning.commands.parsing import CommandParser
 from slug_lightning.demo.run import run_demo
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description="Make the demo world, fit the tiny CLIP (cached), unlearn one person, print the result.",
     )
@@ -44,7 +45,7 @@ def make_world_main(argv: Sequence[str] | None = None, prog: str = "python -m sl
     from slug_lightning.demo.world import make_demo_world
 
     # The description is the first line of the generator's docstring.
-    parser = argparse.ArgumentParser(prog=prog, description=generator.__doc__.split("\n")[0])
+    parser = CommandParser(prog=prog, description=generator.__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
     # One integer flag per parameter of make_demo_world, with its default, so the two never disagree.
     counts = [
@@ -53,9 +54,7 @@ def make_world_main(argv: Sequence[str] | None = None, prog: str = "python -m sl
         if isinstance(p.default, int) and not isinstance(p.default, bool)
     ]
     for param in counts:
-        parser.add_argument(
-            f"--{param.name.replace('_', '-')}", type=int, default=param.default, help=f"(default {param.default})"
-        )
+        parser.add_argument(f"--{param.name}", type=int, default=param.default, help=f"(default {param.default})")
     parser.add_argument("--overwrite", action="store_true", help="replace a world written with other parameters")
     args = vars(parser.parse_args(argv))
     world = make_demo_world(args.pop("root"), **args)

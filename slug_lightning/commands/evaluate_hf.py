@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slug_lightning.commands.parsing import CommandParser
 from slug_lightning.concepts import Concept
 from slug_lightning.errors import UserError
-from slug_lightning.hf.evaluate import DEFAULT_QUESTION, diffusion_forgetting, identity_answers, llava_answerer
+from slug_lightning.hf import DEFAULT_QUESTION
 
 
 def _names(values: list[str] | None, path: str | None, what: str) -> list[str]:
@@ -46,7 +47,7 @@ def _finish(result: dict, output: str | None) -> None:
 
 def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") -> int:
     """``eval-diffusion``: fraction of generated images a CLIP classifies as the target, before and after."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description=(
             "Generate images for prompts with a diffusers pipeline (and with its edited copy) and classify them "
@@ -61,17 +62,18 @@ def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") 
     parser.add_argument("--class", dest="classes", action="append", help="another name to choose among (repeat)")
     parser.add_argument("--classes", dest="classes_file", help="a file with one name per line")
     parser.add_argument("--template", action="append", help="zero-shot template (default: 'a photo of {}.')")
-    parser.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP model that classifies (default ViT-B-32)")
-    parser.add_argument("--clip-pretrained", default=None, help="its weights: tag or file")
+    parser.add_argument("--clip_model", default="ViT-B-32", help="OpenCLIP model that classifies (default ViT-B-32)")
+    parser.add_argument("--clip_pretrained", default=None, help="its weights: tag or file")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--images_per_prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=None, help="image height and width (default: the pipeline's)")
-    parser.add_argument("--save-images", help="write the images under this directory (before/, after/)")
+    parser.add_argument("--save_images", help="write the images under this directory (before/, after/)")
     _common(parser)
     args = parser.parse_args(argv)
     from slug_lightning.hf import require
+    from slug_lightning.hf.evaluate import diffusion_forgetting
     from slug_lightning.models import load_clip
 
     DiffusionPipeline = require("diffusers", "diffusion").DiffusionPipeline
@@ -112,7 +114,7 @@ def diffusion_main(argv: list[str] | None = None, prog: str = "eval-diffusion") 
 
 def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
     """``eval-vlm``: how often a LLaVA-style model names the target in its images, before and after."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description=(
             "Ask a LLaVA-style model (and its edited copy) who is in each image of an identity set "
@@ -131,11 +133,12 @@ def vlm_main(argv: list[str] | None = None, prog: str = "eval-vlm") -> int:
         default=1.0,
         help="seeded per-class subset of the other identities' images (the target's are all kept)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
     _common(parser)
     args = parser.parse_args(argv)
     from slug_lightning.datamodules.labelled import LabelledImages
     from slug_lightning.hf import require
+    from slug_lightning.hf.evaluate import identity_answers, llava_answerer
     from slug_lightning.labelled_sets import LabelledSet
 
     transformers = require("transformers", "vlm")

@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slug_lightning.hf.checkpoints import LINK_MODES
-from slug_lightning.hf.export import deliver, diffusers_reach, llava_reach
-from slug_lightning.layers import LANGUAGE, VISION
+from slug_lightning.commands.parsing import CommandParser
+from slug_lightning.hf import LINK_MODES
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run", required=True, help="output directory of an unlearn run (delta.safetensors and/or model.safetensors)"
     )
-    parser.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
+    parser.add_argument("--output_dir", required=True, help="new directory to write (must not exist or be empty)")
     parser.add_argument(
         "--link",
         choices=LINK_MODES,
@@ -27,7 +26,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         help="how unchanged files get into the output (default: symlink into the input)",
     )
     parser.add_argument(
-        "--no-check-base",
+        "--no_check_base",
         action="store_true",
         help="add the delta even if the pipeline's CLIP differs from the run's base model",
     )
@@ -50,7 +49,7 @@ def _report(summary: dict, output: str) -> None:
 
 def export_diffusers_main(argv: list[str] | None = None, prog: str = "export-diffusers") -> int:
     """``export-diffusers``: put a language-tower edit into a diffusers pipeline's text encoder."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description=(
             "Write a copy of a diffusers pipeline (e.g. Stable Diffusion 2.1) whose text encoder carries an "
@@ -63,26 +62,29 @@ def export_diffusers_main(argv: list[str] | None = None, prog: str = "export-dif
     parser.add_argument(
         "--component", default="text_encoder", help="subfolder of the text encoder (default: text_encoder)"
     )
-    parser.add_argument("--clip-skip", type=int, default=0, help="the clip_skip you run the pipeline with")
+    parser.add_argument("--clip_skip", type=int, default=0, help="the clip_skip you run the pipeline with")
     args = parser.parse_args(argv)
+    from slug_lightning.hf.export import deliver, diffusers_reach
+    from slug_lightning.layers import LANGUAGE
+
     pipeline = Path(args.pipeline)
     summary = deliver(
         args.run,
         pipeline,
-        args.output,
+        args.output_dir,
         LANGUAGE,
         args.component,
         diffusers_reach(pipeline, args.component, args.clip_skip),
         args.link,
         not args.no_check_base,
     )
-    _report(summary, args.output)
+    _report(summary, args.output_dir)
     return 0
 
 
 def export_llava_main(argv: list[str] | None = None, prog: str = "export-llava") -> int:
     """``export-llava``: put a vision-tower edit into a LLaVA-style model (or a CLIP vision directory)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description=(
             "Write a copy of a LLaVA-style model (transformers LlavaForConditionalGeneration directory, e.g. "
@@ -96,22 +98,25 @@ def export_llava_main(argv: list[str] | None = None, prog: str = "export-llava")
     parser.add_argument("--model", required=True, help="the model directory (config.json + safetensors)")
     _common_arguments(parser)
     parser.add_argument(
-        "--vision-feature-layer",
+        "--vision_feature_layer",
         type=int,
         default=None,
         help="hidden state the model reads (default: from config.json, else -2)",
     )
     args = parser.parse_args(argv)
+    from slug_lightning.hf.export import deliver, llava_reach
+    from slug_lightning.layers import VISION
+
     model = Path(args.model)
     summary = deliver(
         args.run,
         model,
-        args.output,
+        args.output_dir,
         VISION,
         "",
         llava_reach(model, args.vision_feature_layer),
         args.link,
         not args.no_check_base,
     )
-    _report(summary, args.output)
+    _report(summary, args.output_dir)
     return 0

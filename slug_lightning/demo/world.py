@@ -52,6 +52,7 @@ from slug_lightning.demo.vocabulary import (
     SCENES,
     SURNAMES,
 )
+from slug_lightning.errors import ConfigError
 
 # Bump when a change to this package changes the files it writes, so an old world is not reused.
 GENERATOR_VERSION = 1
@@ -202,7 +203,7 @@ def make_demo_world(
             return load_demo_world(root)
         if not overwrite:
             changed = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
-            raise ValueError(
+            raise ConfigError(
                 f"{root} already holds a demo world with other parameters (old, new): {changed}. "
                 "Pass overwrite=True (--overwrite) to replace it, or choose another directory."
             )
@@ -281,7 +282,7 @@ def _clear_outputs(root: Path) -> None:
         path = root / sub
         if path.exists() and any(path.iterdir()):
             if not ours:
-                raise ValueError(
+                raise ConfigError(
                     f"{path} exists and is not part of a demo world (no {WORLD_FILE} or {INCOMPLETE_MARKER} in "
                     f"{root}); refusing to overwrite it. Choose an empty or new directory."
                 )
@@ -297,7 +298,7 @@ def _check_params(params: dict) -> None:
     }
     for name, (low, high) in limits.items():
         if not low <= params[name] <= high:
-            raise ValueError(f"{name}={params[name]} is out of range; valid is {low}..{high}.")
+            raise ConfigError(f"{name}={params[name]} is out of range; valid is {low}..{high}.")
     for name in (
         "portraits_per_person",
         "person_object_per_person",
@@ -307,18 +308,18 @@ def _check_params(params: dict) -> None:
         "eval_per_object",
     ):
         if params[name] < 0:
-            raise ValueError(f"{name}={params[name]} must be >= 0.")
+            raise ConfigError(f"{name}={params[name]} must be >= 0.")
     samples = (
         params["people"] * (params["portraits_per_person"] + params["person_object_per_person"])
         + params["objects"] * params["samples_per_object"]
         + params["scenery_samples"]
     )
     if params["shards"] > samples:
-        raise ValueError(f"shards={params['shards']} is more than the {samples} samples; every shard needs one.")
+        raise ConfigError(f"shards={params['shards']} is more than the {samples} samples; every shard needs one.")
     if params["portraits_per_person"] + params["person_object_per_person"] < 1 or params["eval_per_person"] < 1:
-        raise ValueError("Every person needs at least one shard sample and one evaluation image.")
+        raise ConfigError("Every person needs at least one shard sample and one evaluation image.")
     if params["samples_per_object"] + params["person_object_per_person"] < 1 or params["eval_per_object"] < 1:
-        raise ValueError("Every object needs at least one shard sample and one evaluation image.")
+        raise ConfigError("Every object needs at least one shard sample and one evaluation image.")
 
 
 def _family_sizes(count: int) -> list[int]:

@@ -17,6 +17,11 @@ extras (``pip install "slug-lightning[diffusion]"`` / ``"[vlm]"``) imported only
 
 from slug_lightning.errors import UserError
 
+# How unchanged files of a pipeline get into an export: links into the input, or copies.
+LINK_MODES = ("symlink", "hardlink", "copy")
+# What eval-vlm asks about each identity image.
+DEFAULT_QUESTION = "Who is in this image? Answer with the person's name."
+
 
 def require(package: str, extra: str):
     """Import an optional dependency, or explain which extra installs it.

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from slug_lightning.errors import UserError
+from slug_lightning.hf import LINK_MODES
 from slug_lightning.hf.mapping import Layout
 
-LINK_MODES = ("symlink", "hardlink", "copy")
 # Pickled weight formats: never read here (only safetensors are edited), and never carried into an output
 # where a loader might prefer the unedited copy to the edited safetensors.
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")

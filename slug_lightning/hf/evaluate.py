@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from slug_lightning.concepts import Concept
-
-DEFAULT_QUESTION = "Who is in this image? Answer with the person's name."
+from slug_lightning.hf import DEFAULT_QUESTION
 
 
 def generate_images(

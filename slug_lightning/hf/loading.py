@@ -4,7 +4,7 @@ SLUG needs both towers (the forget loss compares image and text embeddings), but
 sometimes only part of it (SD 2.x keeps 23 of ViT-H-14's 24 text blocks, no projection). So the OpenCLIP
 architecture the tower came from is built (with its pretrained weights: the other tower and the missing
 blocks come from there) and the pipeline's tensors are loaded over it through :mod:`.mapping`. The result
-goes to ``GradientCollector(model=...)``, or use :class:`PipelineGradientCollector` in a config::
+goes to ``GradientCollector.from_clip(...)``, or use :class:`PipelineGradientCollector` in a config::
 
     model:
       class_path: slug_lightning.hf.PipelineGradientCollector
@@ -131,7 +131,6 @@ class PipelineGradientCollector(GradientCollector):
         restrict_to_pipeline: Exclude the candidates the pipeline cannot feel (see above).
         include: Extra candidate patterns (as in ``GradientCollector``).
         exclude: More patterns to exclude.
-        concepts: Names of the forget streams in loader order.
     """
 
     def __init__(
@@ -144,7 +143,6 @@ class PipelineGradientCollector(GradientCollector):
         restrict_to_pipeline: bool = True,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
-        concepts: Sequence[str] | None = None,
     ) -> None:
         loaded, reach = load_pipeline_clip(pipeline, kind, model_name, pretrained, component)
         exclude = list(exclude)
@@ -157,10 +155,7 @@ class PipelineGradientCollector(GradientCollector):
             pretrained=pretrained,
             include=include,
             exclude=exclude,
-            model=loaded.model,
-            preprocess=loaded.preprocess,
-            tokenizer=loaded.tokenizer,
-            concepts=concepts,
+            _clip=(loaded.model, loaded.preprocess, loaded.tokenizer),
         )
         self.pipeline, self.kind, self.reach = str(Path(pipeline).resolve()), kind, reach
 
