@@ -73,7 +73,7 @@ class SlugCLI(LightningCLI):
             given = sys.argv[1:] if args is None else args
             command = next((a for a in given if a in self.subcommands()), None)
             message = condense(str(error))
-            names = option_names(self._subcommand_parsers[command]) if command else list(self.subcommands())
+            names = option_names(self._subcommand_parsers[command]) if command else []
             raise UsageError(message + suggestion(message, names), f"{self.prog} {command or ''}".strip()) from None
 
     @override

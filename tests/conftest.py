@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported here, its log handlers hold the real stderr, not one test's captured stream
 import pytest
 import torch
 from filelock import FileLock

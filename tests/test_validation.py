@@ -368,7 +368,7 @@ def test_malicious_pickle_checkpoint_is_refused_without_running_it(capsys, world
 def test_output_directory_with_a_finished_run(capsys, world, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "report.json").write_text("{}")
-    refused(capsys, unlearn_args(world, tmp_path / "out"), "already holds a finished run", "--overwrite true")
+    refused(capsys, unlearn_args(world, tmp_path / "out"), "already holds a finished run", "--overwrite")
 
 
 @pytest.mark.parametrize(

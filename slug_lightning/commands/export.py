@@ -92,7 +92,7 @@ def export_llava_main(argv: list[str] | None = None, prog: str = "export-llava")
             "safetensors shard(s) holding changed tensors are new; the rest are links (or copies). Refuses edits "
             "the model cannot feel (LLaVA-1.5 reads the penultimate vision block: not the last block, ln_post "
             "or the projection). For the original LLaVA code, whose config names a separate CLIP "
-            "(mm_vision_tower), give that CLIP's directory as --model and --vision-feature-layer -2."
+            "(mm_vision_tower), give that CLIP's directory as --model and --vision_feature_layer -2."
         ),
     )
     parser.add_argument("--model", required=True, help="the model directory (config.json + safetensors)")

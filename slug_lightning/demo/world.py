@@ -204,8 +204,8 @@ def make_demo_world(
         if not overwrite:
             changed = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
             raise ConfigError(
-                f"{root} already holds a demo world with other parameters (old, new): {changed}. "
-                "Pass overwrite=True (--overwrite) to replace it, or choose another directory."
+                f"{str(root)!r} holds a demo world made with other parameters (old, new): {changed}; pass "
+                "--overwrite (overwrite=True) to replace it, or choose another directory."
             )
         world_file.unlink()
         (root / INCOMPLETE_MARKER).touch()
