@@ -8,7 +8,7 @@ drops to the threshold. The audit asks again in ways the edit was not chosen for
   class name;
 - :mod:`~slug_lightning.audit.retrieval`: searching the evaluation images by the concept's name;
 - :mod:`~slug_lightning.audit.probe`: a linear probe on the image features, the concept against its look-alikes;
-- :mod:`~slug_lightning.audit.verdict`: how the concept's image–text cosines moved, and one verdict line per
+- :mod:`~slug_lightning.audit.verdicts`: how the concept's image–text cosines moved, and one verdict line per
   concept; :mod:`~slug_lightning.audit.measure` gathers one concept's measures for it.
 
 The measures are small pure functions of tensors; the functions that run a model read one
@@ -27,16 +27,16 @@ _LAZY = {
     "name_accuracy": "prompts",
     "other_names": "prompts",
     "query_embedding": "retrieval",
-    "recoveries": "verdict",
+    "recoveries": "verdicts",
     "retrieval_scores": "retrieval",
     "search_by_name": "retrieval",
     "set_counts": "prompts",
-    "similarity_shift": "verdict",
+    "similarity_shift": "verdicts",
     "stratified_folds": "probe",
     "template_accuracy": "prompts",
     "template_key": "prompts",
     "unseen_prompt_accuracy": "prompts",
-    "verdict": "verdict",
+    "verdict": "verdicts",
 }
 
 

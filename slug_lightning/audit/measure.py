@@ -1,4 +1,4 @@
-"""Every audit probe of one concept on one model, in the form :func:`~slug_lightning.audit.verdict.verdict` reads."""
+"""Every audit probe of one concept on one model, in the form :func:`~slug_lightning.audit.verdicts.verdict` reads."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from slug_lightning.audit.prompts import (
 )
 from slug_lightning.audit.relearning import concept_images, forget_top1, relearn_clause, relearning_measure
 from slug_lightning.audit.settings import AuditSettings
-from slug_lightning.audit.verdict import recoveries, similarity_shift, verdict
+from slug_lightning.audit.verdicts import recoveries, similarity_shift, verdict
 from slug_lightning.concepts import Concept, as_concepts
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import forget_sets_of
@@ -173,7 +173,7 @@ def image_probe_note(probe: Mapping, margin: float) -> str:
 def audit_verdict(
     unlearned: Mapping, relearned: Mapping | None, image_unchanged: bool, tolerance: float, metric: str
 ) -> str:
-    """The verdict line of one concept: :func:`~slug_lightning.audit.verdict.verdict` of the unlearned model's
+    """The verdict line of one concept: :func:`~slug_lightning.audit.verdicts.verdict` of the unlearned model's
     measures (without the image probe when the image tower is unchanged), then the relearning phrase, if any."""
     measures = {key: value for key, value in unlearned.items() if not (image_unchanged and key == "image_probe")}
     line = verdict(measures, tolerance=tolerance, metric=metric)
