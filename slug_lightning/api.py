@@ -36,15 +36,14 @@ if TYPE_CHECKING:
 __all__ = ["Accuracy", "ChosenEdit", "LoadedRun", "UnlearnResult", "load_run", "unlearn"]
 
 ConfigSource = str | os.PathLike | Mapping[str, Any]
-REPORT, MODEL, DELTA, REPORT_MD, CONFIG = (
-    "report.json",
-    "model.safetensors",
-    "delta.safetensors",
-    "report.md",
-    "config.yaml",
-)
-# The sections a Python object may stand in for, and the classes it must be (checked before any work).
-OBJECT_SECTIONS = ("model", "data", "search", "trainer")
+# The artifacts of a run this module reads or points at (docs/report_format.md, the README's table).
+REPORT = "report.json"
+REPORT_MD = "report.md"
+MODEL = "model.safetensors"
+DELTA = "delta.safetensors"
+CONFIG = "config.yaml"
+# Errors that are the user's, as the command line tells them apart (anything else is a bug and keeps its type).
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 # The parser requires ``model`` and ``search``: when an object stands in for one, the parser is given this stand-in
 # first (a config's own section, given after it, wins); it is never built, as the object replaces the section
 # before anything is instantiated.
@@ -66,7 +65,13 @@ class Accuracy:
 
     @classmethod
     def of(cls, entry: Mapping[str, Any]) -> Accuracy:
-        """From a report's ``{top1, top5}`` (``null`` in report.json is NaN here)."""
+        """From a report's ``{top1, top5}`` (``null`` in report.json, a set with no images, is NaN here).
+
+        Example::
+
+            >>> Accuracy.of({"top1": 0.25, "top5": None})
+            Accuracy(top1=0.25, top5=nan)
+        """
         return cls(*(math.nan if entry[k] is None else float(entry[k]) for k in ("top1", "top5")))
 
 
@@ -104,7 +109,7 @@ def chosen_edits(report: Mapping[str, Any]) -> tuple[ChosenEdit, ...]:
     )
 
 
-def test_accuracies(report: Mapping[str, Any], when: str) -> dict[str, Accuracy]:
+def set_accuracies(report: Mapping[str, Any], when: str) -> dict[str, Accuracy]:
     """Each test set's accuracy ``before`` any edit or ``after`` every edit."""
     return {name: Accuracy.of(entry) for name, entry in report[when]["test"].items()}
 
@@ -291,9 +296,19 @@ def unlearn(
     objects = _checked_objects(model=model, data=data, search=search, trainer=trainer)
     trainer_kwargs = dict(trainer) if isinstance(trainer, Mapping) else {}
     plain = {f"trainer.{key}": value for key, value in trainer_kwargs.items() if _is_plain(value)}
-    trainer_objects = {key: value for key, value in trainer_kwargs.items() if not _is_plain(value)}
-    explicit = {"output_dir": output_dir, "overwrite": overwrite, "method": method, "gradients": gradients}
-    explicit["require_forgotten"] = require_forgotten
+    # a list copied: the Trainer's builder appends its own callbacks to the list it is given
+    trainer_objects = {
+        key: list(value) if isinstance(value, list) else value
+        for key, value in trainer_kwargs.items()
+        if not _is_plain(value)
+    }
+    explicit = {
+        "output_dir": output_dir,
+        "overwrite": overwrite,
+        "method": method,
+        "gradients": gradients,
+        "require_forgotten": require_forgotten,
+    }
     args = [
         "unlearn",
         *(arg for section in objects if section in STAND_INS for arg in STAND_INS[section]),
@@ -311,8 +326,8 @@ def unlearn(
         method=report["method"],
         verdict=report["verdict"],
         edits=chosen_edits(report),
-        test_before=test_accuracies(report, "before"),
-        test_after=test_accuracies(report, "after"),
+        test_before=set_accuracies(report, "before"),
+        test_after=set_accuracies(report, "after"),
         report=report,
         model=cli.model.model,
     )
@@ -400,7 +415,7 @@ def _run_cli(args: list[str], objects: dict[str, Any], trainer_objects: dict[str
 def _user_cause(error: BaseException | None) -> BaseException | None:
     """``error`` or the first of its explicit causes that is the user's (jsonargparse wraps the errors of the classes
     it builds), as the command line tells them apart."""
-    while error is not None and not isinstance(error, (UserError, FileNotFoundError, NotADirectoryError)):
+    while error is not None and not isinstance(error, USER_ERRORS):
         error = error.__cause__
     return error
 
@@ -431,6 +446,9 @@ def _api_cli() -> type:
                     config["trainer"]["logger"] = False
                 if config["trainer"]["default_root_dir"] is None:
                     config["trainer"]["default_root_dir"] = config["output_dir"]
+            # LightningCLI records a module's hyperparameters from a dump of the whole config, which must still
+            # hold every section the parser requires when the config's model or datamodule is built: taken now.
+            self._dump_config()
             for section in ("model", "data", "search"):
                 if section in self.objects:  # nothing to build: the object replaces it
                     self.replaced[section] = config[section]

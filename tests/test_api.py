@@ -58,28 +58,6 @@ def assert_a_finished_run(result: UnlearnResult, cli_report: dict) -> None:
 # --- unlearn ------------------------------------------------------------------------------------------------
 
 
-def test_unlearn_from_configs_is_the_command_line_run(small_demo, small_run, tmp_path, monkeypatch):
-    """Two configs layered as two --config; config.yaml is the command line's record of the run, which a Trainer
-    built here gives no logger: nothing is written where the program runs."""
-    monkeypatch.chdir(tmp_path)
-    output, cli_report = small_run
-    result = unlearn(
-        [config_path("demo/unlearn.yaml"), small_demo / "demo_paths.yaml"],
-        output_dir=tmp_path / "api",
-        gradients=output / "gradients.safetensors",
-        overrides={**QUICK, "trainer.logger": None},  # as a config that names no logger
-    )
-    assert_a_finished_run(result, cli_report)
-    assert result.output_dir == tmp_path / "api" and result.report["timing"]["reused_gradients"] is True
-    record = yaml.safe_load(result.config_file.read_text())
-    assert record["output_dir"] == str(tmp_path / "api") and record["overwrite"] is False
-    assert record["gradients"] == str(output / "gradients.safetensors")
-    assert record["search"]["init_args"]["audit"] is False and record["trainer"]["logger"] is False
-    assert record["data"]["init_args"]["concepts"] == [{"name": cli_report["concepts"][0]["name"], "aliases": []}]
-    assert str(result.config_file) in result.report["command"]  # what the command line writes: it reruns
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["api"] and not list(tmp_path.rglob("lightning_logs"))
-
-
 def test_unlearn_from_objects_records_what_it_can(small_demo, small_run, tmp_path, monkeypatch):
     """No config: a collector, a datamodule, a search and Trainer arguments, a logger among them."""
     monkeypatch.chdir(tmp_path)
@@ -122,6 +100,34 @@ def test_unlearn_from_objects_records_what_it_can(small_demo, small_run, tmp_pat
     assert [entry["name"] for entry in result.report["loggers"]] == ["CSVLogger"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["api", "logs"]  # the logger's save_dir, and no more
     assert list((tmp_path / "logs").rglob("metrics.csv"))
+
+
+def test_an_object_stands_in_for_a_config_section(small_run, tmp_path, monkeypatch):
+    """The run's config, as a dict, with a search of our own, as a smoke run (Trainer arguments over the config's)."""
+    monkeypatch.chdir(tmp_path)
+    output, cli_report = small_run
+    search = StepSearch(sets=[LabelledSet(**s) for s in _sets(output)], metric="top1", max_steps=2, audit=False)
+    result = unlearn(
+        cli_config(output),  # a dict in the shape of a config file
+        output_dir=tmp_path / "run",
+        search=search,
+        trainer={"fast_dev_run": True},
+        gradients=output / "gradients.safetensors",
+    )
+    assert search.result is not None and result.report["smoke_run"] is True
+    assert result.output_dir == tmp_path / "run" / "smoke" and result.report_md.is_file()
+    assert result.report["settings"]["max_steps"] == 2 and cli_report["settings"]["max_steps"] == 10
+    record = yaml.safe_load(result.config_file.read_text())
+    assert record["search"] == {"class_path": "slug_lightning.callbacks.step_search.StepSearch"}
+    assert record["trainer"]["fast_dev_run"] is True and record["model"] == cli_config(output)["model"]
+
+
+def cli_config(output: Path) -> dict:
+    return yaml.safe_load((output / "config.yaml").read_text())
+
+
+def _sets(output: Path) -> list[dict]:
+    return cli_config(output)["search"]["init_args"]["sets"]
 
 
 @pytest.mark.parametrize(
@@ -263,9 +269,11 @@ def _named(node) -> bool:
     return isinstance(node, ast.Name) and node.id == "slug_lightning"
 
 
-def test_the_readme_snippet_runs_after_the_demo(small_demo, small_run, tmp_path, monkeypatch, capsys):
-    """In a directory laid out as ``python -m slug_lightning demo`` leaves it (the small demo's paths), with the
-    gradients reused and no audit, for speed."""
+def test_the_readme_snippet_is_the_command_line_run(small_demo, small_run, tmp_path, monkeypatch, capsys):
+    """The snippet, in a directory laid out as ``python -m slug_lightning demo`` leaves it (the small demo's paths),
+    with the gradients reused and no audit, for speed: two config files layered as two --config give the command
+    line's choice, and config.yaml is the command line's record. A Trainer built there gets no logger unless the
+    config names one: nothing is written where the program runs."""
     import slug_lightning
 
     output, cli_report = small_run
@@ -274,14 +282,27 @@ def test_the_readme_snippet_runs_after_the_demo(small_demo, small_run, tmp_path,
     shutil.copy(config_path("demo/unlearn.yaml"), tmp_path / "configs" / "demo" / "unlearn.yaml")
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     shutil.copy(small_demo / "demo_paths.yaml", tmp_path / "runs" / "demo" / "demo_paths.yaml")
+    gradients = output / "gradients.safetensors"
+    quick = {**QUICK, "trainer.logger": None}  # as a config that names no logger
 
-    def quick(*args, **kwargs):
-        return unlearn(*args, **kwargs, gradients=output / "gradients.safetensors", overrides=QUICK)
+    def quick_unlearn(*args, **kwargs):
+        return unlearn(*args, **kwargs, gradients=gradients, overrides=quick)
 
-    monkeypatch.setattr(slug_lightning, "unlearn", quick, raising=False)
+    monkeypatch.setattr(slug_lightning, "unlearn", quick_unlearn, raising=False)
     monkeypatch.setattr(slug_lightning, "load_run", load_run, raising=False)
     namespace: dict = {}
     exec(compile(readme_snippet(), str(README), "exec"), namespace)
-    assert chosen(namespace["result"].edits) == reported(cli_report)
-    assert namespace["run"].output_dir == Path("runs/demo/api") and namespace["features"].ndim == 2
+    result, run = namespace["result"], namespace["run"]
     assert f"{cli_report['verdict']} [" in capsys.readouterr().out
+    assert_a_finished_run(result, cli_report)
+    assert result.output_dir == Path("runs/demo/api") and result.report["timing"]["reused_gradients"] is True
+    assert run.output_dir == result.output_dir and namespace["features"].ndim == 2
+    record = yaml.safe_load(result.config_file.read_text())
+    assert record["output_dir"] == "runs/demo/api" and record["overwrite"] is False
+    assert record["gradients"] == str(gradients) and record["trainer"]["logger"] is False
+    assert record["search"]["init_args"]["audit"] is False and record["search"]["init_args"]["max_steps"] == 10
+    assert record["data"]["init_args"]["concepts"] == [{"name": cli_report["concepts"][0]["name"], "aliases": []}]
+    assert str(result.config_file) in result.report["command"]  # what the command line writes: it reruns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "runs"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["api", "demo_paths.yaml"]
+    assert not list(tmp_path.rglob("lightning_logs"))
