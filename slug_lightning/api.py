@@ -293,6 +293,8 @@ def unlearn(
             that cannot be used.
         NotForgotten: with ``require_forgotten``, when a concept was not forgotten (the artifacts are written).
     """
+    from slug_lightning.trainer import SMOKE_DIR
+
     objects = _checked_objects(model=model, data=data, search=search, trainer=trainer)
     trainer_kwargs = dict(trainer) if isinstance(trainer, Mapping) else {}
     plain = {f"trainer.{key}": value for key, value in trainer_kwargs.items() if _is_plain(value)}
@@ -320,7 +322,7 @@ def unlearn(
     report = cli.report
     if report is None:
         return None
-    output = Path(output_dir) / "smoke" if report["smoke_run"] else Path(output_dir)
+    output = Path(output_dir) / SMOKE_DIR if report["smoke_run"] else Path(output_dir)
     return UnlearnResult(
         output_dir=output,
         method=report["method"],
@@ -423,6 +425,8 @@ def _user_cause(error: BaseException | None) -> BaseException | None:
 @cache
 def _api_cli() -> type:
     """The command line's ``SlugCLI``, running ``unlearn`` for the API (built on first use: it imports Lightning)."""
+    from typing_extensions import override
+
     from slug_lightning.cli import SlugCLI  # the one import of the command line's parser here
 
     class ApiCLI(SlugCLI):
@@ -435,9 +439,11 @@ def _api_cli() -> type:
             self.report: dict | None = None
             super().__init__(args=args, run=True)
 
+        @override
         def init_parser(self, **kwargs):
             return super().init_parser(**{**kwargs, "exit_on_error": False})
 
+        @override
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
             config = self.config["unlearn"]
@@ -454,6 +460,7 @@ def _api_cli() -> type:
                     self.replaced[section] = config[section]
                     config[section] = None
 
+        @override
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
             for section, parsed in self.replaced.items():  # back, for the record in config.yaml
@@ -463,11 +470,13 @@ def _api_cli() -> type:
             if "search" in self.objects:
                 self.config_init["unlearn"]["search"] = self.objects["search"]
 
+        @override
         def instantiate_trainer(self, **kwargs):
             if "trainer" in self.objects:
                 return self.objects["trainer"]
             return super().instantiate_trainer(**{**self.trainer_objects, **kwargs})
 
+        @override
         def before_unlearn(self) -> None:
             if self.datamodule is None:
                 raise UserError("unlearn(): no data: give `data` (a LightningDataModule) or a config with `data`.")

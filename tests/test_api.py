@@ -152,6 +152,14 @@ def test_a_mistake_is_one_line(small_run, tmp_path, monkeypatch, kwargs, words):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_without_data_is_one_line(small_run, tmp_path):
+    output, _ = small_run
+    config = {key: value for key, value in cli_config(output).items() if key != "data"}
+    with pytest.raises(UserError, match=r"^unlearn\(\): no data: give `data`"):
+        unlearn(config, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_plain_lightning_trainer_is_refused(tmp_path):
     trainer = L.Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
     with pytest.raises(UserError, match="trainer must be a SlugTrainer .* got Trainer"):
