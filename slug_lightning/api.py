@@ -200,7 +200,7 @@ class LoadedRun:
                 f"model is {self.report['model'].get('pretrained')!r}."
             )
         state, provenance, _ = read_checkpoint(self.output_dir / MODEL)
-        if provenance.applied:  # a run with apply=False carries no edit: its weights are θ⁰
+        if provenance.applied:
             delta = read_delta(_artifact(self.output_dir, DELTA, "the run's edits"))
             state, _ = remove_from_checkpoint(
                 state, provenance, delta, provenance.concepts, checkpoint=str(self.output_dir / MODEL)
@@ -217,8 +217,8 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
 
     Raises:
         UserError: (one line) when ``path`` is not a finished run: no directory, no ``report.json`` (a run that did
-            not finish, or a smoke run's parent: its result is in ``smoke/``), a smoke run (it has no result), or no
-            ``model.safetensors``.
+            not finish, or a smoke run's parent: its result is in ``smoke/``), a smoke run (it has no result), no
+            ``model.safetensors``, or one that holds θ⁰ instead of the edit (a search told ``apply=False``).
     """
     from slug_lightning.models import load_clip
 
@@ -233,8 +233,24 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
         raise UserError(
             f"{str(output)!r} holds a smoke run (--trainer.fast_dev_run): its model and numbers mean nothing."
         )
-    loaded = load_clip(report["model"]["name"], str(_artifact(output, MODEL, "the unlearned weights")))
+    weights = _artifact(output, MODEL, "the unlearned weights")
+    if report["method"] == "slug" and any(c["layer"] for c in report["concepts"]) and _carries_no_edit(weights):
+        raise UserError(
+            f"{str(output)!r}: its {MODEL} holds θ⁰, not the edit (the search ran with apply=False); "
+            f"`python -m slug_lightning delta apply` adds its {DELTA}."
+        )
+    loaded = load_clip(report["model"]["name"], str(weights))
     return LoadedRun(output, report, loaded.model, loaded.preprocess, loaded.tokenizer)
+
+
+def _carries_no_edit(weights: Path) -> bool:
+    """Whether a run's weights record that they carry none of its edits (:class:`~slug_lightning.deltas.Provenance`
+    in the safetensors metadata: a search told ``apply=False`` restores θ⁰)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return "base_fingerprint" in metadata and not json.loads(metadata.get("deltas") or "[]")
 
 
 def _artifact(output: Path, name: str, what: str) -> Path:

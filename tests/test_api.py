@@ -26,6 +26,7 @@ from slug_lightning.api import ChosenEdit, LoadedRun, UnlearnResult, load_run, u
 from slug_lightning.callbacks import StepSearch
 from slug_lightning.concepts import Concept
 from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
+from slug_lightning.deltas import Provenance, read_checkpoint, write_checkpoint
 from slug_lightning.demo import load_demo_world
 from slug_lightning.errors import UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, summarize
@@ -227,8 +228,12 @@ def test_load_run_refuses_what_is_not_a_finished_run_in_one_line(small_run, tmp_
     smoke_parent = tmp_path / "smoke_parent"
     (smoke_parent / "smoke").mkdir(parents=True)
     (smoke_parent / "smoke" / "report.json").write_text(json.dumps({**report, "smoke_run": True}))
+    kept_base = _copy_run(output, tmp_path / "apply_false", "report.json")
+    state, provenance, _ = read_checkpoint(output / "model.safetensors")
+    write_checkpoint(kept_base / "model.safetensors", state, Provenance(provenance.base_fingerprint, []))
     cases = {
         tmp_path / "absent": "is not a directory",
+        kept_base: "its model.safetensors holds θ⁰, not the edit (the search ran with apply=False)",
         _copy_run(output, tmp_path / "unfinished", "config.yaml"): "holds no report.json: it is not a finished",
         smoke_parent: "its smoke/ holds a smoke run",
         smoke_parent / "smoke": "holds a smoke run",
