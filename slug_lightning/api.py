@@ -443,7 +443,7 @@ def _api_cli() -> type:
     """The command line's ``SlugCLI``, running ``unlearn`` for the API (built on first use: it imports Lightning)."""
     from typing_extensions import override
 
-    from slug_lightning.cli import SlugCLI  # the one import of the command line's parser here
+    from slug_lightning.trainer_cli import SlugCLI  # the one import of the command line's parser here
 
     class ApiCLI(SlugCLI):
         """``SlugCLI`` for ``unlearn``, with Python objects standing in for config sections, parser errors raised
@@ -454,10 +454,6 @@ def _api_cli() -> type:
             self.replaced: dict[str, Any] = {}  # the parsed sections that objects stand in for, kept for the record
             self.report: dict | None = None
             super().__init__(args=args, run=True)
-
-        @override
-        def init_parser(self, **kwargs):
-            return super().init_parser(**{**kwargs, "exit_on_error": False})
 
         @override
         def before_instantiate_classes(self) -> None:
