@@ -138,10 +138,9 @@ def check_shard_sources(urls: dict[str, list[str]], timeout: float) -> None:
             f"{len(same)} shard(s) of {options} cannot be read as tar archives: {shown}{more}. Remove them from the "
             "pattern or repair them."
         )
-    raise UserError(
-        f"{len(same)} shard(s) of {options} cannot be read: {shown}{more}. Check the URL or command, or the server "
-        f"(reads wait up to --{DATA}.read_timeout={timeout:g} s), or remove them from the pattern."
-    )
+    slow = any("read_timeout" in reason for _, reason in same)
+    advice = f"; raise --{DATA}.read_timeout={timeout:g} for a slow source" if slow else ". Fix it or drop it"
+    raise UserError(f"{len(same)} shard(s) of {options} cannot be read: {shown}{more}{advice}.")
 
 
 def caption_read_note(scan, seconds: float) -> str:

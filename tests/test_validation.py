@@ -183,7 +183,7 @@ def test_concept_no_caption_mentions_suggests_near_matches(capsys, world, tmp_pa
     line = refused(
         capsys,
         unlearn_args(world, tmp_path / "out", concepts=[{"name": typo}], sets=sets),
-        f"no caption mentions {typo!r}",
+        f"No caption mentions {typo!r}",
         "data.init_args.forget_shards",
         "near matches",
         world.default_target,
@@ -608,7 +608,7 @@ def test_forget_share_warns_above_five_percent_and_refuses_above_the_limit(world
     assert WARN_FORGET_SHARE < scan.matches[concept.name] / scan.captions < 0.25  # one of the tiny world's 4 people
     with pytest.warns(UserWarning, match=r"match \d+ of \d+ captions of the shards .*, more than 5%"):
         check_forget_share(scan, [concept], 0.25, "the shards")
-    with pytest.raises(UserError, match="more than data.init_args.max_forget_share=0.1"):
+    with pytest.raises(UserError, match="above --data.init_args.max_forget_share=0.1"):
         check_forget_share(scan, [concept], 0.1, "the shards")
     rare = ShardScan(captions=1000, matches={concept.name: 25})  # 2.5 %, a person of the demo world
     with warnings.catch_warnings():
