@@ -15,24 +15,9 @@ Nothing here is imported by ``import slug_lightning``; ``transformers`` and ``di
 extras (``pip install "slug-lightning[diffusion]"`` / ``"[vlm]"``) imported only when used.
 """
 
-from slug_lightning.errors import UserError
+from slug_lightning.extras import require
 
-
-def require(package: str, extra: str):
-    """Import an optional dependency, or explain which extra installs it.
-
-    Raises:
-        UserError: if ``package`` is not installed.
-    """
-    import importlib
-
-    try:
-        return importlib.import_module(package)
-    except ImportError as error:
-        raise UserError(
-            f"This needs the optional package {package!r} ({error}). Install it with "
-            f'pip install "slug-lightning[{extra}]".'
-        ) from None
+__all__ = ["require"]
 
 
 def __getattr__(name: str):
