@@ -63,8 +63,11 @@ echo
 echo "Added by the package: $(mib "${added[after]}") MiB against $(mib "${added[before]}") MiB" \
     "($(( (100 * ${added[after]} + ${added[before]} / 2) / ${added[before]} ))% of before)."
 echo
-echo "Only before ($(comm -23 "$work/before.txt" "$work/after.txt" | wc -l)):" \
-    "$(comm -23 "$work/before.txt" "$work/after.txt" | paste -sd ' ' | sed 's/ /, /g')."
+only() {  # the distributions in list $1 and not in list $2, comma-separated, or "none"
+    local names
+    names=$(comm -23 "$1" "$2" | paste -sd ',' | sed 's/,/, /g')
+    echo "${names:-none}"
+}
+echo "Only before ($(comm -23 "$work/before.txt" "$work/after.txt" | wc -l)): $(only "$work/before.txt" "$work/after.txt")."
 echo
-echo "Only after ($(comm -13 "$work/before.txt" "$work/after.txt" | wc -l)):" \
-    "$(comm -13 "$work/before.txt" "$work/after.txt" | paste -sd ' ' | sed 's/ /, /g')."
+echo "Only after ($(comm -13 "$work/before.txt" "$work/after.txt" | wc -l)): $(only "$work/after.txt" "$work/before.txt")."
