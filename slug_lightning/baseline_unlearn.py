@@ -19,8 +19,10 @@ from slug_lightning.errors import UserError
 from slug_lightning.evaluation import class_changes, forget_sets_of, summarize
 from slug_lightning.memory import PeakMemory
 from slug_lightning.models import count_parameters
+from slug_lightning.provenance import software
 from slug_lightning.report import accuracies, assemble_report, describe_data, peak_memory
 from slug_lightning.report_render import render_baseline_markdown
+from slug_lightning.reproduce import reproduce_command
 from slug_lightning.search import concept_verdict
 
 
@@ -173,8 +175,8 @@ def unlearn_with_baseline(
         devices=1,
     )
     report["data"] = describe_data(datamodule, search.sets, set_sizes)
-    if (output / "config.yaml").is_file():
-        report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
+    report["software"] = software()
+    report["command"] = reproduce_command(output / "config.yaml")
     output.mkdir(parents=True, exist_ok=True)
     write_csv(output / "iterations.csv", [flat_row(row) for row in result.iterations])
     save_state_dict(

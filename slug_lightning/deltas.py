@@ -31,6 +31,7 @@ from torch import Tensor
 
 from slug_lightning.artifacts import fingerprint, save_state_dict
 from slug_lightning.errors import UserError
+from slug_lightning.provenance import public_identity, public_model_metadata
 
 DELTA_FORMAT = "slug_lightning.delta/1"
 ENTRY_FIELDS = ("key", "concept", "layer", "step_size", "tower", "relative_change")
@@ -98,8 +99,10 @@ def make_delta(
 
 
 def write_delta(path: str | Path, delta: Delta) -> None:
-    """Write ``delta`` as ``delta.safetensors`` (atomically)."""
-    metadata = {"format": DELTA_FORMAT, "model": json.dumps(delta.model), "entries": json.dumps(delta.entries)}
+    """Write ``delta`` as ``delta.safetensors`` (atomically); its model identity names a local checkpoint by content,
+    not path (:func:`~slug_lightning.provenance.public_identity`)."""
+    model = public_identity(delta.model)
+    metadata = {"format": DELTA_FORMAT, "model": json.dumps(model), "entries": json.dumps(delta.entries)}
     if delta.base_fingerprint is not None:
         metadata["base_fingerprint"] = delta.base_fingerprint
     save_state_dict(path, delta.tensors, metadata=metadata)
@@ -451,5 +454,8 @@ def write_checkpoint(
     provenance: Provenance,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a checkpoint (safetensors, atomically) recording its provenance; other metadata is kept."""
-    save_state_dict(path, state_dict, metadata={"format": "pt", **dict(metadata or {}), **provenance.metadata()})
+    """Write a checkpoint (safetensors, atomically) recording its provenance; other metadata is kept, a model
+    identity in it naming a local checkpoint by content, not path (:func:`~slug_lightning.provenance.public_identity`).
+    """
+    metadata = public_model_metadata(metadata or {})
+    save_state_dict(path, state_dict, metadata={"format": "pt", **metadata, **provenance.metadata()})

@@ -31,6 +31,7 @@ from slug_lightning.layers import candidate_layers
 from slug_lightning.losses import forget_loss_sum, retain_loss_sum
 from slug_lightning.memory import PeakMemory
 from slug_lightning.partial_gradients import load_partial, rank_file, resume_key, save_partial
+from slug_lightning.provenance import weights_source
 
 RETAIN = "retain"
 BUCKET_BYTES = 64 * 2**20
@@ -167,10 +168,14 @@ class GradientCollector(L.LightningModule):
         return cls(**settings, _clip=(model, preprocess, tokenizer))
 
     def identity(self) -> dict:
-        """What gradients of the model as it is now belong to: name, weights source, weights fingerprint."""
+        """What gradients of the model as it is now belong to: name, weights source, weights fingerprint.
+
+        A local checkpoint is named by its content (``sha256:<hex>``) and base name, never its path
+        (:func:`~slug_lightning.provenance.weights_source`): the identity goes into the files a run ships.
+        """
         return {
             "name": self.hparams.model_name,
-            "pretrained": self.hparams.pretrained,
+            **weights_source(self.hparams.pretrained),
             "fingerprint": fingerprint(self.model.state_dict()),
         }
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from slug_lightning.errors import ConfigError
+from slug_lightning.extras import install_hint, installed
 
 AVERAGING = ("micro", "macro")
 # `package:<file>` in `classes`/`image_classes` names a list shipped in slug_lightning/data/.
@@ -45,7 +46,8 @@ class LabelledSet:
             holding the images it lists. Exactly one of ``root`` and ``hf_dataset`` is given.
         hf_dataset: A Hugging Face dataset: a directory written by ``save_to_disk``, a local data directory
             ``datasets.load_dataset`` reads (e.g. an ``imagefolder`` or parquet files), or a hub id already
-            in the local cache (read only with ``HF_HUB_OFFLINE=1``, so the network is never tried).
+            in the local cache (read only with ``HF_HUB_OFFLINE=1``, so the network is never tried). Needs the
+            ``hf-datasets`` extra (``datasets``).
         split: The split of a ``hf_dataset`` (ignored for a ``save_to_disk`` directory holding one split).
         class_names: Class names in label order. Default: the sorted folder names (``_`` read as a space),
             the ``ClassLabel`` names of a Hugging Face dataset, or OpenCLIP's ImageNet class names for
@@ -103,6 +105,13 @@ class LabelledSet:
                 f"(a Hugging Face dataset), got root={self.root!r}, hf_dataset={self.hf_dataset!r}.",
                 "root",
                 self.root,
+            )
+        if self.hf_dataset is not None and not installed("datasets"):
+            raise ConfigError(
+                f"Labelled set {self.name!r}: hf_dataset needs the optional package 'datasets'; install it with "
+                f"{install_hint('hf-datasets')}.",
+                "hf_dataset",
+                self.hf_dataset,
             )
         if self.labels_file is not None and self.root is None:
             raise ConfigError(

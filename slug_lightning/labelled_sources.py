@@ -12,7 +12,7 @@ person in each: two header lines, then ``<image file> <Name_With_Underscores>`` 
 research code's ``list_identity_celeba.txt``; :func:`scan_labels_file`).
 
 A Hugging Face dataset is read offline only (:func:`load_hf_split`), its class names and labels without
-decoding an image (:func:`hf_class_labels`).
+decoding an image (:func:`hf_class_labels`); ``datasets`` is the optional extra ``hf-datasets``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slug_lightning.extras import require
 from slug_lightning.labelled_sets import LabelledSet, composed, folder_class_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -243,7 +244,7 @@ def load_hf_split(spec: LabelledSet) -> Any:
         FileNotFoundError: If the dataset or split cannot be found locally.
         ValueError: If a hub id is given while ``HF_HUB_OFFLINE`` is not set.
     """
-    import datasets
+    datasets = require("datasets", "hf-datasets")
 
     source = spec.hf_dataset
     path = Path(source).expanduser()
@@ -270,7 +271,7 @@ def load_hf_split(spec: LabelledSet) -> Any:
 
 def _offline(where: str, load: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call a ``datasets`` loader, turning its many failure types into one message that names the set."""
-    import datasets
+    datasets = require("datasets", "hf-datasets")
 
     try:
         return load(*args, **kwargs)
@@ -285,7 +286,7 @@ def hf_class_labels(dataset: Any, spec: LabelledSet) -> tuple[list[str], list[in
         ValueError: If a column is missing, the image column is not an ``Image`` feature, or labels and
             class names disagree.
     """
-    import datasets
+    datasets = require("datasets", "hf-datasets")
 
     for column in (spec.image_column, spec.label_column):
         if column not in dataset.column_names:

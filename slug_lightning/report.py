@@ -16,7 +16,9 @@ from slug_lightning.artifacts import flat_row, write_csv, write_json, write_text
 from slug_lightning.deltas import Delta, Provenance, make_delta, write_checkpoint, write_delta
 from slug_lightning.memory import lifetime_peak_rss_mib
 from slug_lightning.models import count_parameters
+from slug_lightning.provenance import public_identity, software
 from slug_lightning.report_render import render_markdown
+from slug_lightning.reproduce import reproduce_command
 from slug_lightning.results import SearchResult, Summary
 from slug_lightning.search import concept_verdict, run_verdict
 
@@ -149,7 +151,7 @@ def build_report(
     return assemble_report(
         method="slug",
         concepts=concepts,
-        model={**store.model, "parameters": count_parameters(collector.model)},
+        model={**public_identity(store.model), "parameters": count_parameters(collector.model)},
         retain_samples=store.retain_samples,
         skipped_samples=store.skipped_samples,
         before=result.before,
@@ -277,8 +279,9 @@ def write_unlearn_artifacts(
         for logger in (collector.loggers if collector._trainer is not None else [])
         if getattr(logger, "log_dir", None)
     ]
-    if (output / "config.yaml").is_file():  # written by the command line before the run
-        report["command"] = f"python -m slug_lightning unlearn --config {output / 'config.yaml'}"
+    report["software"] = software()
+    # config.yaml is written by the command line before the run (none: no command)
+    report["command"] = reproduce_command(output / "config.yaml")
     if not (output / "gradients.safetensors").exists():  # the collector writes it when its pass ends
         store.save(output / "gradients.safetensors")
     layer_rows = [

@@ -29,6 +29,20 @@ def format_accuracy_table(results: dict[str, dict], title: str = "zero-shot accu
     return "\n".join(lines)
 
 
+def weights_text(model: dict) -> str:
+    """The weights a run started from: the pretrained tag, or a local checkpoint's name and the start of its sha256.
+
+    Example::
+
+        >>> weights_text({"pretrained": "sha256:" + "ab" * 32, "pretrained_file": "fit.safetensors"})
+        '`fit.safetensors` (sha256:abababababab…)'
+    """
+    pretrained, name = model.get("pretrained"), model.get("pretrained_file")
+    if name is None:
+        return f"`{pretrained}`"
+    return f"`{name}`" + (f" ({pretrained[:19]}…)" if pretrained else "")
+
+
 def summary_lines(report: dict) -> list[str]:
     """Before/after rows of forget and test accuracy, for the terminal and report.md."""
     rows = []
@@ -63,7 +77,7 @@ def render_markdown(report: dict) -> str:
         *([f"> **{smoke_note(report)}**", ""] if report.get("smoke_run") else []),
         *_verdict(report),
         "",
-        f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
+        f"Model: `{model['name']}` (pretrained: {weights_text(model)}, {model['parameters']:,} parameters). "
         f"Devices: {report['devices']}.",
         "",
         *_data_lines(report),
@@ -140,9 +154,42 @@ def render_markdown(report: dict) -> str:
             + ".",
             "",
         ]
-    if report.get("command"):
-        lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
+    lines += reproduce_lines(report)
     return "\n".join(lines)
+
+
+def software_line(software: dict) -> str:
+    """``report["software"]`` in one sentence: slug_lightning's version and commit, Python, the packages.
+
+    Example::
+
+        >>> software_line({"slug_lightning": "0.1.0", "commit": "0123456789abcdef", "dirty": True,
+        ...                "python": "3.11.7", "packages": {"torch": "2.4.0", "webdataset": None}})
+        'slug_lightning 0.1.0 (commit 0123456789ab, with uncommitted changes), Python 3.11.7, torch 2.4.0.'
+    """
+    commit = software.get("commit")
+    where = f" (commit {commit[:12]}{', with uncommitted changes' if software.get('dirty') else ''})" if commit else ""
+    parts = [f"slug_lightning {software.get('slug_lightning')}{where}", f"Python {software.get('python')}"]
+    parts += [f"{name} {version}" for name, version in (software.get("packages") or {}).items() if version]
+    return ", ".join(parts) + "."
+
+
+def reproduce_lines(report: dict) -> list[str]:
+    """The ``Reproduce`` section: the software the run used and the command that runs it again into a fresh
+    directory (either may be missing: a report of an older version, a run not started by the command line)."""
+    lines = []
+    if report.get("software"):
+        lines += [f"Run with {software_line(report['software'])}", ""]
+    if report.get("command"):
+        lines += [
+            "The run's saved config, into a fresh directory beside it:",
+            "",
+            "```bash",
+            report["command"],
+            "```",
+            "",
+        ]
+    return ["## Reproduce", "", *lines] if lines else []
 
 
 def smoke_note(report: dict) -> str:
@@ -261,7 +308,7 @@ def render_baseline_markdown(report: dict) -> str:
         f"# Unlearning report: baseline {report['method'].upper()}",
         "",
         *([f"Verdict: {verdicts}.", ""] if verdicts else []),
-        f"Model: `{model['name']}` (pretrained: `{model.get('pretrained')}`, {model['parameters']:,} parameters). "
+        f"Model: `{model['name']}` (pretrained: {weights_text(model)}, {model['parameters']:,} parameters). "
         f"Settings: {tuned}.",
         "",
         *_data_lines(report),
@@ -295,8 +342,7 @@ def render_baseline_markdown(report: dict) -> str:
         f"{edit['bytes'] / 2**20:.1f} MiB.",
         "",
     ]
-    if report.get("command"):
-        lines += ["## Reproduce", "", "```bash", report["command"], "```", ""]
+    lines += reproduce_lines(report)
     return "\n".join(lines)
 
 

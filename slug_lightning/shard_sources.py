@@ -33,11 +33,12 @@ from webdataset import utils
 from webdataset.gopen import Pipe, gopen
 
 from slug_lightning.errors import UserError
+from slug_lightning.extras import install_hint
 
 # Seconds a remote read may wait for data before the shard counts as failed: pipe: commands such as `aws s3 cp`
 # take seconds to start; a stalled server should not hold a gradient pass for longer than this.
 READ_TIMEOUT = 60.0
-REMOTE_EXTRA = 'pip install "slug-lightning[remote]"'
+REMOTE_EXTRA = install_hint("remote")
 _BLOCK = 512
 # What tarfile reads in stream mode besides plain tars (their end-of-archive check is tarfile's own).
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")

@@ -15,29 +15,14 @@ Nothing here is imported by ``import slug_lightning``; ``transformers`` and ``di
 extras (``pip install "slug-lightning[diffusion]"`` / ``"[vlm]"``) imported only when used.
 """
 
-from slug_lightning.errors import UserError
+from slug_lightning.extras import require
 
 # How unchanged files of a pipeline get into an export: links into the input, or copies.
 LINK_MODES = ("symlink", "hardlink", "copy")
 # What eval-vlm asks about each identity image.
 DEFAULT_QUESTION = "Who is in this image? Answer with the person's name."
 
-
-def require(package: str, extra: str):
-    """Import an optional dependency, or explain which extra installs it.
-
-    Raises:
-        UserError: if ``package`` is not installed.
-    """
-    import importlib
-
-    try:
-        return importlib.import_module(package)
-    except ImportError as error:
-        raise UserError(
-            f"This needs the optional package {package!r} ({error}). Install it with "
-            f'pip install "slug-lightning[{extra}]".'
-        ) from None
+__all__ = ["DEFAULT_QUESTION", "LINK_MODES", "require"]
 
 
 def __getattr__(name: str):

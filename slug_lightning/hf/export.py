@@ -33,6 +33,7 @@ from slug_lightning.hf.checkpoints import (
 )
 from slug_lightning.hf.mapping import Layout, Reach, to_hf
 from slug_lightning.layers import LANGUAGE, VISION, tower_of
+from slug_lightning.provenance import public_identity
 
 EDIT_FILE, SUMMARY_FILE = "slug_edit.safetensors", "slug_edit.json"
 EDIT_FORMAT = "slug_lightning.hf_edit/1"
@@ -271,7 +272,7 @@ def deliver(
                 "tower": tower,
                 "component": component,
                 "entries": json.dumps(edit.entries),
-                "model": json.dumps(edit.model),
+                "model": json.dumps(public_identity(edit.model)),
             },
         )
 

@@ -160,5 +160,6 @@ class PipelineGradientCollector(GradientCollector):
         self.pipeline, self.kind, self.reach = str(Path(pipeline).resolve()), kind, reach
 
     def identity(self) -> dict:
-        """The model identity, with the pipeline the tower came from."""
-        return {**super().identity(), "pipeline": self.pipeline, "kind": self.kind}
+        """The model identity, with the pipeline the tower came from (its directory's name: the identity is shipped
+        in the run's files, which must not carry local paths)."""
+        return {**super().identity(), "pipeline": Path(self.pipeline).name, "kind": self.kind}
