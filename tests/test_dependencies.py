@@ -139,7 +139,7 @@ def test_lightning_has_an_upper_bound_that_admits_the_installed_version():
 def test_the_private_lightning_apis_the_code_uses_exist(monkeypatch):
     """``LightningCLI._subcommand_parsers`` (cli.py dumps the unlearn config with it) and ``LightningModule._trainer``
     (None until a Trainer attaches it). A Lightning that renamed either fails here, before the bound is raised."""
-    from slug_lightning.cli import SlugCLI
+    from slug_lightning.trainer_cli import SlugCLI
 
     class Parsed(Exception):
         pass
