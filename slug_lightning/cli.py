@@ -16,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
+from slug_lightning.console import configure_output
 from slug_lightning.errors import ConfigError, NotForgotten, UserError
 from slug_lightning.trainer import SlugTrainer, unlearn_dir
 
@@ -34,6 +35,7 @@ Other commands:
   compare    run SLUG and the baselines (FT, GA, GAFT, SalUn, SSD) on one config; table and plot
   delta      show, apply, remove or combine the per-concept edits of runs (delta.safetensors)
 
+--quiet (anywhere): only warnings, errors and the result; --verbose: every library message and tip.
 Set SLUG_DEBUG=1 to see a traceback for input errors.
 """
 
@@ -152,12 +154,15 @@ def main(args: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code. ``args`` defaults to ``sys.argv[1:]``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv[:1] and argv[0] in PLAIN_COMMANDS:
-            module, function = PLAIN_COMMANDS[argv[0]].split(":")
+        verbosity, rest = split_verbosity(argv)
+        configure_output(verbosity)
+        if rest[:1] and rest[0] in PLAIN_COMMANDS:
+            module, function = PLAIN_COMMANDS[rest[0]].split(":")
             command = getattr(importlib.import_module(module), function)
-            return command(argv[1:], prog=f"{_prog()} {argv[0]}")
-        # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child.
-        SlugCLI(args=None if args is None else argv)
+            return command(rest[1:], prog=f"{_prog()} {rest[0]}")
+        # With args=None LightningCLI reads sys.argv itself, which the DDP launcher re-runs in each child (flags
+        # included, parsed again there); given a verbosity flag, LightningCLI gets the arguments without it.
+        SlugCLI(args=None if args is None and rest == argv else rest)
     except NotForgotten as error:
         print(f"error: {error}", file=sys.stderr)
         return NotForgotten.exit_code
@@ -168,6 +173,20 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def split_verbosity(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """The verbosity that ``--quiet`` or ``--verbose`` (anywhere in ``argv``) asks for, ``"normal"`` without
+    either, and the other arguments.
+
+    Raises:
+        UserError: Both flags.
+    """
+    flags = {"--quiet": "quiet", "--verbose": "verbose"}
+    given = {flags[arg] for arg in argv if arg in flags}
+    if len(given) > 1:
+        raise UserError("--quiet and --verbose contradict each other; give one of them.")
+    return (given.pop() if given else "normal"), [arg for arg in argv if arg not in flags]
 
 
 def _first_cause(
