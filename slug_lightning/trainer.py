@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from slug_lightning.artifacts import write_json
 from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.baselines import BaselineSettings
+from slug_lightning.callbacks.progress import with_default_progress_bar
 from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import NotForgotten, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
@@ -44,6 +45,7 @@ class SlugTrainer(L.Trainer):
     """
 
     def __init__(self, *args, inference_mode: bool = False, use_distributed_sampler: bool = False, **kwargs) -> None:
+        kwargs.update(with_default_progress_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar")))
         super().__init__(
             *args, inference_mode=inference_mode, use_distributed_sampler=use_distributed_sampler, **kwargs
         )
