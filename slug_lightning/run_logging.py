@@ -12,8 +12,15 @@ are used only through loggers that already hold them: nothing here imports eithe
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from slug_lightning.search import Probe
+
+REPORT = "report.md"
 
 
 def tag_part(name: str) -> str:
@@ -36,3 +43,105 @@ def probe_metrics(probe: Probe) -> dict[str, float]:
     }
     metrics.update({f"{prefix}/test_top1/{name}": value for name, value in probe.test_top1.items()})
     return metrics
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summary_metrics(report: dict) -> dict[str, float]:
+    """The result of a run (its ``report.json``) as metrics: per concept ``result/<concept>/<key>`` for λ
+    (``step_size``), ``relative_change`` and the forget accuracies before and after (``forget_top1_before``, ...);
+    per test set ``result/test/<set>/top1_before``, ``top1_after`` and the same for top-5."""
+    metrics = {}
+    keys = ("step_size", "relative_change", *(f"forget_{k}_{w}" for k in ("top1", "top5") for w in ("before", "after")))
+    for concept in report.get("concepts", []):
+        prefix = f"result/{tag_part(concept['name'])}"
+        metrics.update({f"{prefix}/{key}": float(concept[key]) for key in keys if _number(concept.get(key))})
+    for when in ("before", "after"):
+        for name, accuracy in (report.get(when) or {}).get("test", {}).items():
+            for k in ("top1", "top5"):
+                if _number(accuracy.get(k)):
+                    metrics[f"result/test/{tag_part(name)}/{k}_{when}"] = float(accuracy[k])
+    return metrics
+
+
+def summary_params(report: dict) -> dict[str, str]:
+    """What a run chose, as parameters: ``result/method``, ``result/verdict``, and per concept its ``layer`` and
+    ``verdict`` (``result/<concept>/layer``; a concept with no edit has no layer)."""
+    params = {f"result/{key}": str(report[key]) for key in ("method", "verdict") if key in report}
+    for concept in report.get("concepts", []):
+        for key in ("layer", "verdict"):
+            if concept.get(key) is not None:
+                params[f"result/{tag_part(concept['name'])}/{key}"] = str(concept[key])
+    return params
+
+
+def run_files(output: Path) -> list[Path]:
+    """The files of a finished run that loggers keep: ``report.md``, then the plots (``*.png``)."""
+    report = [output / REPORT] if (output / REPORT).is_file() else []
+    return report + sorted(output.glob("*.png"))
+
+
+def _tensorboard(logger: TensorBoardLogger, files: Sequence[Path]) -> None:
+    """``report.md`` as text (TensorBoard renders its Markdown), each plot as an image, tagged by its file name."""
+    import numpy as np
+    from PIL import Image
+
+    for path in files:
+        if path.suffix == ".md":
+            logger.experiment.add_text(f"run/{path.stem}", path.read_text(encoding="utf-8"), global_step=0)
+        else:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            logger.experiment.add_image(f"plots/{path.stem}", pixels, global_step=0, dataformats="HWC")
+
+
+def _csv(logger: CSVLogger, files: Sequence[Path]) -> None:
+    """The files, copied beside ``metrics.csv``."""
+    folder = Path(logger.log_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, folder / path.name)
+
+
+def _wandb(logger: WandbLogger, files: Sequence[Path]) -> None:
+    """``report.md`` as an artifact of the run, the plots as images under ``plots``."""
+    for path in files:
+        if path.suffix == ".md":
+            logger.experiment.log_artifact(str(path), name=f"slug-{path.stem}", type="slug-run")
+    plots = [path for path in files if path.suffix != ".md"]
+    if plots:
+        logger.log_image("plots", [str(path) for path in plots], caption=[path.stem for path in plots])
+
+
+def _mlflow(logger: MLFlowLogger, files: Sequence[Path]) -> None:
+    """Each file as an artifact of the run, under ``slug/``."""
+    for path in files:
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="slug")
+
+
+# The loggers that keep files, and how each is given them.
+FILE_WRITERS: tuple[tuple[type[Logger], Callable[[Logger, Sequence[Path]], None]], ...] = (
+    (TensorBoardLogger, _tensorboard),
+    (CSVLogger, _csv),
+    (WandbLogger, _wandb),
+    (MLFlowLogger, _mlflow),
+)
+
+
+def log_run(loggers: Sequence[Logger], report: dict | None, output: Path) -> None:
+    """Give every logger the result of a finished run in ``output``: :func:`summary_params` as hyperparameters,
+    :func:`summary_metrics` at step 0, and :func:`run_files` where the logger keeps files (see the module's
+    docstring); then finalize it again (Lightning finalized it when its loop ended). Nothing without a ``report``
+    (ranks other than 0 have none)."""
+    if report is None:
+        return
+    metrics, params, files = summary_metrics(report), summary_params(report), run_files(output)
+    for logger in loggers:
+        logger.log_hyperparams(params)
+        logger.log_metrics(metrics, step=0)
+        for kind, write in FILE_WRITERS:
+            if isinstance(logger, kind):
+                write(logger, files)
+        logger.finalize("success")

@@ -28,6 +28,7 @@ from slug_lightning.gradient_store import GradientStore
 from slug_lightning.gradients import GradientCollector
 from slug_lightning.report import write_unlearn_artifacts
 from slug_lightning.report_render import format_accuracy_table, terminal_summary
+from slug_lightning.run_logging import log_run
 from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET
 from slug_lightning.validation import preflight
 
@@ -105,6 +106,7 @@ class SlugTrainer(L.Trainer):
             report, base = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
             if report is not None and search.audit and not smoke:
                 report["audit"] = self._audit(output, report, model, base, datamodule, search, audit)
+            log_run(self.loggers, report, output)
             return _check_verdict(report, require_forgotten)
         if smoke and gradients is None:
             store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
@@ -162,6 +164,7 @@ class SlugTrainer(L.Trainer):
                 rank_zero_info("[slug] no audit: the search left θ⁰ in place (apply=False), so nothing changed.")
         if smoke and require_forgotten:
             rank_zero_info("[slug] --require_forgotten is not applied to a smoke run: its verdict means nothing.")
+        log_run(self.loggers, report, output)
         return _check_verdict(report, require_forgotten and not smoke)
 
     def _audit(self, output: Path, report: dict, collector, originals: dict, datamodule, search, settings) -> dict:
