@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from slug_lightning.console import configure_output
+from slug_lightning import console
 from slug_lightning.errors import ConfigError, NotForgotten, UserError
 from slug_lightning.trainer import SlugTrainer, unlearn_dir
 
@@ -155,7 +155,7 @@ def main(args: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         verbosity, rest = split_verbosity(argv)
-        configure_output(verbosity)
+        console.configure_output(verbosity or console.verbosity())  # none given: as it is (a command run by `demo`)
         if rest[:1] and rest[0] in PLAIN_COMMANDS:
             module, function = PLAIN_COMMANDS[rest[0]].split(":")
             command = getattr(importlib.import_module(module), function)
@@ -175,9 +175,9 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0
 
 
-def split_verbosity(argv: Sequence[str]) -> tuple[str, list[str]]:
-    """The verbosity that ``--quiet`` or ``--verbose`` (anywhere in ``argv``) asks for, ``"normal"`` without
-    either, and the other arguments.
+def split_verbosity(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The verbosity that ``--quiet`` or ``--verbose`` (anywhere in ``argv``) asks for, None without either, and
+    the other arguments.
 
     Raises:
         UserError: Both flags.
@@ -186,7 +186,7 @@ def split_verbosity(argv: Sequence[str]) -> tuple[str, list[str]]:
     given = {flags[arg] for arg in argv if arg in flags}
     if len(given) > 1:
         raise UserError("--quiet and --verbose contradict each other; give one of them.")
-    return (given.pop() if given else "normal"), [arg for arg in argv if arg not in flags]
+    return (given.pop() if given else None), [arg for arg in argv if arg not in flags]
 
 
 def _first_cause(

@@ -9,7 +9,9 @@ every informational line (Lightning's and this project's ``[slug] ...`` lines, w
 progress bar. ``"verbose"`` undoes all of it.
 
 The command line calls :func:`configure_output` before anything runs, in every process: a DDP child re-runs the
-command line, flags included. An explicit ``python -W ...`` or ``PYTHONWARNINGS`` is left to decide the warnings.
+command line, flags included. Without a flag it keeps the verbosity configured before (``"normal"`` in a new
+process), so that the commands ``demo`` runs in its process keep the demo's. An explicit ``python -W ...`` or
+``PYTHONWARNINGS`` is left to decide the warnings.
 """
 
 from __future__ import annotations

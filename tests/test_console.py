@@ -12,7 +12,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from slug_lightning import console
-from slug_lightning.cli import split_verbosity
+from slug_lightning.cli import main, split_verbosity
 
 # What Lightning and the libraries under it say on an ordinary run (the words of each), and whether each verbosity
 # shows it.
@@ -77,5 +77,13 @@ def test_a_later_verbosity_replaces_an_earlier_one():
 def test_the_flags_anywhere_on_the_command_line(capsys):
     assert split_verbosity(["unlearn", "--config", "a.yaml", "--quiet"]) == ("quiet", ["unlearn", "--config", "a.yaml"])
     assert split_verbosity(["--verbose", "demo"]) == ("verbose", ["demo"])
-    assert split_verbosity(["demo"]) == ("normal", ["demo"])
+    assert split_verbosity(["demo"]) == (None, ["demo"])
     one_line_error(capsys, ["--quiet", "unlearn", "--verbose"], "--quiet", "--verbose")
+
+
+def test_a_command_without_a_flag_keeps_the_verbosity(capsys):
+    # as `demo --quiet` runs `fit` and `unlearn` through the command line in its own process
+    for args in (["--quiet", "make-world", "--help"], ["make-world", "--help"]):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert console.verbosity() == "quiet"
