@@ -20,7 +20,7 @@ from slug_lightning.search import Probe
 BAR, LINES = "bar", "lines"
 
 
-def display(trainer: L.Trainer | None) -> str | None:
+def search_display(trainer: L.Trainer | None) -> str | None:
     """How the search shows its progress: as the trainer's progress display does (lines where it writes lines, none
     where it has none, and on ranks other than 0), else a bar; without a trainer, a bar where stderr is a terminal
     and lines elsewhere."""
@@ -49,13 +49,13 @@ def layer_line(description: str, probes: Sequence[Probe], forgetting: Probe | No
 
 
 class SearchProgress(Listener):
-    """The search's progress display (:func:`display`), its log lines, and each probe's metrics (tagged by concept and
-    layer, :func:`~slug_lightning.run_logging.probe_metrics`) for every logger of the trainer, at a step that counts
-    the probes of the probe's concept and layer."""
+    """The search's progress display (:func:`search_display`), its log lines, and each probe's metrics (tagged by
+    concept and layer, :func:`~slug_lightning.run_logging.probe_metrics`) for every logger of the trainer, at a step
+    that counts the probes of the probe's concept and layer."""
 
     def __init__(self, trainer: L.Trainer | None, metric: str) -> None:
         self.trainer, self.metric = trainer, metric
-        self.display = display(trainer)
+        self.display = search_display(trainer)
         self.bar = None
         self.steps: Counter[tuple[str, str]] = Counter()  # probes logged per (concept, layer)
 

@@ -42,7 +42,8 @@ class SlugTrainer(L.Trainer):
 
     Defaults differ from Lightning's in two places: ``inference_mode=False`` (the gradient pass runs in a
     predict loop and needs autograd) and ``use_distributed_sampler=False`` (the evaluation sets are
-    sharded without padding by their datamodule, so counts stay exact).
+    sharded without padding by their datamodule, so counts stay exact). Given no progress bar, it shows
+    :func:`~slug_lightning.callbacks.progress.default_progress_bar` (none with ``--quiet``).
     """
 
     def __init__(self, *args, inference_mode: bool = False, use_distributed_sampler: bool = False, **kwargs) -> None:

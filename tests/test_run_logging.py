@@ -7,17 +7,18 @@ import csv
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from test_progress import tensorboard_events, tensorboard_scalars
 
 from slug_lightning import config_path, console
 from slug_lightning.cli import main
-from slug_lightning.run_logging import log_run
+from slug_lightning.run_logging import FILE_WRITERS, log_run, run_files
 
 REPORT = {
     "method": "slug",
@@ -79,6 +80,31 @@ def test_tensorboard_and_csv_get_the_result_and_the_files(tmp_path):
     hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
     assert hparams["result/Vesna_Fairbank/layer"] == "visual.proj" and hparams["result/verdict"] == "forgotten"
     assert "result/AC_DC/layer" not in hparams
+
+
+class Recorder:
+    """Stands in for a W&B run or an MLflow client: records each call as (name, args, kwargs)."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_wandb_and_mlflow_get_the_files_through_their_loggers(tmp_path):
+    output = _run_dir(tmp_path)
+    files = [str(output / name) for name in ("report.md", "search_vesna_fairbank.png", "similarity_identities.png")]
+    writers = dict(FILE_WRITERS)
+    wandb = SimpleNamespace(experiment=Recorder(), images=[])
+    wandb.log_image = lambda key, images, **kwargs: wandb.images.append((key, images, kwargs))
+    writers[WandbLogger](wandb, run_files(output))
+    assert wandb.experiment.calls == [("log_artifact", (files[0],), {"name": "slug-report", "type": "slug-run"})]
+    captions = ["search_vesna_fairbank", "similarity_identities"]
+    assert wandb.images == [("plots", files[1:], {"caption": captions})]
+    mlflow = SimpleNamespace(experiment=Recorder(), run_id="r1")
+    writers[MLFlowLogger](mlflow, run_files(output))
+    assert mlflow.experiment.calls == [("log_artifact", ("r1", f), {"artifact_path": "slug"}) for f in files]
 
 
 def test_nothing_is_logged_without_a_report(tmp_path):
