@@ -1,54 +1,92 @@
-"""The step-size search's progress: a progress bar on rank 0, its log lines, and each probe's metrics for the
-trainer's logger (a :class:`~slug_lightning.joint_search.Listener`)."""
+"""The step-size search's progress: a bar in Lightning's style in a terminal, one line per searched layer in a log,
+its log lines, and each probe's metrics for every logger of the trainer (a
+:class:`~slug_lightning.joint_search.Listener`)."""
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 
+from slug_lightning.callbacks.progress import interactive, lightning_bar
+from slug_lightning.callbacks.progress_lines import ProgressLines
 from slug_lightning.joint_search import Listener
+from slug_lightning.run_logging import probe_metrics
 from slug_lightning.search import Probe
+
+BAR, LINES = "bar", "lines"
+
+
+def search_display(trainer: L.Trainer | None) -> str | None:
+    """How the search shows its progress: as the trainer's progress display does (lines where it writes lines, none
+    where it has none, and on ranks other than 0), else a bar; without a trainer, a bar where stderr is a terminal
+    and lines elsewhere."""
+    if trainer is None:
+        return BAR if interactive() else LINES
+    if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+        return None
+    return LINES if isinstance(trainer.progress_bar_callback, ProgressLines) else BAR
+
+
+def layer_line(description: str, probes: Sequence[Probe], forgetting: Probe | None, metric: str) -> str:
+    """One layer's search in a line: its probes, and the smallest λ that forgot with the forget and test accuracies
+    there, or how far it went without forgetting."""
+    head = f"{description}: {len(probes)} probe{'s' if len(probes) != 1 else ''}"
+    if forgetting is None:
+        best = min(probes, key=lambda p: p.forget_accuracy(metric))
+        return (
+            f"{head}, not forgotten up to λ={max(p.step_size for p in probes):.4g} (forget {metric} at best "
+            f"{best.forget_accuracy(metric):.3f})"
+        )
+    tests = ", ".join(f"{name} {value:.3f}" for name, value in forgetting.test_top1.items()) or "not tested"
+    return (
+        f"{head}, forgets at λ={forgetting.step_size:.4g}: forget {metric} {forgetting.forget_accuracy(metric):.3f}, "
+        f"test top1 {tests}"
+    )
 
 
 class SearchProgress(Listener):
-    """The search's progress bar (rank 0, when the trainer shows one), its log lines, and each probe's metrics
-    for the trainer's logger."""
+    """The search's progress display (:func:`search_display`), its log lines, and each probe's metrics (tagged by
+    concept and layer, :func:`~slug_lightning.run_logging.probe_metrics`) for every logger of the trainer, at a step
+    that counts the probes of the probe's concept and layer."""
 
     def __init__(self, trainer: L.Trainer | None, metric: str) -> None:
         self.trainer, self.metric = trainer, metric
-        self.show = (trainer is None or trainer.is_global_zero) and (
-            trainer is None or trainer.progress_bar_callback is not None
-        )
+        self.display = search_display(trainer)
         self.bar = None
-        self.logged = 0
+        self.steps: Counter[tuple[str, str]] = Counter()  # probes logged per (concept, layer)
 
     def begin(self, total: int) -> None:
         # The total is an upper bound: a layer's search may stop early once its bracket is tight.
-        self.bar = tqdm(total=total, disable=not self.show, leave=False, unit="probe", dynamic_ncols=True)
+        if self.display == BAR:
+            self.bar = lightning_bar("search", total=total, unit="probe", leave=False)
 
     def probing(self, description: str) -> None:
-        self.bar.set_description(description)
+        if self.bar is not None:
+            self.bar.set_description(description)
 
     def probed(self, probe: Probe) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(
-            {"λ": f"{probe.step_size:.3g}", f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"}
-        )
-        if self.trainer is not None and self.trainer.logger is not None:
-            metrics = {
-                "search/step_size": probe.step_size,
-                "search/forget_top1": probe.forget_top1,
-                "search/forget_top5": probe.forget_top5,
-                # 0: the forget images failed the forget test, so the test sets were not evaluated (no test metric).
-                "search/tested": float(probe.tested),
-            }
-            metrics.update({f"search/test_top1/{name}": value for name, value in probe.test_top1.items()})
-            self.trainer.logger.log_metrics(metrics, step=self.logged)
-        self.logged += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                {"λ": f"{probe.step_size:.3g}", f"forget {self.metric}": f"{probe.forget_accuracy(self.metric):.2f}"}
+            )
+        key = (probe.concept, probe.layer)
+        for logger in self.trainer.loggers if self.trainer is not None else ():
+            logger.log_metrics(probe_metrics(probe), step=self.steps[key])
+        self.steps[key] += 1
+
+    def searched(self, description: str, probes: Sequence[Probe], forgetting: Probe | None) -> None:
+        if self.display == LINES and probes:
+            print(layer_line(description, probes, forgetting, self.metric), file=sys.stderr, flush=True)
 
     def end(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def info(self, message: str) -> None:
         rank_zero_info(f"[slug] {message}")

@@ -622,6 +622,27 @@ class LaionDataModule(lightning.LightningDataModule):
             raise ValueError("LaionDataModule has no concepts: set `concepts` to the concepts to forget.")
         return [self.forget_dataloader(c) for c in self.concepts] + [self.retain_dataloader()]
 
+    def predict_streams(self) -> list[tuple[str, int | None]]:
+        """The name of each loader of :meth:`predict_dataloader` and the batches each rank reads from it, where the
+        last caption scan (:meth:`caption_scan`) tells without reading more, else None; for progress bars.
+
+        A forget stream reads the pairs the scan found; the retain stream the other captions of ``shards``, known
+        when the scan read every one of them (``forget_shards`` are ``shards`` and the scan was not cut short).
+        Every rank reads a share of each global batch, so its batches are the global ones.
+        """
+        names = [f"forget {concept.name}" for concept in self.concepts] + ["retain"]
+        batches: list[int | None] = [None] * len(names)
+        if self._caption_scan is not None:
+            scanned, scan = self._caption_scan
+            urls = expand_shards(self.forget_shards)
+            if scanned == (tuple(urls), tuple(self.concepts), self.caption_index):
+                found = [scan.pairs[concept.name] for concept in self.concepts]
+                batches[:-1] = [-(-len(pairs) // self.batch_size) for pairs in found]
+                if scan.shards == len(urls) and expand_shards(self.shards) == urls:
+                    retain = scan.captions - len({pair for pairs in found for pair in pairs})
+                    batches[-1] = -(-retain // self.batch_size)
+        return list(zip(names, batches))
+
     def count_pairs(self, concept: Concept | None) -> int:
         """How many pairs the forget stream of ``concept`` (or, for None, the retain stream) indexes.
 

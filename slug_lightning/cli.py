@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from slug_lightning import __version__
+from slug_lightning import __version__, console
 from slug_lightning.commands.parsing import underscored
 from slug_lightning.errors import NotForgotten, UsageError, UserError
 from slug_lightning.usage import error_line, suggestion
@@ -126,7 +126,9 @@ def main(args: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code. ``args`` defaults to ``sys.argv[1:]``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        return _run(argv, from_sys_argv=args is None)
+        verbosity, argv = split_verbosity(argv)
+        console.configure_output(verbosity or console.verbosity())  # none given: as it is (a command run by `demo`)
+        return _run(argv)
     except NotForgotten as error:
         print(f"error: {error}", file=sys.stderr)
         return NotForgotten.exit_code
@@ -140,7 +142,7 @@ def main(args: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _run(argv: list[str], from_sys_argv: bool) -> int:
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_help())
         return 0 if argv else 2
@@ -165,13 +167,23 @@ def _run(argv: list[str], from_sys_argv: bool) -> int:
         return run(rest, prog=f"{prog()} {command}")
     from slug_lightning.trainer_cli import SlugCLI
 
-    if from_sys_argv:
-        # LightningCLI reads sys.argv itself when given no args; the DDP launcher re-runs sys.argv in each child.
-        sys.argv[1:] = [command, *rest]
-        SlugCLI(args=None, prog=prog())
-    else:
-        SlugCLI(args=[command, *rest], prog=prog())
+    # sys.argv stays as given: the DDP launcher re-runs it in each child, which reads its flags again.
+    SlugCLI(args=[command, *rest], prog=prog())
     return 0
+
+
+def split_verbosity(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The verbosity that ``--quiet`` or ``--verbose`` (anywhere in ``argv``) asks for, None without either, and
+    the other arguments.
+
+    Raises:
+        UserError: Both flags.
+    """
+    flags = {"--quiet": "quiet", "--verbose": "verbose"}
+    given = {flags[arg] for arg in argv if arg in flags}
+    if len(given) > 1:
+        raise UserError("--quiet and --verbose contradict each other; give one of them.")
+    return (given.pop() if given else None), [arg for arg in argv if arg not in flags]
 
 
 def _user_error(error: BaseException | None) -> BaseException | None:

@@ -70,6 +70,10 @@ class Listener:
     def probed(self, probe: Probe) -> None:
         """A probe ended."""
 
+    def searched(self, description: str, probes: Sequence[Probe], forgetting: Probe | None) -> None:
+        """The search of one layer ended: its ``probes`` in order, and the one at the smallest λ that forgot (None
+        if none did)."""
+
     def end(self) -> None:
         """The search begun last ended."""
 
@@ -338,14 +342,14 @@ class JointSearch:
             skip = max(0, crossed.get(layer.tower, 0) - 1) if warm else 0
             search = BinarySearch(initial, self.rule.steps_per_layer, self.rule.tolerance, skip)
             first = len(probes)
+            where = f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)}"
             while not search.done:
-                self.listener.probing(
-                    f"{stage} {concept} · layer {index}/{len(front)} {short_name(layer.name)} · "
-                    f"probe {search.steps + 1}/{self.rule.steps_per_layer}"
-                )
+                self.listener.probing(f"{where} · probe {search.steps + 1}/{self.rule.steps_per_layer}")
                 probe = self._probe(layer, concept, search.step_size, kept, round_)
                 probes.append(probe)
                 search.update(is_forgotten(probe.forget_accuracy(self.rule.metric), self.rule.threshold))
+            forgetting = next((p for p in probes[first:] if p.step_size == search.high), None)
+            self.listener.searched(where, probes[first:], forgetting)
             if search.crossed is not None and not restart:
                 doublings = min(round(math.log2(search.crossed / initial)), self.rule.steps_per_layer - 1)
                 crossed[layer.tower] = min(doublings, crossed.get(layer.tower, doublings))

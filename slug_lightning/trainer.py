@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from slug_lightning.artifacts import write_json
 from slug_lightning.audit.settings import AuditSettings
 from slug_lightning.baselines import BaselineSettings
+from slug_lightning.callbacks.progress import with_default_progress_bar
 from slug_lightning.callbacks.step_search import StepSearch
 from slug_lightning.errors import NotForgotten, UserError
 from slug_lightning.evaluation import ZeroShotEvaluator, ZeroShotModule
@@ -27,6 +28,7 @@ from slug_lightning.gradient_store import GradientStore
 from slug_lightning.gradients import GradientCollector
 from slug_lightning.report import write_unlearn_artifacts
 from slug_lightning.report_render import format_accuracy_table, terminal_summary
+from slug_lightning.run_logging import log_run
 from slug_lightning.search import FORGOTTEN, NOTHING_TO_FORGET
 from slug_lightning.validation import preflight
 
@@ -40,10 +42,12 @@ class SlugTrainer(L.Trainer):
 
     Defaults differ from Lightning's in two places: ``inference_mode=False`` (the gradient pass runs in a
     predict loop and needs autograd) and ``use_distributed_sampler=False`` (the evaluation sets are
-    sharded without padding by their datamodule, so counts stay exact).
+    sharded without padding by their datamodule, so counts stay exact). Given no progress bar, it shows
+    :func:`~slug_lightning.callbacks.progress.default_progress_bar` (none with ``--quiet``).
     """
 
     def __init__(self, *args, inference_mode: bool = False, use_distributed_sampler: bool = False, **kwargs) -> None:
+        kwargs.update(with_default_progress_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar")))
         super().__init__(
             *args, inference_mode=inference_mode, use_distributed_sampler=use_distributed_sampler, **kwargs
         )
@@ -103,6 +107,7 @@ class SlugTrainer(L.Trainer):
             report, base = unlearn_with_baseline(self, model, datamodule, search, output, method, baseline)
             if report is not None and search.audit and not smoke:
                 report["audit"] = self._audit(output, report, model, base, datamodule, search, audit)
+            log_run(self.loggers, report, output)
             return _check_verdict(report, require_forgotten)
         if smoke and gradients is None:
             store = None  # a smoke run runs its own short pass: taking a store would leave the pass unchecked
@@ -160,6 +165,7 @@ class SlugTrainer(L.Trainer):
                 rank_zero_info("[slug] no audit: the search left θ⁰ in place (apply=False), so nothing changed.")
         if smoke and require_forgotten:
             rank_zero_info("[slug] --require_forgotten is not applied to a smoke run: its verdict means nothing.")
+        log_run(self.loggers, report, output)
         return _check_verdict(report, require_forgotten and not smoke)
 
     def _audit(self, output: Path, report: dict, collector, originals: dict, datamodule, search, settings) -> dict:

@@ -331,10 +331,10 @@ def test_collector_and_search_in_a_user_lightning_setup(small_demo, tmp_path):
     with open(tmp_path / "user" / "version_0" / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == len(result.probes) > 0
-    # the metric names the README lists, one row per probe
-    assert {"search/step_size", "search/forget_top1", "search/test_top1/identities", "search/test_top1/objects"} <= set(
-        rows[0]
-    )
+    # the metric names the README lists: each probe under its concept and layer
+    probe = result.probes[0]
+    prefix = f"search/{probe.concept.replace(' ', '_')}/{probe.layer}"
+    assert {f"{prefix}/{name}" for name in ("step_size", "forget_top1", "test_top1/identities")} <= set(rows[0])
 
 
 # The baselines on the small demo's CLIP, one iteration each over one retain shard (and all forget pairs).

@@ -193,6 +193,19 @@ def test_forget_shards_default_to_shards_and_can_differ(tmp_path, captioned):
     assert data.count_pairs(None) == 5  # retain still comes from `shards`
 
 
+def test_predict_streams_count_the_batches_each_loader_yields(tmp_path, captioned):
+    names = [f"forget {MUSK.name}", f"forget {APPLE.name}", "retain"]
+    assert captioned.predict_streams() == [(name, None) for name in names]  # nothing read yet
+    captioned.caption_scan()
+    batches = [len(list(loader)) for loader in captioned.predict_dataloader()]
+    assert captioned.predict_streams() == list(zip(names, batches)) and batches == [2, 1, 2]
+    # the retain stream of other shards than the scanned ones is not known
+    other = write_pairs(tmp_path / "forget.tar", "z", ["Musk again", "no one"])
+    data = LaionDataModule(captioned.shards, forget_shards=other, concepts=[MUSK], batch_size=2)
+    data.caption_scan()
+    assert data.predict_streams() == [(f"forget {MUSK.name}", 1), ("retain", None)]
+
+
 def test_setup_without_transform_or_module_says_what_to_set(captioned):
     data = LaionDataModule(captioned.shards, concepts=[MUSK])
     with pytest.raises(RuntimeError, match=r"datamodule\.transform"):
