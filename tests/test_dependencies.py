@@ -137,8 +137,10 @@ def test_lightning_has_an_upper_bound_that_admits_the_installed_version():
 
 
 def test_the_private_lightning_apis_the_code_uses_exist(monkeypatch):
-    """``LightningCLI._subcommand_parsers`` (cli.py dumps the unlearn config with it) and ``LightningModule._trainer``
-    (None until a Trainer attaches it). A Lightning that renamed either fails here, before the bound is raised."""
+    """``LightningCLI._subcommand_parsers`` (trainer_cli.py dumps the unlearn config with it),
+    ``LightningCLI._dump_config`` (api.py records hyperparameters before objects replace config sections) and
+    ``LightningModule._trainer`` (None until a Trainer attaches it). A Lightning that renamed one fails here, before
+    the bound is raised."""
     from slug_lightning.trainer_cli import SlugCLI
 
     class Parsed(Exception):
@@ -154,6 +156,7 @@ def test_the_private_lightning_apis_the_code_uses_exist(monkeypatch):
     cli = parsed.value.args[0]
     text = cli._subcommand_parsers["unlearn"].dump(cli.config["unlearn"], skip_none=False)
     assert "output_dir: runs/demo/unlearn" in text and "model_name: slug-tiny" in text
+    assert callable(getattr(cli, "_dump_config", None))
 
     module = L.LightningModule()
     assert module._trainer is None
