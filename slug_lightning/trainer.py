@@ -378,9 +378,10 @@ def reusable_store(
     changes = key_changes(store.key, wanted)
     if changes:
         if explicit:
+            more = f"; and {len(changes) - 2} more" if len(changes) > 2 else ""
             raise UserError(
-                f"Cannot reuse gradient store {str(path)!r} (--gradients): it was computed for other "
-                f"inputs: {'; '.join(changes)}. Leave out --gradients to compute them for this run."
+                f"--gradients {str(path)!r} was computed for other inputs ({'; '.join(changes[:2])}{more}); leave "
+                "it out to compute them."
             )
         rank_zero_info(
             f"[slug] recomputing the gradients: {path} was computed for other inputs ({'; '.join(changes)})."

@@ -164,7 +164,7 @@ def test_a_smoke_run_leaves_a_finished_run_alone_and_its_gradients_feed_no_real_
     one_line_error(
         capsys,
         real_run(world, tiny_weights, tmp_path / "other", "--gradients", str(smoke_store)),
-        "Cannot reuse gradient store",
+        "was computed for other inputs",
         "batches read per stream the first 1",
         "→ all",
     )
