@@ -43,12 +43,13 @@ sys.meta_path.insert(0, _Finder)
 """
 
 
-def seconds(arguments: list[str], environment: dict[str, str], repeats: int) -> float:
-    """Best wall time of ``python ARGUMENTS`` over ``repeats`` runs."""
+def seconds(arguments: list[str], environment: dict[str, str], repeats: int, where: Path) -> float:
+    """Best wall time of ``python ARGUMENTS`` over ``repeats`` runs, started in ``where`` (not a checkout: ``-m``
+    would import the package from the working directory)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, *arguments], env=environment, capture_output=True, check=False)
+        subprocess.run([sys.executable, *arguments], env=environment, cwd=where, capture_output=True, check=False)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -56,6 +57,7 @@ def seconds(arguments: list[str], environment: dict[str, str], repeats: int) -> 
 def exported(ref: str, into: Path) -> dict[str, str]:
     """The environment that runs version ``ref`` of the code, exported under ``into``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+    into.mkdir()
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     hook = into / "_hook"
     hook.mkdir()
@@ -71,12 +73,12 @@ def main() -> None:
     args = parser.parse_args()
     now = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as folder:
-        before = exported(args.before, Path(folder)) if args.before else None
+        before = exported(args.before, Path(folder) / "before") if args.before else None
         rows = []
         for command in [*REFERENCE, *COMMANDS]:
             arguments = command if command[0] == "-c" else ["-m", "slug_lightning", *command]
-            after = seconds(arguments, now, args.repeats)
-            earlier = seconds(arguments, before, args.repeats) if before and command[0] != "-c" else None
+            after = seconds(arguments, now, args.repeats, Path(folder))
+            earlier = seconds(arguments, before, args.repeats, Path(folder)) if before and command[0] != "-c" else None
             rows.append((" ".join(command), earlier, after))
             print(rows[-1], flush=True)
     header = "| command | before (s) | now (s) | before / now |\n|---|---|---|---|"

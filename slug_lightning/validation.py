@@ -161,11 +161,10 @@ def caption_read_note(scan, seconds: float) -> str:
 
     local = [local_path(url) for url in scan.tars if source_kind(url) == "local" and os.path.isfile(local_path(url))]
     size = f" ({sum(map(os.path.getsize, local)) / 1e6:.1f} MB)" if local else ""
-    why = f"; no usable index beside {scan.unindexed[0][0]!r}: {scan.unindexed[0][1]}" if scan.unindexed else ""
+    why = f" ({scan.unindexed[0][1]})" if scan.unindexed else ""
     return (
-        f"{note}: {len(scan.indexed)} from img2dataset's .parquet index, {len(scan.tars)} from their tars{size}{why}. "
-        "A tar is read whole; from img2dataset's .parquet beside it (caption_index auto or parquet) only the key and "
-        "caption columns are, and the forget pass opens only the shards that hold a forget pair."
+        f"{note}: {len(scan.indexed)} from img2dataset's .parquet index, {len(scan.tars)} from their tars{size}, read "
+        f"whole{why}; an index beside each tar is faster (docs/streaming.md)."
     )
 
 
