@@ -94,7 +94,7 @@ def unlearn_paths(output: Path, world, checkpoint: Path, concept: str, seed: int
             },
         },
         "model": {"init_args": {"pretrained": str(checkpoint)}},
-        "data": {"init_args": {"shards": world.shards, "concepts": [{"name": concept}]}},
+        "data": {"init_args": {"shards": world.shards, "concepts": [concept]}},
         "search": {
             "init_args": {
                 "sets": [
