@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from slug_lightning import GradientCollector, config_path
 from slug_lightning.api import ChosenEdit, LoadedRun, UnlearnResult, load_run, unlearn
 from slug_lightning.callbacks import StepSearch
-from slug_lightning.concepts import Concept
+from slug_lightning.concepts import as_concepts
 from slug_lightning.datamodules import LabelledSet, LaionDataModule, ZeroShotDataModule
 from slug_lightning.deltas import Provenance, read_checkpoint, write_checkpoint
 from slug_lightning.demo import load_demo_world
@@ -71,7 +71,7 @@ def test_unlearn_from_objects_records_what_it_can(small_demo, small_run, tmp_pat
         model=GradientCollector("slug-tiny", paths["model"]["init_args"]["pretrained"]),
         data=LaionDataModule(
             paths["data"]["init_args"]["shards"],
-            concepts=[Concept(c["name"]) for c in paths["data"]["init_args"]["concepts"]],
+            concepts=as_concepts(paths["data"]["init_args"]["concepts"]),
             batch_size=data["batch_size"],
         ),
         search=StepSearch(
@@ -315,7 +315,7 @@ def test_the_readme_snippet_is_the_command_line_run(small_demo, small_run, tmp_p
     assert record["output_dir"] == "runs/demo/api" and record["overwrite"] is False
     assert record["gradients"] == str(gradients) and record["trainer"]["logger"] is False
     assert record["search"]["init_args"]["audit"] is False and record["search"]["init_args"]["max_steps"] == 10
-    assert record["data"]["init_args"]["concepts"] == [{"name": cli_report["concepts"][0]["name"], "aliases": []}]
+    assert record["data"]["init_args"]["concepts"] == [cli_report["concepts"][0]["name"]]
     assert str(result.config_file) in result.report["command"]  # what the command line writes: it reruns
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "runs"]
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["api", "demo_paths.yaml"]

@@ -205,7 +205,7 @@ def test_refit_fits_again_and_a_cached_fit_is_used_otherwise(tmp_path, monkeypat
     assert demo.main(["--output_dir", str(tmp_path), "--refit", "--concept", small.objects[0]]) == 0
     assert commands == ["unlearn", "fit", "unlearn"]
     concepts = yaml.safe_load((tmp_path / "demo_paths.yaml").read_text())["data"]["init_args"]["concepts"]
-    assert concepts == [{"name": small.objects[0]}]
+    assert concepts == [small.objects[0]]
 
 
 # --- what users check of a run, on the small demo -----------------------------------------------------------
