@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slug_lightning.errors import NotForgotten, UserError
+from slug_lightning.errors import NotForgotten, UserError, first_cause
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,8 +42,6 @@ REPORT_MD = "report.md"
 MODEL = "model.safetensors"
 DELTA = "delta.safetensors"
 CONFIG = "config.yaml"
-# Errors that are the user's, as the command line tells them apart (anything else is a bug and keeps its type).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 # The parser requires ``model`` and ``search``: when an object stands in for one, the parser is given this stand-in
 # first (a config's own section, given after it, wins); it is never built, as the object replaces the section
 # before anything is instantiated.
@@ -424,18 +422,10 @@ def _run_cli(args: list[str], objects: dict[str, Any], trainer_objects: dict[str
     except ArgumentError as error:  # the parser's: a bad setting, key or config file
         raise UserError(" ".join(line.strip() for line in str(error).splitlines())) from error
     except Exception as error:
-        cause = _user_cause(error)
+        cause = first_cause(error)
         if cause is None:
             raise
         raise UserError(str(cause)) from error
-
-
-def _user_cause(error: BaseException | None) -> BaseException | None:
-    """``error`` or the first of its explicit causes that is the user's (jsonargparse wraps the errors of the classes
-    it builds), as the command line tells them apart."""
-    while error is not None and not isinstance(error, USER_ERRORS):
-        error = error.__cause__
-    return error
 
 
 @cache

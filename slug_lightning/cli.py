@@ -18,7 +18,7 @@ from pathlib import Path
 
 from slug_lightning import __version__, console
 from slug_lightning.commands.parsing import underscored
-from slug_lightning.errors import NotForgotten, UsageError, UserError
+from slug_lightning.errors import NotForgotten, UsageError, UserError, first_cause
 from slug_lightning.usage import error_line, suggestion
 
 # Commands run by LightningCLI: name -> what it does.
@@ -46,11 +46,6 @@ PLAIN_COMMANDS = {
 COMMANDS = [*TRAINER_COMMANDS, *PLAIN_COMMANDS]
 # Options that are switches in no command, never given a value by --flag normalisation.
 _NOT_SWITCHES = ("--help", "--print_config", "--config", "-c", "-h")
-
-# Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the
-# constructors of the classes built from the config raise ConfigError (a UserError) for the settings they refuse,
-# so a plain ValueError from inside one (a computation gone wrong) is not mistaken for the user's.
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def prog() -> str:
@@ -133,12 +128,13 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return NotForgotten.exit_code
     except Exception as error:
-        user_error = _user_error(error)
+        user_error = first_cause(error)
         if user_error is None or os.environ.get("SLUG_DEBUG"):
             raise
-        command = user_error.command if isinstance(user_error, UsageError) else None
-        message = " ".join(str(user_error).split()) if isinstance(user_error, UsageError) else str(user_error)
-        print(error_line(message, command) if command else f"error: {message}", file=sys.stderr)
+        if isinstance(user_error, UsageError):
+            print(error_line(" ".join(str(user_error).split()), user_error.command), file=sys.stderr)
+        else:
+            print(f"error: {user_error}", file=sys.stderr)
         return 2
 
 
@@ -184,14 +180,3 @@ def split_verbosity(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     if len(given) > 1:
         raise UserError("--quiet and --verbose contradict each other; give one of them.")
     return (given.pop() if given else None), [arg for arg in argv if arg not in flags]
-
-
-def _user_error(error: BaseException | None) -> BaseException | None:
-    """``error`` or the first of its explicit causes that is a user error, else None.
-
-    jsonargparse re-raises an exception of a class it instantiates (a ModelLoadError of ``--model``) as a
-    plain ValueError ``from`` the original, so the cause chain is where the user's problem is.
-    """
-    while error is not None and not isinstance(error, USER_ERRORS):
-        error = error.__cause__
-    return error

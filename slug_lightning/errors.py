@@ -41,6 +41,25 @@ class UsageError(UserError):
         self.command = command
 
 
+# Errors caused by what the user gave, shown as one line. Anything else is a bug and keeps its traceback: the
+# constructors of the classes built from the config raise ConfigError (a UserError) for the settings they refuse,
+# so a plain ValueError from inside one (a computation gone wrong) is not mistaken for the user's.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def first_cause(
+    error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...] = USER_ERRORS
+) -> BaseException | None:
+    """``error`` or the first of its explicit causes that is a ``kind`` (by default a user error), else None.
+
+    jsonargparse re-raises an exception of a class it instantiates (a ModelLoadError of ``--model``) as a plain
+    ValueError ``from`` the original, so the cause chain is where the user's problem is.
+    """
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__
+    return error
+
+
 class NotForgotten(Exception):
     """Raised after an ``unlearn`` run given ``--require_forgotten true`` did not forget every concept the model
     knew. The run's artifacts are written (a result, not a failure); the command line exits with :attr:`exit_code`

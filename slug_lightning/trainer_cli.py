@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from slug_lightning.errors import ConfigError, UsageError, UserError
+from slug_lightning.errors import ConfigError, UsageError, UserError, first_cause
 from slug_lightning.trainer import SlugTrainer, unlearn_dir
 from slug_lightning.usage import condense, suggestion
 
@@ -82,7 +82,7 @@ class SlugCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as error:
-            refused = _first_cause(error, ConfigError)
+            refused = first_cause(error, ConfigError)
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             path = _option_path(config, refused.option, refused.value) if refused and refused.option else None
             if path is None:
@@ -121,15 +121,6 @@ def option_names(parser) -> list[str]:
     for group, klass in (("search", StepSearch), ("data", LaionDataModule), ("model", GradientCollector)):
         names += [f"--{group}.init_args.{name}" for name in inspect.signature(klass).parameters if name[0] != "_"]
     return names
-
-
-def _first_cause(
-    error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]
-) -> BaseException | None:
-    """``error`` or the first of its explicit causes that is a ``kind``, else None."""
-    while error is not None and not isinstance(error, kind):
-        error = error.__cause__
-    return error
 
 
 def _option_path(config, option: str, value) -> str | None:
